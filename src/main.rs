@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("vps-controller: not built yet");
+    std::process::exit(1);
+}
