@@ -39,7 +39,9 @@ use zeroize::Zeroizing;
 #[serde(rename_all = "kebab-case")]
 pub enum KeyAlgorithm {
     /// RSA with a 4096-bit modulus and e = 65537; private key as PKCS#8 PEM.
+    // kebab-case alone would spell it "rsa4096".
     #[default]
+    #[serde(rename = "rsa-4096")]
     Rsa4096,
     /// Ed25519; private key in the OpenSSH private key format.
     Ed25519,
@@ -168,12 +170,13 @@ fn generate_ed25519(comment: &str) -> Result<(ssh_key::PublicKey, Zeroizing<Stri
         algorithm: KeyAlgorithm::Ed25519,
         reason: e.to_string(),
     })?;
-    let private_pem = private
-        .to_openssh(ssh_key::LineEnding::LF)
-        .map_err(|e| KeyError::Encoding {
-            what: "Ed25519 private key in OpenSSH format",
-            reason: e.to_string(),
-        })?;
+    let private_pem =
+        private
+            .to_openssh(ssh_key::LineEnding::LF)
+            .map_err(|e| KeyError::Encoding {
+                what: "Ed25519 private key in OpenSSH format",
+                reason: e.to_string(),
+            })?;
     Ok((private.public_key().clone(), private_pem))
 }
 
@@ -188,12 +191,12 @@ pub fn md5_fingerprint(public_openssh: &str) -> Result<String, KeyError> {
         reason: e.to_string(),
     })?;
     // Hash the blob exactly as written (as Hetzner does), not a re-encoding of the parsed key.
-    let blob_base64 = line
-        .split_ascii_whitespace()
-        .nth(1)
-        .ok_or_else(|| KeyError::InvalidPublicKey {
-            reason: "no base64 key blob after the key type".to_owned(),
-        })?;
+    let blob_base64 =
+        line.split_ascii_whitespace()
+            .nth(1)
+            .ok_or_else(|| KeyError::InvalidPublicKey {
+                reason: "no base64 key blob after the key type".to_owned(),
+            })?;
     let blob = BASE64
         .decode(blob_base64)
         .map_err(|e| KeyError::InvalidPublicKey {
@@ -328,7 +331,11 @@ impl fmt::Debug for Sealer {
             .field("key_id", &self.current.id)
             .field(
                 "previous_key_ids",
-                &self.previous.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
+                &self
+                    .previous
+                    .iter()
+                    .map(|k| k.id.as_str())
+                    .collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
     }
@@ -390,10 +397,12 @@ impl Sealer {
             (Some(text), None) => SealingKey::from_base64(ENV_KEY, &text)?,
             (None, Some(path)) => {
                 let path = PathBuf::from(path);
-                let text = Zeroizing::new(
-                    std::fs::read_to_string(&path)
-                        .map_err(|source| SealError::KeyFile { path: path.clone(), source })?,
-                );
+                let text = Zeroizing::new(std::fs::read_to_string(&path).map_err(|source| {
+                    SealError::KeyFile {
+                        path: path.clone(),
+                        source,
+                    }
+                })?);
                 let name = format!("{ENV_KEY_FILE} file {}", path.display());
                 SealingKey::from_base64(&name, &text)?
             }
@@ -410,7 +419,10 @@ impl Sealer {
                     .filter(|item| !item.is_empty())
                     .enumerate()
                     .map(|(i, text)| {
-                        SealingKey::from_base64(&format!("{ENV_PREVIOUS_KEYS} item {}", i + 1), text)
+                        SealingKey::from_base64(
+                            &format!("{ENV_PREVIOUS_KEYS} item {}", i + 1),
+                            text,
+                        )
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
@@ -471,9 +483,14 @@ impl Sealer {
 
     /// Decrypts a value made by [`Sealer::seal`] for the same `subscription_id`, with whichever
     /// configured key (current or previous) its key id names.
-    pub fn open(&self, sealed: &str, subscription_id: &str) -> Result<Zeroizing<String>, SealError> {
+    pub fn open(
+        &self,
+        sealed: &str,
+        subscription_id: &str,
+    ) -> Result<Zeroizing<String>, SealError> {
         let mut parts = sealed.trim().splitn(3, ':');
-        let (Some(version), Some(key_id), Some(payload)) = (parts.next(), parts.next(), parts.next())
+        let (Some(version), Some(key_id), Some(payload)) =
+            (parts.next(), parts.next(), parts.next())
         else {
             return Err(SealError::Malformed(
                 "expected \"v1:<key id>:<base64>\"".to_owned(),
@@ -482,7 +499,11 @@ impl Sealer {
         if version != SEAL_VERSION {
             return Err(SealError::Malformed(describe_version(version)));
         }
-        if key_id.len() != KEY_ID_LEN || !key_id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if key_id.len() != KEY_ID_LEN
+            || !key_id
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return Err(SealError::Malformed(
                 "key id is not 8 lowercase hex digits".to_owned(),
             ));
@@ -545,5 +566,103 @@ fn describe_version(version: &str) -> String {
         format!("unsupported version {version:?} (this build reads {SEAL_VERSION})")
     } else {
         "does not start with a version such as \"v1:\"".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const KEY_A: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const KEY_B: &str = "H/79/Pv6+fj39vX08/Lx8O/u7ezr6uno5+bl5OPi4eA=";
+
+    fn from_vars(vars: &[(&str, &str)]) -> Result<Option<Sealer>, SealError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Sealer::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    fn id_of(key: &str) -> String {
+        Sealer::from_base64(key, &[]).unwrap().key_id().to_owned()
+    }
+
+    #[test]
+    fn no_variables_means_no_sealer() {
+        assert!(from_vars(&[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn inline_key_with_previous_keys() {
+        let sealer = from_vars(&[
+            (ENV_KEY, KEY_A),
+            (ENV_PREVIOUS_KEYS, &format!(" {KEY_B} ,, ")),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(sealer.key_id(), id_of(KEY_A));
+        let old = Sealer::from_base64(KEY_B, &[]).unwrap();
+        let sealed = old.seal("x", "s").unwrap();
+        assert_eq!(sealer.open(&sealed, "s").unwrap().as_str(), "x");
+    }
+
+    #[test]
+    fn key_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, format!("\n  {KEY_A}\n\n")).unwrap();
+        let sealer = from_vars(&[(ENV_KEY_FILE, path.to_str().unwrap())])
+            .unwrap()
+            .unwrap();
+        assert_eq!(sealer.key_id(), id_of(KEY_A));
+    }
+
+    #[test]
+    fn configuration_mistakes_are_errors() {
+        let both = from_vars(&[(ENV_KEY, KEY_A), (ENV_KEY_FILE, "/nonexistent")]);
+        assert!(
+            matches!(both, Err(SealError::BothKeySourcesSet)),
+            "{both:?}"
+        );
+
+        let previous_only = from_vars(&[(ENV_PREVIOUS_KEYS, KEY_B)]);
+        assert!(
+            matches!(previous_only, Err(SealError::PreviousKeysWithoutCurrent)),
+            "{previous_only:?}"
+        );
+
+        let missing = from_vars(&[(ENV_KEY_FILE, "/nonexistent/key")]).unwrap_err();
+        assert!(matches!(missing, SealError::KeyFile { .. }));
+        assert!(
+            missing.to_string().contains("/nonexistent/key"),
+            "{missing}"
+        );
+
+        // Set but empty (e.g. an optional secret that is missing) is not "no key".
+        let empty = from_vars(&[(ENV_KEY, "")]).unwrap_err();
+        assert!(empty.to_string().starts_with(ENV_KEY), "{empty}");
+
+        let bad_previous =
+            from_vars(&[(ENV_KEY, KEY_A), (ENV_PREVIOUS_KEYS, "short")]).unwrap_err();
+        assert!(
+            bad_previous
+                .to_string()
+                .starts_with(&format!("{ENV_PREVIOUS_KEYS} item 1")),
+            "{bad_previous}"
+        );
+    }
+
+    #[test]
+    fn algorithm_names_match_the_config_spelling() {
+        for alg in [KeyAlgorithm::Rsa4096, KeyAlgorithm::Ed25519] {
+            let yaml = serde_norway::to_string(&alg).unwrap();
+            assert_eq!(yaml.trim(), alg.as_str());
+            assert_eq!(
+                serde_norway::from_str::<KeyAlgorithm>(alg.as_str()).unwrap(),
+                alg
+            );
+        }
     }
 }
