@@ -244,7 +244,8 @@ fn is_owner(owner: &str) -> bool {
 mod tests {
     use super::*;
 
-    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGm1m6zA4Y5bW1v0a7h2x0vJd2mC3rYk7qzY2fQ1aB3c sub-1";
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGm1m6zA4Y5bW1v0a7h2x0vJd2mC3rYk7qzY2fQ1aB3c sub-1";
 
     #[test]
     fn placeholder_is_substituted_in_files_and_commands_only() {
@@ -269,10 +270,22 @@ mod tests {
     #[test]
     fn bad_hostname_and_key_are_rejected() {
         let t = CloudInitTemplate::default();
-        assert!(matches!(render(&t, "Bad_Host", KEY), Err(CloudInitError::InvalidHostname(_))));
-        assert!(matches!(render(&t, "", KEY), Err(CloudInitError::InvalidHostname(_))));
-        assert!(matches!(render(&t, &"a".repeat(64), KEY), Err(CloudInitError::InvalidHostname(_))));
-        assert!(matches!(render(&t, "ok", ""), Err(CloudInitError::InvalidAuthorizedKey)));
+        assert!(matches!(
+            render(&t, "Bad_Host", KEY),
+            Err(CloudInitError::InvalidHostname(_))
+        ));
+        assert!(matches!(
+            render(&t, "", KEY),
+            Err(CloudInitError::InvalidHostname(_))
+        ));
+        assert!(matches!(
+            render(&t, &"a".repeat(64), KEY),
+            Err(CloudInitError::InvalidHostname(_))
+        ));
+        assert!(matches!(
+            render(&t, "ok", ""),
+            Err(CloudInitError::InvalidAuthorizedKey)
+        ));
         assert!(matches!(
             render(&t, "ok", "ssh-ed25519 AAAA\nruncmd: [evil]"),
             Err(CloudInitError::InvalidAuthorizedKey)
@@ -331,6 +344,9 @@ mod tests {
         // ... but not with a 63-character hostname and an RSA-4096 key, so the config rejects it.
         let problems = template.problems();
         assert_eq!(problems.len(), 1, "{problems:?}");
-        assert!(problems[0].1.contains("over Hetzner's limit"), "{problems:?}");
+        assert!(
+            problems[0].1.contains("over Hetzner's limit"),
+            "{problems:?}"
+        );
     }
 }
