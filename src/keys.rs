@@ -459,25 +459,24 @@ impl Sealer {
         SystemRandom::new()
             .fill(&mut nonce)
             .map_err(|_| SealError::Random)?;
-        let mut buffer = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
+        // Holds the plaintext until it is encrypted in place; wiped if sealing fails.
+        let mut buffer = Zeroizing::new(Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN));
         buffer.extend_from_slice(&nonce);
         buffer.extend_from_slice(plaintext.as_bytes());
-        let (nonce_part, in_out) = buffer.split_at_mut(NONCE_LEN);
         let tag = self
             .current
             .key
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(subscription_id.as_bytes()),
-                in_out,
+                &mut buffer[NONCE_LEN..],
             )
             .map_err(|_| SealError::SealFailed)?;
-        debug_assert_eq!(nonce_part, &nonce);
         buffer.extend_from_slice(tag.as_ref());
         Ok(format!(
             "{SEAL_VERSION}:{}:{}",
             self.current.id,
-            BASE64.encode(&buffer)
+            BASE64.encode(buffer.as_slice())
         ))
     }
 
