@@ -1,1 +1,804 @@
-//! TODO(owner: see issue) config
+//! The controller's YAML configuration: plans and tuning knobs, with errors that name the field.
+//!
+//! Every top-level field is optional; an omitted one takes the built-in value
+//! ([`Config::builtin`], also shipped as `config.example.yaml`). A file's `plans` map
+//! **replaces** the built-in plans as a whole (merging plan by plan would leave plans in force
+//! that the file does not mention). Unknown fields anywhere are errors, so a typo is not
+//! silently ignored.
+//!
+//! Inside a plan, `server_type`, `image`, `location` and `firewall_rules` are required (an empty
+//! `firewall_rules: []` is allowed and means Hetzner drops all inbound traffic); `cloud_init`
+//! may be omitted. After validation, IPv6 CIDRs are rewritten to the canonical RFC 5952 form the
+//! Hetzner API answers with, so desired and observed rules compare equal.
+//!
+//! Environment overrides (e.g. `VPS_CONTROLLER_RESYNC_SECONDS`) are applied by the caller.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cloud_init::{CloudInitTemplate, is_rfc1123_label};
+use crate::keys::KeyAlgorithm;
+
+/// Stripe subscription statuses, the values `active_statuses` may list.
+pub const STRIPE_STATUSES: [&str; 8] = [
+    "incomplete",
+    "incomplete_expired",
+    "trialing",
+    "active",
+    "past_due",
+    "canceled",
+    "unpaid",
+    "paused",
+];
+
+/// Longest `name_prefix`: leaves 42 of a name's 63 characters for the subscription id.
+pub const MAX_NAME_PREFIX_LEN: usize = 20;
+/// Hetzner's limits on firewall rules.
+pub const MAX_FIREWALL_RULES: usize = 50;
+pub const MAX_IPS_PER_RULE: usize = 100;
+pub const MAX_RULE_DESCRIPTION_CHARS: usize = 255;
+/// Upper bounds that keep durations far from overflow and catch unit mistakes (ms vs s).
+pub const MAX_RESYNC_SECONDS: u64 = 24 * 60 * 60;
+pub const MAX_SHUTDOWN_TIMEOUT_SECONDS: u64 = 60 * 60;
+pub const MAX_CONCURRENCY: usize = 64;
+
+/// The whole configuration. See the module docs for defaults and merging.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Names this controller in the `vps-controller/instance` label of everything it owns; two
+    /// controllers sharing a Hetzner project need different values. A Hetzner label value.
+    pub instance: String,
+    /// Resource names are `<prefix>-<sanitized subscription id>` (see [`Config::resource_name`]).
+    pub name_prefix: String,
+    /// Subscription statuses (Stripe's) for which a subscription gets a VPS.
+    pub active_statuses: Vec<String>,
+    /// Seconds between full resync passes.
+    pub resync_seconds: u64,
+    /// Subscriptions reconciled at the same time.
+    pub concurrency: usize,
+    /// Key type generated for new subscriptions.
+    pub ssh_key_algorithm: KeyAlgorithm,
+    /// When a plan's `server_type` changes: `false` only reports the difference, `true` changes
+    /// the server type (which powers the server off for a while).
+    pub change_server_type: bool,
+    /// Seconds to wait for a graceful shutdown before deleting a server; 0 deletes at once.
+    pub shutdown_timeout_seconds: u64,
+    /// Plans by name, as found in the `plan` column of `subscriptions`.
+    #[serde(deserialize_with = "deserialize_plans")]
+    pub plans: BTreeMap<String, Plan>,
+}
+
+/// What a subscription on this plan gets.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// Hetzner server type name, e.g. `cx23`.
+    pub server_type: String,
+    /// Image name or id, e.g. `ubuntu-24.04`.
+    pub image: String,
+    /// Location name, e.g. `fsn1`.
+    pub location: String,
+    /// Rules of the subscription's own firewall.
+    pub firewall_rules: Vec<FirewallRule>,
+    /// The plan's part of the server's cloud-init `user_data`.
+    #[serde(default)]
+    pub cloud_init: CloudInitTemplate,
+}
+
+/// One Hetzner firewall rule (see API-NOTES §4).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FirewallRule {
+    pub direction: Direction,
+    pub protocol: Protocol,
+    /// `"80"`, `"1024-5000"` or `"any"`; required for tcp/udp, absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    /// CIDRs traffic may come from; only (and at least one) for `in` rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_ips: Vec<String>,
+    /// CIDRs traffic may go to; only (and at least one) for `out` rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    In,
+    Out,
+}
+
+impl Direction {
+    /// The API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::In => "in",
+            Direction::Out => "out",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+    Esp,
+    Gre,
+}
+
+impl Protocol {
+    /// The API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+            Protocol::Esp => "esp",
+            Protocol::Gre => "gre",
+        }
+    }
+
+    /// Whether rules for this protocol take a port.
+    pub fn has_ports(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Udp)
+    }
+}
+
+/// One problem found by validation: the field path (e.g. `plans.pro.firewall_rules[1].port`)
+/// and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldProblem {
+    pub field: String,
+    pub problem: String,
+}
+
+impl fmt::Display for FieldProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            f.write_str(&self.problem)
+        } else {
+            write!(f, "{}: {}", self.field, self.problem)
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Not YAML, or not the shape of a config: `message` names the field path and position.
+    #[error("{}: {message}", origin(.file.as_deref()))]
+    Parse {
+        file: Option<PathBuf>,
+        message: String,
+    },
+    /// Well-formed but invalid; every problem found is listed.
+    #[error("{}: {}", origin(.file.as_deref()), describe_problems(.problems))]
+    Invalid {
+        file: Option<PathBuf>,
+        problems: Vec<FieldProblem>,
+    },
+}
+
+impl ConfigError {
+    /// The validation problems (empty for read and parse errors).
+    pub fn problems(&self) -> &[FieldProblem] {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems,
+            _ => &[],
+        }
+    }
+}
+
+fn origin(file: Option<&Path>) -> String {
+    match file {
+        Some(path) => format!("config file {}", path.display()),
+        None => "config".to_owned(),
+    }
+}
+
+fn describe_problems(problems: &[FieldProblem]) -> String {
+    match problems {
+        [one] => one.to_string(),
+        many => format!(
+            "{} problems: {}",
+            many.len(),
+            many.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::builtin()
+    }
+}
+
+impl Config {
+    /// The configuration used without a file; identical to `config.example.yaml`.
+    pub fn builtin() -> Config {
+        let allow_in = |protocol: Protocol, port: Option<&str>, description: &str| FirewallRule {
+            direction: Direction::In,
+            protocol,
+            port: port.map(str::to_owned),
+            source_ips: vec!["0.0.0.0/0".to_owned(), "::/0".to_owned()],
+            destination_ips: Vec::new(),
+            description: Some(description.to_owned()),
+        };
+        let firewall_rules = vec![
+            allow_in(Protocol::Tcp, Some("22"), "SSH"),
+            allow_in(Protocol::Icmp, None, "ping"),
+        ];
+        let cloud_init = CloudInitTemplate {
+            package_update: true,
+            package_upgrade: false,
+            packages: vec!["fail2ban".to_owned(), "unattended-upgrades".to_owned()],
+            write_files: vec![crate::cloud_init::WriteFile {
+                path: "/etc/apt/apt.conf.d/20auto-upgrades".to_owned(),
+                content: "APT::Periodic::Update-Package-Lists \"1\";\n\
+                          APT::Periodic::Unattended-Upgrade \"1\";\n"
+                    .to_owned(),
+                permissions: Some("0644".to_owned()),
+                owner: None,
+            }],
+            runcmd: vec!["systemctl enable --now fail2ban".to_owned()],
+        };
+        let plan = |server_type: &str| Plan {
+            server_type: server_type.to_owned(),
+            image: "ubuntu-24.04".to_owned(),
+            location: "fsn1".to_owned(),
+            firewall_rules: firewall_rules.clone(),
+            cloud_init: cloud_init.clone(),
+        };
+        Config {
+            instance: "default".to_owned(),
+            name_prefix: "vps".to_owned(),
+            active_statuses: vec!["active".to_owned(), "trialing".to_owned()],
+            resync_seconds: 60,
+            concurrency: 8,
+            ssh_key_algorithm: KeyAlgorithm::Rsa4096,
+            change_server_type: false,
+            shutdown_timeout_seconds: 30,
+            plans: BTreeMap::from([
+                ("starter".to_owned(), plan("cx23")),
+                ("pro".to_owned(), plan("cpx32")),
+            ]),
+        }
+    }
+
+    /// Parses and validates YAML. An empty document (or only comments) gives the built-in config.
+    pub fn from_yaml_str(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, None)
+    }
+
+    /// Loads and validates the file at `path`, or returns the built-in config for `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config::builtin());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, Some(path))
+    }
+
+    fn parse(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut config: Config = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.map(Path::to_owned),
+            message: e.to_string(),
+        })?;
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                file: file.map(Path::to_owned),
+                problems,
+            });
+        }
+        config.canonicalize_cidrs();
+        Ok(config)
+    }
+
+    /// Checks every field; the error lists all problems found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                file: None,
+                problems,
+            })
+        }
+    }
+
+    /// The plan named `name`, if configured.
+    pub fn plan(&self, name: &str) -> Option<&Plan> {
+        self.plans.get(name)
+    }
+
+    /// Whether a subscription with this status should have a VPS.
+    pub fn is_active_status(&self, status: &str) -> bool {
+        self.active_statuses.iter().any(|s| s == status)
+    }
+
+    /// The deterministic Hetzner name for a subscription's server, firewall and SSH key:
+    /// `<name_prefix>-<id>`, a lowercase RFC 1123 label of at most 63 characters. The id is
+    /// lowercased with every run of other characters turned into `-`; when that changed the id
+    /// (or it had to be shortened), 8 hex digits of SHA-256 over the original id are appended,
+    /// so ids differing only in case or punctuation still get different names.
+    pub fn resource_name(&self, subscription_id: &str) -> String {
+        const MAX_NAME: usize = 63;
+        const HASH_LEN: usize = 8;
+        let mut sanitized = String::with_capacity(subscription_id.len());
+        for c in subscription_id.chars() {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                sanitized.push(c);
+            } else if c.is_ascii_uppercase() {
+                sanitized.push(c.to_ascii_lowercase());
+            } else if !sanitized.ends_with('-') {
+                sanitized.push('-');
+            }
+        }
+        let mut sanitized = sanitized.trim_matches('-').to_owned();
+        let room = MAX_NAME.saturating_sub(self.name_prefix.len() + 1);
+        let exact =
+            sanitized == subscription_id && !sanitized.is_empty() && sanitized.len() <= room;
+        if exact {
+            return format!("{}-{sanitized}", self.name_prefix);
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, subscription_id.as_bytes());
+        let hash: String = digest
+            .as_ref()
+            .iter()
+            .take(HASH_LEN / 2)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        sanitized.truncate(room.saturating_sub(HASH_LEN + 1));
+        let sanitized = sanitized.trim_end_matches('-');
+        if sanitized.is_empty() {
+            format!("{}-{hash}", self.name_prefix)
+        } else {
+            format!("{}-{sanitized}-{hash}", self.name_prefix)
+        }
+    }
+
+    fn problems(&self) -> Vec<FieldProblem> {
+        let mut p = Problems::default();
+        if self.instance.is_empty() {
+            p.add("instance", "must not be empty");
+        } else if !is_label_value(&self.instance) {
+            p.add(
+                "instance",
+                format!(
+                    "{:?} is not a valid Hetzner label value (1-63 characters, letters, digits, \
+                     '-', '_' and '.', starting and ending with a letter or digit)",
+                    self.instance
+                ),
+            );
+        }
+        if !is_rfc1123_label(&self.name_prefix) || self.name_prefix.len() > MAX_NAME_PREFIX_LEN {
+            p.add(
+                "name_prefix",
+                format!(
+                    "{:?} is not a lowercase DNS label of 1-{MAX_NAME_PREFIX_LEN} characters \
+                     (a-z, 0-9 and '-', starting and ending with a letter or digit)",
+                    self.name_prefix
+                ),
+            );
+        }
+        if self.active_statuses.is_empty() {
+            p.add(
+                "active_statuses",
+                "must list at least one status (an empty list would deprovision every VPS)",
+            );
+        }
+        for (i, status) in self.active_statuses.iter().enumerate() {
+            let field = format!("active_statuses[{i}]");
+            if !STRIPE_STATUSES.contains(&status.as_str()) {
+                p.add(
+                    field,
+                    format!(
+                        "{status:?} is not a Stripe subscription status (expected one of {})",
+                        STRIPE_STATUSES.join(", ")
+                    ),
+                );
+            } else if self.active_statuses[..i].contains(status) {
+                p.add(field, format!("{status:?} is listed twice"));
+            }
+        }
+        if !(1..=MAX_RESYNC_SECONDS).contains(&self.resync_seconds) {
+            p.add(
+                "resync_seconds",
+                format!(
+                    "{} is out of range 1-{MAX_RESYNC_SECONDS}",
+                    self.resync_seconds
+                ),
+            );
+        }
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            p.add(
+                "concurrency",
+                format!("{} is out of range 1-{MAX_CONCURRENCY}", self.concurrency),
+            );
+        }
+        if self.shutdown_timeout_seconds > MAX_SHUTDOWN_TIMEOUT_SECONDS {
+            p.add(
+                "shutdown_timeout_seconds",
+                format!(
+                    "{} is out of range 0-{MAX_SHUTDOWN_TIMEOUT_SECONDS}",
+                    self.shutdown_timeout_seconds
+                ),
+            );
+        }
+        if self.plans.is_empty() {
+            p.add("plans", "must define at least one plan");
+        }
+        for (name, plan) in &self.plans {
+            let field = format!("plans.{name}");
+            if !is_label_value(name) {
+                p.add(
+                    &field,
+                    format!(
+                        "plan name {name:?} must be 1-63 letters, digits, '-', '_' or '.', \
+                         starting and ending with a letter or digit"
+                    ),
+                );
+            }
+            plan_problems(&mut p, &field, plan);
+        }
+        p.0
+    }
+
+    fn canonicalize_cidrs(&mut self) {
+        for plan in self.plans.values_mut() {
+            for rule in &mut plan.firewall_rules {
+                for cidr in rule.source_ips.iter_mut().chain(&mut rule.destination_ips) {
+                    if let Ok(canonical) = canonical_cidr(cidr) {
+                        *cidr = canonical;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<FieldProblem>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, problem: impl Into<String>) {
+        self.0.push(FieldProblem {
+            field: field.into(),
+            problem: problem.into(),
+        });
+    }
+}
+
+fn plan_problems(p: &mut Problems, field: &str, plan: &Plan) {
+    for (name, value) in [
+        ("server_type", &plan.server_type),
+        ("image", &plan.image),
+        ("location", &plan.location),
+    ] {
+        if value.is_empty() {
+            p.add(format!("{field}.{name}"), "must not be empty");
+        } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            p.add(
+                format!("{field}.{name}"),
+                format!("{value:?} must not contain spaces"),
+            );
+        }
+    }
+    if plan.firewall_rules.len() > MAX_FIREWALL_RULES {
+        p.add(
+            format!("{field}.firewall_rules"),
+            format!(
+                "has {} rules; Hetzner allows at most {MAX_FIREWALL_RULES}",
+                plan.firewall_rules.len()
+            ),
+        );
+    }
+    for (i, rule) in plan.firewall_rules.iter().enumerate() {
+        rule_problems(p, &format!("{field}.firewall_rules[{i}]"), rule);
+    }
+    for (sub_field, problem) in plan.cloud_init.problems() {
+        let path = if sub_field.is_empty() {
+            format!("{field}.cloud_init")
+        } else {
+            format!("{field}.cloud_init.{sub_field}")
+        };
+        p.add(path, problem);
+    }
+}
+
+fn rule_problems(p: &mut Problems, field: &str, rule: &FirewallRule) {
+    match (&rule.port, rule.protocol.has_ports()) {
+        (None, true) => p.add(
+            format!("{field}.port"),
+            format!(
+                "is required for protocol {} (e.g. \"22\", \"1024-5000\" or \"any\")",
+                rule.protocol.as_str()
+            ),
+        ),
+        (Some(_), false) => p.add(
+            format!("{field}.port"),
+            format!(
+                "is only allowed for tcp and udp, not {}",
+                rule.protocol.as_str()
+            ),
+        ),
+        (Some(port), true) => {
+            if let Err(problem) = check_port(port) {
+                p.add(format!("{field}.port"), problem);
+            }
+        }
+        (None, false) => {}
+    }
+    let (own, own_name, other, other_name) = match rule.direction {
+        Direction::In => (
+            &rule.source_ips,
+            "source_ips",
+            &rule.destination_ips,
+            "destination_ips",
+        ),
+        Direction::Out => (
+            &rule.destination_ips,
+            "destination_ips",
+            &rule.source_ips,
+            "source_ips",
+        ),
+    };
+    if !other.is_empty() {
+        p.add(
+            format!("{field}.{other_name}"),
+            format!(
+                "is not allowed for direction {} (use {own_name})",
+                rule.direction.as_str()
+            ),
+        );
+    }
+    if own.is_empty() {
+        p.add(
+            format!("{field}.{own_name}"),
+            format!(
+                "needs at least one CIDR for direction {} (0.0.0.0/0 and ::/0 mean any)",
+                rule.direction.as_str()
+            ),
+        );
+    }
+    if own.len() > MAX_IPS_PER_RULE {
+        p.add(
+            format!("{field}.{own_name}"),
+            format!(
+                "has {} entries; Hetzner allows at most {MAX_IPS_PER_RULE}",
+                own.len()
+            ),
+        );
+    }
+    for (i, cidr) in own.iter().enumerate() {
+        if let Err(problem) = canonical_cidr(cidr) {
+            p.add(format!("{field}.{own_name}[{i}]"), problem);
+        }
+    }
+    if let Some(description) = &rule.description
+        && description.chars().count() > MAX_RULE_DESCRIPTION_CHARS
+    {
+        p.add(
+            format!("{field}.description"),
+            format!(
+                "is {} characters; Hetzner allows at most {MAX_RULE_DESCRIPTION_CHARS}",
+                description.chars().count()
+            ),
+        );
+    }
+}
+
+fn check_port(port: &str) -> Result<(), String> {
+    let not_a_port =
+        || format!("{port:?} is not a port or range 1-65535 (e.g. \"80\", \"1024-5000\", \"any\")");
+    let parse = |s: &str| -> Option<u16> {
+        if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse::<u16>().ok().filter(|&n| n >= 1)
+    };
+    if port == "any" {
+        return Ok(());
+    }
+    match port.split_once('-') {
+        None => parse(port).map(|_| ()).ok_or_else(not_a_port),
+        Some((start, end)) => match (parse(start), parse(end)) {
+            (Some(start), Some(end)) if start <= end => Ok(()),
+            (Some(start), Some(end)) => Err(format!(
+                "{port:?}: range start {start} is above its end {end}"
+            )),
+            _ => Err(not_a_port()),
+        },
+    }
+}
+
+/// Checks a CIDR (`address/prefix`, IPv4 or IPv6, no host bits set outside the prefix) and
+/// returns it in the canonical form the Hetzner API uses (RFC 5952 for IPv6).
+pub fn canonical_cidr(cidr: &str) -> Result<String, String> {
+    let Some((address, prefix)) = cidr.split_once('/') else {
+        return Err(format!(
+            "{cidr:?} is not a CIDR: add a prefix length (e.g. \"203.0.113.7/32\" for one host)"
+        ));
+    };
+    let address: IpAddr = address
+        .parse()
+        .map_err(|_| format!("{cidr:?} is not a CIDR: {address:?} is not an IP address"))?;
+    let max_prefix: u8 = if address.is_ipv4() { 32 } else { 128 };
+    let prefix: u8 = prefix
+        .parse()
+        .ok()
+        .filter(|p| {
+            *p <= max_prefix && !prefix.is_empty() && prefix.bytes().all(|b| b.is_ascii_digit())
+        })
+        .ok_or_else(|| format!("{cidr:?} is not a CIDR: prefix length must be 0-{max_prefix}"))?;
+    let network = match address {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
+    };
+    if network != address {
+        return Err(format!(
+            "{cidr:?} has host bits set (did you mean \"{network}/{prefix}\"?)"
+        ));
+    }
+    Ok(format!("{network}/{prefix}"))
+}
+
+/// Whether `value` is a non-empty Hetzner label value: 1-63 characters, letters, digits, `-`,
+/// `_` and `.`, starting and ending with a letter or digit (API-NOTES §3).
+pub fn is_label_value(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    bytes.len() <= 63
+        && first.is_ascii_alphanumeric()
+        && last.is_ascii_alphanumeric()
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Like the derived map deserializer, but a plan name given twice is an error instead of the
+/// last one silently winning.
+fn deserialize_plans<'de, D>(deserializer: D) -> Result<BTreeMap<String, Plan>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct PlansVisitor;
+    impl<'de> serde::de::Visitor<'de> for PlansVisitor {
+        type Value = BTreeMap<String, Plan>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a map from plan name to plan")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut plans = BTreeMap::new();
+            while let Some(name) = map.next_key::<String>()? {
+                if plans.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format!(
+                        "plan {name:?} is defined twice"
+                    )));
+                }
+                let plan = map.next_value::<Plan>()?;
+                plans.insert(name, plan);
+            }
+            Ok(plans)
+        }
+    }
+    deserializer.deserialize_map(PlansVisitor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports() {
+        for ok in ["1", "80", "65535", "1024-5000", "80-80", "any"] {
+            assert_eq!(check_port(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "0", "70000", "", "-", "80-", "-80", "+80", " 80", "80 ", "1-2-3", "ANY", "08x",
+        ] {
+            assert!(check_port(bad).is_err(), "{bad:?} should be rejected");
+        }
+        assert!(
+            check_port("5000-1024")
+                .unwrap_err()
+                .contains("above its end")
+        );
+    }
+
+    #[test]
+    fn cidrs_are_checked_and_canonicalized() {
+        assert_eq!(canonical_cidr("0.0.0.0/0").unwrap(), "0.0.0.0/0");
+        assert_eq!(canonical_cidr("10.1.0.0/16").unwrap(), "10.1.0.0/16");
+        assert_eq!(canonical_cidr("192.0.2.7/32").unwrap(), "192.0.2.7/32");
+        assert_eq!(
+            canonical_cidr("2001:0DB8:0000:0000:0000:0000:0000:0000/32").unwrap(),
+            "2001:db8::/32"
+        );
+        assert_eq!(canonical_cidr("::/0").unwrap(), "::/0");
+        assert!(
+            canonical_cidr("10.0.0.1/8")
+                .unwrap_err()
+                .contains("\"10.0.0.0/8\"")
+        );
+        for bad in [
+            "10.0.0.0",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "x/8",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "/8",
+        ] {
+            assert!(canonical_cidr(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn label_values() {
+        for ok in ["a", "default", "prod_eu.1", "A-b", &"x".repeat(63)] {
+            assert!(is_label_value(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "a b", "ä", "a/b", &"x".repeat(64)] {
+            assert!(!is_label_value(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn resource_names_are_valid_labels_and_distinct() {
+        let config = Config::builtin();
+        assert_eq!(config.resource_name("sub-42"), "vps-sub-42");
+        let ids = [
+            "sub_1MowQVLkdIwHu7ixeRlqHVzs",
+            "sub_1mowqvlkdiwhu7ixerlqhvzs",
+            "sub-1mowqvlkdiwhu7ixerlqhvzs",
+            "---",
+            "",
+            "ünïcødé",
+            &"a".repeat(200),
+            &format!("{}b", "a".repeat(199)),
+        ];
+        let names: Vec<String> = ids.iter().map(|id| config.resource_name(id)).collect();
+        for name in &names {
+            assert!(is_rfc1123_label(name), "{name:?}");
+        }
+        let distinct: std::collections::BTreeSet<_> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "{names:?}");
+        // Deterministic: a crash between create and persist finds the same name again.
+        assert_eq!(config.resource_name(ids[0]), names[0]);
+    }
+}
