@@ -53,7 +53,7 @@ pub struct Config {
     /// Names this controller in the `vps-controller/instance` label of everything it owns; two
     /// controllers sharing a Hetzner project need different values. A Hetzner label value.
     pub instance: String,
-    /// Resource names are `<prefix>-<sanitized subscription id>` (see [`Config::resource_name`]).
+    /// Resource names are `<prefix>-<sanitized subscription id>` (see `reconcile::desired::resource_name`).
     pub name_prefix: String,
     /// Subscription statuses (Stripe's) for which a subscription gets a VPS.
     pub active_statuses: Vec<String>,
@@ -63,8 +63,8 @@ pub struct Config {
     pub concurrency: usize,
     /// Key type generated for new subscriptions.
     pub ssh_key_algorithm: KeyAlgorithm,
-    /// When a plan's `server_type` changes: `false` only reports the difference, `true` changes
-    /// the server type (which powers the server off for a while).
+    /// When a plan's `server_type` changes: `false` reports the difference. `true` (resize the
+    /// server, powering it off for a while) is not built yet and is rejected by `validate`.
     pub change_server_type: bool,
     /// Seconds to wait for a graceful shutdown before deleting a server; 0 deletes at once.
     pub shutdown_timeout_seconds: u64,
@@ -338,47 +338,6 @@ impl Config {
         self.active_statuses.iter().any(|s| s == status)
     }
 
-    /// The deterministic Hetzner name for a subscription's server, firewall and SSH key:
-    /// `<name_prefix>-<id>`, a lowercase RFC 1123 label of at most 63 characters. The id is
-    /// lowercased with every run of other characters turned into `-`; when that changed the id
-    /// (or it had to be shortened), 8 hex digits of SHA-256 over the original id are appended,
-    /// so ids differing only in case or punctuation still get different names.
-    pub fn resource_name(&self, subscription_id: &str) -> String {
-        const MAX_NAME: usize = 63;
-        const HASH_LEN: usize = 8;
-        let mut sanitized = String::with_capacity(subscription_id.len());
-        for c in subscription_id.chars() {
-            if c.is_ascii_lowercase() || c.is_ascii_digit() {
-                sanitized.push(c);
-            } else if c.is_ascii_uppercase() {
-                sanitized.push(c.to_ascii_lowercase());
-            } else if !sanitized.ends_with('-') {
-                sanitized.push('-');
-            }
-        }
-        let mut sanitized = sanitized.trim_matches('-').to_owned();
-        let room = MAX_NAME.saturating_sub(self.name_prefix.len() + 1);
-        let exact =
-            sanitized == subscription_id && !sanitized.is_empty() && sanitized.len() <= room;
-        if exact {
-            return format!("{}-{sanitized}", self.name_prefix);
-        }
-        let digest = ring::digest::digest(&ring::digest::SHA256, subscription_id.as_bytes());
-        let hash: String = digest
-            .as_ref()
-            .iter()
-            .take(HASH_LEN / 2)
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        sanitized.truncate(room.saturating_sub(HASH_LEN + 1));
-        let sanitized = sanitized.trim_end_matches('-');
-        if sanitized.is_empty() {
-            format!("{}-{hash}", self.name_prefix)
-        } else {
-            format!("{}-{sanitized}-{hash}", self.name_prefix)
-        }
-    }
-
     fn problems(&self) -> Vec<FieldProblem> {
         let mut p = Problems::default();
         if self.instance.is_empty() {
@@ -445,6 +404,12 @@ impl Config {
                     "{} is out of range 0-{MAX_SHUTDOWN_TIMEOUT_SECONDS}",
                     self.shutdown_timeout_seconds
                 ),
+            );
+        }
+        if self.change_server_type {
+            p.add(
+                "change_server_type",
+                "true is not supported yet: a plan's server type change is reported (log and event), not applied; set it to false",
             );
         }
         if self.plans.is_empty() {
@@ -778,27 +743,4 @@ mod tests {
         }
     }
 
-    #[test]
-    fn resource_names_are_valid_labels_and_distinct() {
-        let config = Config::builtin();
-        assert_eq!(config.resource_name("sub-42"), "vps-sub-42");
-        let ids = [
-            "sub_1MowQVLkdIwHu7ixeRlqHVzs",
-            "sub_1mowqvlkdiwhu7ixerlqhvzs",
-            "sub-1mowqvlkdiwhu7ixerlqhvzs",
-            "---",
-            "",
-            "ünïcødé",
-            &"a".repeat(200),
-            &format!("{}b", "a".repeat(199)),
-        ];
-        let names: Vec<String> = ids.iter().map(|id| config.resource_name(id)).collect();
-        for name in &names {
-            assert!(is_rfc1123_label(name), "{name:?}");
-        }
-        let distinct: std::collections::BTreeSet<_> = names.iter().collect();
-        assert_eq!(distinct.len(), names.len(), "{names:?}");
-        // Deterministic: a crash between create and persist finds the same name again.
-        assert_eq!(config.resource_name(ids[0]), names[0]);
-    }
 }
