@@ -1,1 +1,20 @@
-//! db
+//! Database layer: connection, migrations, entities and the controller's queries.
+//!
+//! The `subscriptions` table belongs to the web app; the controller reads its spec columns and
+//! writes only its own status columns. Triggers bump `desired_version` when a spec column
+//! changes, so `desired_version <> observed_version` marks rows that need a reconcile pass.
+
+mod connection;
+pub mod entities;
+mod error;
+pub mod events;
+pub mod leases;
+pub mod subscriptions;
+
+pub use connection::{DEFAULT_DATABASE_URL, connect, migrate};
+pub use error::DbError;
+pub use events::EventKind;
+pub use subscriptions::StatusUpdate;
+
+/// Shown instead of the sealed private key in Debug output.
+pub(crate) const SEALED: &str = "<sealed>";
