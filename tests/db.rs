@@ -737,10 +737,7 @@ async fn postgres_notifies_on_spec_changes_but_not_on_status_writes() {
         let mut listener = sea_orm::sqlx::postgres::PgListener::connect(&test_db.url)
             .await
             .unwrap();
-        listener
-            .listen("vps_controller_subscriptions")
-            .await
-            .unwrap();
+        listener.listen(db::NOTIFY_CHANNEL).await.unwrap();
         let mut next = async || {
             tokio::time::timeout(Duration::from_secs(10), listener.recv())
                 .await

@@ -16,5 +16,10 @@ pub use error::DbError;
 pub use events::EventKind;
 pub use subscriptions::StatusUpdate;
 
+/// PostgreSQL channel the triggers NOTIFY with a subscription id as payload when a row is
+/// inserted, deleted, or its spec changes (not on the controller's status writes). A hint only:
+/// notifications are lost while nobody listens, so a periodic resync stays the source of truth.
+pub const NOTIFY_CHANNEL: &str = "vps_controller_subscriptions";
+
 /// Shown instead of the sealed private key in Debug output.
 pub(crate) const SEALED: &str = "<sealed>";
