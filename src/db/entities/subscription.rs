@@ -1,0 +1,71 @@
+//! A row of `subscriptions`: the web app's spec columns plus what the controller observed.
+//!
+//! `created_at`/`updated_at` are deliberately absent: the web app owns them and, in SQLite,
+//! may store them as integers, so leaving them out lets every row decode.
+
+use sea_orm::entity::prelude::*;
+
+#[derive(Clone, PartialEq, Eq, DeriveEntityModel)]
+#[sea_orm(table_name = "subscriptions")]
+pub struct Model {
+    #[sea_orm(primary_key, auto_increment = false)]
+    pub id: String,
+    pub user_id: String,
+    pub stripe_subscription_id: Option<String>,
+    /// Stripe status (active, trialing, past_due, canceled, ...), not validated by the DB.
+    pub status: String,
+    pub plan: String,
+    pub hetzner_server_id: Option<i64>,
+    pub hetzner_ssh_key_id: Option<i64>,
+    pub hetzner_firewall_id: Option<i64>,
+    pub vps_ip_address: Option<String>,
+    pub vps_hostname: Option<String>,
+    /// pending, provisioning, ready, failed, deprovisioning, deprovisioned.
+    pub provisioning_status: String,
+    pub provisioning_error: Option<String>,
+    pub provisioned_at: Option<DateTimeUtc>,
+    pub deprovisioned_at: Option<DateTimeUtc>,
+    /// Sealed ciphertext of the private key, never the key itself.
+    pub ssh_private_key: Option<String>,
+    /// OpenSSH public key line (not secret).
+    pub ssh_public_key: Option<String>,
+    /// Bumped by triggers whenever a spec column changes.
+    pub desired_version: i64,
+    /// The desired_version the controller last finished a pass for.
+    pub observed_version: i64,
+    pub last_reconciled_at: Option<DateTimeUtc>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("id", &self.id)
+            .field("user_id", &self.user_id)
+            .field("stripe_subscription_id", &self.stripe_subscription_id)
+            .field("status", &self.status)
+            .field("plan", &self.plan)
+            .field("hetzner_server_id", &self.hetzner_server_id)
+            .field("hetzner_ssh_key_id", &self.hetzner_ssh_key_id)
+            .field("hetzner_firewall_id", &self.hetzner_firewall_id)
+            .field("vps_ip_address", &self.vps_ip_address)
+            .field("vps_hostname", &self.vps_hostname)
+            .field("provisioning_status", &self.provisioning_status)
+            .field("provisioning_error", &self.provisioning_error)
+            .field("provisioned_at", &self.provisioned_at)
+            .field("deprovisioned_at", &self.deprovisioned_at)
+            .field(
+                "ssh_private_key",
+                &self.ssh_private_key.as_ref().map(|_| crate::db::SEALED),
+            )
+            .field("ssh_public_key", &self.ssh_public_key)
+            .field("desired_version", &self.desired_version)
+            .field("observed_version", &self.observed_version)
+            .field("last_reconciled_at", &self.last_reconciled_at)
+            .finish()
+    }
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}
