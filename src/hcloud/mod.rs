@@ -1,1 +1,154 @@
-//! hcloud
+//! Typed Hetzner Cloud API client: wire types, errors keyed on Hetzner's error codes, safe
+//! retries, pagination, batched action waits and a process-wide request budget.
+//!
+//! The controller's executor talks to Hetzner only through [`HcloudApi`]; [`Client`] is the
+//! real implementation (tests may provide fakes).
+
+pub mod budget;
+mod client;
+pub mod error;
+pub mod types;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use budget::Budget;
+pub use client::{
+    ActionPollBackoff, Client, ClientConfig, DEFAULT_ENDPOINT, RequestCount, RetryBackoff, Token,
+};
+pub use error::{Error, ErrorCode, TransportKind};
+pub use types::*;
+
+/// Labels as on the wire: a flat string map. Sorted, so comparisons and selectors are stable.
+pub type Labels = std::collections::BTreeMap<String, String>;
+
+/// Power changes of a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServerPowerAction {
+    /// `poweron`: start the server.
+    PowerOn,
+    /// `poweroff`: cut power (hard off).
+    PowerOff,
+    /// `shutdown`: ACPI request; success means only that the signal was sent.
+    Shutdown,
+}
+
+impl ServerPowerAction {
+    /// The action's path segment under `/servers/{id}/actions/`.
+    pub fn path_segment(self) -> &'static str {
+        match self {
+            ServerPowerAction::PowerOn => "poweron",
+            ServerPowerAction::PowerOff => "poweroff",
+            ServerPowerAction::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// The Hetzner Cloud calls the controller makes. List calls fetch every page (`per_page=50`);
+/// `*_by_name` and `ssh_key_by_fingerprint` return `None` when nothing matches. An empty label
+/// selector means "no filter".
+///
+/// Creates are not idempotent and may be retried after a timeout (when the first attempt may
+/// have succeeded): callers treat `uniqueness_error` as "it exists", look the object up and
+/// adopt it if it carries their ownership labels.
+pub trait HcloudApi: Send + Sync {
+    fn list_servers(
+        &self,
+        label_selector: &str,
+    ) -> impl Future<Output = Result<Vec<Server>, Error>> + Send;
+    fn list_ssh_keys(
+        &self,
+        label_selector: &str,
+    ) -> impl Future<Output = Result<Vec<SshKey>, Error>> + Send;
+    fn list_firewalls(
+        &self,
+        label_selector: &str,
+    ) -> impl Future<Output = Result<Vec<Firewall>, Error>> + Send;
+
+    fn server_by_name(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Server>, Error>> + Send;
+    fn ssh_key_by_name(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<SshKey>, Error>> + Send;
+    fn ssh_key_by_fingerprint(
+        &self,
+        fingerprint: &str,
+    ) -> impl Future<Output = Result<Option<SshKey>, Error>> + Send;
+    fn firewall_by_name(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Firewall>, Error>> + Send;
+
+    fn create_ssh_key(
+        &self,
+        req: &CreateSshKey,
+    ) -> impl Future<Output = Result<SshKey, Error>> + Send;
+    fn create_firewall(
+        &self,
+        req: &CreateFirewall,
+    ) -> impl Future<Output = Result<CreateFirewallResponse, Error>> + Send;
+    fn create_server(
+        &self,
+        req: &CreateServer,
+    ) -> impl Future<Output = Result<CreateServerResponse, Error>> + Send;
+
+    /// Replaces the whole label map.
+    fn update_server_labels(
+        &self,
+        id: i64,
+        labels: &Labels,
+    ) -> impl Future<Output = Result<Server, Error>> + Send;
+    /// Replaces the whole label map.
+    fn update_ssh_key_labels(
+        &self,
+        id: i64,
+        labels: &Labels,
+    ) -> impl Future<Output = Result<SshKey, Error>> + Send;
+    /// Replaces the whole label map.
+    fn update_firewall_labels(
+        &self,
+        id: i64,
+        labels: &Labels,
+    ) -> impl Future<Output = Result<Firewall, Error>> + Send;
+
+    fn delete_server(&self, id: i64) -> impl Future<Output = Result<Action, Error>> + Send;
+    fn delete_ssh_key(&self, id: i64) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Fails with `resource_in_use` while the firewall is applied anywhere.
+    fn delete_firewall(&self, id: i64) -> impl Future<Output = Result<(), Error>> + Send;
+
+    fn server_power(
+        &self,
+        id: i64,
+        action: ServerPowerAction,
+    ) -> impl Future<Output = Result<Action, Error>> + Send;
+
+    /// Replaces all rules (`[]` clears them).
+    fn set_firewall_rules(
+        &self,
+        id: i64,
+        rules: &[FirewallRule],
+    ) -> impl Future<Output = Result<Vec<Action>, Error>> + Send;
+    fn apply_firewall(
+        &self,
+        id: i64,
+        server_ids: &[i64],
+    ) -> impl Future<Output = Result<Vec<Action>, Error>> + Send;
+    fn remove_firewall(
+        &self,
+        id: i64,
+        server_ids: &[i64],
+    ) -> impl Future<Output = Result<Vec<Action>, Error>> + Send;
+
+    /// Polls `GET /actions?id=..` (at most 25 IDs per request) until every action finished.
+    /// Returns the finished actions in the order of `ids` (duplicates removed);
+    /// [`Error::ActionFailed`] as soon as one ends in `error`; [`Error::ActionTimeout`] with the
+    /// still-running IDs once `timeout` has passed.
+    fn wait_for_actions(
+        &self,
+        ids: &[i64],
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vec<Action>, Error>> + Send;
+}

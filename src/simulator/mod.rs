@@ -1,1 +1,503 @@
-//! simulator
+//! The built-in Hetzner Cloud API simulator: a stateful stand-in for `https://api.hetzner.cloud/v1`
+//! covering servers, SSH keys, firewalls, actions and the catalog (server types, images,
+//! locations), with validation, uniqueness, asynchronous actions, rate limiting, authentication
+//! and seeded fault injection. It follows `shared/hcloud/API-NOTES.md` and the official OpenAPI
+//! spec and deliberately shares no code with the client in `crate::hcloud`.
+//!
+//! Choices where the real API is undocumented:
+//! - `per_page` above 50 is clamped to 50 (the answer's `meta.pagination.per_page` says so);
+//!   `page`/`per_page` below 1 or not a number → 422 `invalid_input`.
+//! - Without `sort`, lists are ordered by ID.
+//! - A server is `locked` (and its power/rebuild actions get 423 `locked`) while one of its server
+//!   actions runs; firewall actions do not lock it; DELETE is always allowed.
+//! - Unknown fields are rejected where the spec says `additionalProperties: false` (firewall
+//!   requests) and ignored elsewhere, except `datacenter` (removed from the API) and features the
+//!   simulator does not model (volumes, networks, placement groups, primary IPs), which are
+//!   rejected with `invalid_input`.
+//! - A "delayed answer" fault performs the request, then holds the answer back for
+//!   `fault_delay`: the change happened although the client timed out.
+
+mod api;
+mod catalog;
+mod control;
+mod error;
+mod labels;
+mod list;
+mod request;
+mod routes;
+mod state;
+mod validate;
+mod wire;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body as HttpBody;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio::sync::{oneshot, watch};
+
+use control::{Bucket, Fault, FaultPlan, RateLimitHeaders, Stats};
+use error::ApiError;
+use request::Query;
+use routes::Routed;
+use state::{Clock, World};
+
+/// Largest request body accepted (user_data is at most 32 KiB; rules add a little).
+const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// How the simulator behaves. The token is redacted from `Debug` output.
+#[derive(Clone)]
+pub struct SimulatorConfig {
+    /// When set, every `/v1` request needs `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+    /// How long every action runs before it finishes (0 = finished at once).
+    pub action_seconds: f64,
+    /// Requests per hour (bucket capacity; refills at this rate).
+    pub rate_limit: u32,
+    /// Probability in [0, 1] that a `/v1` request gets an injected fault.
+    pub fault_rate: f64,
+    /// Seed for fault injection (and generated root passwords).
+    pub seed: u64,
+    /// How long the "delayed answer" fault holds a response back.
+    pub fault_delay: Duration,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        SimulatorConfig {
+            token: None,
+            action_seconds: 1.0,
+            rate_limit: 3600,
+            fault_rate: 0.0,
+            seed: 0,
+            fault_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+impl std::fmt::Debug for SimulatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimulatorConfig")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("action_seconds", &self.action_seconds)
+            .field("rate_limit", &self.rate_limit)
+            .field("fault_rate", &self.fault_rate)
+            .field("seed", &self.seed)
+            .field("fault_delay", &self.fault_delay)
+            .finish()
+    }
+}
+
+/// Why a [`SimulatorConfig`] is unusable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SimulatorConfigError {
+    #[error("action_seconds must be a finite number >= 0, got {0}")]
+    ActionSeconds(f64),
+    #[error("fault_rate must be between 0 and 1, got {0}")]
+    FaultRate(f64),
+    #[error("rate_limit must be at least 1 request per hour, got {0}")]
+    RateLimit(u32),
+    #[error("token must not be empty (leave it unset to disable authentication)")]
+    EmptyToken,
+}
+
+impl SimulatorConfig {
+    pub fn validate(&self) -> Result<(), SimulatorConfigError> {
+        if !self.action_seconds.is_finite() || self.action_seconds < 0.0 {
+            return Err(SimulatorConfigError::ActionSeconds(self.action_seconds));
+        }
+        if !(0.0..=1.0).contains(&self.fault_rate) {
+            return Err(SimulatorConfigError::FaultRate(self.fault_rate));
+        }
+        if self.rate_limit < 1 {
+            return Err(SimulatorConfigError::RateLimit(self.rate_limit));
+        }
+        if self.token.as_deref() == Some("") {
+            return Err(SimulatorConfigError::EmptyToken);
+        }
+        Ok(())
+    }
+}
+
+/// Mutable accounting shared by all requests.
+struct Control {
+    bucket: Bucket,
+    stats: Stats,
+    faults: FaultPlan,
+}
+
+struct Shared {
+    token: Option<String>,
+    fault_delay: Duration,
+    world: Mutex<World>,
+    control: Mutex<Control>,
+    /// Flips to true when the server shuts down, so delayed answers end early.
+    stopping: watch::Receiver<bool>,
+    correlation: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves consistent-enough state for a test double.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A simulator serving on a background task; dropped or shut down, it stops.
+pub struct RunningSimulator {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningSimulator {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT/v1` — the API endpoint to give a client.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Stops accepting, ends delayed answers, waits for the server task.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "simulator stopped with an error"),
+            Err(e) => tracing::warn!(error = %e, "simulator task failed"),
+        }
+    }
+}
+
+/// Binds `listen` (use port 0 for a free port) and serves on a tokio task.
+pub async fn spawn(
+    config: SimulatorConfig,
+    listen: SocketAddr,
+) -> std::io::Result<RunningSimulator> {
+    config
+        .validate()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(config, listener, async move {
+        // A dropped sender also stops the server.
+        let _ = stopped.await;
+    }));
+    Ok(RunningSimulator {
+        addr,
+        stop: Some(stop),
+        task,
+    })
+}
+
+/// Serves the simulator on `listener` until `shutdown` completes.
+pub async fn serve(
+    config: SimulatorConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    config
+        .validate()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let (stopping_tx, stopping_rx) = watch::channel(false);
+    let now = Instant::now();
+    let shared = Arc::new(Shared {
+        token: config.token.clone(),
+        fault_delay: config.fault_delay,
+        world: Mutex::new(World::new(
+            Duration::from_secs_f64(config.action_seconds),
+            config.seed,
+        )),
+        control: Mutex::new(Control {
+            bucket: Bucket::new(config.rate_limit, now),
+            stats: Stats::default(),
+            faults: FaultPlan::new(config.fault_rate, config.seed),
+        }),
+        stopping: stopping_rx,
+        correlation: AtomicU64::new(1),
+    });
+    let app = Router::new()
+        .route("/__simulator/stats", get(stats_hook))
+        .route("/__simulator/reset", post(reset_hook))
+        .route("/__simulator/faults", post(faults_hook))
+        .fallback(entry)
+        .with_state(shared);
+    tracing::info!(addr = ?listener.local_addr().ok(), config = ?config, "Hetzner Cloud API simulator listening");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = stopping_tx.send(true);
+        })
+        .await
+}
+
+async fn stats_hook(State(shared): State<Arc<Shared>>) -> Response {
+    let stats = lock(&shared.control).stats.clone();
+    json_response(StatusCode::OK, &json!(stats))
+}
+
+async fn reset_hook(State(shared): State<Arc<Shared>>) -> Response {
+    lock(&shared.control).stats = Stats::default();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn faults_hook(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    let rate = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("rate").and_then(Value::as_f64));
+    match rate {
+        Some(rate) if (0.0..=1.0).contains(&rate) => {
+            lock(&shared.control).faults.rate = rate;
+            json_response(StatusCode::OK, &json!({ "rate": rate }))
+        }
+        _ => error_response(&ApiError::invalid_field(
+            "rate",
+            "body must be {\"rate\": F} with F between 0 and 1",
+        )),
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    let mut response = (status, body.to_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error_response(error: &ApiError) -> Response {
+    json_response(error.status, &error.body())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn add_rate_headers(headers: &mut HeaderMap, limits: RateLimitHeaders) {
+    headers.insert("ratelimit-limit", HeaderValue::from(limits.limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(limits.remaining));
+    headers.insert("ratelimit-reset", HeaderValue::from(limits.reset));
+}
+
+/// Constant-time comparison, so response timing does not reveal the token.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
+    let Some(token) = &shared.token else {
+        return true;
+    };
+    let expected = format!("Bearer {token}");
+    headers
+        .get(header::AUTHORIZATION)
+        .is_some_and(|v| same_secret(v.as_bytes(), expected.as_bytes()))
+}
+
+async fn entry(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let path = request.uri().path();
+    if path == "/v1" || path.starts_with("/v1/") {
+        api_request(shared, request).await
+    } else {
+        error_response(&ApiError::not_found("route"))
+    }
+}
+
+const HTML_502: &str = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n\
+<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+
+/// One `/v1` request: count → rate limit → auth → route → fault → handler.
+async fn api_request(shared: Arc<Shared>, request: Request) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let query = Query::parse(request.uri().query());
+    let routed = routes::route(&method, &path);
+    let key = match &routed {
+        Routed::Found { template, .. } | Routed::WrongMethod { template } => {
+            format!("{method} {template}")
+        }
+        Routed::NotFound => format!("{method} <unmatched>"),
+    };
+
+    let (allowed, limits) = {
+        let mut control = lock(&shared.control);
+        control.stats.count(key.clone());
+        let allowed = control.bucket.try_take(started);
+        if !allowed {
+            control.stats.rate_limited += 1;
+        }
+        (allowed, control.bucket.headers(unix_now()))
+    };
+
+    let (mut response, fault) = if !allowed {
+        (
+            error_response(&ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_exceeded",
+                "rate limit exceeded",
+            )),
+            None,
+        )
+    } else if !authorized(&shared, request.headers()) {
+        (
+            error_response(&ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "unable to authenticate",
+            )),
+            None,
+        )
+    } else {
+        match routed {
+            Routed::NotFound => (error_response(&ApiError::not_found("route")), None),
+            Routed::WrongMethod { .. } => (
+                error_response(&ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("method {method} is not allowed here"),
+                )),
+                None,
+            ),
+            Routed::Found { endpoint, .. } => {
+                let fault = {
+                    let mut control = lock(&shared.control);
+                    let fault = control.faults.draw(endpoint.creates_actions());
+                    if fault.is_some() {
+                        control.stats.faults += 1;
+                    }
+                    fault
+                };
+                let response = match fault {
+                    Some(Fault::ServerError) => error_response(&ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "server_error",
+                        "simulated internal error",
+                    )),
+                    Some(Fault::Unavailable) => error_response(&ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "simulated: service temporarily unavailable",
+                    )),
+                    Some(Fault::RateLimited) => error_response(&ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit_exceeded",
+                        "rate limit exceeded",
+                    )),
+                    Some(Fault::BadGatewayHtml) => {
+                        let mut r = (StatusCode::BAD_GATEWAY, HTML_502).into_response();
+                        r.headers_mut()
+                            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+                        r
+                    }
+                    Some(Fault::Delay | Fault::ActionError) | None => {
+                        let fail_actions = fault == Some(Fault::ActionError);
+                        let response =
+                            run_endpoint(&shared, endpoint, &query, request, fail_actions).await;
+                        if fault == Some(Fault::Delay) {
+                            let mut stopping = shared.stopping.clone();
+                            tokio::select! {
+                                () = tokio::time::sleep(shared.fault_delay) => {}
+                                _ = stopping.wait_for(|stop| *stop) => {}
+                            }
+                        }
+                        response
+                    }
+                };
+                (response, fault)
+            }
+        }
+    };
+
+    let headers = response.headers_mut();
+    add_rate_headers(headers, limits);
+    let correlation = shared.correlation.fetch_add(1, Ordering::Relaxed);
+    if let Ok(v) = HeaderValue::from_str(&format!("{correlation:016x}")) {
+        headers.insert("x-correlation-id", v);
+    }
+    if let Some(fault) = fault {
+        headers.insert("x-simulator-fault", HeaderValue::from_static(fault.name()));
+    }
+    // Never log headers or bodies: they carry the token and user_data.
+    tracing::debug!(
+        method = %method,
+        endpoint = %key,
+        status = response.status().as_u16(),
+        fault = fault.map(Fault::name),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "simulator request"
+    );
+    response
+}
+
+async fn run_endpoint(
+    shared: &Shared,
+    endpoint: routes::Endpoint,
+    query: &Query,
+    request: Request,
+    fail_actions: bool,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost")
+        .to_string();
+    let path = request.uri().path().to_string();
+    let body = match axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            return error_response(&ApiError::json_error(format!(
+                "request body unreadable or larger than {MAX_BODY_BYTES} bytes"
+            )));
+        }
+    };
+    let result = {
+        let mut world = lock(&shared.world);
+        let ctx = api::Ctx {
+            clock: Clock {
+                now: Instant::now(),
+                utc: chrono::Utc::now(),
+            },
+            query,
+            body: &body,
+            fail_actions,
+        };
+        api::handle(&mut world, endpoint, &ctx)
+    };
+    match result {
+        Err(error) => error_response(&error),
+        Ok(reply) => {
+            let mut response = match &reply.body {
+                Some(body) => json_response(reply.status, body),
+                None => Response::builder()
+                    .status(reply.status)
+                    .body(HttpBody::empty())
+                    .unwrap_or_default(),
+            };
+            if let Some(pagination) = &reply.pagination {
+                let base = format!("http://{host}{path}");
+                if let Some(link) = list::link_header(&base, query, pagination)
+                    && let Ok(v) = HeaderValue::from_str(&link)
+                {
+                    response.headers_mut().insert(header::LINK, v);
+                }
+            }
+            response
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! The process-wide request budget: a token bucket mirroring Hetzner's rate limit.
+//!
+//! Hetzner allows `limit` requests per hour per project (default 3600) as a bucket that refills
+//! `limit/3600` per second and allows bursts. Every request takes a token here first, so the
+//! controller slows itself down instead of collecting 429s. Several [`super::Client`]s using the
+//! same token (project) share one `Arc<Budget>`.
+//!
+//! - Waiting is asynchronous and fair: a caller reserves the next token (the count may go
+//!   negative) and sleeps exactly until its reservation is covered; no spinning.
+//! - The server's view wins: each response's `RateLimit-Limit`/`-Remaining` headers reset the
+//!   local count (minus reservations still waiting to be sent).
+//! - After a 429 the bucket is emptied and a circuit pauses every caller until
+//!   `RateLimit-Reset`, capped at `max_circuit_pause`: Reset is when the bucket is *full* again
+//!   (an hour after exhaustion at the default limit), while a few tokens are back within
+//!   seconds and the emptied bucket paces callers at the refill rate from then on.
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use super::Error;
+
+/// Hetzner's default limit: requests per hour per project.
+pub const DEFAULT_LIMIT_PER_HOUR: u32 = 3600;
+/// Default upper bound of the pause after a 429.
+pub const DEFAULT_MAX_CIRCUIT_PAUSE: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+pub struct Budget {
+    state: Mutex<State>,
+    max_circuit_pause: Duration,
+}
+
+#[derive(Debug)]
+struct State {
+    limit: u32,
+    /// Available tokens; negative while callers hold reservations for future tokens.
+    tokens: f64,
+    refilled_at: Instant,
+    paused_until: Option<Instant>,
+    /// Callers that reserved a token and are sleeping until it exists.
+    waiting: u32,
+}
+
+impl State {
+    fn refill_per_second(&self) -> f64 {
+        f64::from(self.limit) / 3600.0
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.refill_per_second()).min(f64::from(self.limit));
+        self.refilled_at = now;
+    }
+
+    fn pause_left(&self, now: Instant) -> Duration {
+        self.paused_until
+            .map(|until| until.saturating_duration_since(now))
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self::new(DEFAULT_LIMIT_PER_HOUR)
+    }
+}
+
+impl Budget {
+    /// A full bucket of `limit_per_hour` tokens (at least 1). The real limit is learned from
+    /// the first response's headers.
+    pub fn new(limit_per_hour: u32) -> Self {
+        let limit = limit_per_hour.max(1);
+        Self {
+            state: Mutex::new(State {
+                limit,
+                tokens: f64::from(limit),
+                refilled_at: Instant::now(),
+                paused_until: None,
+                waiting: 0,
+            }),
+            max_circuit_pause: DEFAULT_MAX_CIRCUIT_PAUSE,
+        }
+    }
+
+    /// Changes the upper bound of the pause after a 429.
+    pub fn with_max_circuit_pause(mut self, pause: Duration) -> Self {
+        self.max_circuit_pause = pause;
+        self
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock can't leave the numbers inconsistent in a way that
+        // matters more than stopping all API traffic would.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whole tokens available now (0 while reservations are outstanding).
+    pub fn remaining(&self) -> u32 {
+        let mut state = self.lock();
+        state.refill(Instant::now());
+        // Truncation is intended: only whole tokens are usable.
+        state.tokens.max(0.0).floor() as u32
+    }
+
+    /// Requests per hour, as last reported by the API.
+    pub fn limit(&self) -> u32 {
+        self.lock().limit
+    }
+
+    /// True while the circuit opened by a 429 holds every caller back.
+    pub fn is_paused(&self) -> bool {
+        let state = self.lock();
+        !state.pause_left(Instant::now()).is_zero()
+    }
+
+    /// Takes one token, sleeping until one is available. Fails with [`Error::RateLimited`]
+    /// instead of sleeping longer than `max_wait`.
+    pub async fn acquire(&self, max_wait: Duration) -> Result<(), Error> {
+        loop {
+            let wait = {
+                let mut state = self.lock();
+                let now = Instant::now();
+                state.refill(now);
+                let deficit = (1.0 - state.tokens).max(0.0);
+                let refill_wait = Duration::from_secs_f64(deficit / state.refill_per_second());
+                let wait = refill_wait.max(state.pause_left(now));
+                if wait > max_wait {
+                    return Err(Error::RateLimited { reset_in: wait });
+                }
+                state.tokens -= 1.0;
+                if wait.is_zero() {
+                    return Ok(());
+                }
+                state.waiting += 1;
+                wait
+            };
+            let reservation = Reservation {
+                budget: self,
+                armed: true,
+            };
+            tokio::time::sleep(wait).await;
+            let paused = reservation.finish_waiting();
+            if !paused {
+                return Ok(());
+            }
+            // A 429 opened the circuit while we slept: the token we reserved was given back;
+            // queue again behind the pause (or give up if it is too long).
+        }
+    }
+
+    /// Syncs with the API's `RateLimit-*` headers of any response.
+    pub fn observe_headers(&self, limit: Option<u32>, remaining: Option<u32>) {
+        let mut state = self.lock();
+        state.refill(Instant::now());
+        if let Some(limit) = limit.filter(|limit| *limit > 0) {
+            state.limit = limit;
+        }
+        if let Some(remaining) = remaining {
+            let remaining = f64::from(remaining.min(state.limit));
+            state.tokens = remaining - f64::from(state.waiting);
+        }
+    }
+
+    /// Opens the circuit after a 429: no tokens left, every caller waits until `reset_unix`
+    /// (`RateLimit-Reset`, UNIX seconds), at most `max_circuit_pause`.
+    pub fn observe_rate_limited(&self, reset_unix: Option<u64>) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.refill(now);
+        state.tokens = -f64::from(state.waiting);
+        let until_reset = reset_unix
+            .map(|reset| {
+                let now_unix = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs();
+                Duration::from_secs(reset.saturating_sub(now_unix))
+            })
+            .unwrap_or(self.max_circuit_pause);
+        let pause = until_reset.min(self.max_circuit_pause);
+        let until = now + pause;
+        state.paused_until = Some(match state.paused_until {
+            Some(existing) if existing > until => existing,
+            _ => until,
+        });
+    }
+}
+
+/// A reserved token while its holder sleeps. Dropping it early (the caller's future was
+/// cancelled) gives the token back.
+struct Reservation<'a> {
+    budget: &'a Budget,
+    armed: bool,
+}
+
+impl Reservation<'_> {
+    /// Ends the wait; returns true (and gives the token back) if the circuit is open.
+    fn finish_waiting(mut self) -> bool {
+        self.armed = false;
+        let mut state = self.budget.lock();
+        state.waiting = state.waiting.saturating_sub(1);
+        if state.pause_left(Instant::now()).is_zero() {
+            false
+        } else {
+            state.tokens += 1.0;
+            true
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut state = self.budget.lock();
+            state.waiting = state.waiting.saturating_sub(1);
+            state.tokens += 1.0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_bucket_allows_a_burst_then_paces_at_the_refill_rate() {
+        let budget = Budget::new(3600);
+        for _ in 0..3600 {
+            budget.acquire(Duration::ZERO).await.unwrap();
+        }
+        assert_eq!(budget.remaining(), 0);
+        let err = budget.acquire(Duration::ZERO).await.unwrap_err();
+        assert!(
+            matches!(err, Error::RateLimited { reset_in } if reset_in <= Duration::from_secs(1))
+        );
+        let start = Instant::now();
+        budget.acquire(Duration::from_secs(5)).await.unwrap();
+        budget.acquire(Duration::from_secs(5)).await.unwrap();
+        // 3600/h refills one token per second.
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(1990) && waited <= Duration::from_millis(2100),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_waiters_queue_instead_of_racing() {
+        let budget = std::sync::Arc::new(Budget::new(3600));
+        budget.observe_headers(Some(3600), Some(0));
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..5)
+            .map(|_| {
+                let budget = budget.clone();
+                tokio::spawn(async move {
+                    budget.acquire(Duration::from_secs(60)).await.unwrap();
+                    start.elapsed()
+                })
+            })
+            .collect();
+        let mut finished = Vec::new();
+        for task in tasks {
+            finished.push(task.await.unwrap());
+        }
+        finished.sort();
+        // One token per second: the fifth waiter gets its token after ~5 s, not all at once.
+        assert!(finished[0] >= Duration::from_millis(990), "{finished:?}");
+        assert!(finished[4] >= Duration::from_millis(4990), "{finished:?}");
+        assert!(finished[4] <= Duration::from_millis(5100), "{finished:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn headers_override_the_local_count_and_limit() {
+        let budget = Budget::new(3600);
+        budget.observe_headers(Some(10), Some(3));
+        assert_eq!(budget.limit(), 10);
+        assert_eq!(budget.remaining(), 3);
+        for _ in 0..3 {
+            budget.acquire(Duration::ZERO).await.unwrap();
+        }
+        // 10/h: the next token is 6 minutes away.
+        let err = budget.acquire(Duration::from_secs(60)).await.unwrap_err();
+        assert!(
+            matches!(err, Error::RateLimited { reset_in } if reset_in > Duration::from_secs(300)),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_pauses_every_caller_until_reset_capped() {
+        let budget = Budget::new(3600).with_max_circuit_pause(Duration::from_secs(30));
+        let now_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        budget.observe_rate_limited(Some(now_unix + 3600));
+        assert!(budget.is_paused());
+        assert_eq!(budget.remaining(), 0);
+        // Shorter waits than the pause are refused with the time left.
+        let err = budget.acquire(Duration::from_secs(10)).await.unwrap_err();
+        assert!(
+            matches!(err, Error::RateLimited { reset_in } if reset_in >= Duration::from_secs(29)),
+            "{err:?}"
+        );
+        let start = Instant::now();
+        budget.acquire(Duration::from_secs(60)).await.unwrap();
+        assert!(start.elapsed() >= Duration::from_secs(29));
+        assert!(!budget.is_paused());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_while_waiting_extends_the_wait() {
+        let budget =
+            std::sync::Arc::new(Budget::new(3600).with_max_circuit_pause(Duration::from_secs(20)));
+        budget.observe_headers(None, Some(0));
+        let waiter = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                budget.acquire(Duration::from_secs(60)).await.unwrap();
+                start.elapsed()
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        budget.observe_rate_limited(None);
+        let waited = waiter.await.unwrap();
+        assert!(waited >= Duration::from_millis(20_400), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_waiter_returns_its_reservation() {
+        let budget = Budget::new(3600);
+        budget.observe_headers(None, Some(0));
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(100),
+            budget.acquire(Duration::from_secs(5)),
+        )
+        .await;
+        assert!(cancelled.is_err());
+        // Without the give-back the next caller would wait ~2 s instead of ~1 s.
+        let start = Instant::now();
+        budget.acquire(Duration::from_secs(5)).await.unwrap();
+        assert!(
+            start.elapsed() <= Duration::from_millis(950),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}

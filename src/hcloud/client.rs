@@ -1,0 +1,958 @@
+//! The HTTP client: one place that sends requests, so budget, retries, error decoding,
+//! counters and logging apply to every call.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::RngExt;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+use super::budget::Budget;
+use super::error::{Error, ErrorCode};
+use super::types::*;
+use super::{HcloudApi, Labels, ServerPowerAction};
+
+/// Hetzner's production endpoint.
+pub const DEFAULT_ENDPOINT: &str = "https://api.hetzner.cloud/v1";
+/// Page size for list calls: the documented maximum.
+const PER_PAGE: u32 = 50;
+/// IDs per `GET /actions` request, as hcloud-go does.
+const ACTION_IDS_PER_REQUEST: usize = 25;
+/// A list with more pages than this is answered wrongly (a loop in `next_page`).
+const MAX_PAGES: i64 = 100_000;
+/// Characters of an undecodable body kept in an error.
+const SNIPPET_CHARS: usize = 160;
+
+/// The API token. `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// Surrounding whitespace (e.g. the newline of a token file) is dropped.
+    pub fn new(token: impl Into<String>) -> Self {
+        Token(token.into().trim().to_owned())
+    }
+
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+/// Truncated exponential backoff with full jitter between retries of one request:
+/// the n-th retry (0-based) sleeps a uniform time in `[base, min(cap, base * 2^n)]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryBackoff {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for RetryBackoff {
+    /// The official clients' values: 1 s base, 60 s cap.
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryBackoff {
+    fn delay(&self, retry: u32) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(2u32.saturating_pow(retry.min(31)))
+            .min(self.cap)
+            .max(self.base);
+        if ceiling <= self.base {
+            return ceiling;
+        }
+        rand::rng().random_range(self.base..=ceiling)
+    }
+}
+
+/// Poll intervals of [`HcloudApi::wait_for_actions`]: `initial`, growing by `factor` per round
+/// up to `max` (the hcloud CLI's 500 ms → 2.5 s).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActionPollBackoff {
+    pub initial: Duration,
+    pub max: Duration,
+    pub factor: f64,
+}
+
+impl Default for ActionPollBackoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(500),
+            max: Duration::from_millis(2500),
+            factor: 1.5,
+        }
+    }
+}
+
+/// Everything a [`Client`] needs. Build with [`ClientConfig::new`] and change fields with
+/// struct update syntax.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// API base URL, e.g. `https://api.hetzner.cloud/v1`.
+    pub endpoint: String,
+    pub token: Token,
+    /// Per attempt, from connect to the end of the body.
+    pub timeout: Duration,
+    /// Retries of one request after retryable failures (so at most `max_retries + 1` attempts).
+    pub max_retries: u32,
+    pub user_agent: String,
+    pub retry_backoff: RetryBackoff,
+    pub action_poll: ActionPollBackoff,
+    /// Shared by every client using the same project token.
+    pub budget: Arc<Budget>,
+    /// Longest a request waits for a budget token before failing with
+    /// [`Error::RateLimited`].
+    pub max_budget_wait: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(endpoint: impl Into<String>, token: Token) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            token,
+            timeout: Duration::from_secs(30),
+            max_retries: 5,
+            user_agent: format!("vps-controller/{}", env!("CARGO_PKG_VERSION")),
+            retry_backoff: RetryBackoff::default(),
+            action_poll: ActionPollBackoff::default(),
+            budget: Arc::new(Budget::default()),
+            max_budget_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One row of the request counters.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RequestCount {
+    pub method: &'static str,
+    /// e.g. `/servers/{id}/actions/poweron`
+    pub path_template: &'static str,
+    /// HTTP status for successes (`"200"`), [`Error::metric_label`] for failures, and
+    /// `"budget_exhausted"` for requests the budget refused to send.
+    pub outcome: String,
+    pub count: u64,
+}
+
+type CountKey = (&'static str, &'static str, String);
+
+/// The Hetzner Cloud client. Cheap to clone (shared state behind an `Arc`).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    /// Endpoint without a trailing slash.
+    base: String,
+    token: Token,
+    max_retries: u32,
+    retry_backoff: RetryBackoff,
+    action_poll: ActionPollBackoff,
+    budget: Arc<Budget>,
+    max_budget_wait: Duration,
+    counts: Mutex<HashMap<CountKey, u64>>,
+    retries: AtomicU64,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoint", &self.inner.base)
+            .field("token", &self.inner.token)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One request as the client sends it; `template` names it in counters and logs.
+struct Call {
+    method: Method,
+    template: &'static str,
+    path: String,
+    query: Vec<(&'static str, String)>,
+    body: Option<Vec<u8>>,
+    /// The answer may hold secrets (root password): never quote it in errors.
+    sensitive_response: bool,
+}
+
+impl Call {
+    fn new(method: Method, template: &'static str, path: String) -> Self {
+        Self {
+            method,
+            template,
+            path,
+            query: Vec::new(),
+            body: None,
+            sensitive_response: false,
+        }
+    }
+
+    fn query(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.query.push((key, value.into()));
+        self
+    }
+
+    fn json<B: Serialize + ?Sized>(mut self, body: &B) -> Result<Self, Error> {
+        let bytes = serde_json::to_vec(body)
+            .map_err(|err| Error::Config(format!("request body not serializable: {err}")))?;
+        self.body = Some(bytes);
+        Ok(self)
+    }
+
+    fn sensitive(mut self) -> Self {
+        self.sensitive_response = true;
+        self
+    }
+}
+
+/// A raw successful answer; reading the body may still have failed.
+struct Answer {
+    status: StatusCode,
+    body: reqwest::Result<Vec<u8>>,
+}
+
+fn validate_endpoint(endpoint: &str) -> Result<String, Error> {
+    let url = url::Url::parse(endpoint).map_err(|err| {
+        Error::Config(format!(
+            "endpoint {endpoint:?} is not a valid URL ({err}); expected e.g. {DEFAULT_ENDPOINT}"
+        ))
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(Error::Config(format!(
+            "endpoint {endpoint:?} must use http or https, not {:?}",
+            url.scheme()
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(Error::Config(format!("endpoint {endpoint:?} has no host")));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(Error::Config(
+            "endpoint must not contain credentials; pass the token separately".into(),
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(Error::Config(format!(
+            "endpoint {endpoint:?} must not have a query or fragment"
+        )));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut short: String = text
+        .chars()
+        .take(SNIPPET_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().count() > SNIPPET_CHARS {
+        short.push('…');
+    }
+    short
+}
+
+fn decode<T: DeserializeOwned>(
+    status: StatusCode,
+    body: &[u8],
+    sensitive: bool,
+) -> Result<T, Error> {
+    serde_json::from_slice(body).map_err(|err| {
+        let snippet = if sensitive {
+            // serde's message may quote values; the body may hold a root password.
+            format!(
+                "undecodable body ({:?} error at line {} column {}; content withheld)",
+                err.classify(),
+                err.line(),
+                err.column()
+            )
+        } else {
+            format!("{err}; body: {}", snippet(body))
+        };
+        Error::InvalidResponse {
+            status: status.as_u16(),
+            snippet,
+        }
+    })
+}
+
+/// Pages of list endpoints.
+trait ListPage: DeserializeOwned {
+    type Item;
+    fn into_parts(self) -> (Vec<Self::Item>, Option<Meta>);
+}
+
+impl ListPage for ServersPage {
+    type Item = Server;
+    fn into_parts(self) -> (Vec<Server>, Option<Meta>) {
+        (self.servers, self.meta)
+    }
+}
+
+impl ListPage for SshKeysPage {
+    type Item = SshKey;
+    fn into_parts(self) -> (Vec<SshKey>, Option<Meta>) {
+        (self.ssh_keys, self.meta)
+    }
+}
+
+impl ListPage for FirewallsPage {
+    type Item = Firewall;
+    fn into_parts(self) -> (Vec<Firewall>, Option<Meta>) {
+        (self.firewalls, self.meta)
+    }
+}
+
+impl Client {
+    /// Validates the configuration and builds the HTTP client. Install a rustls crypto
+    /// provider first (`rustls::crypto::ring::default_provider().install_default()`).
+    pub fn new(config: ClientConfig) -> Result<Self, Error> {
+        let base = validate_endpoint(&config.endpoint)?;
+        if config.token.expose().is_empty() {
+            return Err(Error::Config("token is empty".into()));
+        }
+        if reqwest::header::HeaderValue::from_str(&format!("Bearer {}", config.token.expose()))
+            .is_err()
+        {
+            return Err(Error::Config(
+                "token contains characters not allowed in an HTTP header".into(),
+            ));
+        }
+        if config.timeout.is_zero() {
+            return Err(Error::Config("timeout must be greater than zero".into()));
+        }
+        if config.retry_backoff.base > config.retry_backoff.cap {
+            return Err(Error::Config(
+                "retry_backoff.base must not exceed retry_backoff.cap".into(),
+            ));
+        }
+        if config.action_poll.initial.is_zero()
+            || config.action_poll.max < config.action_poll.initial
+            || !(config.action_poll.factor >= 1.0 && config.action_poll.factor.is_finite())
+        {
+            return Err(Error::Config(
+                "action_poll needs initial > 0, max >= initial and a finite factor >= 1".into(),
+            ));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .user_agent(config.user_agent.clone())
+            // The API never redirects; following one could carry the token elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|err| Error::Config(format!("cannot build HTTP client: {err}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                base,
+                token: config.token,
+                max_retries: config.max_retries,
+                retry_backoff: config.retry_backoff,
+                action_poll: config.action_poll,
+                budget: config.budget,
+                max_budget_wait: config.max_budget_wait,
+                counts: Mutex::new(HashMap::new()),
+                retries: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The endpoint in use (without trailing slash).
+    pub fn endpoint(&self) -> &str {
+        &self.inner.base
+    }
+
+    /// The shared request budget.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.inner.budget
+    }
+
+    /// Requests sent (and refused by the budget) so far, by method, path template and outcome.
+    pub fn request_counts(&self) -> Vec<RequestCount> {
+        let counts = self
+            .inner
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut rows: Vec<RequestCount> = counts
+            .iter()
+            .map(|((method, path_template, outcome), count)| RequestCount {
+                method,
+                path_template,
+                outcome: outcome.clone(),
+                count: *count,
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    /// Retries made so far (attempts beyond the first of each request).
+    pub fn retry_count(&self) -> u64 {
+        self.inner.retries.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, method: &Method, template: &'static str, outcome: String) {
+        let method = match *method {
+            Method::GET => "GET",
+            Method::POST => "POST",
+            Method::PUT => "PUT",
+            Method::DELETE => "DELETE",
+            _ => "OTHER",
+        };
+        let mut counts = self
+            .inner
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *counts.entry((method, template, outcome)).or_insert(0) += 1;
+    }
+
+    /// Sends `call` with budget, retries, counting and logging; decodes a 2xx body with
+    /// `decode_ok`.
+    async fn execute<T>(
+        &self,
+        call: &Call,
+        decode_ok: impl Fn(StatusCode, &[u8]) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let mut retry = 0;
+        loop {
+            if let Err(refused) = self.inner.budget.acquire(self.inner.max_budget_wait).await {
+                self.count(&call.method, call.template, "budget_exhausted".into());
+                return Err(refused);
+            }
+            let started = Instant::now();
+            let result = match self.send_once(call).await {
+                Ok(answer) => match answer.body {
+                    Ok(body) => decode_ok(answer.status, &body),
+                    Err(err) => Err(Error::from_reqwest(err)),
+                }
+                .map(|value| (answer.status, value)),
+                Err(err) => Err(err),
+            };
+            let outcome = match &result {
+                Ok((status, _)) => status.as_str().to_owned(),
+                Err(err) => err.metric_label().to_owned(),
+            };
+            tracing::debug!(
+                method = %call.method,
+                path = call.template,
+                outcome = %outcome,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                retry,
+                "hcloud request"
+            );
+            self.count(&call.method, call.template, outcome);
+            match result {
+                Ok((_, value)) => return Ok(value),
+                Err(err) if retry < self.inner.max_retries && err.is_retryable_now() => {
+                    self.inner.retries.fetch_add(1, Ordering::Relaxed);
+                    // After a 429 the budget's circuit is the wait; otherwise back off.
+                    if !matches!(err.code(), Some(ErrorCode::RateLimitExceeded)) {
+                        tokio::time::sleep(self.inner.retry_backoff.delay(retry)).await;
+                    }
+                    tracing::debug!(
+                        method = %call.method,
+                        path = call.template,
+                        error = %err,
+                        retry,
+                        "hcloud request will be retried"
+                    );
+                    retry += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// One HTTP exchange. Non-2xx answers become errors here; 2xx bodies are returned raw.
+    async fn send_once(&self, call: &Call) -> Result<Answer, Error> {
+        let url = format!("{}{}", self.inner.base, call.path);
+        let mut request = self
+            .inner
+            .http
+            .request(call.method.clone(), url)
+            .bearer_auth(self.inner.token.expose())
+            .header(ACCEPT, "application/json");
+        if !call.query.is_empty() {
+            request = request.query(&call.query);
+        }
+        if let Some(body) = &call.body {
+            request = request
+                .header(CONTENT_TYPE, "application/json")
+                .body(body.clone());
+        }
+        let response = request.send().await.map_err(Error::from_reqwest)?;
+        let status = response.status();
+        let headers = response.headers();
+        let limit =
+            header_u64(headers, "ratelimit-limit").map(|v| v.min(u64::from(u32::MAX)) as u32);
+        let remaining =
+            header_u64(headers, "ratelimit-remaining").map(|v| v.min(u64::from(u32::MAX)) as u32);
+        let reset = header_u64(headers, "ratelimit-reset");
+        let correlation_id = headers
+            .get("x-correlation-id")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        self.inner.budget.observe_headers(limit, remaining);
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            self.inner.budget.observe_rate_limited(reset);
+        }
+        let body = response.bytes().await.map(|bytes| bytes.to_vec());
+        if status.is_success() {
+            return Ok(Answer { status, body });
+        }
+        let body = body.map_err(Error::from_reqwest)?;
+        Err(match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(ErrorBody { error }) => Error::Api {
+                status: status.as_u16(),
+                code: ErrorCode::parse(&error.code),
+                message: error.message,
+                details: error.details.filter(|details| !details.is_null()),
+                correlation_id,
+            },
+            Err(_) => Error::InvalidResponse {
+                status: status.as_u16(),
+                snippet: snippet(&body),
+            },
+        })
+    }
+
+    async fn fetch<T: DeserializeOwned>(&self, call: Call) -> Result<T, Error> {
+        let sensitive = call.sensitive_response;
+        self.execute(&call, |status, body| decode(status, body, sensitive))
+            .await
+    }
+
+    /// For `204 No Content` answers (a body, if any, is ignored).
+    async fn fetch_empty(&self, call: Call) -> Result<(), Error> {
+        self.execute(&call, |_, _| Ok(())).await
+    }
+
+    async fn list_all<P: ListPage>(
+        &self,
+        template: &'static str,
+        filters: &[(&'static str, &str)],
+    ) -> Result<Vec<P::Item>, Error> {
+        let mut items = Vec::new();
+        let mut page: i64 = 1;
+        loop {
+            let mut call = Call::new(Method::GET, template, template.to_owned());
+            for (key, value) in filters {
+                if !value.is_empty() {
+                    call = call.query(key, *value);
+                }
+            }
+            call = call
+                .query("page", page.to_string())
+                .query("per_page", PER_PAGE.to_string());
+            let (batch, meta) = self.fetch::<P>(call).await?.into_parts();
+            items.extend(batch);
+            match meta.and_then(|meta| meta.pagination.next_page) {
+                Some(next) if next > page && next <= MAX_PAGES => page = next,
+                Some(next) if next <= page => {
+                    return Err(Error::InvalidResponse {
+                        status: 200,
+                        snippet: format!("{template}: next_page {next} after page {page}"),
+                    });
+                }
+                _ => return Ok(items),
+            }
+        }
+    }
+
+    pub async fn get_server(&self, id: i64) -> Result<Server, Error> {
+        let call = Call::new(Method::GET, "/servers/{id}", format!("/servers/{id}"));
+        Ok(self.fetch::<ServerEnvelope>(call).await?.server)
+    }
+
+    pub async fn get_ssh_key(&self, id: i64) -> Result<SshKey, Error> {
+        let call = Call::new(Method::GET, "/ssh_keys/{id}", format!("/ssh_keys/{id}"));
+        Ok(self.fetch::<SshKeyEnvelope>(call).await?.ssh_key)
+    }
+
+    pub async fn get_firewall(&self, id: i64) -> Result<Firewall, Error> {
+        let call = Call::new(Method::GET, "/firewalls/{id}", format!("/firewalls/{id}"));
+        Ok(self.fetch::<FirewallEnvelope>(call).await?.firewall)
+    }
+
+    pub async fn get_action(&self, id: i64) -> Result<Action, Error> {
+        let call = Call::new(Method::GET, "/actions/{id}", format!("/actions/{id}"));
+        Ok(self.fetch::<ActionEnvelope>(call).await?.action)
+    }
+
+    /// `GET /actions?id=..` for at most [`ACTION_IDS_PER_REQUEST`] IDs.
+    async fn actions_by_ids(&self, ids: &[i64]) -> Result<Vec<Action>, Error> {
+        let mut call = Call::new(Method::GET, "/actions", "/actions".to_owned());
+        for id in ids {
+            call = call.query("id", id.to_string());
+        }
+        Ok(self.fetch::<ActionsEnvelope>(call).await?.actions)
+    }
+
+    async fn update_labels<T: DeserializeOwned>(
+        &self,
+        template: &'static str,
+        path: String,
+        labels: &Labels,
+    ) -> Result<T, Error> {
+        let call = Call::new(Method::PUT, template, path).json(&UpdateLabels { labels })?;
+        self.fetch(call).await
+    }
+
+    async fn firewall_action(
+        &self,
+        template: &'static str,
+        path: String,
+        body: &impl Serialize,
+    ) -> Result<Vec<Action>, Error> {
+        let call = Call::new(Method::POST, template, path).json(body)?;
+        Ok(self.fetch::<ActionsEnvelope>(call).await?.actions)
+    }
+}
+
+impl HcloudApi for Client {
+    async fn list_servers(&self, label_selector: &str) -> Result<Vec<Server>, Error> {
+        self.list_all::<ServersPage>("/servers", &[("label_selector", label_selector)])
+            .await
+    }
+
+    async fn list_ssh_keys(&self, label_selector: &str) -> Result<Vec<SshKey>, Error> {
+        self.list_all::<SshKeysPage>("/ssh_keys", &[("label_selector", label_selector)])
+            .await
+    }
+
+    async fn list_firewalls(&self, label_selector: &str) -> Result<Vec<Firewall>, Error> {
+        self.list_all::<FirewallsPage>("/firewalls", &[("label_selector", label_selector)])
+            .await
+    }
+
+    async fn server_by_name(&self, name: &str) -> Result<Option<Server>, Error> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let found = self
+            .list_all::<ServersPage>("/servers", &[("name", name)])
+            .await?;
+        Ok(found.into_iter().find(|server| server.name == name))
+    }
+
+    async fn ssh_key_by_name(&self, name: &str) -> Result<Option<SshKey>, Error> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let found = self
+            .list_all::<SshKeysPage>("/ssh_keys", &[("name", name)])
+            .await?;
+        Ok(found.into_iter().find(|key| key.name == name))
+    }
+
+    async fn ssh_key_by_fingerprint(&self, fingerprint: &str) -> Result<Option<SshKey>, Error> {
+        if fingerprint.is_empty() {
+            return Ok(None);
+        }
+        let found = self
+            .list_all::<SshKeysPage>("/ssh_keys", &[("fingerprint", fingerprint)])
+            .await?;
+        Ok(found
+            .into_iter()
+            .find(|key| key.fingerprint.eq_ignore_ascii_case(fingerprint)))
+    }
+
+    async fn firewall_by_name(&self, name: &str) -> Result<Option<Firewall>, Error> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let found = self
+            .list_all::<FirewallsPage>("/firewalls", &[("name", name)])
+            .await?;
+        Ok(found.into_iter().find(|firewall| firewall.name == name))
+    }
+
+    async fn create_ssh_key(&self, req: &CreateSshKey) -> Result<SshKey, Error> {
+        let call = Call::new(Method::POST, "/ssh_keys", "/ssh_keys".to_owned()).json(req)?;
+        Ok(self.fetch::<SshKeyEnvelope>(call).await?.ssh_key)
+    }
+
+    async fn create_firewall(&self, req: &CreateFirewall) -> Result<CreateFirewallResponse, Error> {
+        let call = Call::new(Method::POST, "/firewalls", "/firewalls".to_owned()).json(req)?;
+        self.fetch(call).await
+    }
+
+    async fn create_server(&self, req: &CreateServer) -> Result<CreateServerResponse, Error> {
+        let call = Call::new(Method::POST, "/servers", "/servers".to_owned())
+            .json(req)?
+            .sensitive();
+        self.fetch(call).await
+    }
+
+    async fn update_server_labels(&self, id: i64, labels: &Labels) -> Result<Server, Error> {
+        let envelope: ServerEnvelope = self
+            .update_labels("/servers/{id}", format!("/servers/{id}"), labels)
+            .await?;
+        Ok(envelope.server)
+    }
+
+    async fn update_ssh_key_labels(&self, id: i64, labels: &Labels) -> Result<SshKey, Error> {
+        let envelope: SshKeyEnvelope = self
+            .update_labels("/ssh_keys/{id}", format!("/ssh_keys/{id}"), labels)
+            .await?;
+        Ok(envelope.ssh_key)
+    }
+
+    async fn update_firewall_labels(&self, id: i64, labels: &Labels) -> Result<Firewall, Error> {
+        let envelope: FirewallEnvelope = self
+            .update_labels("/firewalls/{id}", format!("/firewalls/{id}"), labels)
+            .await?;
+        Ok(envelope.firewall)
+    }
+
+    async fn delete_server(&self, id: i64) -> Result<Action, Error> {
+        let call = Call::new(Method::DELETE, "/servers/{id}", format!("/servers/{id}"));
+        Ok(self.fetch::<ActionEnvelope>(call).await?.action)
+    }
+
+    async fn delete_ssh_key(&self, id: i64) -> Result<(), Error> {
+        let call = Call::new(Method::DELETE, "/ssh_keys/{id}", format!("/ssh_keys/{id}"));
+        self.fetch_empty(call).await
+    }
+
+    async fn delete_firewall(&self, id: i64) -> Result<(), Error> {
+        let call = Call::new(
+            Method::DELETE,
+            "/firewalls/{id}",
+            format!("/firewalls/{id}"),
+        );
+        self.fetch_empty(call).await
+    }
+
+    async fn server_power(&self, id: i64, action: ServerPowerAction) -> Result<Action, Error> {
+        let template = match action {
+            ServerPowerAction::PowerOn => "/servers/{id}/actions/poweron",
+            ServerPowerAction::PowerOff => "/servers/{id}/actions/poweroff",
+            ServerPowerAction::Shutdown => "/servers/{id}/actions/shutdown",
+        };
+        let path = format!("/servers/{id}/actions/{}", action.path_segment());
+        let call = Call::new(Method::POST, template, path);
+        Ok(self.fetch::<ActionEnvelope>(call).await?.action)
+    }
+
+    async fn set_firewall_rules(
+        &self,
+        id: i64,
+        rules: &[FirewallRule],
+    ) -> Result<Vec<Action>, Error> {
+        self.firewall_action(
+            "/firewalls/{id}/actions/set_rules",
+            format!("/firewalls/{id}/actions/set_rules"),
+            &SetRules { rules },
+        )
+        .await
+    }
+
+    async fn apply_firewall(&self, id: i64, server_ids: &[i64]) -> Result<Vec<Action>, Error> {
+        let apply_to = server_ids
+            .iter()
+            .map(|id| FirewallResource::server(*id))
+            .collect();
+        self.firewall_action(
+            "/firewalls/{id}/actions/apply_to_resources",
+            format!("/firewalls/{id}/actions/apply_to_resources"),
+            &ApplyTo { apply_to },
+        )
+        .await
+    }
+
+    async fn remove_firewall(&self, id: i64, server_ids: &[i64]) -> Result<Vec<Action>, Error> {
+        let remove_from = server_ids
+            .iter()
+            .map(|id| FirewallResource::server(*id))
+            .collect();
+        self.firewall_action(
+            "/firewalls/{id}/actions/remove_from_resources",
+            format!("/firewalls/{id}/actions/remove_from_resources"),
+            &RemoveFrom { remove_from },
+        )
+        .await
+    }
+
+    async fn wait_for_actions(&self, ids: &[i64], timeout: Duration) -> Result<Vec<Action>, Error> {
+        let mut order: Vec<i64> = Vec::with_capacity(ids.len());
+        for id in ids {
+            if !order.contains(id) {
+                order.push(*id);
+            }
+        }
+        let mut finished: BTreeMap<i64, Action> = BTreeMap::new();
+        let mut pending = order.clone();
+        let deadline = Instant::now() + timeout;
+        let mut interval = self.inner.action_poll.initial;
+        while !pending.is_empty() {
+            // Actions handed to us were just started: sleep before the first poll.
+            let now = Instant::now();
+            tokio::time::sleep(interval.min(deadline.saturating_duration_since(now))).await;
+            let mut seen = Vec::with_capacity(pending.len());
+            for chunk in pending.chunks(ACTION_IDS_PER_REQUEST) {
+                for action in self.actions_by_ids(chunk).await? {
+                    if action.status == ActionStatus::Error {
+                        let (code, message) = action
+                            .error
+                            .map(|error| (error.code, error.message))
+                            .unwrap_or_else(|| ("unknown".into(), "no error details".into()));
+                        return Err(Error::ActionFailed {
+                            action_id: action.id,
+                            command: action.command,
+                            code,
+                            message,
+                        });
+                    }
+                    seen.push(action.id);
+                    if action.status.is_finished() {
+                        finished.insert(action.id, action);
+                    }
+                }
+            }
+            let missing: Vec<i64> = pending
+                .iter()
+                .copied()
+                .filter(|id| !seen.contains(id))
+                .collect();
+            if !missing.is_empty() {
+                return Err(Error::InvalidResponse {
+                    status: 200,
+                    snippet: format!("GET /actions did not return actions {missing:?}"),
+                });
+            }
+            pending.retain(|id| !finished.contains_key(id));
+            if !pending.is_empty() && Instant::now() >= deadline {
+                return Err(Error::ActionTimeout { ids: pending });
+            }
+            interval = interval
+                .mul_f64(self.inner.action_poll.factor)
+                .min(self.inner.action_poll.max);
+        }
+        Ok(order.iter().filter_map(|id| finished.remove(id)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(endpoint: &str) -> ClientConfig {
+        ClientConfig::new(endpoint, Token::new("secret-token"))
+    }
+
+    #[test]
+    fn token_never_prints() {
+        let token = Token::new("  hunter2\n");
+        assert_eq!(format!("{token:?}"), "Token(<redacted>)");
+        assert_eq!(format!("{token}"), "Token(<redacted>)");
+        assert_eq!(token.expose(), "hunter2");
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = Client::new(config("https://api.hetzner.cloud/v1/")).unwrap();
+        let printed = format!("{client:?}");
+        assert!(!printed.contains("secret-token"), "{printed}");
+        assert_eq!(client.endpoint(), "https://api.hetzner.cloud/v1");
+    }
+
+    #[test]
+    fn bad_configuration_is_refused_with_a_reason() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let cases = [
+            (config("api.hetzner.cloud/v1"), "not a valid URL"),
+            (config("ftp://api.hetzner.cloud/v1"), "http or https"),
+            (
+                config("https://user:pw@api.hetzner.cloud/v1"),
+                "credentials",
+            ),
+            (config("https://api.hetzner.cloud/v1?x=1"), "query"),
+            (
+                ClientConfig::new("https://api.hetzner.cloud/v1", Token::new(" ")),
+                "token is empty",
+            ),
+            (
+                ClientConfig::new("https://api.hetzner.cloud/v1", Token::new("a\nb")),
+                "not allowed in an HTTP header",
+            ),
+            (
+                ClientConfig {
+                    timeout: Duration::ZERO,
+                    ..config("https://api.hetzner.cloud/v1")
+                },
+                "timeout",
+            ),
+        ];
+        for (cfg, expected) in cases {
+            let err = Client::new(cfg).unwrap_err();
+            assert!(matches!(err, Error::Config(_)));
+            assert!(err.to_string().contains(expected), "{err} lacks {expected}");
+        }
+    }
+
+    #[test]
+    fn backoff_stays_between_base_and_the_capped_ceiling() {
+        let backoff = RetryBackoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_millis(1000),
+        };
+        for retry in 0..40 {
+            let ceiling = Duration::from_millis(100 * 2u64.pow(retry.min(10))).min(backoff.cap);
+            for _ in 0..20 {
+                let delay = backoff.delay(retry);
+                assert!(
+                    delay >= backoff.base && delay <= ceiling,
+                    "{retry}: {delay:?}"
+                );
+            }
+        }
+        // Jitter: not all delays of a later retry are equal.
+        let delays: std::collections::BTreeSet<_> = (0..50).map(|_| backoff.delay(5)).collect();
+        assert!(delays.len() > 1);
+    }
+
+    #[test]
+    fn snippets_are_short_and_single_line() {
+        let body = format!("<html>\n{}</html>", "x".repeat(1000));
+        let short = snippet(body.as_bytes());
+        assert!(short.chars().count() <= SNIPPET_CHARS + 1);
+        assert!(!short.contains('\n'));
+    }
+
+    #[test]
+    fn undecodable_create_server_answers_do_not_quote_the_body() {
+        let body = br#"{"server": 1, "root_password": "s3cret-pass"}"#;
+        let err = decode::<CreateServerResponse>(StatusCode::CREATED, body, true).unwrap_err();
+        assert!(matches!(err, Error::InvalidResponse { status: 201, .. }));
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+}

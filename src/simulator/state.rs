@@ -1,0 +1,536 @@
+//! The simulated project: servers, SSH keys, firewalls and actions.
+//!
+//! Actions are not driven by a background task: each carries its start instant and duration, and
+//! [`World::settle`] (called at the start of every request) applies the effects of every action
+//! that has finished by then, in finishing order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+use super::catalog::{IMAGES, LOCATIONS, SERVER_TYPES};
+use super::control::SplitMix64;
+use super::labels::{Labels, Selector};
+use super::wire::{
+    ActionErrorOut, ActionOut, AppliedResourceOut, AppliedToOut, FirewallOut, Ipv4Out, Ipv6Out,
+    PublicNetOut, ResourceRef, RuleOut, SelectorOut, ServerFirewallOut, ServerIdOut, ServerOut,
+    ServerProtection, SshKeyOut,
+};
+
+pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, false)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ServerStatus {
+    Initializing,
+    Starting,
+    Running,
+    Stopping,
+    Off,
+    Rebuilding,
+}
+
+impl ServerStatus {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ServerStatus::Initializing => "initializing",
+            ServerStatus::Starting => "starting",
+            ServerStatus::Running => "running",
+            ServerStatus::Stopping => "stopping",
+            ServerStatus::Off => "off",
+            ServerStatus::Rebuilding => "rebuilding",
+        }
+    }
+}
+
+pub(crate) struct Server {
+    pub id: i64,
+    pub name: String,
+    pub status: ServerStatus,
+    pub created: DateTime<Utc>,
+    pub labels: Labels,
+    pub server_type: usize,
+    pub image: usize,
+    pub location: usize,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// Kept like Hetzner keeps it (reused by rebuild); never logged or returned.
+    pub user_data: Option<String>,
+    pub ssh_keys: Vec<i64>,
+}
+
+pub(crate) struct SshKey {
+    pub id: i64,
+    pub name: String,
+    pub fingerprint: String,
+    pub public_key: String,
+    pub labels: Labels,
+    pub created: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Target {
+    Server(i64),
+    Selector { raw: String, parsed: Selector },
+}
+
+impl Target {
+    pub(crate) fn same_as(&self, other: &Target) -> bool {
+        match (self, other) {
+            (Target::Server(a), Target::Server(b)) => a == b,
+            (Target::Selector { raw: a, .. }, Target::Selector { raw: b, .. }) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// A firewall applied to a server or label selector. `apply_action` is set while the
+/// `apply_firewall` action runs (status `pending`), `removal_action` while `remove_firewall` runs.
+pub(crate) struct Application {
+    pub target: Target,
+    pub apply_action: Option<i64>,
+    pub removal_action: Option<i64>,
+}
+
+pub(crate) struct Firewall {
+    pub id: i64,
+    pub name: String,
+    pub labels: Labels,
+    pub created: DateTime<Utc>,
+    pub rules: Vec<RuleOut>,
+    pub applied: Vec<Application>,
+}
+
+/// What an action does to the world when it finishes.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Effect {
+    None,
+    ServerStatus {
+        server: i64,
+        success: ServerStatus,
+        failure: ServerStatus,
+    },
+    FirewallApply {
+        firewall: i64,
+    },
+    FirewallRemove {
+        firewall: i64,
+    },
+}
+
+pub(crate) struct Action {
+    pub id: i64,
+    pub command: &'static str,
+    pub resources: Vec<ResourceRef>,
+    pub started: DateTime<Utc>,
+    pub started_at: Instant,
+    pub duration: Duration,
+    /// `Some` when the action is going to end in `error` (fault injection).
+    pub failure: Option<ActionErrorOut>,
+    pub effect: Effect,
+    /// A server that counts as `locked` while this action runs.
+    pub locks_server: Option<i64>,
+}
+
+impl Action {
+    pub(crate) fn is_done(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.started_at) >= self.duration
+    }
+
+    pub(crate) fn status(&self, now: Instant) -> &'static str {
+        match (self.is_done(now), &self.failure) {
+            (false, _) => "running",
+            (true, None) => "success",
+            (true, Some(_)) => "error",
+        }
+    }
+
+    pub(crate) fn finished(&self, now: Instant) -> Option<DateTime<Utc>> {
+        self.is_done(now)
+            .then(|| self.started + chrono::Duration::from_std(self.duration).unwrap_or_default())
+    }
+
+    pub(crate) fn out(&self, now: Instant) -> ActionOut {
+        let done = self.is_done(now);
+        let progress = if done {
+            100
+        } else {
+            let elapsed = now.saturating_duration_since(self.started_at).as_secs_f64();
+            let fraction = elapsed / self.duration.as_secs_f64().max(f64::MIN_POSITIVE);
+            (fraction * 100.0).clamp(0.0, 99.0) as u8
+        };
+        ActionOut {
+            id: self.id,
+            command: self.command,
+            status: self.status(now),
+            progress,
+            started: rfc3339(self.started),
+            finished: self.finished(now).map(rfc3339),
+            resources: self.resources.clone(),
+            error: if done { self.failure.clone() } else { None },
+        }
+    }
+
+    pub(crate) fn touches(&self, kind: &str, id: i64) -> bool {
+        self.resources.iter().any(|r| r.kind == kind && r.id == id)
+    }
+}
+
+/// When and how requests are served; fixed per request.
+pub(crate) struct Clock {
+    pub now: Instant,
+    pub utc: DateTime<Utc>,
+}
+
+pub(crate) struct World {
+    pub action_duration: Duration,
+    pub servers: BTreeMap<i64, Server>,
+    pub ssh_keys: BTreeMap<i64, SshKey>,
+    pub firewalls: BTreeMap<i64, Firewall>,
+    pub actions: BTreeMap<i64, Action>,
+    /// Actions whose effects have not been applied yet.
+    pending: BTreeSet<i64>,
+    next_server_id: i64,
+    next_ssh_key_id: i64,
+    next_firewall_id: i64,
+    next_action_id: i64,
+    next_ipv4: u32,
+    next_ipv6: u32,
+    passwords: SplitMix64,
+}
+
+/// Simulated IPv4 space: 198.18.0.0/15 (RFC 2544 benchmarking range).
+const IPV4_BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
+const IPV4_SIZE: u32 = 1 << 17;
+
+impl World {
+    pub(crate) fn new(action_duration: Duration, seed: u64) -> World {
+        World {
+            action_duration,
+            servers: BTreeMap::new(),
+            ssh_keys: BTreeMap::new(),
+            firewalls: BTreeMap::new(),
+            actions: BTreeMap::new(),
+            pending: BTreeSet::new(),
+            // Distinct ID ranges per kind, so a client mixing up IDs hits `not_found`.
+            next_server_id: 100_001,
+            next_ssh_key_id: 200_001,
+            next_firewall_id: 300_001,
+            next_action_id: 1_000_001,
+            next_ipv4: 1,
+            next_ipv6: 1,
+            passwords: SplitMix64::new(seed ^ 0x005e_ed0f_9a55_u64),
+        }
+    }
+
+    pub(crate) fn new_server_id(&mut self) -> i64 {
+        let id = self.next_server_id;
+        self.next_server_id += 1;
+        id
+    }
+
+    pub(crate) fn new_ssh_key_id(&mut self) -> i64 {
+        let id = self.next_ssh_key_id;
+        self.next_ssh_key_id += 1;
+        id
+    }
+
+    pub(crate) fn new_firewall_id(&mut self) -> i64 {
+        let id = self.next_firewall_id;
+        self.next_firewall_id += 1;
+        id
+    }
+
+    /// Next unused IPv4 in 198.18.0.0/15, skipping .0 and .255 host parts; `None` when exhausted.
+    pub(crate) fn allocate_ipv4(&mut self) -> Option<Ipv4Addr> {
+        while self.next_ipv4 < IPV4_SIZE {
+            let candidate = self.next_ipv4;
+            self.next_ipv4 += 1;
+            let last = candidate & 0xff;
+            if last != 0 && last != 255 {
+                return Some(Ipv4Addr::from(IPV4_BASE + candidate));
+            }
+        }
+        None
+    }
+
+    /// Next unused /64 network: 2001:db8:<hi>:<lo>::/64.
+    pub(crate) fn allocate_ipv6(&mut self) -> Option<Ipv6Addr> {
+        let n = self.next_ipv6;
+        self.next_ipv6 = n.checked_add(1)?;
+        let hi = u16::try_from(n >> 16).ok()?;
+        let lo = (n & 0xffff) as u16;
+        Some(Ipv6Addr::new(0x2001, 0x0db8, hi, lo, 0, 0, 0, 0))
+    }
+
+    pub(crate) fn root_password(&mut self) -> String {
+        const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+        (0..20)
+            .map(|_| {
+                let i = (self.passwords.next_u64() % ALPHABET.len() as u64) as usize;
+                char::from(ALPHABET[i])
+            })
+            .collect()
+    }
+
+    /// Starts an action now; with `fail` it will end in `error`.
+    pub(crate) fn start_action(
+        &mut self,
+        clock: &Clock,
+        command: &'static str,
+        resources: Vec<ResourceRef>,
+        effect: Effect,
+        locks_server: Option<i64>,
+        fail: bool,
+    ) -> i64 {
+        let id = self.next_action_id;
+        self.next_action_id += 1;
+        let failure = fail.then(|| ActionErrorOut {
+            code: "action_failed".to_string(),
+            message: format!("simulated failure of {command}"),
+        });
+        self.actions.insert(
+            id,
+            Action {
+                id,
+                command,
+                resources,
+                started: clock.utc,
+                started_at: clock.now,
+                duration: self.action_duration,
+                failure,
+                effect,
+                locks_server,
+            },
+        );
+        self.pending.insert(id);
+        id
+    }
+
+    /// Applies the effects of all actions finished by `now`, in finishing order.
+    pub(crate) fn settle(&mut self, now: Instant) {
+        let mut due: Vec<(Instant, i64)> = self
+            .pending
+            .iter()
+            .filter_map(|id| self.actions.get(id))
+            .filter(|a| a.is_done(now))
+            .map(|a| (a.started_at + a.duration, a.id))
+            .collect();
+        due.sort();
+        for (_, id) in due {
+            self.pending.remove(&id);
+            let Some(action) = self.actions.get(&id) else {
+                continue;
+            };
+            let failed = action.failure.is_some();
+            match action.effect {
+                Effect::None => {}
+                Effect::ServerStatus {
+                    server,
+                    success,
+                    failure,
+                } => {
+                    if let Some(s) = self.servers.get_mut(&server) {
+                        s.status = if failed { failure } else { success };
+                    }
+                }
+                Effect::FirewallApply { firewall } => {
+                    if let Some(fw) = self.firewalls.get_mut(&firewall) {
+                        if failed {
+                            fw.applied.retain(|a| a.apply_action != Some(id));
+                        } else {
+                            for a in fw.applied.iter_mut().filter(|a| a.apply_action == Some(id)) {
+                                a.apply_action = None;
+                            }
+                        }
+                    }
+                }
+                Effect::FirewallRemove { firewall } => {
+                    if let Some(fw) = self.firewalls.get_mut(&firewall) {
+                        if failed {
+                            for a in fw
+                                .applied
+                                .iter_mut()
+                                .filter(|a| a.removal_action == Some(id))
+                            {
+                                a.removal_action = None;
+                            }
+                        } else {
+                            fw.applied.retain(|a| a.removal_action != Some(id));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A server is locked while one of its server actions runs (call after `settle`).
+    pub(crate) fn server_locked(&self, server: i64) -> bool {
+        self.pending
+            .iter()
+            .filter_map(|id| self.actions.get(id))
+            .any(|a| a.locks_server == Some(server))
+    }
+
+    /// Removes a server and detaches it from every firewall.
+    pub(crate) fn remove_server(&mut self, id: i64) {
+        self.servers.remove(&id);
+        for fw in self.firewalls.values_mut() {
+            fw.applied
+                .retain(|a| !matches!(a.target, Target::Server(s) if s == id));
+        }
+    }
+
+    fn server_firewalls(&self, server: &Server) -> Vec<ServerFirewallOut> {
+        let mut out = Vec::new();
+        for fw in self.firewalls.values() {
+            let direct = fw
+                .applied
+                .iter()
+                .find(|a| matches!(a.target, Target::Server(s) if s == server.id));
+            let by_selector = fw.applied.iter().find(|a| match &a.target {
+                Target::Selector { parsed, .. } => parsed.matches(&server.labels),
+                Target::Server(_) => false,
+            });
+            // Directly attached servers take precedence over label-selector matches.
+            if let Some(application) = direct.or(by_selector) {
+                out.push(ServerFirewallOut {
+                    id: fw.id,
+                    status: if application.apply_action.is_some() {
+                        "pending"
+                    } else {
+                        "applied"
+                    },
+                });
+            }
+        }
+        out
+    }
+
+    pub(crate) fn server_out(&self, server: &Server) -> ServerOut {
+        let server_type = &SERVER_TYPES[server.server_type];
+        ServerOut {
+            id: server.id,
+            name: server.name.clone(),
+            status: server.status.as_str(),
+            created: rfc3339(server.created),
+            public_net: PublicNetOut {
+                ipv4: server.ipv4.map(|ip| {
+                    let o = ip.octets();
+                    Ipv4Out {
+                        ip: ip.to_string(),
+                        blocked: false,
+                        dns_ptr: format!(
+                            "static.{}.{}.{}.{}.clients.your-server.de",
+                            o[3], o[2], o[1], o[0]
+                        ),
+                    }
+                }),
+                ipv6: server.ipv6.map(|net| Ipv6Out {
+                    ip: format!("{net}/64"),
+                    blocked: false,
+                    dns_ptr: Vec::new(),
+                }),
+                floating_ips: Vec::new(),
+                firewalls: self.server_firewalls(server),
+            },
+            private_net: Vec::new(),
+            server_type: server_type.out(),
+            location: LOCATIONS[server.location].out(),
+            image: Some(IMAGES[server.image].out()),
+            iso: None,
+            rescue_enabled: false,
+            locked: self.server_locked(server.id),
+            backup_window: None,
+            outgoing_traffic: Some(0),
+            ingoing_traffic: Some(0),
+            included_traffic: Some(21_990_232_555_520),
+            protection: ServerProtection {
+                delete: false,
+                rebuild: false,
+            },
+            labels: server.labels.clone(),
+            volumes: Vec::new(),
+            load_balancers: Vec::new(),
+            primary_disk_size: server_type.disk,
+            placement_group: None,
+        }
+    }
+
+    pub(crate) fn ssh_key_out(&self, key: &SshKey) -> SshKeyOut {
+        SshKeyOut {
+            id: key.id,
+            name: key.name.clone(),
+            fingerprint: key.fingerprint.clone(),
+            public_key: key.public_key.clone(),
+            labels: key.labels.clone(),
+            created: rfc3339(key.created),
+        }
+    }
+
+    pub(crate) fn firewall_out(&self, fw: &Firewall) -> FirewallOut {
+        let applied_to = fw
+            .applied
+            .iter()
+            .map(|a| match &a.target {
+                Target::Server(id) => AppliedToOut {
+                    kind: "server",
+                    server: Some(ServerIdOut { id: *id }),
+                    label_selector: None,
+                    applied_to_resources: None,
+                },
+                Target::Selector { raw, parsed } => AppliedToOut {
+                    kind: "label_selector",
+                    server: None,
+                    label_selector: Some(SelectorOut {
+                        selector: raw.clone(),
+                    }),
+                    applied_to_resources: Some(
+                        self.servers
+                            .values()
+                            .filter(|s| parsed.matches(&s.labels))
+                            .map(|s| AppliedResourceOut {
+                                kind: "server",
+                                server: ServerIdOut { id: s.id },
+                            })
+                            .collect(),
+                    ),
+                },
+            })
+            .collect();
+        FirewallOut {
+            id: fw.id,
+            name: fw.name.clone(),
+            labels: fw.labels.clone(),
+            created: rfc3339(fw.created),
+            rules: fw.rules.clone(),
+            applied_to,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_unique_and_in_range() {
+        let mut w = World::new(Duration::ZERO, 0);
+        let mut seen = BTreeSet::new();
+        for _ in 0..600 {
+            let ip = w.allocate_ipv4().unwrap();
+            let o = ip.octets();
+            assert_eq!(o[0], 198);
+            assert!(o[1] == 18 || o[1] == 19);
+            assert!(o[3] != 0 && o[3] != 255);
+            assert!(seen.insert(ip));
+        }
+        let a = w.allocate_ipv6().unwrap();
+        let b = w.allocate_ipv6().unwrap();
+        assert_ne!(a, b);
+        assert_eq!(a.to_string(), "2001:db8:0:1::");
+    }
+}
