@@ -742,5 +742,4 @@ mod tests {
             assert!(!is_label_value(bad), "{bad}");
         }
     }
-
 }

@@ -1,4 +1,375 @@
-fn main() {
-    eprintln!("vps-controller: not built yet");
-    std::process::exit(1);
+//! The `vps-controller` command line: run | migrate | plan | status | simulator.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::watch;
+
+use vps_controller::config::Config;
+use vps_controller::controller::{Controller, leader};
+use vps_controller::db;
+use vps_controller::hcloud::{Budget, Client, ClientConfig, Token};
+use vps_controller::keys::Sealer;
+use vps_controller::reconcile::Reconciler;
+use vps_controller::simulator::{self, SimulatorConfig};
+use vps_controller::telemetry::metrics::{HcloudCollector, Metrics};
+use vps_controller::telemetry::{self, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "vps-controller",
+    version,
+    about = "Converges subscriptions in a database to Hetzner Cloud servers, firewalls and SSH keys"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty, env = "VPS_CONTROLLER_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller until SIGTERM/SIGINT (applies migrations first).
+    Run(RunArgs),
+    /// Apply all database migrations (idempotent).
+    Migrate(DbArgs),
+    /// Print what the controller would change now; change nothing. Exit 0 in sync, 2 if changes are pending.
+    Plan(PlanArgs),
+    /// Print the subscriptions with their provisioning status, or one subscription's events.
+    Status(StatusArgs),
+    /// Serve the built-in Hetzner Cloud API simulator under /v1.
+    Simulator(SimulatorArgs),
+}
+
+#[derive(Args, Clone)]
+struct DbArgs {
+    /// Database URL (sqlite://FILE?mode=rwc or postgres://...).
+    #[arg(long, env = "DATABASE_URL", default_value = db::DEFAULT_DATABASE_URL, hide_env_values = true)]
+    database_url: String,
+}
+
+#[derive(Args, Clone)]
+struct ControllerArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// YAML config file; without it the built-in config (plans starter and pro) is used.
+    #[arg(long, env = "VPS_CONTROLLER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Hetzner Cloud API endpoint.
+    #[arg(
+        long,
+        env = "HCLOUD_ENDPOINT",
+        default_value = "https://api.hetzner.cloud/v1"
+    )]
+    hcloud_endpoint: String,
+    /// File holding the Hetzner API token (alternative to the HCLOUD_TOKEN variable).
+    #[arg(long, env = "HCLOUD_TOKEN_FILE")]
+    hcloud_token_file: Option<PathBuf>,
+    /// API budget of the Hetzner project, requests per hour.
+    #[arg(long, env = "HCLOUD_RATE_LIMIT", default_value_t = 3600)]
+    hcloud_rate_limit: u32,
+    /// Periodic full resync, seconds (overrides the config file).
+    #[arg(long, env = "VPS_CONTROLLER_RESYNC_SECONDS")]
+    resync_seconds: Option<u64>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    controller: ControllerArgs,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "127.0.0.1:9090", env = "VPS_CONTROLLER_LISTEN")]
+    listen: SocketAddr,
+    /// Start the built-in simulator in-process and use it instead of Hetzner (demos only).
+    #[arg(long)]
+    simulate: bool,
+    /// Longest wait for a Hetzner action (server create, power on, delete), seconds.
+    #[arg(long, default_value_t = 300)]
+    action_timeout_seconds: u64,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    #[command(flatten)]
+    controller: ControllerArgs,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Show the recent events of this subscription instead of the table.
+    subscription: Option<String>,
+}
+
+#[derive(Args)]
+struct SimulatorArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:4000")]
+    listen: SocketAddr,
+    /// Require `Authorization: Bearer TOKEN` on every /v1 request.
+    #[arg(long, env = "SIMULATOR_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Seconds every action runs before it succeeds (fractions allowed).
+    #[arg(long, default_value_t = 1.0)]
+    action_seconds: f64,
+    /// Requests per hour before 429 rate_limit_exceeded.
+    #[arg(long, default_value_t = 3600)]
+    rate_limit: u32,
+    /// Share of /v1 requests answered with an injected fault (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    fault_rate: f64,
+    /// Seed for fault injection (reproducible).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.log_format);
+    // reqwest is built without a TLS provider of its own; ring is the one we ship.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run(args) => run(args).await,
+        Command::Migrate(args) => {
+            let conn = db::connect(&args.database_url).await?;
+            db::migrate(&conn).await?;
+            tracing::info!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan(args) => plan(args).await,
+        Command::Status(args) => status(args).await,
+        Command::Simulator(args) => serve_simulator(args).await,
+    }
+}
+
+fn load_config(args: &ControllerArgs) -> Result<Config> {
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(seconds) = args.resync_seconds {
+        config.resync_seconds = seconds;
+    }
+    config.validate().context("configuration")?;
+    Ok(config)
+}
+
+fn read_token(args: &ControllerArgs) -> Result<Token> {
+    let from_env = std::env::var("HCLOUD_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    let token = match (from_env, &args.hcloud_token_file) {
+        (Some(_), Some(_)) => bail!("set either HCLOUD_TOKEN or HCLOUD_TOKEN_FILE, not both"),
+        (Some(token), None) => token,
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("HCLOUD_TOKEN_FILE {}: cannot read", path.display()))?,
+        (None, None) => bail!(
+            "no Hetzner API token: set HCLOUD_TOKEN or HCLOUD_TOKEN_FILE (or use `run --simulate` for a demo)"
+        ),
+    };
+    Ok(Token::new(token))
+}
+
+fn client(endpoint: &str, token: Token, rate_limit: u32) -> Result<Client> {
+    let config = ClientConfig {
+        budget: Arc::new(Budget::new(rate_limit)),
+        ..ClientConfig::new(endpoint, token)
+    };
+    Ok(Client::new(config)?)
+}
+
+async fn run(args: RunArgs) -> Result<ExitCode> {
+    let config = load_config(&args.controller)?;
+    let conn = db::connect(&args.controller.db.database_url).await?;
+    db::migrate(&conn).await?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut simulator = None;
+    let (api, sealer) = if args.simulate {
+        tracing::warn!("==============================================================");
+        tracing::warn!("SIMULATION MODE: no request reaches Hetzner. Servers, keys and");
+        tracing::warn!("firewalls exist only in this process and vanish when it stops.");
+        tracing::warn!("==============================================================");
+        let running = simulator::spawn(
+            SimulatorConfig {
+                action_seconds: 0.5,
+                ..SimulatorConfig::default()
+            },
+            "127.0.0.1:0".parse()?,
+        )
+        .await
+        .context("starting the in-process simulator")?;
+        tracing::warn!(endpoint = %running.base_url(), "simulator listening");
+        let api = client(
+            &running.base_url(),
+            Token::new("simulated"),
+            args.controller.hcloud_rate_limit,
+        )?;
+        simulator = Some(running);
+        let sealer = match Sealer::from_env()? {
+            Some(sealer) => sealer,
+            None => {
+                tracing::warn!(
+                    "no VPS_CONTROLLER_ENCRYPTION_KEY: private keys are sealed with an ephemeral key that dies with this process"
+                );
+                Sealer::ephemeral()
+            }
+        };
+        (api, sealer)
+    } else {
+        let sealer = Sealer::from_env()?.context(
+            "no encryption key: set VPS_CONTROLLER_ENCRYPTION_KEY (32 bytes, base64) or VPS_CONTROLLER_ENCRYPTION_KEY_FILE; e.g. `openssl rand -base64 32`",
+        )?;
+        let token = read_token(&args.controller)?;
+        (
+            client(
+                &args.controller.hcloud_endpoint,
+                token,
+                args.controller.hcloud_rate_limit,
+            )?,
+            sealer,
+        )
+    };
+
+    let metrics = Arc::new(Metrics::new());
+    metrics.register_collector(Box::new(HcloudCollector(api.clone())));
+    let leadership = leader::Leadership::default();
+    let reconciler = Reconciler {
+        api,
+        db: conn.clone(),
+        sealer,
+        config,
+        action_timeout: Duration::from_secs(args.action_timeout_seconds),
+    };
+    let controller = Arc::new(Controller::new(
+        reconciler,
+        metrics.clone(),
+        leadership.clone(),
+        args.controller.hcloud_rate_limit,
+    ));
+
+    let listener = telemetry::server::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
+    tracing::info!(listen = %args.listen, "serving /metrics, /healthz, /readyz");
+    let started = Arc::new(AtomicBool::new(true));
+    let mut server_shutdown = shutdown_rx.clone();
+    let server = tokio::spawn(telemetry::server::serve(
+        listener,
+        metrics,
+        conn.clone(),
+        started,
+        async move {
+            let _ = server_shutdown.wait_for(|stop| *stop).await;
+        },
+    ));
+    let lease = tokio::spawn(leader::run(
+        conn.clone(),
+        leader::holder_id(),
+        leadership,
+        shutdown_rx.clone(),
+    ));
+    let control = tokio::spawn(controller.run(shutdown_rx));
+
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing the reconciles in flight");
+    let _ = shutdown_tx.send(true);
+    let _ = control.await;
+    let _ = lease.await;
+    let _ = server.await;
+    if let Some(simulator) = simulator {
+        simulator.shutdown().await;
+    }
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn plan(args: PlanArgs) -> Result<ExitCode> {
+    let config = load_config(&args.controller)?;
+    let conn = db::connect(&args.controller.db.database_url).await?;
+    let api = client(
+        &args.controller.hcloud_endpoint,
+        read_token(&args.controller)?,
+        args.controller.hcloud_rate_limit,
+    )?;
+    let report = vps_controller::reconcile::report::plan_all(&api, &conn, &config).await?;
+    print!("{}", report.render());
+    Ok(if report.in_sync() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+async fn status(args: StatusArgs) -> Result<ExitCode> {
+    let conn = db::connect(&args.db.database_url).await?;
+    let text = match args.subscription {
+        Some(id) => vps_controller::reconcile::report::events_table(&conn, &id).await?,
+        None => vps_controller::reconcile::report::status_table(&conn).await?,
+    };
+    print!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve_simulator(args: SimulatorArgs) -> Result<ExitCode> {
+    let config = SimulatorConfig {
+        token: args.token,
+        action_seconds: args.action_seconds,
+        rate_limit: args.rate_limit,
+        fault_rate: args.fault_rate,
+        seed: args.seed,
+        ..SimulatorConfig::default()
+    };
+    config.validate().map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
+    tracing::info!(endpoint = %format!("http://{}/v1", args.listen), "Hetzner Cloud API simulator listening");
+    simulator::serve(config, listener, wait_for_signal()).await?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -59,7 +59,8 @@ pub struct StatusUpdate {
 }
 
 impl StatusUpdate {
-    fn is_empty(&self) -> bool {
+    /// True when the update writes nothing.
+    pub fn is_empty(&self) -> bool {
         *self == StatusUpdate::default()
     }
 }

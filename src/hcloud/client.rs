@@ -805,6 +805,10 @@ impl HcloudApi for Client {
         .await
     }
 
+    async fn get_server(&self, id: i64) -> Result<Server, Error> {
+        Client::get_server(self, id).await
+    }
+
     async fn wait_for_actions(&self, ids: &[i64], timeout: Duration) -> Result<Vec<Action>, Error> {
         let mut order: Vec<i64> = Vec::with_capacity(ids.len());
         for id in ids {

@@ -142,6 +142,9 @@ pub trait HcloudApi: Send + Sync {
         server_ids: &[i64],
     ) -> impl Future<Output = Result<Vec<Action>, Error>> + Send;
 
+    /// `GET /servers/{id}`: one server (used while waiting for a graceful shutdown).
+    fn get_server(&self, id: i64) -> impl Future<Output = Result<Server, Error>> + Send;
+
     /// Polls `GET /actions?id=..` (at most 25 IDs per request) until every action finished.
     /// Returns the finished actions in the order of `ids` (duplicates removed);
     /// [`Error::ActionFailed`] as soon as one ends in `error`; [`Error::ActionTimeout`] with the

@@ -1,1 +1,381 @@
-//! reconcile
+//! One reconcile of one subscription, top to bottom:
+//! row -> desired (`desired.rs`) -> observed (`observe.rs`) -> plan (`plan.rs`, pure)
+//! -> execute (`execute.rs`) -> status written back on the row.
+
+pub mod desired;
+pub mod execute;
+pub mod observe;
+pub mod plan;
+pub mod report;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use sea_orm::DatabaseConnection;
+
+use crate::config::Config;
+use crate::db::DbError;
+use crate::db::entities::subscription;
+use crate::db::events::{self, EventKind};
+use crate::db::subscriptions::{self, StatusUpdate};
+use crate::hcloud::{self, HcloudApi};
+use crate::keys::Sealer;
+
+use desired::{Desired, Want};
+use execute::{Executor, Progress};
+use observe::{Observed, Snapshot};
+use plan::{Outcome, Plan, RowState};
+
+/// Why a reconcile did not complete. Knows whether retrying can help and its metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("Hetzner API: {0}")]
+    Api(#[from] hcloud::Error),
+    #[error("database: {0}")]
+    Db(#[from] DbError),
+    #[error("ssh key: {0}")]
+    Key(#[from] crate::keys::KeyError),
+    #[error("sealed private key: {0}")]
+    Seal(#[from] crate::keys::SealError),
+    #[error("cloud-init: {0}")]
+    CloudInit(#[from] crate::cloud_init::CloudInitError),
+    #[error("{0}")]
+    ForeignResource(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl ReconcileError {
+    /// Terminal errors are written to the row and not retried until the row changes.
+    pub fn is_terminal(&self) -> bool {
+        match self {
+            ReconcileError::Api(e) => e.is_terminal(),
+            ReconcileError::CloudInit(_) | ReconcileError::ForeignResource(_) => true,
+            ReconcileError::Seal(_) => true,
+            ReconcileError::Db(_) | ReconcileError::Key(_) | ReconcileError::Internal(_) => false,
+        }
+    }
+
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ReconcileError::Api(e) => e.metric_label(),
+            ReconcileError::Db(_) => "database",
+            ReconcileError::Key(_) => "key_generation",
+            ReconcileError::Seal(_) => "sealing",
+            ReconcileError::CloudInit(_) => "cloud_init",
+            ReconcileError::ForeignResource(_) => "foreign_resource",
+            ReconcileError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// Shared, read-only inputs of every reconcile.
+pub struct Reconciler<A: HcloudApi> {
+    pub api: A,
+    pub db: DatabaseConnection,
+    pub sealer: Sealer,
+    pub config: Config,
+    /// Upper bound for waiting on Hetzner actions (create, power on, delete).
+    pub action_timeout: Duration,
+}
+
+/// How a reconcile ended, for the controller's queue.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Done {
+    /// Converged (or terminally failed and recorded): wait for the next change or resync.
+    Settled,
+    /// Hetzner is still busy with it: look again after this delay.
+    Requeue(Duration),
+}
+
+/// How soon to look again at a subscription whose server is still starting.
+const PROVISIONING_RECHECK: Duration = Duration::from_secs(2);
+
+impl<A: HcloudApi> Reconciler<A> {
+    /// Reconciles one subscription. `snapshot` is a fresh enough view of everything we own;
+    /// without one, this subscription's resources are listed by label.
+    pub async fn reconcile(
+        &self,
+        subscription_id: &str,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<Done, ReconcileError> {
+        // 1. Desired state, from the row as it is now.
+        let row = subscriptions::get(&self.db, subscription_id).await?;
+        let desired = match &row {
+            Some(row) => desired::desired_for_row(&self.config, row),
+            None => desired::desired_for_missing_row(
+                subscription_id,
+                &desired::resource_key(subscription_id),
+            ),
+        };
+        let row_state = row.as_ref().map(row_state).unwrap_or_default();
+
+        // 2. What exists.
+        let name = desired::resource_name(&self.config, subscription_id);
+        let observed = match snapshot {
+            Some(snapshot) => snapshot.for_subscription(&desired.key, &name),
+            None => {
+                let selector = desired::subscription_selector(&self.config, &desired.key);
+                // Resources whose subscription label was removed are matched by name in
+                // the next full pass, which lists everything we own anyway.
+                observe::observe(&self.api, &selector)
+                    .await?
+                    .for_subscription(&desired.key, &name)
+            }
+        };
+
+        // 3. The plan (pure).
+        let plan = plan::plan(&desired, &row_state, &observed);
+
+        // 4. Carry it out, then 5. write what was observed back onto the row.
+        let result = self.execute(&desired, &row_state, &observed, &plan).await;
+        match result {
+            Ok(progress) => self.settle(&desired, row.as_ref(), &plan, progress).await,
+            Err(error) => {
+                self.record_failure(&desired, row.as_ref(), &error).await?;
+                if error.is_terminal() {
+                    Ok(Done::Settled)
+                } else {
+                    Err(error)
+                }
+            }
+        }
+    }
+
+    /// Same as `reconcile` for a subscription known only from resource labels (an orphan
+    /// whose id cannot be recovered from its key) or unlabelled strays: delete them.
+    pub async fn delete_orphans(
+        &self,
+        key: &str,
+        observed: &Observed,
+    ) -> Result<(), ReconcileError> {
+        let desired = desired::desired_for_missing_row(key, key);
+        let plan = plan::plan(&desired, &RowState::default(), observed);
+        self.execute(&desired, &RowState::default(), observed, &plan)
+            .await
+            .map(drop)
+    }
+
+    async fn execute(
+        &self,
+        desired: &Desired,
+        row: &RowState,
+        observed: &Observed,
+        plan: &Plan,
+    ) -> Result<Progress, ReconcileError> {
+        let spec = match &desired.want {
+            Want::Vps(spec) => Some(spec.as_ref()),
+            _ => None,
+        };
+        let kept = |ids: Vec<i64>, row_id: Option<i64>| {
+            row_id
+                .filter(|id| ids.contains(id))
+                .or(ids.first().copied())
+        };
+        let mut progress = Progress {
+            subscription_id: desired.subscription_id.clone(),
+            key: desired.key.clone(),
+            row_exists: desired.version.is_some(),
+            public_key: row.public_key.clone(),
+            ssh_key_id: kept(
+                observed.ssh_keys.iter().map(|k| k.id).collect(),
+                row.ssh_key_id,
+            ),
+            firewall_id: kept(
+                observed.firewalls.iter().map(|f| f.id).collect(),
+                row.firewall_id,
+            ),
+            server: kept(
+                observed.servers.iter().map(|s| s.id).collect(),
+                row.server_id,
+            )
+            .and_then(|id| observed.servers.iter().find(|s| s.id == id).cloned()),
+            ..Default::default()
+        };
+        if plan.ops.is_empty() {
+            return Ok(progress);
+        }
+        let executor = Executor {
+            api: &self.api,
+            db: &self.db,
+            sealer: &self.sealer,
+            config: &self.config,
+            action_timeout: self.action_timeout,
+        };
+        executor.run(spec, &plan.ops, &mut progress).await?;
+        Ok(progress)
+    }
+
+    /// Writes the outcome onto the row, only the columns that differ (a converged
+    /// subscription costs no write).
+    async fn settle(
+        &self,
+        desired: &Desired,
+        row: Option<&subscription::Model>,
+        plan: &Plan,
+        progress: Progress,
+    ) -> Result<Done, ReconcileError> {
+        let (Some(row), Some(version)) = (row, desired.version) else {
+            return Ok(Done::Settled);
+        };
+        let mut done = Done::Settled;
+        let mut update = StatusUpdate::default();
+        match &plan.outcome {
+            Outcome::Ready if progress.needs_another_look => {
+                update.provisioning_status = Some("provisioning".into());
+                done = Done::Requeue(PROVISIONING_RECHECK);
+            }
+            Outcome::Ready => {
+                let server = progress.server.as_ref();
+                update.provisioning_status = Some("ready".into());
+                update.provisioning_error = Some(None);
+                update.hetzner_server_id = Some(server.map(|s| s.id));
+                update.hetzner_ssh_key_id = Some(progress.ssh_key_id);
+                update.hetzner_firewall_id = Some(progress.firewall_id);
+                update.vps_ip_address = Some(
+                    server
+                        .and_then(|s| s.public_net.ipv4.as_ref())
+                        .map(|ip| ip.ip.clone()),
+                );
+                update.vps_hostname = Some(server.map(|s| s.name.clone()));
+                if row.provisioned_at.is_none() || row.provisioning_status != "ready" {
+                    update.provisioned_at = Some(Some(Utc::now()));
+                }
+                update.deprovisioned_at = Some(None);
+                update.observed_version = Some(version);
+            }
+            Outcome::Provisioning => {
+                update.provisioning_status = Some("provisioning".into());
+                update.hetzner_server_id = Some(progress.server.as_ref().map(|s| s.id));
+                done = Done::Requeue(PROVISIONING_RECHECK);
+            }
+            Outcome::Deprovisioned => {
+                update.provisioning_status = Some("deprovisioned".into());
+                update.provisioning_error = Some(None);
+                update.hetzner_server_id = Some(None);
+                update.hetzner_ssh_key_id = Some(None);
+                update.hetzner_firewall_id = Some(None);
+                update.vps_ip_address = Some(None);
+                update.vps_hostname = Some(None);
+                update.ssh_private_key = Some(None);
+                update.ssh_public_key = Some(None);
+                if row.deprovisioned_at.is_none() || row.provisioning_status != "deprovisioned" {
+                    update.deprovisioned_at = Some(Some(Utc::now()));
+                }
+                update.observed_version = Some(version);
+            }
+            Outcome::Unchanged => update.observed_version = Some(version),
+            Outcome::Failed(message) => {
+                update.provisioning_status = Some("failed".into());
+                update.provisioning_error = Some(Some(message.clone()));
+                update.observed_version = Some(version);
+            }
+        }
+        let update = only_changes(row, update);
+        if !update.is_empty() {
+            if let (Some(status), true) = (
+                &update.provisioning_status,
+                matches!(
+                    plan.outcome,
+                    Outcome::Ready | Outcome::Deprovisioned | Outcome::Failed(_)
+                ),
+            ) {
+                let kind = if status == "failed" {
+                    EventKind::Warning
+                } else {
+                    EventKind::Normal
+                };
+                let reason = match status.as_str() {
+                    "ready" => "Ready",
+                    "deprovisioned" => "Deprovisioned",
+                    _ => "Failed",
+                };
+                let message = match &plan.outcome {
+                    Outcome::Failed(message) => message.clone(),
+                    _ => format!("provisioning status {status}"),
+                };
+                tracing::info!(subscription = %row.id, reason, "{message}");
+                events::record(&self.db, &row.id, kind, reason, &message).await?;
+            }
+            subscriptions::write_status(&self.db, &row.id, &update).await?;
+        }
+        Ok(done)
+    }
+
+    async fn record_failure(
+        &self,
+        desired: &Desired,
+        row: Option<&subscription::Model>,
+        error: &ReconcileError,
+    ) -> Result<(), ReconcileError> {
+        let message = error.to_string();
+        tracing::warn!(subscription = %desired.subscription_id, error = %message, terminal = error.is_terminal(), "reconcile failed");
+        events::record(
+            &self.db,
+            &desired.subscription_id,
+            EventKind::Warning,
+            if error.is_terminal() {
+                "Failed"
+            } else {
+                "Retrying"
+            },
+            &message,
+        )
+        .await?;
+        let (Some(row), Some(version)) = (row, desired.version) else {
+            return Ok(());
+        };
+        let mut update = StatusUpdate {
+            provisioning_error: Some(Some(message)),
+            ..Default::default()
+        };
+        if error.is_terminal() {
+            update.provisioning_status = Some("failed".into());
+            update.observed_version = Some(version);
+        }
+        let update = only_changes(row, update);
+        if !update.is_empty() {
+            subscriptions::write_status(&self.db, &row.id, &update).await?;
+        }
+        Ok(())
+    }
+}
+
+pub fn row_state(row: &subscription::Model) -> RowState {
+    RowState {
+        provisioning_status: row.provisioning_status.clone(),
+        server_id: row.hetzner_server_id,
+        ssh_key_id: row.hetzner_ssh_key_id,
+        firewall_id: row.hetzner_firewall_id,
+        public_key: row.ssh_public_key.clone(),
+        has_private_key: row.ssh_private_key.is_some(),
+    }
+}
+
+/// Drops the fields of `update` that already hold the value on `row`.
+fn only_changes(row: &subscription::Model, mut update: StatusUpdate) -> StatusUpdate {
+    fn keep_if_differs<T: PartialEq>(field: &mut Option<T>, current: T) {
+        if field.as_ref() == Some(&current) {
+            *field = None;
+        }
+    }
+    keep_if_differs(
+        &mut update.provisioning_status,
+        row.provisioning_status.clone(),
+    );
+    keep_if_differs(
+        &mut update.provisioning_error,
+        row.provisioning_error.clone(),
+    );
+    keep_if_differs(&mut update.hetzner_server_id, row.hetzner_server_id);
+    keep_if_differs(&mut update.hetzner_ssh_key_id, row.hetzner_ssh_key_id);
+    keep_if_differs(&mut update.hetzner_firewall_id, row.hetzner_firewall_id);
+    keep_if_differs(&mut update.vps_ip_address, row.vps_ip_address.clone());
+    keep_if_differs(&mut update.vps_hostname, row.vps_hostname.clone());
+    keep_if_differs(&mut update.provisioned_at, row.provisioned_at);
+    keep_if_differs(&mut update.deprovisioned_at, row.deprovisioned_at);
+    keep_if_differs(&mut update.ssh_private_key, row.ssh_private_key.clone());
+    keep_if_differs(&mut update.ssh_public_key, row.ssh_public_key.clone());
+    keep_if_differs(&mut update.observed_version, row.observed_version);
+    update
+}

@@ -1,0 +1,218 @@
+//! Which subscriptions may be reconciled now: at most one reconcile per subscription at a
+//! time, and per-subscription exponential backoff with jitter after failures.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// Backoff after the first failure; doubles per failure up to `MAX_BACKOFF`.
+const BASE_BACKOFF: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Default)]
+struct KeyState {
+    in_flight: bool,
+    failures: u32,
+    /// Not before this instant (after a failure or a requested requeue).
+    not_before: Option<Instant>,
+    /// The row version that failed; a newer version is retried at once.
+    failed_version: Option<i64>,
+    /// When the last reconcile of this key finished.
+    last_done: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+pub struct WorkSet {
+    keys: Mutex<HashMap<String, KeyState>>,
+}
+
+/// Marks a key in flight until dropped.
+pub struct Claim {
+    set: Arc<WorkSet>,
+    key: String,
+    finished: bool,
+}
+
+/// How a reconcile ended, as the work set sees it.
+pub enum Finish {
+    Success,
+    RetryAfter(Duration),
+    Failure { version: Option<i64> },
+}
+
+impl WorkSet {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, KeyState>> {
+        // A panic elsewhere never leaves the map half-updated: every update is one statement.
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Claims `key` unless it is in flight or waiting out a backoff. `version` is the row's
+    /// current desired version when known: a row changed since its failure skips the wait.
+    pub fn try_claim(
+        self: &Arc<Self>,
+        key: &str,
+        version: Option<i64>,
+        now: Instant,
+    ) -> Option<Claim> {
+        let mut keys = self.lock();
+        let state = keys.entry(key.to_string()).or_default();
+        if state.in_flight {
+            return None;
+        }
+        let changed_since_failure =
+            version.is_some() && state.failed_version.is_some() && version != state.failed_version;
+        if state.not_before.is_some_and(|t| t > now) && !changed_since_failure {
+            return None;
+        }
+        state.in_flight = true;
+        Some(Claim {
+            set: Arc::clone(self),
+            key: key.to_string(),
+            finished: false,
+        })
+    }
+
+    /// Keys whose requeue or backoff delay has passed.
+    pub fn due(&self, now: Instant) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|(_, s)| !s.in_flight && s.not_before.is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// When `key` last finished a reconcile (to know whether a snapshot is still fresh).
+    pub fn last_done(&self, key: &str) -> Option<Instant> {
+        self.lock().get(key).and_then(|s| s.last_done)
+    }
+
+    pub fn in_backoff(&self) -> usize {
+        self.lock().values().filter(|s| s.failures > 0).count()
+    }
+
+    fn finish(&self, key: &str, finish: Option<Finish>, now: Instant) {
+        let mut keys = self.lock();
+        let state = keys.entry(key.to_string()).or_default();
+        state.in_flight = false;
+        state.last_done = Some(now);
+        match finish {
+            Some(Finish::Success) => {
+                *state = KeyState {
+                    last_done: Some(now),
+                    ..KeyState::default()
+                };
+            }
+            Some(Finish::RetryAfter(delay)) => {
+                state.failures = 0;
+                state.failed_version = None;
+                state.not_before = Some(now + delay);
+            }
+            Some(Finish::Failure { version }) => {
+                state.failures = state.failures.saturating_add(1);
+                state.failed_version = version;
+                state.not_before = Some(now + backoff(state.failures));
+            }
+            // Dropped without a verdict (cancelled): look again soon.
+            None => state.not_before = Some(now + BASE_BACKOFF),
+        }
+    }
+}
+
+impl Claim {
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn finish(mut self, finish: Finish) {
+        self.finished = true;
+        self.set.finish(&self.key, Some(finish), Instant::now());
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.set.finish(&self.key, None, Instant::now());
+        }
+    }
+}
+
+/// Exponential backoff with jitter: uniformly in [d/2, d], d = min(MAX, BASE * 2^(n-1)).
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    let full = BASE_BACKOFF.saturating_mul(1 << exp).min(MAX_BACKOFF);
+    let half = full / 2;
+    half + full.mul_f64(rand::random::<f64>()) / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_claim_per_key_at_a_time() {
+        let set = Arc::new(WorkSet::default());
+        let now = Instant::now();
+        let claim = set.try_claim("a", None, now).expect("free key");
+        assert!(
+            set.try_claim("a", None, now).is_none(),
+            "second claim refused"
+        );
+        assert!(
+            set.try_claim("b", None, now).is_some(),
+            "other keys unaffected"
+        );
+        claim.finish(Finish::Success);
+        assert!(set.try_claim("a", None, now).is_some());
+    }
+
+    #[test]
+    fn failures_back_off_until_the_row_changes() {
+        let set = Arc::new(WorkSet::default());
+        let now = Instant::now();
+        set.try_claim("a", Some(1), now)
+            .expect("free")
+            .finish(Finish::Failure { version: Some(1) });
+        assert!(
+            set.try_claim("a", Some(1), Instant::now()).is_none(),
+            "same version waits"
+        );
+        assert!(set.due(Instant::now()).is_empty());
+        assert_eq!(set.due(Instant::now() + MAX_BACKOFF), vec!["a".to_string()]);
+        assert!(
+            set.try_claim("a", Some(2), Instant::now()).is_some(),
+            "changed row retried at once"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        for n in 1..40 {
+            let d = backoff(n);
+            let full = BASE_BACKOFF
+                .saturating_mul(1 << (n - 1).min(16))
+                .min(MAX_BACKOFF);
+            assert!(
+                d >= full / 2 && d <= full,
+                "failure {n}: {d:?} outside [{:?}, {full:?}]",
+                full / 2
+            );
+        }
+        assert!(backoff(30) <= MAX_BACKOFF);
+    }
+
+    #[test]
+    fn success_resets_backoff() {
+        let set = Arc::new(WorkSet::default());
+        let now = Instant::now();
+        set.try_claim("a", None, now)
+            .expect("free")
+            .finish(Finish::Failure { version: None });
+        let later = now + MAX_BACKOFF;
+        set.try_claim("a", None, later)
+            .expect("due")
+            .finish(Finish::Success);
+        assert_eq!(set.in_backoff(), 0);
+        assert!(set.try_claim("a", None, later).is_some());
+    }
+}

@@ -1,0 +1,547 @@
+//! The executor: carries out a plan's ops through `HcloudApi`, persisting every Hetzner id
+//! on the row as soon as it is known, so a crash never loses track of what was created.
+
+use std::time::{Duration, Instant};
+
+use sea_orm::DatabaseConnection;
+
+use crate::cloud_init;
+use crate::config::Config;
+use crate::db::events::{self, EventKind};
+use crate::db::subscriptions::{self, StatusUpdate};
+use crate::hcloud::{
+    CreateFirewall, CreateServer, CreateServerFirewall, CreateSshKey, Error as ApiError, ErrorCode,
+    HcloudApi, Labels, Server, ServerPowerAction, ServerStatus,
+};
+use crate::keys::{self, Sealer};
+
+use super::ReconcileError;
+use super::desired::{INSTANCE_LABEL, SUBSCRIPTION_LABEL, VpsSpec};
+use super::plan::{Kind, Op};
+
+/// How long deleting a firewall retries `resource_in_use` (Hetzner detaches asynchronously).
+const FIREWALL_IN_USE_RETRY: Duration = Duration::from_secs(60);
+
+/// Everything the executor needs besides the API.
+pub struct Executor<'a, A: HcloudApi> {
+    pub api: &'a A,
+    pub db: &'a DatabaseConnection,
+    pub sealer: &'a Sealer,
+    pub config: &'a Config,
+    /// Upper bound for waiting on Hetzner actions.
+    pub action_timeout: Duration,
+}
+
+/// What is known about one subscription's resources while its ops run.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub subscription_id: String,
+    pub key: String,
+    /// False when the row is gone: nothing is written back.
+    pub row_exists: bool,
+    pub public_key: Option<String>,
+    pub ssh_key_id: Option<i64>,
+    pub firewall_id: Option<i64>,
+    pub server: Option<Server>,
+    /// Actions started and not yet waited for.
+    pub pending_actions: Vec<i64>,
+    /// The server was adopted in whatever state it had: look at it again before `ready`.
+    pub needs_another_look: bool,
+}
+
+impl<A: HcloudApi> Executor<'_, A> {
+    /// Runs `ops` in order, then waits for every action they started.
+    pub async fn run(
+        &self,
+        spec: Option<&VpsSpec>,
+        ops: &[Op],
+        progress: &mut Progress,
+    ) -> Result<(), ReconcileError> {
+        for op in ops {
+            self.apply(spec, op, progress).await?;
+        }
+        self.wait_pending(progress).await
+    }
+
+    async fn apply(
+        &self,
+        spec: Option<&VpsSpec>,
+        op: &Op,
+        progress: &mut Progress,
+    ) -> Result<(), ReconcileError> {
+        tracing::debug!(subscription = %progress.subscription_id, ?op, "applying");
+        match op {
+            Op::GenerateKeyPair => self.generate_key_pair(need(spec)?, progress).await,
+            Op::CreateSshKey => self.create_ssh_key(need(spec)?, progress).await,
+            Op::CreateFirewall => self.create_firewall(need(spec)?, progress).await,
+            Op::SetFirewallRules { firewall_id } => {
+                let actions = self
+                    .api
+                    .set_firewall_rules(*firewall_id, &need(spec)?.firewall_rules)
+                    .await?;
+                progress
+                    .pending_actions
+                    .extend(actions.iter().map(|a| a.id));
+                self.event(
+                    progress,
+                    EventKind::Normal,
+                    "FirewallRulesSet",
+                    &format!("firewall {firewall_id}: rules set to the plan's"),
+                )
+                .await
+            }
+            Op::CreateServer => self.create_server(need(spec)?, progress).await,
+            Op::PowerOn { server_id } => {
+                let action = self
+                    .api
+                    .server_power(*server_id, ServerPowerAction::PowerOn)
+                    .await?;
+                progress.pending_actions.push(action.id);
+                self.event(
+                    progress,
+                    EventKind::Normal,
+                    "ServerPoweredOn",
+                    &format!("server {server_id} was off; powering on"),
+                )
+                .await
+            }
+            Op::ApplyFirewall { server_id } => {
+                let firewall_id = progress
+                    .firewall_id
+                    .ok_or_else(|| ReconcileError::Internal("no firewall to apply".into()))?;
+                match self.api.apply_firewall(firewall_id, &[*server_id]).await {
+                    Ok(actions) => progress
+                        .pending_actions
+                        .extend(actions.iter().map(|a| a.id)),
+                    Err(e) if e.code() == Some(&ErrorCode::FirewallAlreadyApplied) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.event(
+                    progress,
+                    EventKind::Normal,
+                    "FirewallApplied",
+                    &format!("firewall {firewall_id} applied to server {server_id}"),
+                )
+                .await
+            }
+            Op::UpdateLabels { kind, id, labels } => {
+                self.update_labels(*kind, *id, labels).await?;
+                self.event(
+                    progress,
+                    EventKind::Normal,
+                    "LabelsRepaired",
+                    &format!("{} {id}: labels set", kind.as_str()),
+                )
+                .await
+            }
+            Op::ReportServerTypeDrift {
+                server_id,
+                observed,
+                wanted,
+            } => {
+                tracing::warn!(
+                    subscription = %progress.subscription_id,
+                    server_id, observed, wanted,
+                    "server type differs from the plan; resizing is not automatic"
+                );
+                Ok(())
+            }
+            Op::DeleteServer { id } => self.delete_server(*id, progress).await,
+            Op::DeleteFirewall {
+                id,
+                attached_servers,
+            } => self.delete_firewall(*id, attached_servers, progress).await,
+            Op::DeleteSshKey { id } => {
+                ignore_not_found(self.api.delete_ssh_key(*id).await)?;
+                if progress.ssh_key_id == Some(*id) {
+                    progress.ssh_key_id = None;
+                }
+                self.event(
+                    progress,
+                    EventKind::Normal,
+                    "SshKeyDeleted",
+                    &format!("ssh key {id} deleted"),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn generate_key_pair(
+        &self,
+        spec: &VpsSpec,
+        progress: &mut Progress,
+    ) -> Result<(), ReconcileError> {
+        let pair = keys::generate(self.config.ssh_key_algorithm, &spec.name).await?;
+        let sealed = self
+            .sealer
+            .seal(pair.private_pem(), &progress.subscription_id)?;
+        // Stored before the key exists at Hetzner: a crash after this point re-uses it.
+        self.write(
+            progress,
+            StatusUpdate {
+                provisioning_status: Some("provisioning".into()),
+                ssh_private_key: Some(Some(sealed)),
+                ssh_public_key: Some(Some(pair.public_openssh.clone())),
+                ..Default::default()
+            },
+        )
+        .await?;
+        progress.public_key = Some(pair.public_openssh);
+        self.event(
+            progress,
+            EventKind::Normal,
+            "KeyPairGenerated",
+            &format!(
+                "{:?} key pair generated and sealed ({})",
+                self.config.ssh_key_algorithm, pair.fingerprint_md5
+            ),
+        )
+        .await
+    }
+
+    async fn create_ssh_key(
+        &self,
+        spec: &VpsSpec,
+        progress: &mut Progress,
+    ) -> Result<(), ReconcileError> {
+        let public_key = progress
+            .public_key
+            .clone()
+            .ok_or_else(|| ReconcileError::Internal("no public key to upload".into()))?;
+        let request = CreateSshKey {
+            name: spec.name.clone(),
+            public_key: public_key.clone(),
+            labels: spec.labels.clone(),
+        };
+        let (key, reason) = match self.api.create_ssh_key(&request).await {
+            Ok(key) => (key, "SshKeyCreated"),
+            Err(e) if e.is_uniqueness_error() => {
+                // The name or the key itself exists: ours from a crashed pass, or foreign.
+                let existing = match self.api.ssh_key_by_name(&spec.name).await? {
+                    Some(key) => Some(key),
+                    None => {
+                        let fingerprint = keys::md5_fingerprint(&public_key)?;
+                        self.api.ssh_key_by_fingerprint(&fingerprint).await?
+                    }
+                };
+                let key = existing.ok_or(e)?;
+                self.check_owned(progress, "ssh key", key.id, &key.name, &key.labels)?;
+                (key, "SshKeyAdopted")
+            }
+            Err(e) => return Err(e.into()),
+        };
+        progress.ssh_key_id = Some(key.id);
+        self.write(
+            progress,
+            StatusUpdate {
+                provisioning_status: Some("provisioning".into()),
+                hetzner_ssh_key_id: Some(Some(key.id)),
+                ..Default::default()
+            },
+        )
+        .await?;
+        self.event(
+            progress,
+            EventKind::Normal,
+            reason,
+            &format!("ssh key {} ({})", key.id, key.name),
+        )
+        .await
+    }
+
+    async fn create_firewall(
+        &self,
+        spec: &VpsSpec,
+        progress: &mut Progress,
+    ) -> Result<(), ReconcileError> {
+        let request = CreateFirewall {
+            name: spec.name.clone(),
+            labels: spec.labels.clone(),
+            rules: spec.firewall_rules.clone(),
+            apply_to: vec![],
+        };
+        let (firewall, reason) = match self.api.create_firewall(&request).await {
+            Ok(created) => {
+                progress
+                    .pending_actions
+                    .extend(created.actions.iter().map(|a| a.id));
+                (created.firewall, "FirewallCreated")
+            }
+            Err(e) if e.is_uniqueness_error() => {
+                let firewall = self.api.firewall_by_name(&spec.name).await?.ok_or(e)?;
+                self.check_owned(
+                    progress,
+                    "firewall",
+                    firewall.id,
+                    &firewall.name,
+                    &firewall.labels,
+                )?;
+                (firewall, "FirewallAdopted")
+            }
+            Err(e) => return Err(e.into()),
+        };
+        progress.firewall_id = Some(firewall.id);
+        self.write(
+            progress,
+            StatusUpdate {
+                provisioning_status: Some("provisioning".into()),
+                hetzner_firewall_id: Some(Some(firewall.id)),
+                ..Default::default()
+            },
+        )
+        .await?;
+        self.event(
+            progress,
+            EventKind::Normal,
+            reason,
+            &format!("firewall {} ({})", firewall.id, firewall.name),
+        )
+        .await
+    }
+
+    async fn create_server(
+        &self,
+        spec: &VpsSpec,
+        progress: &mut Progress,
+    ) -> Result<(), ReconcileError> {
+        let public_key = progress
+            .public_key
+            .clone()
+            .ok_or_else(|| ReconcileError::Internal("no public key for cloud-init".into()))?;
+        let ssh_key_id = progress
+            .ssh_key_id
+            .ok_or_else(|| ReconcileError::Internal("no ssh key for the server".into()))?;
+        let firewall_id = progress
+            .firewall_id
+            .ok_or_else(|| ReconcileError::Internal("no firewall for the server".into()))?;
+        let user_data = cloud_init::render(&spec.plan.cloud_init, &spec.name, &public_key)?;
+        let request = CreateServer {
+            name: spec.name.clone(),
+            server_type: spec.plan.server_type.clone(),
+            image: spec.plan.image.clone(),
+            location: Some(spec.plan.location.clone()),
+            ssh_keys: vec![ssh_key_id],
+            firewalls: vec![CreateServerFirewall {
+                firewall: firewall_id,
+            }],
+            labels: spec.labels.clone(),
+            user_data: Some(user_data),
+            start_after_create: Some(true),
+            public_net: None,
+        };
+        let (server, reason) = match self.api.create_server(&request).await {
+            Ok(created) => {
+                progress.pending_actions.push(created.action.id);
+                progress
+                    .pending_actions
+                    .extend(created.next_actions.iter().map(|a| a.id));
+                (created.server, "ServerCreated")
+            }
+            Err(e) if e.is_uniqueness_error() => {
+                // A previous pass created it and crashed before recording the id.
+                let server = self.api.server_by_name(&spec.name).await?.ok_or(e)?;
+                self.check_owned(progress, "server", server.id, &server.name, &server.labels)?;
+                progress.needs_another_look = true;
+                (server, "ServerAdopted")
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.write(
+            progress,
+            StatusUpdate {
+                provisioning_status: Some("provisioning".into()),
+                hetzner_server_id: Some(Some(server.id)),
+                ..Default::default()
+            },
+        )
+        .await?;
+        let message = format!(
+            "server {} ({}, {} {} in {})",
+            server.id, server.name, spec.plan.server_type, spec.plan.image, spec.plan.location
+        );
+        progress.server = Some(server);
+        self.event(progress, EventKind::Normal, reason, &message)
+            .await
+    }
+
+    async fn update_labels(&self, kind: Kind, id: i64, labels: &Labels) -> Result<(), ApiError> {
+        match kind {
+            Kind::Server => self.api.update_server_labels(id, labels).await.map(drop),
+            Kind::SshKey => self.api.update_ssh_key_labels(id, labels).await.map(drop),
+            Kind::Firewall => self.api.update_firewall_labels(id, labels).await.map(drop),
+        }
+    }
+
+    async fn delete_server(&self, id: i64, progress: &mut Progress) -> Result<(), ReconcileError> {
+        let grace = Duration::from_secs(self.config.shutdown_timeout_seconds);
+        if !grace.is_zero() {
+            self.shut_down(id, grace).await?;
+        }
+        if let Some(action) = ignore_not_found(self.api.delete_server(id).await)? {
+            // The firewall can only go once the server has released it.
+            self.api
+                .wait_for_actions(&[action.id], self.action_timeout())
+                .await?;
+        }
+        if progress.server.as_ref().is_some_and(|s| s.id == id) {
+            progress.server = None;
+        }
+        self.event(
+            progress,
+            EventKind::Normal,
+            "ServerDeleted",
+            &format!("server {id} deleted"),
+        )
+        .await
+    }
+
+    /// Graceful ACPI shutdown, bounded by `grace`; a server that ignores it is deleted anyway.
+    async fn shut_down(&self, id: i64, grace: Duration) -> Result<(), ReconcileError> {
+        let Some(server) = ignore_not_found(self.api.get_server(id).await)? else {
+            return Ok(());
+        };
+        if server.status != ServerStatus::Running {
+            return Ok(());
+        }
+        let Some(action) =
+            ignore_not_found(self.api.server_power(id, ServerPowerAction::Shutdown).await)?
+        else {
+            return Ok(());
+        };
+        self.api.wait_for_actions(&[action.id], grace).await?;
+        let deadline = Instant::now() + grace;
+        let mut delay = Duration::from_millis(500);
+        while Instant::now() < deadline {
+            match ignore_not_found(self.api.get_server(id).await)? {
+                Some(server) if server.status != ServerStatus::Off => {}
+                _ => return Ok(()),
+            }
+            tokio::time::sleep(delay.min(deadline.saturating_duration_since(Instant::now()))).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+        tracing::info!(
+            server_id = id,
+            "server did not shut down in time; deleting it anyway"
+        );
+        Ok(())
+    }
+
+    async fn delete_firewall(
+        &self,
+        id: i64,
+        attached_servers: &[i64],
+        progress: &mut Progress,
+    ) -> Result<(), ReconcileError> {
+        if !attached_servers.is_empty() {
+            match self.api.remove_firewall(id, attached_servers).await {
+                Ok(actions) => {
+                    let ids: Vec<i64> = actions.iter().map(|a| a.id).collect();
+                    self.api
+                        .wait_for_actions(&ids, self.action_timeout())
+                        .await?;
+                }
+                // Already detached (e.g. its server was deleted a moment ago) or already gone.
+                Err(e)
+                    if e.is_not_found()
+                        || e.code() == Some(&ErrorCode::FirewallResourceNotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let deadline = Instant::now() + FIREWALL_IN_USE_RETRY;
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match self.api.delete_firewall(id).await {
+                Ok(()) => break,
+                Err(e) if e.is_not_found() => break,
+                Err(e)
+                    if e.code() == Some(&ErrorCode::ResourceInUse) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if progress.firewall_id == Some(id) {
+            progress.firewall_id = None;
+        }
+        self.event(
+            progress,
+            EventKind::Normal,
+            "FirewallDeleted",
+            &format!("firewall {id} deleted"),
+        )
+        .await
+    }
+
+    async fn wait_pending(&self, progress: &mut Progress) -> Result<(), ReconcileError> {
+        if progress.pending_actions.is_empty() {
+            return Ok(());
+        }
+        let ids = std::mem::take(&mut progress.pending_actions);
+        self.api
+            .wait_for_actions(&ids, self.action_timeout())
+            .await?;
+        Ok(())
+    }
+
+    fn action_timeout(&self) -> Duration {
+        self.action_timeout
+    }
+
+    /// Adopting is only allowed for resources that carry our labels; anything else that
+    /// holds our deterministic name is someone else's and is never touched.
+    fn check_owned(
+        &self,
+        progress: &Progress,
+        what: &str,
+        id: i64,
+        name: &str,
+        labels: &Labels,
+    ) -> Result<(), ReconcileError> {
+        let ours = labels.get(INSTANCE_LABEL) == Some(&self.config.instance)
+            && labels
+                .get(SUBSCRIPTION_LABEL)
+                .is_none_or(|key| key == &progress.key);
+        if ours {
+            Ok(())
+        } else {
+            Err(ReconcileError::ForeignResource(format!(
+                "{what} name {name:?} is taken by {what} {id}, which this controller instance does not own; rename or delete it"
+            )))
+        }
+    }
+
+    async fn write(&self, progress: &Progress, update: StatusUpdate) -> Result<(), ReconcileError> {
+        if progress.row_exists {
+            subscriptions::write_status(self.db, &progress.subscription_id, &update).await?;
+        }
+        Ok(())
+    }
+
+    async fn event(
+        &self,
+        progress: &Progress,
+        kind: EventKind,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), ReconcileError> {
+        tracing::info!(subscription = %progress.subscription_id, reason, "{message}");
+        events::record(self.db, &progress.subscription_id, kind, reason, message).await?;
+        Ok(())
+    }
+}
+
+fn need(spec: Option<&VpsSpec>) -> Result<&VpsSpec, ReconcileError> {
+    spec.ok_or_else(|| ReconcileError::Internal("op needs a VPS spec".into()))
+}
+
+/// Only `not_found` means the resource is gone; every other error stays an error.
+fn ignore_not_found<T>(result: Result<T, ApiError>) -> Result<Option<T>, ApiError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(e) if e.is_not_found() => Ok(None),
+        Err(e) => Err(e),
+    }
+}

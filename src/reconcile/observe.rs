@@ -1,0 +1,115 @@
+//! Lists -> snapshot. One paginated list per resource kind, filtered by our instance label,
+//! so observing N subscriptions costs 3 * ceil(N / 50) requests, never a GET per object.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use crate::hcloud::{Error, Firewall, HcloudApi, Labels, Server, SshKey};
+
+use super::desired::SUBSCRIPTION_LABEL;
+
+/// What exists at Hetzner under our instance label, at one moment.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub resources: Observed,
+    pub taken_at: Instant,
+}
+
+/// The resources of one subscription, as found in a snapshot.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    pub servers: Vec<Server>,
+    pub ssh_keys: Vec<SshKey>,
+    pub firewalls: Vec<Firewall>,
+}
+
+impl Observed {
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty() && self.ssh_keys.is_empty() && self.firewalls.is_empty()
+    }
+}
+
+/// Lists everything matching `selector` (all three kinds concurrently).
+pub async fn observe<A: HcloudApi>(api: &A, selector: &str) -> Result<Snapshot, Error> {
+    let (servers, ssh_keys, firewalls) = futures::try_join!(
+        api.list_servers(selector),
+        api.list_ssh_keys(selector),
+        api.list_firewalls(selector),
+    )?;
+    Ok(Snapshot {
+        resources: Observed {
+            servers,
+            ssh_keys,
+            firewalls,
+        },
+        taken_at: Instant::now(),
+    })
+}
+
+/// Shared view of the three resource kinds, so matching rules are written once.
+pub trait Resource: Clone {
+    fn id(&self) -> i64;
+    fn name(&self) -> &str;
+    fn labels(&self) -> &Labels;
+}
+
+macro_rules! impl_resource {
+    ($($ty:ty),*) => {$(
+        impl Resource for $ty {
+            fn id(&self) -> i64 { self.id }
+            fn name(&self) -> &str { &self.name }
+            fn labels(&self) -> &Labels { &self.labels }
+        }
+    )*};
+}
+impl_resource!(Server, SshKey, Firewall);
+
+fn matching<T: Resource>(items: &[T], keep: &impl Fn(&T) -> bool) -> Vec<T> {
+    items.iter().filter(|item| keep(item)).cloned().collect()
+}
+
+impl Observed {
+    /// The resources for which `keep(labels, name)` holds.
+    pub fn filter(&self, keep: impl Fn(&Labels, &str) -> bool) -> Observed {
+        Observed {
+            servers: matching(&self.servers, &|r: &Server| keep(r.labels(), r.name())),
+            ssh_keys: matching(&self.ssh_keys, &|r: &SshKey| keep(r.labels(), r.name())),
+            firewalls: matching(&self.firewalls, &|r: &Firewall| keep(r.labels(), r.name())),
+        }
+    }
+}
+
+impl Snapshot {
+    /// Resources of the subscription with resource key `key`. A resource is matched by its
+    /// subscription label or, when that label is missing, by its deterministic `name` (so a
+    /// resource whose labels drifted is repaired, not treated as an orphan).
+    pub fn for_subscription(&self, key: &str, name: &str) -> Observed {
+        self.resources.filter(
+            |labels, resource_name| match labels.get(SUBSCRIPTION_LABEL) {
+                Some(value) => value == key,
+                None => resource_name == name,
+            },
+        )
+    }
+
+    /// Subscription keys named by the labels of the resources in this snapshot.
+    pub fn subscription_keys(&self) -> BTreeSet<String> {
+        let r = &self.resources;
+        let servers = r.servers.iter().map(|s| s.labels());
+        let keys = r.ssh_keys.iter().map(|k| k.labels());
+        let firewalls = r.firewalls.iter().map(|f| f.labels());
+        servers
+            .chain(keys)
+            .chain(firewalls)
+            .filter_map(|labels| labels.get(SUBSCRIPTION_LABEL).cloned())
+            .collect()
+    }
+
+    /// Resources carrying our instance label but neither a subscription label nor a name
+    /// that any known subscription would use: owned by us, wanted by nobody.
+    pub fn unattributed(&self, known_names: &BTreeSet<String>) -> Observed {
+        self.resources.filter(|labels, name| {
+            !labels.contains_key(SUBSCRIPTION_LABEL) && !known_names.contains(name)
+        })
+    }
+}

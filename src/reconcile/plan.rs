@@ -1,0 +1,301 @@
+//! The planner: desired state + what exists -> the operations that close the gap.
+//! PURE: no I/O, no clock, no randomness. Everything it decides is covered by table tests.
+
+use crate::hcloud::{Firewall, Labels, Server, ServerStatus};
+
+use super::desired::{Desired, VpsSpec, Want, canonical_rules};
+use super::observe::{Observed, Resource};
+
+/// What the controller last wrote on the row (the columns it owns).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RowState {
+    pub provisioning_status: String,
+    pub server_id: Option<i64>,
+    pub ssh_key_id: Option<i64>,
+    pub firewall_id: Option<i64>,
+    /// OpenSSH public key line of the stored key pair.
+    pub public_key: Option<String>,
+    /// Whether a sealed private key is stored.
+    pub has_private_key: bool,
+}
+
+/// Kind of resource, for ops that apply to any of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Server,
+    SshKey,
+    Firewall,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Server => "server",
+            Kind::SshKey => "ssh_key",
+            Kind::Firewall => "firewall",
+        }
+    }
+}
+
+/// One step. Ops that create something take their inputs from the `VpsSpec` and from the
+/// ids the executor already knows (observed, or created earlier in the same pass).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Generate a key pair, seal the private key and store both on the row, before any
+    /// SSH key exists at Hetzner.
+    GenerateKeyPair,
+    CreateSshKey,
+    CreateFirewall,
+    SetFirewallRules {
+        firewall_id: i64,
+    },
+    /// Create the server with the SSH key and firewall attached.
+    CreateServer,
+    PowerOn {
+        server_id: i64,
+    },
+    /// Attach the subscription's firewall to `server_id`.
+    ApplyFirewall {
+        server_id: i64,
+    },
+    /// Replace the labels (our keys set, foreign keys kept).
+    UpdateLabels {
+        kind: Kind,
+        id: i64,
+        labels: Labels,
+    },
+    /// Report only: the plan's server type changed; resizing is not automatic.
+    ReportServerTypeDrift {
+        server_id: i64,
+        observed: String,
+        wanted: String,
+    },
+    DeleteServer {
+        id: i64,
+    },
+    /// Detach from `attached_servers` first, then delete.
+    DeleteFirewall {
+        id: i64,
+        attached_servers: Vec<i64>,
+    },
+    DeleteSshKey {
+        id: i64,
+    },
+}
+
+impl Op {
+    /// Ops that only report never count as pending changes.
+    pub fn changes_anything(&self) -> bool {
+        !matches!(self, Op::ReportServerTypeDrift { .. })
+    }
+}
+
+/// The status the row should end up with once every op succeeded.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The server runs (or will once the ops' actions finish): `ready`.
+    Ready,
+    /// Waiting for Hetzner (server starting, stopping, ...): `provisioning`, look again soon.
+    Provisioning,
+    /// Nothing exists any more: `deprovisioned`.
+    Deprovisioned,
+    /// Nothing to do and nothing to record (never provisioned, or the row is gone).
+    Unchanged,
+    /// The row cannot be acted on: `failed` with this message, not retried until it changes.
+    Failed(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    pub outcome: Outcome,
+}
+
+impl Plan {
+    pub fn has_changes(&self) -> bool {
+        self.ops.iter().any(Op::changes_anything)
+    }
+}
+
+/// Computes the plan for one subscription.
+pub fn plan(desired: &Desired, row: &RowState, observed: &Observed) -> Plan {
+    match &desired.want {
+        Want::Invalid(message) => Plan {
+            ops: vec![],
+            outcome: Outcome::Failed(message.clone()),
+        },
+        Want::Nothing => plan_teardown(desired, row, observed),
+        Want::Vps(spec) => plan_vps(spec, row, observed),
+    }
+}
+
+fn plan_teardown(desired: &Desired, row: &RowState, observed: &Observed) -> Plan {
+    // Servers first (they hold the firewall), then firewalls, then keys.
+    let mut ops: Vec<Op> = observed
+        .servers
+        .iter()
+        .map(|s| Op::DeleteServer { id: s.id })
+        .collect();
+    ops.extend(observed.firewalls.iter().map(|f| Op::DeleteFirewall {
+        id: f.id,
+        attached_servers: attached_servers(f),
+    }));
+    ops.extend(
+        observed
+            .ssh_keys
+            .iter()
+            .map(|k| Op::DeleteSshKey { id: k.id }),
+    );
+
+    let row_exists = desired.version.is_some();
+    let row_holds_anything = row.server_id.is_some()
+        || row.ssh_key_id.is_some()
+        || row.firewall_id.is_some()
+        || row.has_private_key
+        || row.public_key.is_some();
+    let never_provisioned = matches!(row.provisioning_status.as_str(), "pending" | "");
+    let outcome = if !row_exists
+        || (ops.is_empty()
+            && !row_holds_anything
+            && (never_provisioned || row.provisioning_status == "deprovisioned"))
+    {
+        Outcome::Unchanged
+    } else {
+        Outcome::Deprovisioned
+    };
+    Plan { ops, outcome }
+}
+
+fn plan_vps(spec: &VpsSpec, row: &RowState, observed: &Observed) -> Plan {
+    let mut ops = Vec::new();
+    let mut extras = Vec::new();
+
+    let (ssh_key, extra_keys) = pick(&observed.ssh_keys, row.ssh_key_id, &spec.name);
+    let (firewall, extra_firewalls) = pick(&observed.firewalls, row.firewall_id, &spec.name);
+    let (server, extra_servers) = pick(&observed.servers, row.server_id, &spec.name);
+
+    match ssh_key {
+        None => {
+            if row.public_key.is_none() {
+                ops.push(Op::GenerateKeyPair);
+            }
+            ops.push(Op::CreateSshKey);
+        }
+        Some(key) => ops.extend(label_update(Kind::SshKey, key, &spec.labels)),
+    }
+
+    match firewall {
+        None => ops.push(Op::CreateFirewall),
+        Some(fw) => {
+            if canonical_rules(fw.rules.clone()) != spec.firewall_rules {
+                ops.push(Op::SetFirewallRules { firewall_id: fw.id });
+            }
+            ops.extend(label_update(Kind::Firewall, fw, &spec.labels));
+        }
+    }
+
+    let outcome = match server {
+        None => {
+            ops.push(Op::CreateServer);
+            Outcome::Ready
+        }
+        Some(server) => {
+            ops.extend(label_update(Kind::Server, server, &spec.labels));
+            let applied = firewall.is_some_and(|fw| firewall_applied(fw, server));
+            if !applied {
+                ops.push(Op::ApplyFirewall {
+                    server_id: server.id,
+                });
+            }
+            if server.server_type.name != spec.plan.server_type {
+                ops.push(Op::ReportServerTypeDrift {
+                    server_id: server.id,
+                    observed: server.server_type.name.clone(),
+                    wanted: spec.plan.server_type.clone(),
+                });
+            }
+            match server.status {
+                ServerStatus::Running => Outcome::Ready,
+                ServerStatus::Off => {
+                    ops.push(Op::PowerOn {
+                        server_id: server.id,
+                    });
+                    Outcome::Ready
+                }
+                // Starting, stopping, migrating, ...: Hetzner is busy; look again soon.
+                _ => Outcome::Provisioning,
+            }
+        }
+    };
+
+    // Duplicates (e.g. a retried create that went through twice) go last, once the kept
+    // resources are in place.
+    extras.extend(extra_servers.iter().map(|s| Op::DeleteServer { id: s.id }));
+    extras.extend(extra_firewalls.iter().map(|f| Op::DeleteFirewall {
+        id: f.id,
+        attached_servers: attached_servers(f),
+    }));
+    extras.extend(extra_keys.iter().map(|k| Op::DeleteSshKey { id: k.id }));
+    ops.extend(extras);
+
+    Plan { ops, outcome }
+}
+
+/// Chooses the resource to keep among those of one kind: the one whose id the row records,
+/// else the one with the deterministic name, else the oldest (lowest id). The rest are
+/// duplicates.
+fn pick<'a, T: Resource>(
+    items: &'a [T],
+    row_id: Option<i64>,
+    name: &str,
+) -> (Option<&'a T>, Vec<&'a T>) {
+    let keep = items
+        .iter()
+        .find(|r| Some(r.id()) == row_id)
+        .or_else(|| items.iter().find(|r| r.name() == name))
+        .or_else(|| items.iter().min_by_key(|r| r.id()));
+    let extras = items
+        .iter()
+        .filter(|r| Some(r.id()) != keep.map(|k| k.id()))
+        .collect();
+    (keep, extras)
+}
+
+/// An `UpdateLabels` op when any of our labels is missing or differs. Foreign labels that
+/// someone else put on the resource are kept.
+fn label_update<T: Resource>(kind: Kind, resource: &T, wanted: &Labels) -> Option<Op> {
+    let current = resource.labels();
+    let in_sync = wanted.iter().all(|(k, v)| current.get(k) == Some(v));
+    if in_sync {
+        return None;
+    }
+    let mut labels = current.clone();
+    labels.extend(wanted.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Some(Op::UpdateLabels {
+        kind,
+        id: resource.id(),
+        labels,
+    })
+}
+
+fn firewall_applied(firewall: &Firewall, server: &Server) -> bool {
+    server
+        .public_net
+        .firewalls
+        .iter()
+        .any(|f| f.id == firewall.id)
+        || attached_servers(firewall).contains(&server.id)
+}
+
+/// Servers the firewall is applied to directly.
+fn attached_servers(firewall: &Firewall) -> Vec<i64> {
+    firewall
+        .applied_to
+        .iter()
+        .filter_map(|r| r.server.as_ref().map(|s| s.id))
+        .collect()
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

@@ -1,0 +1,485 @@
+//! Table tests of the planner: every row of the decision table in one place.
+
+use super::*;
+use crate::config::Config;
+use crate::hcloud::{
+    FirewallResource, LocationRef, ServerFirewall, ServerFirewallStatus, ServerIpv4,
+    ServerProtection, ServerPublicNet, ServerTypeRef, SshKey,
+};
+use crate::reconcile::desired::{self, Desired};
+
+const ID: &str = "sub-1";
+const NAME: &str = "vps-sub-1";
+const SERVER: i64 = 100;
+const KEY: i64 = 200;
+const FIREWALL: i64 = 300;
+
+fn config() -> Config {
+    Config::builtin()
+}
+
+fn spec() -> VpsSpec {
+    let config = config();
+    let plan = config.plans["starter"].clone();
+    VpsSpec {
+        name: NAME.into(),
+        labels: desired::owned_labels(&config, ID, Some("starter")),
+        plan_name: "starter".into(),
+        firewall_rules: desired::plan_firewall_rules(&plan),
+        plan,
+    }
+}
+
+fn want_vps() -> Desired {
+    Desired {
+        subscription_id: ID.into(),
+        key: ID.into(),
+        version: Some(1),
+        want: Want::Vps(Box::new(spec())),
+    }
+}
+
+fn want_nothing() -> Desired {
+    Desired {
+        want: Want::Nothing,
+        ..want_vps()
+    }
+}
+
+fn row_gone() -> Desired {
+    Desired {
+        version: None,
+        ..want_nothing()
+    }
+}
+
+fn invalid() -> Desired {
+    Desired {
+        want: Want::Invalid("plan: \"gold\" is not a configured plan".into()),
+        ..want_vps()
+    }
+}
+
+fn created() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::UNIX_EPOCH
+}
+
+fn server(id: i64, status: ServerStatus) -> Server {
+    Server {
+        id,
+        name: NAME.into(),
+        status,
+        created: created(),
+        labels: spec().labels,
+        locked: false,
+        protection: ServerProtection::default(),
+        public_net: ServerPublicNet {
+            ipv4: Some(ServerIpv4 {
+                ip: "198.18.0.10".into(),
+                blocked: false,
+                dns_ptr: "static.example".into(),
+            }),
+            ipv6: None,
+            firewalls: vec![ServerFirewall {
+                id: FIREWALL,
+                status: ServerFirewallStatus::Applied,
+            }],
+        },
+        server_type: ServerTypeRef {
+            id: 1,
+            name: spec().plan.server_type,
+        },
+        location: LocationRef {
+            id: 1,
+            name: "fsn1".into(),
+            network_zone: None,
+        },
+        image: None,
+    }
+}
+
+fn ssh_key(id: i64) -> SshKey {
+    SshKey {
+        id,
+        name: NAME.into(),
+        fingerprint: "00:11".into(),
+        public_key: "ssh-ed25519 AAAA".into(),
+        labels: spec().labels,
+        created: created(),
+    }
+}
+
+fn firewall(id: i64) -> Firewall {
+    Firewall {
+        id,
+        name: NAME.into(),
+        labels: spec().labels,
+        created: created(),
+        rules: spec().firewall_rules,
+        applied_to: vec![FirewallResource::server(SERVER)],
+    }
+}
+
+fn row() -> RowState {
+    RowState {
+        provisioning_status: "ready".into(),
+        server_id: Some(SERVER),
+        ssh_key_id: Some(KEY),
+        firewall_id: Some(FIREWALL),
+        public_key: Some("ssh-ed25519 AAAA".into()),
+        has_private_key: true,
+    }
+}
+
+fn fresh_row() -> RowState {
+    RowState {
+        provisioning_status: "pending".into(),
+        ..RowState::default()
+    }
+}
+
+fn everything() -> Observed {
+    Observed {
+        servers: vec![server(SERVER, ServerStatus::Running)],
+        ssh_keys: vec![ssh_key(KEY)],
+        firewalls: vec![firewall(FIREWALL)],
+    }
+}
+
+fn with(f: impl FnOnce(&mut Observed)) -> Observed {
+    let mut observed = everything();
+    f(&mut observed);
+    observed
+}
+
+fn foreign_labels() -> Labels {
+    [("team".to_string(), "billing".to_string())].into()
+}
+
+struct Case {
+    name: &'static str,
+    desired: Desired,
+    row: RowState,
+    observed: Observed,
+    ops: Vec<Op>,
+    outcome: Outcome,
+}
+
+fn cases() -> Vec<Case> {
+    let mut other_rules = spec().firewall_rules;
+    other_rules.pop();
+    let mut wrong_labels = spec().labels;
+    wrong_labels.insert(desired::PLAN_LABEL.into(), "pro".into());
+    let mut with_foreign = spec().labels;
+    with_foreign.extend(foreign_labels());
+    vec![
+        Case {
+            name: "new subscription: key pair first, then key, firewall, server",
+            desired: want_vps(),
+            row: fresh_row(),
+            observed: Observed::default(),
+            ops: vec![
+                Op::GenerateKeyPair,
+                Op::CreateSshKey,
+                Op::CreateFirewall,
+                Op::CreateServer,
+            ],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "stored key pair is reused, never regenerated",
+            desired: want_vps(),
+            row: RowState {
+                public_key: Some("ssh-ed25519 AAAA".into()),
+                has_private_key: true,
+                ..fresh_row()
+            },
+            observed: Observed::default(),
+            ops: vec![Op::CreateSshKey, Op::CreateFirewall, Op::CreateServer],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "converged: nothing to do",
+            desired: want_vps(),
+            row: row(),
+            observed: everything(),
+            ops: vec![],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "server missing: recreated",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| o.servers.clear()),
+            ops: vec![Op::CreateServer],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "server off: powered on",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| o.servers[0].status = ServerStatus::Off),
+            ops: vec![Op::PowerOn { server_id: SERVER }],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "server starting: wait, no ops",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| o.servers[0].status = ServerStatus::Initializing),
+            ops: vec![],
+            outcome: Outcome::Provisioning,
+        },
+        Case {
+            name: "server stopping: wait (power on once it is off)",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| o.servers[0].status = ServerStatus::Stopping),
+            ops: vec![],
+            outcome: Outcome::Provisioning,
+        },
+        Case {
+            name: "firewall rules differ: set_rules",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| o.firewalls[0].rules = other_rules.clone()),
+            ops: vec![Op::SetFirewallRules {
+                firewall_id: FIREWALL,
+            }],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "firewall rules in another order: no change",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| o.firewalls[0].rules.reverse()),
+            ops: vec![],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "firewall not applied: apply",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| {
+                o.firewalls[0].applied_to.clear();
+                o.servers[0].public_net.firewalls.clear();
+            }),
+            ops: vec![Op::ApplyFirewall { server_id: SERVER }],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "firewall applied as seen from the server only: fine",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| o.firewalls[0].applied_to.clear()),
+            ops: vec![],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "firewall missing: created, then applied to the existing server",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| {
+                o.firewalls.clear();
+                o.servers[0].public_net.firewalls.clear();
+            }),
+            ops: vec![Op::CreateFirewall, Op::ApplyFirewall { server_id: SERVER }],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "ssh key missing: recreated from the stored key",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| o.ssh_keys.clear()),
+            ops: vec![Op::CreateSshKey],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "server labels differ: updated, foreign labels kept",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| {
+                o.servers[0].labels = wrong_labels.clone();
+                o.servers[0].labels.extend(foreign_labels());
+            }),
+            ops: vec![Op::UpdateLabels {
+                kind: Kind::Server,
+                id: SERVER,
+                labels: with_foreign.clone(),
+            }],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "extra foreign labels alone are no drift",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| o.ssh_keys[0].labels.extend(foreign_labels())),
+            ops: vec![],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "key and firewall labels repaired too",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| {
+                o.ssh_keys[0].labels.remove(desired::PLAN_LABEL);
+                o.firewalls[0].labels.remove(desired::PLAN_LABEL);
+            }),
+            ops: vec![
+                Op::UpdateLabels {
+                    kind: Kind::SshKey,
+                    id: KEY,
+                    labels: spec().labels,
+                },
+                Op::UpdateLabels {
+                    kind: Kind::Firewall,
+                    id: FIREWALL,
+                    labels: spec().labels,
+                },
+            ],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "server type differs from the plan: reported only",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| o.servers[0].server_type.name = "cx53".into()),
+            ops: vec![Op::ReportServerTypeDrift {
+                server_id: SERVER,
+                observed: "cx53".into(),
+                wanted: spec().plan.server_type,
+            }],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "duplicate server: the one on the row is kept, the other deleted",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| {
+                let mut twin = server(SERVER + 1, ServerStatus::Running);
+                twin.name = "vps-sub-1-copy".into();
+                o.servers.insert(0, twin);
+            }),
+            ops: vec![Op::DeleteServer { id: SERVER + 1 }],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "crash before the id was stored: the named server is adopted",
+            desired: want_vps(),
+            row: RowState {
+                server_id: None,
+                ..row()
+            },
+            observed: everything(),
+            ops: vec![],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "canceled: server, then firewall (detached), then key",
+            desired: want_nothing(),
+            row: row(),
+            observed: everything(),
+            ops: vec![
+                Op::DeleteServer { id: SERVER },
+                Op::DeleteFirewall {
+                    id: FIREWALL,
+                    attached_servers: vec![SERVER],
+                },
+                Op::DeleteSshKey { id: KEY },
+            ],
+            outcome: Outcome::Deprovisioned,
+        },
+        Case {
+            name: "canceled and already gone: row still cleaned",
+            desired: want_nothing(),
+            row: row(),
+            observed: Observed::default(),
+            ops: vec![],
+            outcome: Outcome::Deprovisioned,
+        },
+        Case {
+            name: "canceled before it was ever provisioned: nothing to record",
+            desired: want_nothing(),
+            row: fresh_row(),
+            observed: Observed::default(),
+            ops: vec![],
+            outcome: Outcome::Unchanged,
+        },
+        Case {
+            name: "deprovisioned stays deprovisioned",
+            desired: want_nothing(),
+            row: RowState {
+                provisioning_status: "deprovisioned".into(),
+                ..fresh_row()
+            },
+            observed: Observed::default(),
+            ops: vec![],
+            outcome: Outcome::Unchanged,
+        },
+        Case {
+            name: "row deleted: orphans removed, nothing written",
+            desired: row_gone(),
+            row: RowState::default(),
+            observed: with(|o| o.firewalls[0].applied_to.clear()),
+            ops: vec![
+                Op::DeleteServer { id: SERVER },
+                Op::DeleteFirewall {
+                    id: FIREWALL,
+                    attached_servers: vec![],
+                },
+                Op::DeleteSshKey { id: KEY },
+            ],
+            outcome: Outcome::Unchanged,
+        },
+        Case {
+            name: "invalid row: no Hetzner call, even with resources present",
+            desired: invalid(),
+            row: row(),
+            observed: everything(),
+            ops: vec![],
+            outcome: Outcome::Failed("plan: \"gold\" is not a configured plan".into()),
+        },
+    ]
+}
+
+#[test]
+fn planner_decision_table() {
+    let mut failures = Vec::new();
+    for case in cases() {
+        let got = plan(&case.desired, &case.row, &case.observed);
+        if got.ops != case.ops || got.outcome != case.outcome {
+            failures.push(format!(
+                "{}\n  expected {:?} -> {:?}\n  got      {:?} -> {:?}",
+                case.name, case.ops, case.outcome, got.ops, got.outcome
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn converged_plans_report_no_changes_but_drift_reports_do() {
+    assert!(!plan(&want_vps(), &row(), &everything()).has_changes());
+    let drifted = with(|o| o.servers[0].server_type.name = "cx53".into());
+    let report_only = plan(&want_vps(), &row(), &drifted);
+    assert!(!report_only.has_changes(), "a report is not a change");
+    let off = with(|o| o.servers[0].status = ServerStatus::Off);
+    assert!(plan(&want_vps(), &row(), &off).has_changes());
+}
+
+#[test]
+fn planning_twice_gives_the_same_plan() {
+    for case in cases() {
+        assert_eq!(
+            plan(&case.desired, &case.row, &case.observed),
+            plan(&case.desired, &case.row, &case.observed),
+            "{}",
+            case.name
+        );
+    }
+}

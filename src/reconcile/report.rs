@@ -1,0 +1,190 @@
+//! Read-only views for operators: `vps-controller plan` and `vps-controller status`.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use sea_orm::DatabaseConnection;
+
+use crate::config::Config;
+use crate::db::{events, subscriptions};
+use crate::hcloud::HcloudApi;
+
+use super::desired::{self, Want};
+use super::plan::{self, Outcome, Plan};
+use super::{ReconcileError, observe, row_state};
+
+/// What the controller would do now, per subscription.
+pub struct PlanReport {
+    pub entries: Vec<PlanEntry>,
+}
+
+pub struct PlanEntry {
+    pub subscription_id: String,
+    pub plan: Plan,
+    /// The row's status columns would change (e.g. `ready` not yet recorded).
+    pub status_pending: bool,
+}
+
+impl PlanReport {
+    /// True when no subscription has changes pending, at Hetzner or on its row.
+    pub fn in_sync(&self) -> bool {
+        self.entries
+            .iter()
+            .all(|e| !e.plan.has_changes() && !e.status_pending)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut pending = 0;
+        for entry in &self.entries {
+            if !entry.plan.has_changes() && !entry.status_pending && entry.plan.ops.is_empty() {
+                continue;
+            }
+            pending += usize::from(entry.plan.has_changes() || entry.status_pending);
+            let _ = writeln!(
+                out,
+                "{}: -> {}",
+                entry.subscription_id,
+                outcome_text(&entry.plan.outcome)
+            );
+            for op in &entry.plan.ops {
+                let _ = writeln!(out, "    {op:?}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "{} subscriptions, {} with changes pending",
+            self.entries.len(),
+            pending
+        );
+        out
+    }
+}
+
+fn outcome_text(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Ready => "ready".into(),
+        Outcome::Provisioning => "provisioning (waiting for Hetzner)".into(),
+        Outcome::Deprovisioned => "deprovisioned".into(),
+        Outcome::Unchanged => "unchanged".into(),
+        Outcome::Failed(message) => format!("failed: {message}"),
+    }
+}
+
+/// Plans every row and every orphan against one listing, like a resync, without acting.
+pub async fn plan_all<A: HcloudApi>(
+    api: &A,
+    db: &DatabaseConnection,
+    config: &Config,
+) -> Result<PlanReport, ReconcileError> {
+    let snapshot = observe::observe(api, &desired::instance_selector(config)).await?;
+    let rows = subscriptions::all(db).await?;
+    let mut entries = Vec::new();
+    let mut known_keys = BTreeSet::new();
+    for row in &rows {
+        let desired = desired::desired_for_row(config, row);
+        known_keys.insert(desired.key.clone());
+        let observed =
+            snapshot.for_subscription(&desired.key, &desired::resource_name(config, &row.id));
+        let plan = plan::plan(&desired, &row_state(row), &observed);
+        let status_pending = row.desired_version != row.observed_version
+            && !matches!(desired.want, Want::Invalid(_) if row.provisioning_status == "failed");
+        entries.push(PlanEntry {
+            subscription_id: row.id.clone(),
+            plan,
+            status_pending,
+        });
+    }
+    for key in snapshot.subscription_keys().difference(&known_keys) {
+        let desired = desired::desired_for_missing_row(key, key);
+        let observed = snapshot.for_subscription(key, &desired::resource_name(config, key));
+        entries.push(PlanEntry {
+            subscription_id: format!("{key} (orphan)"),
+            plan: plan::plan(&desired, &Default::default(), &observed),
+            status_pending: false,
+        });
+    }
+    Ok(PlanReport { entries })
+}
+
+/// The subscriptions table as operators want to see it.
+pub async fn status_table(db: &DatabaseConnection) -> Result<String, ReconcileError> {
+    let rows = subscriptions::all(db).await?;
+    let mut table = vec![[
+        "ID".to_string(),
+        "STATUS".into(),
+        "PLAN".into(),
+        "PROVISIONING".into(),
+        "SERVER".into(),
+        "IP".into(),
+        "LAST ERROR".into(),
+    ]];
+    for row in rows {
+        table.push([
+            row.id,
+            row.status,
+            row.plan,
+            row.provisioning_status,
+            row.hetzner_server_id
+                .map(|id| id.to_string())
+                .unwrap_or_else(|| "-".into()),
+            row.vps_ip_address.unwrap_or_else(|| "-".into()),
+            row.provisioning_error
+                .map(|e| shorten(&e, 80))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    Ok(render_table(&table))
+}
+
+/// The recent events of one subscription, newest last.
+pub async fn events_table(
+    db: &DatabaseConnection,
+    subscription_id: &str,
+) -> Result<String, ReconcileError> {
+    let mut recent = events::recent(db, Some(subscription_id), 50).await?;
+    recent.sort_by_key(|e| e.id);
+    let mut table = vec![[
+        "TIME".to_string(),
+        "KIND".into(),
+        "REASON".into(),
+        "MESSAGE".into(),
+    ]];
+    for event in recent {
+        table.push([
+            event.created_at.to_rfc3339(),
+            event.kind,
+            event.reason,
+            event.message,
+        ]);
+    }
+    Ok(render_table(&table))
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or("");
+    if line.chars().count() <= max {
+        line.to_string()
+    } else {
+        format!("{}...", line.chars().take(max).collect::<String>())
+    }
+}
+
+fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| format!("{cell:<width$}", width = widths[i]))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
