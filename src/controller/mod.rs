@@ -118,7 +118,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
         }
         let started = Instant::now();
         let report = self
-            .reconcile_many(wanted.into_iter().collect(), None)
+            .reconcile_many(wanted.into_iter().collect(), None, false)
             .await;
         if report.reconciled > 0 {
             self.metrics.pass_finished("changes", started.elapsed());
@@ -184,7 +184,9 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 .delete_orphans("unattributed", &stray)
                 .await?;
         }
-        let report = self.reconcile_many(work, Some(Arc::new(snapshot))).await;
+        let report = self
+            .reconcile_many(work, Some(Arc::new(snapshot)), true)
+            .await;
         self.metrics.pass_finished("resync", started.elapsed());
         Ok(report)
     }
@@ -195,6 +197,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
         &self,
         work: Vec<(String, Option<i64>)>,
         snapshot: Option<Arc<Snapshot>>,
+        resync: bool,
     ) -> PassReport {
         let concurrency = self.reconciler.config.concurrency.max(1);
         let now = Instant::now();
@@ -202,7 +205,9 @@ impl<A: HcloudApi + 'static> Controller<A> {
         let claims: Vec<_> = work
             .into_iter()
             .filter_map(|(id, version)| {
-                self.work.try_claim(&id, version, now).map(|c| (c, version))
+                self.work
+                    .try_claim(&id, version, now, resync)
+                    .map(|c| (c, version))
             })
             .collect();
         let results: Vec<bool> = futures::stream::iter(claims)

@@ -46,13 +46,16 @@ impl WorkSet {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Claims `key` unless it is in flight or waiting out a backoff. `version` is the row's
-    /// current desired version when known: a row changed since its failure skips the wait.
+    /// Claims `key` unless it is in flight or waiting. `version` is the row's current desired
+    /// version when known: a row changed since its failure skips the backoff. A full resync
+    /// passes `resync = true`: it looks at every subscription anyway, so it does not wait out
+    /// a requested requeue delay (only a failure backoff).
     pub fn try_claim(
         self: &Arc<Self>,
         key: &str,
         version: Option<i64>,
         now: Instant,
+        resync: bool,
     ) -> Option<Claim> {
         let mut keys = self.lock();
         let state = keys.entry(key.to_string()).or_default();
@@ -61,7 +64,9 @@ impl WorkSet {
         }
         let changed_since_failure =
             version.is_some() && state.failed_version.is_some() && version != state.failed_version;
-        if state.not_before.is_some_and(|t| t > now) && !changed_since_failure {
+        let waiting = state.not_before.is_some_and(|t| t > now);
+        let failing = state.failures > 0;
+        if waiting && (failing || !resync) && !changed_since_failure {
             return None;
         }
         state.in_flight = true;
@@ -153,36 +158,47 @@ mod tests {
     fn one_claim_per_key_at_a_time() {
         let set = Arc::new(WorkSet::default());
         let now = Instant::now();
-        let claim = set.try_claim("a", None, now).expect("free key");
+        let claim = set.try_claim("a", None, now, false).expect("free key");
         assert!(
-            set.try_claim("a", None, now).is_none(),
+            set.try_claim("a", None, now, false).is_none(),
             "second claim refused"
         );
         assert!(
-            set.try_claim("b", None, now).is_some(),
+            set.try_claim("b", None, now, false).is_some(),
             "other keys unaffected"
         );
         claim.finish(Finish::Success);
-        assert!(set.try_claim("a", None, now).is_some());
+        assert!(set.try_claim("a", None, now, false).is_some());
     }
 
     #[test]
     fn failures_back_off_until_the_row_changes() {
         let set = Arc::new(WorkSet::default());
         let now = Instant::now();
-        set.try_claim("a", Some(1), now)
+        set.try_claim("a", Some(1), now, false)
             .expect("free")
             .finish(Finish::Failure { version: Some(1) });
         assert!(
-            set.try_claim("a", Some(1), Instant::now()).is_none(),
+            set.try_claim("a", Some(1), Instant::now(), true).is_none(),
             "same version waits"
         );
         assert!(set.due(Instant::now()).is_empty());
         assert_eq!(set.due(Instant::now() + MAX_BACKOFF), vec!["a".to_string()]);
         assert!(
-            set.try_claim("a", Some(2), Instant::now()).is_some(),
+            set.try_claim("a", Some(2), Instant::now(), false).is_some(),
             "changed row retried at once"
         );
+    }
+
+    #[test]
+    fn a_resync_does_not_wait_out_a_requeue_but_a_change_pass_does() {
+        let set = Arc::new(WorkSet::default());
+        let now = Instant::now();
+        set.try_claim("a", None, now, false)
+            .expect("free")
+            .finish(Finish::RetryAfter(Duration::from_secs(60)));
+        assert!(set.try_claim("a", None, Instant::now(), false).is_none());
+        assert!(set.try_claim("a", None, Instant::now(), true).is_some());
     }
 
     #[test]
@@ -205,14 +221,14 @@ mod tests {
     fn success_resets_backoff() {
         let set = Arc::new(WorkSet::default());
         let now = Instant::now();
-        set.try_claim("a", None, now)
+        set.try_claim("a", None, now, false)
             .expect("free")
             .finish(Finish::Failure { version: None });
         let later = now + MAX_BACKOFF;
-        set.try_claim("a", None, later)
+        set.try_claim("a", None, later, false)
             .expect("due")
             .finish(Finish::Success);
         assert_eq!(set.in_backoff(), 0);
-        assert!(set.try_claim("a", None, later).is_some());
+        assert!(set.try_claim("a", None, later, false).is_some());
     }
 }

@@ -129,6 +129,11 @@ impl<A: HcloudApi> Reconciler<A> {
 
         // 4. Carry it out, then 5. write what was observed back onto the row.
         let result = self.execute(&desired, &row_state, &observed, &plan).await;
+        // The executor records ids as it goes: compare the outcome with the row as it is now.
+        let row = match (&row, plan.ops.is_empty()) {
+            (Some(_), false) => subscriptions::get(&self.db, subscription_id).await?,
+            _ => row,
+        };
         match result {
             Ok(progress) => self.settle(&desired, row.as_ref(), &plan, progress).await,
             Err(error) => {
@@ -273,26 +278,26 @@ impl<A: HcloudApi> Reconciler<A> {
         }
         let update = only_changes(row, update);
         if !update.is_empty() {
-            if let (Some(status), true) = (
-                &update.provisioning_status,
-                matches!(
-                    plan.outcome,
-                    Outcome::Ready | Outcome::Deprovisioned | Outcome::Failed(_)
-                ),
-            ) {
-                let kind = if status == "failed" {
-                    EventKind::Warning
-                } else {
-                    EventKind::Normal
-                };
-                let reason = match status.as_str() {
-                    "ready" => "Ready",
-                    "deprovisioned" => "Deprovisioned",
-                    _ => "Failed",
-                };
-                let message = match &plan.outcome {
-                    Outcome::Failed(message) => message.clone(),
-                    _ => format!("provisioning status {status}"),
+            let milestone = match update.provisioning_status.as_deref() {
+                Some("ready") => Some((EventKind::Normal, "Ready")),
+                Some("deprovisioned") => Some((EventKind::Normal, "Deprovisioned")),
+                Some("failed") => Some((EventKind::Warning, "Failed")),
+                _ => None,
+            };
+            if let Some((kind, reason)) = milestone {
+                let message = match (&plan.outcome, &progress.server) {
+                    (Outcome::Failed(message), _) => message.clone(),
+                    (Outcome::Ready, Some(server)) => format!(
+                        "server {} ({}) running at {}",
+                        server.id,
+                        server.name,
+                        update
+                            .vps_ip_address
+                            .clone()
+                            .flatten()
+                            .unwrap_or_else(|| "-".into())
+                    ),
+                    _ => "all resources deleted".to_string(),
                 };
                 tracing::info!(subscription = %row.id, reason, "{message}");
                 events::record(&self.db, &row.id, kind, reason, &message).await?;

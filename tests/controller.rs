@@ -1,0 +1,597 @@
+//! The reconcile loop end to end: real databases (SQLite and PostgreSQL), the real client
+//! over real sockets, the simulator standing in for Hetzner. Every test drives the passes
+//! directly (`resync`, `process_changes`), so nothing waits on a timer.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sea_orm::{ConnectionTrait, DatabaseConnection};
+use serde_json::{Value, json};
+
+use vps_controller::config::Config;
+use vps_controller::controller::Controller;
+use vps_controller::controller::leader::Leadership;
+use vps_controller::db::{self, entities::subscription, events, subscriptions};
+use vps_controller::hcloud::{
+    ActionPollBackoff, Budget, Client, ClientConfig, RetryBackoff, Token,
+};
+use vps_controller::keys::{KeyAlgorithm, Sealer};
+use vps_controller::reconcile::Reconciler;
+use vps_controller::simulator::{self, RunningSimulator, SimulatorConfig};
+use vps_controller::telemetry::metrics::Metrics;
+
+const TOKEN: &str = "test-token";
+
+struct Env {
+    sim: RunningSimulator,
+    http: reqwest::Client,
+    db: DatabaseConnection,
+    controller: Controller<Client>,
+    backend: &'static str,
+}
+
+async fn env(test_db: &common::TestDb) -> Env {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let sim = simulator::spawn(
+        SimulatorConfig {
+            token: Some(TOKEN.into()),
+            action_seconds: 0.05,
+            fault_delay: Duration::from_secs(3),
+            ..SimulatorConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let db = db::connect(&test_db.url).await.unwrap();
+    db::migrate(&db).await.unwrap();
+    let api = Client::new(ClientConfig {
+        action_poll: ActionPollBackoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(100),
+            factor: 1.5,
+        },
+        // Fast retries and short pauses: these tests count requests, not seconds.
+        timeout: Duration::from_secs(1),
+        max_retries: 1,
+        retry_backoff: RetryBackoff {
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(50),
+        },
+        budget: Arc::new(Budget::new(3600).with_max_circuit_pause(Duration::from_millis(100))),
+        ..ClientConfig::new(sim.base_url(), Token::new(TOKEN))
+    })
+    .unwrap();
+    let config = Config {
+        // Key generation speed is not under test here (tests/foundation.rs covers RSA).
+        ssh_key_algorithm: KeyAlgorithm::Ed25519,
+        shutdown_timeout_seconds: 0,
+        ..Config::builtin()
+    };
+    let reconciler = Reconciler {
+        api,
+        db: db.clone(),
+        sealer: Sealer::ephemeral(),
+        config,
+        action_timeout: Duration::from_secs(20),
+    };
+    let controller = Controller::new(
+        reconciler,
+        Arc::new(Metrics::new()),
+        Leadership::always(),
+        3600,
+    );
+    Env {
+        sim,
+        http: reqwest::Client::new(),
+        db,
+        controller,
+        backend: test_db.backend,
+    }
+}
+
+impl Env {
+    async fn sql(&self, statement: &str) {
+        self.db.execute_unprepared(statement).await.unwrap();
+    }
+
+    async fn insert(&self, id: &str, status: &str, plan: &str) {
+        self.sql(&format!(
+            "INSERT INTO subscriptions (id, user_id, status, plan) VALUES ('{id}', 'user-{id}', '{status}', '{plan}')"
+        ))
+        .await;
+    }
+
+    async fn set_status(&self, id: &str, status: &str) {
+        self.sql(&format!(
+            "UPDATE subscriptions SET status = '{status}' WHERE id = '{id}'"
+        ))
+        .await;
+    }
+
+    async fn row(&self, id: &str) -> subscription::Model {
+        subscriptions::get(&self.db, id).await.unwrap().unwrap()
+    }
+
+    /// A raw call to the simulator, as any Hetzner user would make it.
+    async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("{}{path}", self.sim.base_url());
+        let mut request = self
+            .http
+            .request(method.parse().unwrap(), url)
+            .bearer_auth(TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    async fn list(&self, kind: &str) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut page = 1;
+        loop {
+            let (status, body) = self
+                .api("GET", &format!("/{kind}?per_page=50&page={page}"), None)
+                .await;
+            assert_eq!(status, 200, "{body}");
+            all.extend(body[kind].as_array().unwrap().iter().cloned());
+            match body["meta"]["pagination"]["next_page"].as_i64() {
+                Some(next) => page = next,
+                None => return all,
+            }
+        }
+    }
+
+    async fn stats(&self) -> Value {
+        let url = format!("http://{}/__simulator/stats", self.sim.addr());
+        self.http
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn reset_stats(&self) {
+        let url = format!("http://{}/__simulator/reset", self.sim.addr());
+        let response = self.http.post(url).send().await.unwrap();
+        assert!(response.status().is_success());
+    }
+
+    async fn resync(&self) {
+        let report = self.controller.resync().await.unwrap();
+        assert_eq!(
+            report.failed, 0,
+            "[{}] resync had failures: {report:?}",
+            self.backend
+        );
+    }
+
+    async fn process_changes(&self) {
+        self.controller.process_changes().await.unwrap();
+    }
+
+    /// Labels of the resource whose `vps-controller/subscription` label is `key`.
+    async fn owned_by(&self, kind: &str, key: &str) -> Vec<Value> {
+        self.list(kind)
+            .await
+            .into_iter()
+            .filter(|r| r["labels"]["vps-controller/subscription"] == key)
+            .collect()
+    }
+}
+
+fn ids(values: &[Value]) -> Vec<i64> {
+    values.iter().map(|v| v["id"].as_i64().unwrap()).collect()
+}
+
+/// Write-only endpoints called, with counts (everything but GETs).
+fn writes(stats: &Value) -> BTreeMap<String, u64> {
+    stats["by_endpoint"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(endpoint, _)| !endpoint.starts_with("GET "))
+        .map(|(endpoint, n)| (endpoint.clone(), n.as_u64().unwrap()))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+async fn for_each_backend<F, Fut>(test: F)
+where
+    F: Fn(Env) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for test_db in common::test_databases().await {
+        let env = env(&test_db).await;
+        test(env).await;
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn active_rows_converge_canceled_ones_stay_empty_and_steady_state_only_lists() {
+    for_each_backend(|env| async move {
+        for i in 0..10 {
+            env.insert(
+                &format!("sub-{i}"),
+                if i % 2 == 0 { "active" } else { "trialing" },
+                if i < 5 { "starter" } else { "pro" },
+            )
+            .await;
+        }
+        for i in 10..13 {
+            env.insert(&format!("sub-{i}"), "canceled", "pro").await;
+        }
+        env.resync().await;
+
+        let servers = env.list("servers").await;
+        let keys = env.list("ssh_keys").await;
+        let firewalls = env.list("firewalls").await;
+        assert_eq!(
+            (servers.len(), keys.len(), firewalls.len()),
+            (10, 10, 10),
+            "[{}]",
+            env.backend
+        );
+        for i in 0..10 {
+            let id = format!("sub-{i}");
+            let row = env.row(&id).await;
+            let server = env.owned_by("servers", &id).await;
+            let key = env.owned_by("ssh_keys", &id).await;
+            let firewall = env.owned_by("firewalls", &id).await;
+            assert_eq!(
+                (server.len(), key.len(), firewall.len()),
+                (1, 1, 1),
+                "[{}] {id}",
+                env.backend
+            );
+            assert_eq!(
+                row.provisioning_status, "ready",
+                "[{}] {id}: {:?}",
+                env.backend, row.provisioning_error
+            );
+            assert_eq!(row.hetzner_server_id, server[0]["id"].as_i64());
+            assert_eq!(row.hetzner_ssh_key_id, key[0]["id"].as_i64());
+            assert_eq!(row.hetzner_firewall_id, firewall[0]["id"].as_i64());
+            assert_eq!(
+                row.vps_ip_address.as_deref(),
+                server[0]["public_net"]["ipv4"]["ip"].as_str()
+            );
+            assert_eq!(row.vps_hostname.as_deref(), server[0]["name"].as_str());
+            assert!(row.provisioned_at.is_some());
+            assert_eq!(server[0]["status"], "running");
+            assert_eq!(
+                server[0]["server_type"]["name"],
+                if i < 5 { "cx23" } else { "cpx32" }
+            );
+            assert_eq!(key[0]["public_key"].as_str(), row.ssh_public_key.as_deref());
+            let sealed = row.ssh_private_key.clone().unwrap();
+            assert!(
+                sealed.starts_with("v1:") && !sealed.contains("PRIVATE KEY"),
+                "sealed at rest"
+            );
+            assert_eq!(row.observed_version, row.desired_version);
+        }
+        for i in 10..13 {
+            let row = env.row(&format!("sub-{i}")).await;
+            assert_eq!(row.provisioning_status, "pending");
+            assert_eq!(row.hetzner_server_id, None);
+        }
+        let recorded = events::recent(&env.db, Some("sub-0"), 50).await.unwrap();
+        let reasons: Vec<&str> = recorded.iter().map(|e| e.reason.as_str()).collect();
+        for reason in [
+            "KeyPairGenerated",
+            "SshKeyCreated",
+            "FirewallCreated",
+            "ServerCreated",
+            "Ready",
+        ] {
+            assert!(
+                reasons.contains(&reason),
+                "[{}] events: {reasons:?}",
+                env.backend
+            );
+        }
+
+        // Steady state: a resync lists (3 requests), writes nothing at Hetzner or in the DB.
+        let before = subscriptions::all(&env.db).await.unwrap();
+        env.reset_stats().await;
+        env.resync().await;
+        env.process_changes().await;
+        let stats = env.stats().await;
+        assert_eq!(stats["total"], 3, "[{}] {stats}", env.backend);
+        for endpoint in ["GET /servers", "GET /ssh_keys", "GET /firewalls"] {
+            assert_eq!(
+                stats["by_endpoint"][endpoint], 1,
+                "[{}] {stats}",
+                env.backend
+            );
+        }
+        assert_eq!(
+            subscriptions::all(&env.db).await.unwrap(),
+            before,
+            "[{}] no row changed",
+            env.backend
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canceling_deletes_everything_and_reactivating_provisions_again() {
+    for_each_backend(|env| async move {
+        env.insert("sub-a", "active", "starter").await;
+        env.process_changes().await;
+        let first = env.row("sub-a").await;
+        assert_eq!(
+            first.provisioning_status, "ready",
+            "[{}] {:?}",
+            env.backend, first.provisioning_error
+        );
+
+        env.set_status("sub-a", "canceled").await;
+        env.process_changes().await;
+        let row = env.row("sub-a").await;
+        assert_eq!(
+            row.provisioning_status, "deprovisioned",
+            "[{}] {:?}",
+            env.backend, row.provisioning_error
+        );
+        assert!(row.deprovisioned_at.is_some());
+        assert_eq!(
+            (
+                row.hetzner_server_id,
+                row.hetzner_ssh_key_id,
+                row.hetzner_firewall_id
+            ),
+            (None, None, None)
+        );
+        assert_eq!((row.ssh_private_key, row.vps_ip_address), (None, None));
+        assert!(env.list("servers").await.is_empty());
+        assert!(env.list("ssh_keys").await.is_empty());
+        assert!(env.list("firewalls").await.is_empty());
+
+        env.set_status("sub-a", "active").await;
+        env.process_changes().await;
+        let again = env.row("sub-a").await;
+        assert_eq!(
+            again.provisioning_status, "ready",
+            "[{}] {:?}",
+            env.backend, again.provisioning_error
+        );
+        assert_ne!(
+            again.hetzner_server_id, first.hetzner_server_id,
+            "a new server"
+        );
+        assert_eq!(
+            ids(&env.list("servers").await),
+            vec![again.hetzner_server_id.unwrap()]
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_row_loses_its_resources_at_once() {
+    for_each_backend(|env| async move {
+        env.insert("sub-d", "active", "starter").await;
+        env.process_changes().await;
+        assert_eq!(env.list("servers").await.len(), 1);
+        env.sql("DELETE FROM subscriptions WHERE id = 'sub-d'")
+            .await;
+        env.process_changes().await;
+        assert!(env.list("servers").await.is_empty(), "[{}]", env.backend);
+        assert!(env.list("ssh_keys").await.is_empty());
+        assert!(env.list("firewalls").await.is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_drift_is_repaired_within_one_resync() {
+    for_each_backend(|env| async move {
+        for id in ["gone", "off", "rules", "unapplied", "labels", "key"] {
+            env.insert(id, "active", "starter").await;
+        }
+        env.resync().await;
+        let before: BTreeMap<String, subscription::Model> = subscriptions::all(&env.db).await.unwrap().into_iter().map(|r| (r.id.clone(), r)).collect();
+        let server = |id: &str| before[id].hetzner_server_id.unwrap();
+        let firewall = |id: &str| before[id].hetzner_firewall_id.unwrap();
+
+        let (status, _) = env.api("DELETE", &format!("/servers/{}", server("gone")), None).await;
+        assert_eq!(status, 200);
+        let (status, _) = env.api("POST", &format!("/servers/{}/actions/poweroff", server("off")), None).await;
+        assert_eq!(status, 201);
+        let (status, _) = env.api("POST", &format!("/firewalls/{}/actions/set_rules", firewall("rules")), Some(json!({"rules": []}))).await;
+        assert_eq!(status, 201);
+        let (status, body) = env
+            .api("POST", &format!("/firewalls/{}/actions/remove_from_resources", firewall("unapplied")), Some(json!({"remove_from": [{"type": "server", "server": {"id": server("unapplied")}}]})))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let (status, _) = env
+            .api("PUT", &format!("/servers/{}", server("labels")), Some(json!({"labels": {"vps-controller/instance": "default", "vps-controller/subscription": "labels", "team": "ops"}})))
+            .await;
+        assert_eq!(status, 200);
+        let (status, _) = env.api("DELETE", &format!("/ssh_keys/{}", before["key"].hetzner_ssh_key_id.unwrap()), None).await;
+        assert_eq!(status, 204);
+        // Let the drift's own actions (delete, power off, detach) finish, as at Hetzner.
+        assert!(common::eventually(Duration::from_secs(10), || async {
+            let (gone, _) = env.api("GET", &format!("/servers/{}", server("gone")), None).await;
+            let (_, off) = env.api("GET", &format!("/servers/{}", server("off")), None).await;
+            let (_, fw) = env.api("GET", &format!("/firewalls/{}", firewall("unapplied")), None).await;
+            gone == 404 && off["server"]["status"] == "off" && fw["firewall"]["applied_to"] == json!([])
+        }).await);
+
+        env.resync().await;
+
+        let gone = env.row("gone").await;
+        assert_ne!(gone.hetzner_server_id, Some(server("gone")), "[{}] recreated", env.backend);
+        assert_eq!(ids(&env.owned_by("servers", "gone").await), vec![gone.hetzner_server_id.unwrap()]);
+        let recorded = events::recent(&env.db, Some("gone"), 50).await.unwrap();
+        assert_eq!(gone.provisioning_status, "ready", "{recorded:#?}");
+        let (_, off) = env.api("GET", &format!("/servers/{}", server("off")), None).await;
+        assert_eq!(off["server"]["status"], "running", "[{}] powered on", env.backend);
+        let (_, rules) = env.api("GET", &format!("/firewalls/{}", firewall("rules")), None).await;
+        assert_eq!(rules["firewall"]["rules"].as_array().unwrap().len(), Config::builtin().plans["starter"].firewall_rules.len());
+        let (_, unapplied) = env.api("GET", &format!("/firewalls/{}", firewall("unapplied")), None).await;
+        assert_eq!(unapplied["firewall"]["applied_to"][0]["server"]["id"].as_i64(), Some(server("unapplied")), "[{}] {unapplied}", env.backend);
+        let (_, labels) = env.api("GET", &format!("/servers/{}", server("labels")), None).await;
+        assert_eq!(labels["server"]["labels"]["vps-controller/plan"], "starter");
+        assert_eq!(labels["server"]["labels"]["team"], "ops", "foreign labels kept");
+        let key = env.owned_by("ssh_keys", "key").await;
+        assert_eq!(key.len(), 1);
+        assert_eq!(key[0]["public_key"].as_str(), before["key"].ssh_public_key.as_deref(), "recreated from the stored key");
+        assert_eq!(env.row("key").await.hetzner_ssh_key_id, key[0]["id"].as_i64());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_deleted_and_foreign_resources_are_untouched() {
+    for_each_backend(|env| async move {
+        // An orphan: our labels, no row.
+        let (status, body) = env
+            .api("POST", "/servers", Some(json!({"name": "vps-ghost", "server_type": "cx23", "image": "ubuntu-24.04", "labels": {"vps-controller/instance": "default", "vps-controller/subscription": "ghost"}})))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        // Someone else's server holding the name a new subscription would use.
+        let (status, body) = env
+            .api("POST", "/servers", Some(json!({"name": "vps-taken", "server_type": "cx23", "image": "debian-12", "labels": {"team": "web"}})))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let foreign_id = body["server"]["id"].as_i64().unwrap();
+        env.insert("taken", "active", "starter").await;
+
+        env.resync().await;
+
+        let names: Vec<String> = env.list("servers").await.iter().map(|s| s["name"].as_str().unwrap().to_string()).collect();
+        assert_eq!(names, vec!["vps-taken".to_string()], "[{}] orphan deleted, foreign kept", env.backend);
+        let (_, foreign) = env.api("GET", &format!("/servers/{foreign_id}"), None).await;
+        assert_eq!(foreign["server"]["labels"], json!({"team": "web"}), "foreign labels untouched");
+        let row = env.row("taken").await;
+        assert_eq!(row.provisioning_status, "failed");
+        let error = row.provisioning_error.unwrap();
+        assert!(error.contains("vps-taken") && error.contains("does not own"), "{error}");
+
+        // Terminal: not retried until the row changes.
+        env.reset_stats().await;
+        env.process_changes().await;
+        assert!(writes(&env.stats().await).is_empty());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_plan_fails_clearly_without_calling_hetzner() {
+    for_each_backend(|env| async move {
+        env.insert("gold", "active", "gold").await;
+        env.reset_stats().await;
+        env.process_changes().await;
+        let row = env.row("gold").await;
+        assert_eq!(row.provisioning_status, "failed");
+        assert_eq!(
+            row.provisioning_error.as_deref(),
+            Some("plan: \"gold\" is not a configured plan (configured: pro, starter)")
+        );
+        assert!(writes(&env.stats().await).is_empty(), "no Hetzner writes");
+        // Fixing the plan retries at once.
+        env.sql("UPDATE subscriptions SET plan = 'pro' WHERE id = 'gold'")
+            .await;
+        env.process_changes().await;
+        assert_eq!(env.row("gold").await.provisioning_status, "ready");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_create_and_persist_ends_with_one_adopted_server() {
+    for_each_backend(|env| async move {
+        env.insert("crash", "active", "starter").await;
+        // A first pass that created the key, firewall and server but died before writing the
+        // server's id: the server carries our instance label and deterministic name, and the
+        // subscription label was never written (so a label lookup cannot find it).
+        env.process_changes().await;
+        let row = env.row("crash").await;
+        let original = row.hetzner_server_id.unwrap();
+        let (status, _) = env.api("DELETE", &format!("/servers/{original}"), None).await;
+        assert_eq!(status, 200);
+        let (status, body) = env
+            .api("POST", "/servers", Some(json!({"name": "vps-crash", "server_type": "cx23", "image": "ubuntu-24.04", "labels": {"vps-controller/instance": "default"}})))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let crashed = body["server"]["id"].as_i64().unwrap();
+        env.sql("UPDATE subscriptions SET hetzner_server_id = NULL, plan = 'starter', updated_at = CURRENT_TIMESTAMP WHERE id = 'crash'").await;
+
+        env.process_changes().await; // create -> uniqueness_error -> adopt, look again later
+        env.resync().await; // repairs the missing label and firewall
+        // The adopted server may still be starting: the requeue looks again until it runs.
+        assert!(common::eventually(Duration::from_secs(10), || async {
+            env.process_changes().await;
+            env.row("crash").await.provisioning_status == "ready"
+        }).await, "[{}] adopted server recorded ready", env.backend);
+
+        let servers = env.list("servers").await;
+        assert_eq!(ids(&servers), vec![crashed], "[{}] exactly one server, the adopted one", env.backend);
+        assert_eq!(servers[0]["labels"]["vps-controller/subscription"], "crash");
+        let row = env.row("crash").await;
+        assert_eq!(row.hetzner_server_id, Some(crashed));
+        let recorded = events::recent(&env.db, Some("crash"), 50).await.unwrap();
+        assert_eq!(row.provisioning_status, "ready", "{:?} {recorded:#?}", row.provisioning_error);
+        let reasons: Vec<String> = events::recent(&env.db, Some("crash"), 50).await.unwrap().into_iter().map(|e| e.reason).collect();
+        assert!(reasons.contains(&"ServerAdopted".to_string()), "{reasons:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_listings_mean_unknown_never_gone() {
+    for_each_backend(|env| async move {
+        env.insert("flaky", "active", "starter").await;
+        env.process_changes().await;
+        let ready = env.row("flaky").await;
+        assert_eq!(ready.provisioning_status, "ready");
+        // Every request now gets an injected fault (5xx, 429, non-JSON 502, late answer).
+        let url = format!("http://{}/__simulator/faults", env.sim.addr());
+        env.http
+            .post(&url)
+            .json(&json!({"rate": 1.0}))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            env.controller.resync().await.is_err(),
+            "[{}] the listing failed",
+            env.backend
+        );
+        env.sql("UPDATE subscriptions SET updated_at = CURRENT_TIMESTAMP WHERE id = 'flaky'")
+            .await;
+        env.process_changes().await;
+        env.http
+            .post(&url)
+            .json(&json!({"rate": 0.0}))
+            .send()
+            .await
+            .unwrap();
+        // Nothing was recreated or deleted on an unknown answer.
+        assert_eq!(
+            ids(&env.list("servers").await),
+            vec![ready.hetzner_server_id.unwrap()],
+            "[{}]",
+            env.backend
+        );
+        assert_eq!(env.list("ssh_keys").await.len(), 1);
+        assert_eq!(env.list("firewalls").await.len(), 1);
+        let row = env.row("flaky").await;
+        assert_eq!(row.hetzner_server_id, ready.hetzner_server_id);
+    })
+    .await;
+}
