@@ -1644,3 +1644,71 @@ async fn contract_check_rejects_wrong_shapes() {
         assert!(outcome.is_err(), "accepted a wrong body: {body}");
     }
 }
+
+#[tokio::test]
+async fn change_type_needs_a_stopped_server_and_never_shrinks_the_disk() {
+    let sim = Sim::instant().await;
+    let created = sim.create_server("grow", json!({})).await;
+    let id = created["server"]["id"].as_i64().unwrap();
+    let change = |server_type: &'static str, upgrade_disk: bool| {
+        let sim = &sim;
+        async move {
+            sim.post(
+                &format!("/v1/servers/{id}/actions/change_type"),
+                json!({"server_type": server_type, "upgrade_disk": upgrade_disk}),
+            )
+            .await
+        }
+    };
+    assert_eq!(change("cx32", false).await.code(), "server_not_stopped");
+    sim.call(
+        Method::POST,
+        &format!("/v1/servers/{id}/actions/poweroff"),
+        None,
+    )
+    .await;
+    let off = sim.get("/v1/servers?status=off").await;
+    assert_eq!(names(&off.body, "servers"), ["grow"]);
+    assert_eq!(
+        sim.get("/v1/servers?status=running").await.body["servers"],
+        json!([])
+    );
+    assert_eq!(
+        sim.get("/v1/servers?status=sleeping").await.field_names(),
+        ["status"]
+    );
+
+    let kept = change("cx32", false).await;
+    assert_eq!(kept.status, StatusCode::CREATED, "{}", kept.body);
+    assert_eq!(kept.body["action"]["command"], "change_server_type");
+    let server = sim.get(&format!("/v1/servers/{id}")).await.body;
+    assert_eq!(server["server"]["server_type"]["name"], "cx32");
+    assert_eq!(server["server"]["primary_disk_size"], 40);
+    assert_eq!(server["server"]["status"], "running");
+
+    sim.call(
+        Method::POST,
+        &format!("/v1/servers/{id}/actions/poweroff"),
+        None,
+    )
+    .await;
+    assert_eq!(change("cax11", false).await.code(), "invalid_server_type");
+    assert_eq!(change("cpx32", true).await.status, StatusCode::CREATED);
+    let server = sim.get(&format!("/v1/servers/{id}")).await.body;
+    assert_eq!(server["server"]["primary_disk_size"], 160);
+    sim.call(
+        Method::POST,
+        &format!("/v1/servers/{id}/actions/poweroff"),
+        None,
+    )
+    .await;
+    assert_eq!(change("cx22", false).await.code(), "invalid_server_type");
+    let missing = sim
+        .post(
+            &format!("/v1/servers/{id}/actions/change_type"),
+            json!({"server_type": "nope"}),
+        )
+        .await;
+    assert_eq!(missing.field_names(), ["server_type", "upgrade_disk"]);
+    sim.sim.shutdown().await;
+}
