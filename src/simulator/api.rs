@@ -586,6 +586,13 @@ fn create_server(world: &mut World, ctx: &Ctx) -> Result<Reply, ApiError> {
             }
         }
         net.reject_unknown();
+        // Without networks (not simulated) a server needs a public interface.
+        if !enable_ipv4 && !enable_ipv6 {
+            net.error(
+                "enable_ipv4",
+                "a server needs public IPv4 or IPv6 (private networks are not simulated)",
+            );
+        }
         for mut e in net.errors {
             e.name = format!("public_net.{}", e.name);
             b.errors.push(e);
@@ -1178,13 +1185,6 @@ fn firewall_targets(b: &mut Body, field: &str, required: bool) -> Vec<Target> {
     targets
 }
 
-fn server_without_public_net(world: &World, id: i64) -> bool {
-    world
-        .servers
-        .get(&id)
-        .is_some_and(|s| s.ipv4.is_none() && s.ipv6.is_none())
-}
-
 /// Starts `apply_firewall` for each target and records the (pending) application.
 fn apply_targets(world: &mut World, ctx: &Ctx, firewall: i64, targets: Vec<Target>) -> Vec<i64> {
     let mut actions = Vec::new();
@@ -1238,19 +1238,13 @@ fn create_firewall(world: &mut World, ctx: &Ctx) -> Result<Reply, ApiError> {
                 "a resource is listed more than once in apply_to",
             ));
         }
-        if let Target::Server(id) = target {
-            if !world.servers.contains_key(id) {
-                return Err(ApiError::unprocessable(
-                    "firewall_resource_not_found",
-                    format!("server {id} not found"),
-                ));
-            }
-            if server_without_public_net(world, *id) {
-                return Err(ApiError::unprocessable(
-                    "incompatible_network_type",
-                    format!("server {id} has no public network interface"),
-                ));
-            }
+        if let Target::Server(id) = target
+            && !world.servers.contains_key(id)
+        {
+            return Err(ApiError::unprocessable(
+                "firewall_resource_not_found",
+                format!("server {id} not found"),
+            ));
         }
     }
     let id = world.new_firewall_id();
@@ -1408,20 +1402,14 @@ fn apply_to_resources(
         return Err(ApiError::not_found("firewall"));
     };
     for (i, target) in targets.iter().enumerate() {
-        if let Target::Server(sid) = target {
-            if !world.servers.contains_key(sid) {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "firewall_resource_not_found",
-                    format!("server {sid} not found"),
-                ));
-            }
-            if server_without_public_net(world, *sid) {
-                return Err(ApiError::unprocessable(
-                    "private_net_only_server",
-                    format!("server {sid} has no public network interface"),
-                ));
-            }
+        if let Target::Server(sid) = target
+            && !world.servers.contains_key(sid)
+        {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "firewall_resource_not_found",
+                format!("server {sid} not found"),
+            ));
         }
         let existing = fw.applied.iter().find(|a| a.target.same_as(target));
         if let Some(application) = existing {
