@@ -1717,3 +1717,45 @@ async fn change_type_needs_a_stopped_server_and_never_shrinks_the_disk() {
     assert_eq!(missing.field_names(), ["server_type", "upgrade_disk"]);
     sim.sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_delayed_answer_times_the_client_out_but_the_change_happened() {
+    let sim = Sim::start(SimulatorConfig {
+        fault_rate: 1.0,
+        seed: 3,
+        fault_delay: Duration::from_secs(30),
+        action_seconds: 0.0,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let mut timed_out = None;
+    for i in 0..40 {
+        let name = format!("late-{i}");
+        let sent = impatient
+            .post(format!("{}/v1/servers", sim.root()))
+            .json(&json!({"name": name, "server_type": "cx22", "image": "debian-12"}))
+            .send()
+            .await;
+        if let Err(e) = sent {
+            assert!(e.is_timeout(), "{e}");
+            timed_out = Some(name);
+            break;
+        }
+    }
+    let name = timed_out.expect("no delayed answer in 40 faulted requests");
+    assert_eq!(
+        sim.hook("/__simulator/faults", Some(json!({"rate": 0.0})))
+            .await,
+        StatusCode::OK
+    );
+    let found = sim.get(&format!("/v1/servers?name={name}")).await;
+    assert_eq!(names(&found.body, "servers"), [name.as_str()]);
+    // Shutting down ends the held-back answer instead of waiting 30 s for it.
+    let stopping = Instant::now();
+    sim.sim.shutdown().await;
+    assert!(stopping.elapsed() < Duration::from_secs(20));
+}
