@@ -1582,6 +1582,10 @@ async fn invalid_configs_are_refused() {
             ..SimulatorConfig::default()
         },
         SimulatorConfig {
+            action_seconds: 1e30,
+            ..SimulatorConfig::default()
+        },
+        SimulatorConfig {
             fault_rate: 1.5,
             ..SimulatorConfig::default()
         },

@@ -67,6 +67,8 @@ use request::Query;
 use routes::Routed;
 use state::{Clock, World};
 
+const MAX_ACTION_SECONDS: f64 = 86_400.0;
+
 /// Largest request body accepted (user_data is at most 32 KiB; rules add a little).
 const MAX_BODY_BYTES: usize = 1024 * 1024;
 
@@ -116,7 +118,7 @@ impl std::fmt::Debug for SimulatorConfig {
 /// Why a [`SimulatorConfig`] is unusable.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SimulatorConfigError {
-    #[error("action_seconds must be a finite number >= 0, got {0}")]
+    #[error("action_seconds must be a number from 0 to 86400 (one day), got {0}")]
     ActionSeconds(f64),
     #[error("fault_rate must be between 0 and 1, got {0}")]
     FaultRate(f64),
@@ -128,7 +130,8 @@ pub enum SimulatorConfigError {
 
 impl SimulatorConfig {
     pub fn validate(&self) -> Result<(), SimulatorConfigError> {
-        if !self.action_seconds.is_finite() || self.action_seconds < 0.0 {
+        // Bounded so instants and timestamps computed from it cannot overflow.
+        if !(0.0..=MAX_ACTION_SECONDS).contains(&self.action_seconds) {
             return Err(SimulatorConfigError::ActionSeconds(self.action_seconds));
         }
         if !(0.0..=1.0).contains(&self.fault_rate) {
