@@ -2,6 +2,15 @@
 //!
 //! Contract tests read `openapi.json` from `$HCLOUD_OPENAPI`, or `../shared/hcloud/openapi.json`
 //! next to the repository (where the workspace and CI keep it).
+//!
+//! Contract coverage: for the 23 operations the client calls, every response example, every
+//! schema-level example, and a full and a minimal instance synthesized from each response schema
+//! (4xx/5xx included) decode; requests validate against the request schemas. Skipped: the other
+//! ~150 operations (images, volumes, other server actions, ...) because the client does not call
+//! them — except that every action-shaped example in the whole spec is decoded as an Action —
+//! and the 204 answers of DELETE /ssh_keys/{id} and /firewalls/{id}, which have no body.
+//! One deliberate deviation: `ssh_keys` items of POST /servers are typed `string` in the
+//! schema, but its description allows integer IDs (what hcloud-go sends), so the test widens it.
 
 mod contract {
     use std::collections::BTreeMap;
@@ -823,6 +832,12 @@ mod against_simulator {
 
     const WAIT: Duration = Duration::from_secs(10);
 
+    /// How the executor uses the client: generically, inside spawned tasks.
+    async fn names_of<A: HcloudApi>(api: &A, selector: &str) -> Result<Vec<String>, Error> {
+        let servers = api.list_servers(selector).await?;
+        Ok(servers.into_iter().map(|s| s.name).collect())
+    }
+
     #[tokio::test]
     async fn every_trait_call_works_against_the_simulator() {
         let sim = simulator(SimulatorConfig {
@@ -932,13 +947,11 @@ mod against_simulator {
             Some(server.id)
         );
         assert_eq!(api.server_by_name("vps-s2").await.unwrap(), None);
-        assert_eq!(
-            api.list_servers("vps-controller/instance=t1")
-                .await
-                .unwrap()
-                .len(),
-            1
-        );
+        let spawned = tokio::spawn({
+            let api = api.clone();
+            async move { names_of(&api, "vps-controller/instance=t1").await }
+        });
+        assert_eq!(spawned.await.unwrap().unwrap(), vec!["vps-s1".to_string()]);
         let server = api
             .update_server_labels(server.id, &relabeled)
             .await
