@@ -6,7 +6,7 @@
 //! Contract coverage: for the 23 operations the client calls, every response example, every
 //! schema-level example, and a full and a minimal instance synthesized from each response schema
 //! (4xx/5xx included) decode; requests validate against the request schemas. Skipped: the other
-//! ~150 operations (images, volumes, other server actions, ...) because the client does not call
+//! 166 operations (images, volumes, other server actions, ...) because the client does not call
 //! them — except that every action-shaped example in the whole spec is decoded as an Action —
 //! and the 204 answers of DELETE /ssh_keys/{id} and /firewalls/{id}, which have no body.
 //! One deliberate deviation: `ssh_keys` items of POST /servers are typed `string` in the
