@@ -586,6 +586,13 @@ fn create_server(world: &mut World, ctx: &Ctx) -> Result<Reply, ApiError> {
             }
         }
         net.reject_unknown();
+        // Without networks (not simulated) a server needs a public interface.
+        if !enable_ipv4 && !enable_ipv6 {
+            net.error(
+                "enable_ipv4",
+                "a server needs public IPv4 or IPv6 (private networks are not simulated)",
+            );
+        }
         for mut e in net.errors {
             e.name = format!("public_net.{}", e.name);
             b.errors.push(e);
@@ -648,6 +655,7 @@ fn create_server(world: &mut World, ctx: &Ctx) -> Result<Reply, ApiError> {
             server_type,
             image,
             location,
+            primary_disk_size: SERVER_TYPES[server_type].disk,
             ipv4,
             ipv6,
             user_data,
@@ -784,8 +792,8 @@ fn server_action(
     id: i64,
     verb: ServerVerb,
 ) -> Result<Reply, ApiError> {
-    let (status, server_type) = match world.servers.get(&id) {
-        Some(s) => (s.status, s.server_type),
+    let (status, server_type, image, disk) = match world.servers.get(&id) {
+        Some(s) => (s.status, s.server_type, s.image, s.primary_disk_size),
         None => return Err(ApiError::not_found("server")),
     };
     // Rebuild takes a body; the power actions take none (a body is ignored).
@@ -800,6 +808,33 @@ fn server_action(
             return Err(internal("validation passed without image"));
         };
         rebuild = Some((image, user_data));
+    }
+    let mut change_type = None;
+    if verb == ServerVerb::ChangeType {
+        let mut b = Body::parse(ctx.body)?;
+        let type_ref = b.id_or_name("server_type", true);
+        let new_type = type_ref.and_then(|r| {
+            let found = find_server_type(&r);
+            if found.is_none() {
+                b.error("server_type", format!("server type {r} not found"));
+            }
+            found
+        });
+        let upgrade_disk = b.bool("upgrade_disk");
+        if upgrade_disk.is_none() && !b.errors.iter().any(|e| e.name == "upgrade_disk") {
+            b.error("upgrade_disk", "is required");
+        }
+        b.finish()?;
+        let (Some(new_type), Some(upgrade_disk)) = (new_type, upgrade_disk) else {
+            return Err(internal("validation passed without server_type"));
+        };
+        change_type = Some(check_type_change(
+            status,
+            image,
+            disk,
+            new_type,
+            upgrade_disk,
+        )?);
     }
     if world.server_locked(id) {
         return Err(ApiError::locked());
@@ -837,6 +872,18 @@ fn server_action(
                 },
             ),
         ),
+        // The spec: the disk is copied "and starts it again".
+        ServerVerb::ChangeType => (
+            "change_server_type",
+            (
+                Some(S::Migrating),
+                Effect::ServerStatus {
+                    server: id,
+                    success: S::Running,
+                    failure: S::Off,
+                },
+            ),
+        ),
     };
     let mut root_password = None;
     let has_keys = world
@@ -849,6 +896,10 @@ fn server_action(
     if let Some(server) = world.servers.get_mut(&id) {
         if let Some(interim) = interim {
             server.status = interim;
+        }
+        if let Some((new_type, new_disk)) = change_type {
+            server.server_type = new_type;
+            server.primary_disk_size = new_disk;
         }
         if let Some((image, user_data)) = rebuild {
             server.image = image;
@@ -872,6 +923,43 @@ fn server_action(
         body["root_password"] = json!(root_password);
     }
     Ok(Reply::created(body))
+}
+
+/// The new (type, disk size) of a type change, or why it is refused: the server must be off, the
+/// architecture must fit its image, and the disk cannot shrink.
+fn check_type_change(
+    status: ServerStatus,
+    image: usize,
+    disk: u32,
+    new_type: usize,
+    upgrade_disk: bool,
+) -> Result<(usize, u32), ApiError> {
+    if status != ServerStatus::Off {
+        return Err(ApiError::unprocessable(
+            "server_not_stopped",
+            "the server must be powered off to change its type",
+        ));
+    }
+    let target = &SERVER_TYPES[new_type];
+    if target.architecture != IMAGES[image].architecture {
+        return Err(ApiError::unprocessable(
+            "invalid_server_type",
+            format!(
+                "server type {} ({}) does not fit the server's {} image",
+                target.name, target.architecture, IMAGES[image].architecture
+            ),
+        ));
+    }
+    if target.disk < disk {
+        return Err(ApiError::unprocessable(
+            "invalid_server_type",
+            format!(
+                "server type {} has a {} GB disk, smaller than the server's {} GB",
+                target.name, target.disk, disk
+            ),
+        ));
+    }
+    Ok((new_type, if upgrade_disk { target.disk } else { disk }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1097,13 +1185,6 @@ fn firewall_targets(b: &mut Body, field: &str, required: bool) -> Vec<Target> {
     targets
 }
 
-fn server_without_public_net(world: &World, id: i64) -> bool {
-    world
-        .servers
-        .get(&id)
-        .is_some_and(|s| s.ipv4.is_none() && s.ipv6.is_none())
-}
-
 /// Starts `apply_firewall` for each target and records the (pending) application.
 fn apply_targets(world: &mut World, ctx: &Ctx, firewall: i64, targets: Vec<Target>) -> Vec<i64> {
     let mut actions = Vec::new();
@@ -1157,19 +1238,13 @@ fn create_firewall(world: &mut World, ctx: &Ctx) -> Result<Reply, ApiError> {
                 "a resource is listed more than once in apply_to",
             ));
         }
-        if let Target::Server(id) = target {
-            if !world.servers.contains_key(id) {
-                return Err(ApiError::unprocessable(
-                    "firewall_resource_not_found",
-                    format!("server {id} not found"),
-                ));
-            }
-            if server_without_public_net(world, *id) {
-                return Err(ApiError::unprocessable(
-                    "incompatible_network_type",
-                    format!("server {id} has no public network interface"),
-                ));
-            }
+        if let Target::Server(id) = target
+            && !world.servers.contains_key(id)
+        {
+            return Err(ApiError::unprocessable(
+                "firewall_resource_not_found",
+                format!("server {id} not found"),
+            ));
         }
     }
     let id = world.new_firewall_id();
@@ -1327,20 +1402,14 @@ fn apply_to_resources(
         return Err(ApiError::not_found("firewall"));
     };
     for (i, target) in targets.iter().enumerate() {
-        if let Target::Server(sid) = target {
-            if !world.servers.contains_key(sid) {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "firewall_resource_not_found",
-                    format!("server {sid} not found"),
-                ));
-            }
-            if server_without_public_net(world, *sid) {
-                return Err(ApiError::unprocessable(
-                    "private_net_only_server",
-                    format!("server {sid} has no public network interface"),
-                ));
-            }
+        if let Target::Server(sid) = target
+            && !world.servers.contains_key(sid)
+        {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "firewall_resource_not_found",
+                format!("server {sid} not found"),
+            ));
         }
         let existing = fw.applied.iter().find(|a| a.target.same_as(target));
         if let Some(application) = existing {

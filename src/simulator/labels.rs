@@ -23,24 +23,34 @@ fn is_label_token(s: &str, max: usize) -> bool {
     first.is_some_and(is_alnum) && last.is_some_and(is_alnum) && s.chars().all(is_inner)
 }
 
-/// Why a label key is unacceptable, or `None` when it is fine.
+/// Why a label key cannot be set, or `None` when it is fine.
 pub(crate) fn key_problem(key: &str) -> Option<String> {
+    if let Some(problem) = key_syntax_problem(key) {
+        return Some(problem);
+    }
+    let prefix = key.split_once('/').map(|(p, _)| p.to_ascii_lowercase());
+    if let Some(prefix) = prefix
+        && (prefix == "hetzner.cloud" || prefix.ends_with(".hetzner.cloud"))
+    {
+        return Some(format!(
+            "label key '{key}': the prefix 'hetzner.cloud/' is reserved"
+        ));
+    }
+    None
+}
+
+/// Syntax only; selectors may name reserved keys (they just match nothing we set).
+fn key_syntax_problem(key: &str) -> Option<String> {
     let (prefix, name) = match key.split_once('/') {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
     };
-    if let Some(prefix) = prefix {
-        if !is_label_token(prefix, 253) {
-            return Some(format!(
-                "label key '{key}': prefix must be a DNS subdomain of at most 253 characters"
-            ));
-        }
-        let lower = prefix.to_ascii_lowercase();
-        if lower == "hetzner.cloud" || lower.ends_with(".hetzner.cloud") {
-            return Some(format!(
-                "label key '{key}': the prefix 'hetzner.cloud/' is reserved"
-            ));
-        }
+    if let Some(prefix) = prefix
+        && !is_label_token(prefix, 253)
+    {
+        return Some(format!(
+            "label key '{key}': prefix must be a DNS subdomain of at most 253 characters"
+        ));
     }
     if !is_label_token(name, 63) {
         return Some(format!(
@@ -149,7 +159,7 @@ fn split_terms(input: &str) -> Result<Vec<&str>, String> {
 
 fn checked_key(key: &str) -> Result<String, String> {
     let key = key.trim();
-    match key_problem(key) {
+    match key_syntax_problem(key) {
         None => Ok(key.to_string()),
         Some(problem) => Err(format!("invalid label selector: {problem}")),
     }
@@ -236,6 +246,8 @@ mod tests {
         assert!(key_problem("-env").is_some());
         assert!(key_problem("env-").is_some());
         assert!(key_problem("hetzner.cloud/x").is_some());
+        assert!(key_problem("lb.hetzner.cloud/x").is_some());
+        assert!(Selector::parse("hetzner.cloud/x=1").is_ok());
         assert!(key_problem(&"a".repeat(64)).is_some());
         assert!(key_problem(&"a".repeat(63)).is_none());
         assert!(value_problem("k", "").is_none());

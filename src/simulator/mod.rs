@@ -4,6 +4,23 @@
 //! and seeded fault injection. It follows `shared/hcloud/API-NOTES.md` and the official OpenAPI
 //! spec and deliberately shares no code with the client in `crate::hcloud`.
 //!
+//! Endpoints (under `/v1`): `servers` (list/get/create/update/delete, actions poweron, poweroff,
+//! shutdown, reboot, reset, rebuild, change_type, action lists), `ssh_keys`, `firewalls` (with
+//! set_rules, apply_to_resources, remove_from_resources, action lists), `actions` (`/{id}` and
+//! `?id=`), `servers/actions`, `firewalls/actions`, and read-only `server_types`, `images`,
+//! `locations`.
+//!
+//! Test hooks outside `/v1` (no auth, not rate limited, not counted):
+//! `GET /__simulator/stats` → `{"total", "by_endpoint": {"GET /servers/{id}": n, …},
+//! "rate_limited", "faults"}` (unroutable paths count as `"METHOD <unmatched>"`),
+//! `POST /__simulator/reset` (zeroes the counters, keeps the resources),
+//! `POST /__simulator/faults` with `{"rate": F}`.
+//!
+//! Order for each `/v1` request: count it → take a rate-limit token (429 when empty) → check the
+//! token (401) → route (404/405) → draw a fault → run. Only requests reaching the draw consume
+//! the fault generator, so a seed and a request sequence fix the faults. Faulted answers carry
+//! `x-simulator-fault: <kind>` (for tests and debugging; the real API has no such header).
+//!
 //! Choices where the real API is undocumented:
 //! - `per_page` above 50 is clamped to 50 (the answer's `meta.pagination.per_page` says so);
 //!   `page`/`per_page` below 1 or not a number → 422 `invalid_input`.
@@ -49,6 +66,8 @@ use error::ApiError;
 use request::Query;
 use routes::Routed;
 use state::{Clock, World};
+
+const MAX_ACTION_SECONDS: f64 = 86_400.0;
 
 /// Largest request body accepted (user_data is at most 32 KiB; rules add a little).
 const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -99,7 +118,7 @@ impl std::fmt::Debug for SimulatorConfig {
 /// Why a [`SimulatorConfig`] is unusable.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SimulatorConfigError {
-    #[error("action_seconds must be a finite number >= 0, got {0}")]
+    #[error("action_seconds must be a number from 0 to 86400 (one day), got {0}")]
     ActionSeconds(f64),
     #[error("fault_rate must be between 0 and 1, got {0}")]
     FaultRate(f64),
@@ -111,7 +130,8 @@ pub enum SimulatorConfigError {
 
 impl SimulatorConfig {
     pub fn validate(&self) -> Result<(), SimulatorConfigError> {
-        if !self.action_seconds.is_finite() || self.action_seconds < 0.0 {
+        // Bounded so instants and timestamps computed from it cannot overflow.
+        if !(0.0..=MAX_ACTION_SECONDS).contains(&self.action_seconds) {
             return Err(SimulatorConfigError::ActionSeconds(self.action_seconds));
         }
         if !(0.0..=1.0).contains(&self.fault_rate) {

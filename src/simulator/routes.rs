@@ -11,6 +11,7 @@ pub(crate) enum ServerVerb {
     Reboot,
     Reset,
     Rebuild,
+    ChangeType,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +103,7 @@ fn server_verb(verb: &str) -> Option<(&'static str, ServerVerb)> {
         "reboot" => ("/servers/{id}/actions/reboot", ServerVerb::Reboot),
         "reset" => ("/servers/{id}/actions/reset", ServerVerb::Reset),
         "rebuild" => ("/servers/{id}/actions/rebuild", ServerVerb::Rebuild),
+        "change_type" => ("/servers/{id}/actions/change_type", ServerVerb::ChangeType),
         _ => return None,
     })
 }

@@ -31,6 +31,7 @@ pub(crate) enum ServerStatus {
     Stopping,
     Off,
     Rebuilding,
+    Migrating,
 }
 
 impl ServerStatus {
@@ -42,6 +43,7 @@ impl ServerStatus {
             ServerStatus::Stopping => "stopping",
             ServerStatus::Off => "off",
             ServerStatus::Rebuilding => "rebuilding",
+            ServerStatus::Migrating => "migrating",
         }
     }
 }
@@ -55,6 +57,8 @@ pub(crate) struct Server {
     pub server_type: usize,
     pub image: usize,
     pub location: usize,
+    /// Disk size in GB; stays when a type change does not upgrade the disk.
+    pub primary_disk_size: u32,
     pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
     /// Kept like Hetzner keeps it (reused by rebuild); never logged or returned.
@@ -455,7 +459,7 @@ impl World {
             labels: server.labels.clone(),
             volumes: Vec::new(),
             load_balancers: Vec::new(),
-            primary_disk_size: server_type.disk,
+            primary_disk_size: server.primary_disk_size,
             placement_group: None,
         }
     }

@@ -1,0 +1,1765 @@
+//! The Hetzner Cloud API simulator over real HTTP, with raw reqwest + serde_json (not our client).
+//!
+//! Every `/v1` answer any test receives is checked against the official OpenAPI spec's response
+//! schema for that operation and status code (see `Contract`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use reqwest::header::HeaderMap;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use vps_controller::simulator::{RunningSimulator, SimulatorConfig, spawn};
+
+// -------------------------------------------------------------------------------------------------
+// Spec contract
+
+/// The official spec, from `<repo>/../shared/hcloud/openapi.json`.
+fn spec() -> &'static Value {
+    static SPEC: OnceLock<Value> = OnceLock::new();
+    SPEC.get_or_init(|| {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("shared")
+            .join("hcloud")
+            .join("openapi.json");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "the Hetzner OpenAPI spec is needed for the contract tests but {} cannot be read \
+                 ({e}); put a copy of shared/ beside the repository clone",
+                path.display()
+            )
+        });
+        serde_json::from_str(&text).expect("openapi.json is not valid JSON")
+    })
+}
+
+/// The spec path template for a concrete path: the candidate with the most literal segments
+/// (so `/servers/1/actions/poweron` picks `…/poweron`, not `…/{action_id}`).
+fn spec_template(path: &str) -> Option<String> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let paths = spec()["paths"].as_object()?;
+    paths
+        .keys()
+        .filter_map(|template| {
+            let parts: Vec<&str> = template.trim_start_matches('/').split('/').collect();
+            if parts.len() != segments.len() {
+                return None;
+            }
+            let mut literal = 0;
+            for (p, s) in parts.iter().zip(&segments) {
+                if p.starts_with('{') {
+                    continue;
+                }
+                if p != s {
+                    return None;
+                }
+                literal += 1;
+            }
+            Some((literal, template.clone()))
+        })
+        .max()
+        .map(|(_, t)| t)
+}
+
+/// Compiled response-schema validators, keyed by "METHOD template status".
+///
+/// The spec (OpenAPI 3.1) inlines all its schemas — it has no `$ref`s, and none of the operations
+/// tested here use `oneOf`/`allOf` — so each response schema is compiled on its own as JSON
+/// Schema 2020-12, which is what 3.1 uses (nullable fields are `type: [T, "null"]`). Nothing had to
+/// be left out. Formats are validated too (date-time for timestamps); the spec's custom formats
+/// (`int64`, `decimal`, …) are unknown to the validator and ignored.
+struct Contract {
+    validators: Mutex<HashMap<String, Arc<jsonschema::Validator>>>,
+}
+
+impl Contract {
+    fn get() -> &'static Contract {
+        static CONTRACT: OnceLock<Contract> = OnceLock::new();
+        CONTRACT.get_or_init(|| Contract {
+            validators: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn check(&self, method: &Method, path: &str, status: StatusCode, body: &Value) {
+        let Some(api_path) = path.strip_prefix("/v1") else {
+            return;
+        };
+        let Some(template) = spec_template(api_path) else {
+            // Unknown routes must answer with the error envelope.
+            assert!(status.is_client_error(), "{method} {path}: {status}");
+            assert_error_envelope(body);
+            return;
+        };
+        let op = &spec()["paths"][&template][method.as_str().to_lowercase()];
+        if op.is_null() {
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert_error_envelope(body);
+            return;
+        }
+        let code = status.as_u16().to_string();
+        let class = format!("{}xx", status.as_u16() / 100);
+        let response = if op["responses"][&code].is_object() {
+            &op["responses"][&code]
+        } else {
+            &op["responses"][&class]
+        };
+        assert!(
+            response.is_object(),
+            "{method} {template}: the spec declares no response {status}"
+        );
+        let schema = &response["content"]["application/json"]["schema"];
+        if schema.is_null() {
+            // e.g. 204 No Content
+            assert_eq!(
+                body,
+                &Value::Null,
+                "{method} {path}: {status} must have no body"
+            );
+            return;
+        }
+        let key = format!("{method} {template} {code}");
+        let validator = {
+            let mut cache = self.validators.lock().unwrap();
+            cache
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    Arc::new(
+                        jsonschema::options()
+                            .with_draft(jsonschema::Draft::Draft202012)
+                            .should_validate_formats(true)
+                            .build(schema)
+                            .unwrap_or_else(|e| panic!("schema for {key} does not compile: {e}")),
+                    )
+                })
+                .clone()
+        };
+        let errors: Vec<String> = validator
+            .iter_errors(body)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{key}: answer does not match the spec:\n{}\nbody: {body:#}",
+            errors.join("\n")
+        );
+    }
+}
+
+fn assert_error_envelope(body: &Value) {
+    assert!(body["error"]["code"].is_string(), "error envelope: {body}");
+    assert!(
+        body["error"]["message"].is_string(),
+        "error envelope: {body}"
+    );
+}
+
+// -------------------------------------------------------------------------------------------------
+// Harness
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+    /// The raw body when it was not JSON (e.g. an HTML 502).
+    text: Option<String>,
+}
+
+impl Answer {
+    fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    fn field_names(&self) -> Vec<String> {
+        self.body["error"]["details"]["fields"]
+            .as_array()
+            .map(|fields| {
+                fields
+                    .iter()
+                    .filter_map(|f| f["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    }
+}
+
+struct Sim {
+    sim: RunningSimulator,
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Sim {
+    async fn start(config: SimulatorConfig) -> Sim {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let token = config.token.clone();
+        let sim = spawn(config, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .unwrap();
+        Sim {
+            sim,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
+            token,
+        }
+    }
+
+    async fn instant() -> Sim {
+        Sim::start(SimulatorConfig {
+            action_seconds: 0.0,
+            ..SimulatorConfig::default()
+        })
+        .await
+    }
+
+    fn root(&self) -> String {
+        format!("http://{}", self.sim.addr())
+    }
+
+    /// A request to `path` (including `/v1`), contract-checked.
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Answer {
+        self.call_with(method, path, body, self.token.as_deref())
+            .await
+    }
+
+    async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        token: Option<&str>,
+    ) -> Answer {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.root()));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let answer = read_answer(response).await;
+        let path_only = path.split('?').next().unwrap();
+        if answer.text.is_none() {
+            Contract::get().check(&method, path_only, answer.status, &answer.body);
+        }
+        answer
+    }
+
+    async fn raw(&self, method: Method, path: &str, body: &'static str) -> Answer {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.root()))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let answer = read_answer(request.send().await.unwrap()).await;
+        if answer.text.is_none() {
+            Contract::get().check(&method, path, answer.status, &answer.body);
+        }
+        answer
+    }
+
+    async fn get(&self, path: &str) -> Answer {
+        self.call(Method::GET, path, None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Answer {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    async fn put(&self, path: &str, body: Value) -> Answer {
+        self.call(Method::PUT, path, Some(body)).await
+    }
+
+    async fn delete(&self, path: &str) -> Answer {
+        self.call(Method::DELETE, path, None).await
+    }
+
+    async fn stats(&self) -> Value {
+        let r = self
+            .http
+            .get(format!("{}/__simulator/stats", self.root()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json().await.unwrap()
+    }
+
+    async fn hook(&self, path: &str, body: Option<Value>) -> StatusCode {
+        let mut request = self.http.post(format!("{}{path}", self.root()));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().await.unwrap().status()
+    }
+
+    async fn create_server(&self, name: &str, labels: Value) -> Value {
+        let r = self
+            .post(
+                "/v1/servers",
+                json!({"name": name, "server_type": "cx22", "image": "ubuntu-24.04", "labels": labels}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        r.body
+    }
+
+    /// Polls until `condition` holds for GET `path`, or panics at the deadline.
+    async fn wait_for(&self, path: &str, what: &str, condition: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = self.get(path).await;
+            if condition(&r.body) {
+                return r.body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last answer: {}",
+                r.body
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn read_answer(response: reqwest::Response) -> Answer {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.unwrap();
+    let (body, text) = if bytes.is_empty() {
+        (Value::Null, None)
+    } else {
+        match serde_json::from_slice(&bytes) {
+            Ok(v) => (v, None),
+            Err(_) => (
+                Value::Null,
+                Some(String::from_utf8_lossy(&bytes).into_owned()),
+            ),
+        }
+    };
+    Answer {
+        status,
+        headers,
+        body,
+        text,
+    }
+}
+
+const ED25519_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHsyJHJZuwxE5CyAFsfsb5HO4u4wpEmHPM49mpQItQEd test@sim";
+const ED25519_MD5: &str = "d3:07:30:31:26:1f:53:0d:a2:71:26:5b:41:43:ef:76";
+const ECDSA_KEY: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBCaq3qAaYL4HqDhSlqKrbO8xcBaynLveRa2BAPPkMtiDsqIwen6eUEsKbA5ZsHxkivSUjtplhXtxGdmBcj50Xxo= e@sim";
+
+fn ids(list: &Value, root: &str) -> Vec<i64> {
+    list[root]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_i64().unwrap())
+        .collect()
+}
+
+fn names(list: &Value, root: &str) -> Vec<String> {
+    list[root]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+// -------------------------------------------------------------------------------------------------
+// Contract walk: every endpoint, success and error answers
+
+#[tokio::test]
+async fn every_endpoint_answers_as_the_spec_says() {
+    let sim = Sim::instant().await;
+
+    // Catalog.
+    for (path, root) in [
+        ("/v1/server_types", "server_types"),
+        ("/v1/images", "images"),
+        ("/v1/locations", "locations"),
+    ] {
+        let r = sim.get(path).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(!r.body[root].as_array().unwrap().is_empty(), "{root}");
+        let first = r.body[root][0]["id"].as_i64().unwrap();
+        let one = sim.get(&format!("{path}/{first}")).await;
+        assert_eq!(one.status, StatusCode::OK);
+    }
+    let arm = sim
+        .get("/v1/images?name=ubuntu-24.04&architecture=arm")
+        .await;
+    assert_eq!(arm.body["images"].as_array().unwrap().len(), 1);
+
+    // SSH key.
+    let key = sim
+        .post(
+            "/v1/ssh_keys",
+            json!({"name": "k1", "public_key": ED25519_KEY, "labels": {"env": "prod"}}),
+        )
+        .await;
+    assert_eq!(key.status, StatusCode::CREATED);
+    assert_eq!(key.body["ssh_key"]["fingerprint"], ED25519_MD5);
+    let key_id = key.body["ssh_key"]["id"].as_i64().unwrap();
+    let got = sim.get(&format!("/v1/ssh_keys/{key_id}")).await;
+    assert_eq!(got.body["ssh_key"]["public_key"], ED25519_KEY);
+    let updated = sim
+        .put(&format!("/v1/ssh_keys/{key_id}"), json!({"labels": {}}))
+        .await;
+    assert_eq!(updated.body["ssh_key"]["labels"], json!({}));
+    assert_eq!(updated.body["ssh_key"]["name"], "k1");
+    let by_fp = sim
+        .get(&format!("/v1/ssh_keys?fingerprint={ED25519_MD5}"))
+        .await;
+    assert_eq!(ids(&by_fp.body, "ssh_keys"), vec![key_id]);
+
+    // Firewall with rules; IPv6 canonicalised.
+    let fw = sim
+        .post(
+            "/v1/firewalls",
+            json!({"name": "fw1", "labels": {"a": "b"}, "rules": [
+                {"direction": "in", "protocol": "tcp", "port": "22",
+                 "source_ips": ["0.0.0.0/0", "2001:0DB8:0:0::/32"], "description": "ssh"},
+                {"direction": "in", "protocol": "icmp", "source_ips": ["::/0"]},
+                {"direction": "out", "protocol": "udp", "port": "1024-5000",
+                 "destination_ips": ["10.0.0.0/8"]}
+            ]}),
+        )
+        .await;
+    assert_eq!(fw.status, StatusCode::CREATED, "{}", fw.body);
+    let fw_id = fw.body["firewall"]["id"].as_i64().unwrap();
+    let rules = &fw.body["firewall"]["rules"];
+    assert_eq!(
+        rules[0]["source_ips"],
+        json!(["0.0.0.0/0", "2001:db8::/32"])
+    );
+    assert_eq!(rules[1]["port"], Value::Null);
+    assert_eq!(rules[2]["source_ips"], json!([]));
+
+    // Server with key (by name), firewall, server_type as an integer ID.
+    let created = sim
+        .post(
+            "/v1/servers",
+            json!({"name": "web-1", "server_type": 22, "image": "ubuntu-24.04", "location": "2",
+                   "ssh_keys": ["k1"], "firewalls": [{"firewall": fw_id}],
+                   "labels": {"vps-controller/instance": "test"}, "user_data": "#cloud-config\n"}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let server = &created.body["server"];
+    let server_id = server["id"].as_i64().unwrap();
+    assert_eq!(server["server_type"]["name"], "cx22");
+    assert_eq!(server["location"]["name"], "nbg1");
+    assert_eq!(created.body["root_password"], Value::Null);
+    assert_eq!(created.body["action"]["command"], "create_server");
+    let commands: Vec<&str> = created.body["next_actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["command"].as_str().unwrap())
+        .collect();
+    assert_eq!(commands, ["start_server", "apply_firewall"]);
+    assert_eq!(
+        server["public_net"]["firewalls"],
+        json!([{"id": fw_id, "status": "applied"}])
+    );
+    let ipv4 = server["public_net"]["ipv4"]["ip"].as_str().unwrap();
+    assert!(
+        ipv4.starts_with("198.18.") || ipv4.starts_with("198.19."),
+        "{ipv4}"
+    );
+    assert!(
+        server["public_net"]["ipv6"]["ip"]
+            .as_str()
+            .unwrap()
+            .ends_with("::/64")
+    );
+
+    let fw_now = sim.get(&format!("/v1/firewalls/{fw_id}")).await;
+    assert_eq!(
+        fw_now.body["firewall"]["applied_to"],
+        json!([{"type": "server", "server": {"id": server_id}}])
+    );
+
+    // Without SSH keys a root password comes back; IPv4 can be disabled.
+    let no_keys = sim
+        .post(
+            "/v1/servers",
+            json!({"name": "web-2", "server_type": "cpx22", "image": 161547269,
+                   "start_after_create": false, "public_net": {"enable_ipv4": false}}),
+        )
+        .await;
+    assert_eq!(no_keys.status, StatusCode::CREATED, "{}", no_keys.body);
+    assert!(no_keys.body["root_password"].as_str().unwrap().len() >= 12);
+    assert_eq!(no_keys.body["server"]["public_net"]["ipv4"], Value::Null);
+    assert_eq!(no_keys.body["server"]["status"], "off");
+    assert_eq!(no_keys.body["next_actions"], json!([]));
+
+    // Reads, lists, updates.
+    let list = sim.get("/v1/servers?sort=name:desc").await;
+    assert_eq!(names(&list.body, "servers"), ["web-2", "web-1"]);
+    let one = sim.get(&format!("/v1/servers/{server_id}")).await;
+    assert_eq!(one.body["server"]["status"], "running");
+    let renamed = sim
+        .put(
+            &format!("/v1/servers/{server_id}"),
+            json!({"name": "web-1b"}),
+        )
+        .await;
+    assert_eq!(renamed.body["server"]["name"], "web-1b");
+    assert_eq!(
+        renamed.body["server"]["labels"],
+        json!({"vps-controller/instance": "test"})
+    );
+    let fw_put = sim
+        .put(&format!("/v1/firewalls/{fw_id}"), json!({"name": "fw1b"}))
+        .await;
+    assert_eq!(fw_put.body["firewall"]["name"], "fw1b");
+    assert_eq!(sim.get("/v1/firewalls").await.status, StatusCode::OK);
+
+    // Server actions.
+    for verb in ["poweroff", "poweron", "shutdown", "reboot", "reset"] {
+        let r = sim
+            .call(
+                Method::POST,
+                &format!("/v1/servers/{server_id}/actions/{verb}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{verb}: {}", r.body);
+    }
+    let rebuilt = sim
+        .post(
+            &format!("/v1/servers/{server_id}/actions/rebuild"),
+            json!({"image": "debian-12"}),
+        )
+        .await;
+    assert_eq!(rebuilt.status, StatusCode::CREATED, "{}", rebuilt.body);
+    let server_actions = sim
+        .get(&format!("/v1/servers/{server_id}/actions?sort=id:desc"))
+        .await;
+    let action_id = server_actions.body["actions"][0]["id"].as_i64().unwrap();
+    assert_eq!(
+        server_actions.body["actions"][0]["command"],
+        "rebuild_server"
+    );
+    sim.get(&format!("/v1/servers/{server_id}/actions/{action_id}"))
+        .await;
+    sim.get("/v1/servers/actions?status=success").await;
+    sim.get(&format!("/v1/servers/actions/{action_id}")).await;
+    let one_action = sim.get(&format!("/v1/actions/{action_id}")).await;
+    assert_eq!(one_action.body["action"]["status"], "success");
+    assert_eq!(one_action.body["action"]["error"], Value::Null);
+    let by_ids = sim
+        .get(&format!(
+            "/v1/actions?id={action_id}&id=999999999&sort=status&sort=id"
+        ))
+        .await;
+    assert_eq!(ids(&by_ids.body, "actions"), vec![action_id]);
+    assert!(by_ids.body.get("meta").is_none());
+
+    // Firewall actions.
+    let set = sim
+        .post(
+            &format!("/v1/firewalls/{fw_id}/actions/set_rules"),
+            json!({"rules": []}),
+        )
+        .await;
+    assert_eq!(set.status, StatusCode::CREATED, "{}", set.body);
+    let set_commands: Vec<&str> = set.body["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["command"].as_str().unwrap())
+        .collect();
+    assert_eq!(set_commands, ["set_firewall_rules", "apply_firewall"]);
+    let removed = sim
+        .post(
+            &format!("/v1/firewalls/{fw_id}/actions/remove_from_resources"),
+            json!({"remove_from": [{"type": "server", "server": {"id": server_id}}]}),
+        )
+        .await;
+    assert_eq!(removed.status, StatusCode::CREATED, "{}", removed.body);
+    let applied = sim
+        .post(
+            &format!("/v1/firewalls/{fw_id}/actions/apply_to_resources"),
+            json!({"apply_to": [{"type": "label_selector", "label_selector": {"selector": "vps-controller/instance=test"}}]}),
+        )
+        .await;
+    assert_eq!(applied.status, StatusCode::CREATED, "{}", applied.body);
+    let fw_sel = sim.get(&format!("/v1/firewalls/{fw_id}")).await;
+    assert_eq!(
+        fw_sel.body["firewall"]["applied_to"][0]["applied_to_resources"],
+        json!([{"type": "server", "server": {"id": server_id}}])
+    );
+    let fw_actions = sim.get(&format!("/v1/firewalls/{fw_id}/actions")).await;
+    let fw_action = fw_actions.body["actions"][0]["id"].as_i64().unwrap();
+    sim.get(&format!("/v1/firewalls/{fw_id}/actions/{fw_action}"))
+        .await;
+    sim.get("/v1/firewalls/actions").await;
+    sim.get(&format!("/v1/firewalls/actions/{fw_action}")).await;
+
+    // Error answers are checked against the 4xx schema too.
+    assert_eq!(sim.get("/v1/servers/424242").await.code(), "not_found");
+    assert_eq!(sim.get("/v1/servers/abc").await.code(), "not_found");
+    assert_eq!(sim.get("/v1/actions").await.code(), "invalid_input");
+    assert_eq!(
+        sim.get("/v1/ssh_keys/1").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        sim.delete(&format!("/v1/firewalls/{fw_id}")).await.code(),
+        "resource_in_use"
+    );
+
+    // Deletes.
+    let deleted = sim.delete(&format!("/v1/servers/{server_id}")).await;
+    assert_eq!(deleted.status, StatusCode::OK);
+    assert_eq!(deleted.body["action"]["command"], "delete_server");
+    assert_eq!(
+        sim.get(&format!("/v1/servers/{server_id}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let detached = sim
+        .post(
+            &format!("/v1/firewalls/{fw_id}/actions/remove_from_resources"),
+            json!({"remove_from": [{"type": "label_selector", "label_selector": {"selector": "vps-controller/instance=test"}}]}),
+        )
+        .await;
+    assert_eq!(detached.status, StatusCode::CREATED);
+    assert_eq!(
+        sim.delete(&format!("/v1/firewalls/{fw_id}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        sim.delete(&format!("/v1/ssh_keys/{key_id}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        sim.delete(&format!("/v1/ssh_keys/{key_id}")).await.code(),
+        "not_found"
+    );
+    sim.sim.shutdown().await;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Pagination and sorting
+
+#[tokio::test]
+async fn pagination_walks_120_servers() {
+    let sim = Sim::instant().await;
+    for i in 0..120 {
+        sim.create_server(&format!("srv-{i:03}"), json!({"batch": "a"}))
+            .await;
+    }
+    let mut seen = Vec::new();
+    let mut page = Some(1);
+    let mut pages = 0;
+    while let Some(p) = page {
+        let r = sim
+            .get(&format!(
+                "/v1/servers?per_page=50&page={p}&label_selector=batch%3Da"
+            ))
+            .await;
+        let meta = &r.body["meta"]["pagination"];
+        assert_eq!(meta["per_page"], 50);
+        assert_eq!(meta["total_entries"], 120);
+        assert_eq!(meta["last_page"], 3);
+        assert_eq!(meta["page"], p);
+        assert_eq!(
+            meta["previous_page"],
+            if p == 1 { Value::Null } else { json!(p - 1) }
+        );
+        let link = r.header("link").unwrap();
+        assert!(link.contains("rel=\"last\""), "{link}");
+        assert!(link.contains("label_selector=batch%3Da"), "{link}");
+        seen.extend(ids(&r.body, "servers"));
+        page = meta["next_page"].as_u64();
+        pages += 1;
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 120);
+    let mut sorted = seen.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, seen, "default order is by id, no duplicates");
+
+    // Defaults, clamping and a page past the end.
+    let first = sim.get("/v1/servers").await;
+    assert_eq!(first.body["servers"].as_array().unwrap().len(), 25);
+    assert_eq!(first.body["meta"]["pagination"]["next_page"], 2);
+    let clamped = sim.get("/v1/servers?per_page=100").await;
+    assert_eq!(clamped.body["meta"]["pagination"]["per_page"], 50);
+    assert_eq!(clamped.body["servers"].as_array().unwrap().len(), 50);
+    let beyond = sim.get("/v1/servers?page=9&per_page=50").await;
+    assert_eq!(beyond.body["servers"], json!([]));
+    assert_eq!(beyond.body["meta"]["pagination"]["next_page"], Value::Null);
+    for bad in ["page=0", "per_page=0", "per_page=ten"] {
+        let r = sim.get(&format!("/v1/servers?{bad}")).await;
+        assert_eq!(r.code(), "invalid_input", "{bad}");
+    }
+
+    // Sorting: multi-key and directions.
+    let by_name = sim.get("/v1/servers?sort=name:desc&per_page=3").await;
+    assert_eq!(
+        names(&by_name.body, "servers"),
+        ["srv-119", "srv-118", "srv-117"]
+    );
+    let by_created = sim
+        .get("/v1/servers?sort=created:desc&sort=id:desc&per_page=2")
+        .await;
+    assert_eq!(names(&by_created.body, "servers"), ["srv-119", "srv-118"]);
+    assert_eq!(
+        sim.get("/v1/servers?sort=status").await.field_names(),
+        ["sort"]
+    );
+    assert_eq!(
+        sim.get("/v1/servers?sort=name:up").await.code(),
+        "invalid_input"
+    );
+    let by_exact_name = sim.get("/v1/servers?name=srv-007").await;
+    assert_eq!(names(&by_exact_name.body, "servers"), ["srv-007"]);
+    assert_eq!(
+        sim.get("/v1/servers?name=srv-00").await.body["servers"],
+        json!([])
+    );
+    sim.sim.shutdown().await;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Label selectors
+
+#[tokio::test]
+async fn label_selectors_filter_lists() {
+    let sim = Sim::instant().await;
+    sim.create_server("a", json!({"env": "prod", "type": "web"}))
+        .await;
+    sim.create_server("b", json!({"env": "prod", "type": "database"}))
+        .await;
+    sim.create_server("c", json!({"env": "staging"})).await;
+    sim.create_server("d", json!({})).await;
+    let table: &[(&str, &[&str])] = &[
+        ("env=prod", &["a", "b"]),
+        ("env==prod", &["a", "b"]),
+        ("env!=prod", &["c", "d"]),
+        ("env", &["a", "b", "c"]),
+        ("!env", &["d"]),
+        ("!type", &["c", "d"]),
+        ("env in (staging,testing)", &["c"]),
+        ("env notin (prod)", &["c", "d"]),
+        ("env=prod,type!=database", &["a"]),
+        ("env=prod,type", &["a", "b"]),
+        ("env=nothing", &[]),
+    ];
+    for (selector, expected) in table {
+        let encoded: String = url::form_urlencoded::byte_serialize(selector.as_bytes()).collect();
+        let r = sim
+            .get(&format!("/v1/servers?label_selector={encoded}"))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{selector}: {}", r.body);
+        assert_eq!(names(&r.body, "servers"), *expected, "{selector}");
+    }
+    for bad in ["env in (a", "=x", "env===x", "a b", "-env=1"] {
+        let encoded: String = url::form_urlencoded::byte_serialize(bad.as_bytes()).collect();
+        let r = sim
+            .get(&format!("/v1/servers?label_selector={encoded}"))
+            .await;
+        assert_eq!(r.code(), "invalid_input", "{bad}");
+        assert_eq!(r.field_names(), ["label_selector"], "{bad}");
+    }
+    // Same grammar on SSH keys and firewalls.
+    sim.post(
+        "/v1/ssh_keys",
+        json!({"name": "k", "public_key": ED25519_KEY, "labels": {"owner": "me"}}),
+    )
+    .await;
+    sim.post(
+        "/v1/firewalls",
+        json!({"name": "f", "labels": {"owner": "you"}}),
+    )
+    .await;
+    let keys = sim.get("/v1/ssh_keys?label_selector=owner%3Dme").await;
+    assert_eq!(names(&keys.body, "ssh_keys"), ["k"]);
+    let fws = sim.get("/v1/firewalls?label_selector=owner%3Dme").await;
+    assert_eq!(fws.body["firewalls"], json!([]));
+    sim.sim.shutdown().await;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Uniqueness and validation
+
+#[tokio::test]
+async fn duplicates_get_uniqueness_errors() {
+    let sim = Sim::instant().await;
+    sim.create_server("dup", json!({})).await;
+    let r = sim
+        .post(
+            "/v1/servers",
+            json!({"name": "dup", "server_type": "cx22", "image": "debian-12"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.code(), "uniqueness_error");
+    assert_eq!(r.field_names(), ["name"]);
+
+    let other = sim.create_server("other", json!({})).await;
+    let other_id = other["server"]["id"].as_i64().unwrap();
+    let rename = sim
+        .put(&format!("/v1/servers/{other_id}"), json!({"name": "dup"}))
+        .await;
+    assert_eq!(rename.code(), "uniqueness_error");
+
+    sim.post(
+        "/v1/ssh_keys",
+        json!({"name": "key", "public_key": ED25519_KEY}),
+    )
+    .await;
+    let same_name = sim
+        .post(
+            "/v1/ssh_keys",
+            json!({"name": "key", "public_key": ECDSA_KEY}),
+        )
+        .await;
+    assert_eq!(same_name.code(), "uniqueness_error");
+    assert_eq!(same_name.field_names(), ["name"]);
+    let same_key = sim
+        .post(
+            "/v1/ssh_keys",
+            json!({"name": "key2", "public_key": ED25519_KEY.replace("test@sim", "other comment")}),
+        )
+        .await;
+    assert_eq!(same_key.status, StatusCode::CONFLICT);
+    assert_eq!(same_key.field_names(), ["public_key"]);
+
+    sim.post("/v1/firewalls", json!({"name": "fw"})).await;
+    let fw = sim.post("/v1/firewalls", json!({"name": "fw"})).await;
+    assert_eq!(fw.code(), "uniqueness_error");
+    assert_eq!(fw.field_names(), ["name"]);
+    // Nothing was created by the failed requests.
+    assert_eq!(
+        sim.get("/v1/ssh_keys").await.body["meta"]["pagination"]["total_entries"],
+        1
+    );
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_input_names_the_field() {
+    let sim = Sim::instant().await;
+    let base = json!({"name": "ok", "server_type": "cx22", "image": "ubuntu-24.04"});
+    let with = |extra: Value| {
+        let mut body = base.clone();
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let big_user_data = "x".repeat(32 * 1024 + 1);
+    let server_cases: Vec<(Value, &[&str])> = vec![
+        (with(json!({"name": "bad_name"})), &["name"]),
+        (with(json!({"name": "-web"})), &["name"]),
+        (
+            json!({"server_type": "cx22", "image": "ubuntu-24.04"}),
+            &["name"],
+        ),
+        (with(json!({"server_type": "cx999"})), &["server_type"]),
+        (with(json!({"server_type": 424242})), &["server_type"]),
+        (with(json!({"image": "windows-95"})), &["image"]),
+        (
+            with(json!({"server_type": "cax11", "image": "fedora-42"})),
+            &["image"],
+        ),
+        (with(json!({"location": "mars1"})), &["location"]),
+        (with(json!({"user_data": big_user_data})), &["user_data"]),
+        (with(json!({"labels": {"-bad": "x"}})), &["labels"]),
+        (
+            with(json!({"labels": {"hetzner.cloud/x": "y"}})),
+            &["labels"],
+        ),
+        (with(json!({"labels": {"k": "bad value"}})), &["labels"]),
+        (with(json!({"ssh_keys": ["missing"]})), &["ssh_keys"]),
+        (
+            with(json!({"firewalls": [{"firewall": 1}]})),
+            &["firewalls"],
+        ),
+        (with(json!({"datacenter": "fsn1-dc14"})), &["datacenter"]),
+        (
+            with(json!({"public_net": {"enable_ipv4": false, "enable_ipv6": false}})),
+            &["public_net.enable_ipv4"],
+        ),
+        (with(json!({"volumes": [1]})), &["volumes"]),
+        (
+            with(json!({"start_after_create": "yes"})),
+            &["start_after_create"],
+        ),
+        (
+            json!({"name": "bad name", "server_type": "nope", "image": "ubuntu-24.04"}),
+            &["name", "server_type"],
+        ),
+    ];
+    for (body, fields) in server_cases {
+        let r = sim.post("/v1/servers", body.clone()).await;
+        assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert_eq!(r.code(), "invalid_input", "{body}");
+        assert_eq!(r.field_names(), fields, "{body}: {}", r.body);
+        let messages = &r.body["error"]["details"]["fields"][0]["messages"];
+        assert!(!messages.as_array().unwrap().is_empty());
+    }
+    // Exactly at the user_data limit is fine.
+    let at_limit = sim
+        .post(
+            "/v1/servers",
+            with(json!({"user_data": "x".repeat(32 * 1024)})),
+        )
+        .await;
+    assert_eq!(at_limit.status, StatusCode::CREATED);
+
+    let key_cases: Vec<(Value, &[&str])> = vec![
+        (
+            json!({"name": "k", "public_key": "ssh-rsa not-a-key"}),
+            &["public_key"],
+        ),
+        (json!({"name": "k"}), &["public_key"]),
+        (json!({"public_key": ED25519_KEY}), &["name"]),
+    ];
+    for (body, fields) in key_cases {
+        let r = sim.post("/v1/ssh_keys", body.clone()).await;
+        assert_eq!(r.code(), "invalid_input", "{body}");
+        assert_eq!(r.field_names(), fields, "{body}");
+    }
+
+    let rule = |r: Value| json!({"name": "fw", "rules": [r]});
+    let firewall_cases: Vec<(Value, &[&str])> = vec![
+        (
+            rule(json!({"direction": "in", "protocol": "tcp", "source_ips": ["0.0.0.0/0"]})),
+            &["rules[0].port"],
+        ),
+        (
+            rule(
+                json!({"direction": "in", "protocol": "icmp", "port": "80", "source_ips": ["0.0.0.0/0"]}),
+            ),
+            &["rules[0].port"],
+        ),
+        (
+            rule(
+                json!({"direction": "in", "protocol": "tcp", "port": "99999", "source_ips": ["0.0.0.0/0"]}),
+            ),
+            &["rules[0].port"],
+        ),
+        (
+            rule(
+                json!({"direction": "sideways", "protocol": "tcp", "port": "80", "source_ips": ["0.0.0.0/0"]}),
+            ),
+            &["rules[0].direction"],
+        ),
+        (
+            rule(json!({"direction": "in", "protocol": "sctp", "source_ips": ["0.0.0.0/0"]})),
+            &["rules[0].protocol"],
+        ),
+        (
+            rule(
+                json!({"direction": "out", "protocol": "tcp", "port": "80", "source_ips": ["0.0.0.0/0"], "destination_ips": ["0.0.0.0/0"]}),
+            ),
+            &["rules[0].source_ips"],
+        ),
+        (
+            rule(
+                json!({"direction": "in", "protocol": "tcp", "port": "80", "source_ips": ["10.0.0.1/8"]}),
+            ),
+            &["rules[0].source_ips"],
+        ),
+        (
+            rule(
+                json!({"direction": "in", "protocol": "tcp", "port": "80", "source_ips": ["not-an-ip"]}),
+            ),
+            &["rules[0].source_ips"],
+        ),
+        (
+            rule(json!({"direction": "in", "protocol": "tcp", "port": "80"})),
+            &["rules[0].source_ips"],
+        ),
+        (
+            rule(
+                json!({"direction": "in", "protocol": "tcp", "port": "80", "source_ips": ["0.0.0.0/0"], "description": "d".repeat(256)}),
+            ),
+            &["rules[0].description"],
+        ),
+        (
+            rule(
+                json!({"direction": "in", "protocol": "tcp", "port": "80", "source_ips": ["0.0.0.0/0"], "colour": "red"}),
+            ),
+            &["rules[0].colour"],
+        ),
+        (json!({"name": ""}), &["name"]),
+        (json!({"name": "x".repeat(129)}), &["name"]),
+        (json!({"name": "fw", "unknown": 1}), &["unknown"]),
+        (
+            json!({"name": "fw", "apply_to": [{"type": "volume"}]}),
+            &["apply_to[0].type"],
+        ),
+    ];
+    for (body, fields) in firewall_cases {
+        let r = sim.post("/v1/firewalls", body.clone()).await;
+        assert_eq!(r.code(), "invalid_input", "{body}: {}", r.body);
+        assert_eq!(r.field_names(), fields, "{body}");
+    }
+    let many_rules: Vec<Value> = (0..51)
+        .map(|i| json!({"direction": "in", "protocol": "tcp", "port": format!("{}", 1000 + i), "source_ips": ["0.0.0.0/0"]}))
+        .collect();
+    let r = sim
+        .post(
+            "/v1/firewalls",
+            json!({"name": "many", "rules": many_rules}),
+        )
+        .await;
+    assert_eq!(r.field_names(), ["rules"]);
+    let fifty = json!({"name": "fifty", "rules": many_rules[..50]});
+    assert_eq!(
+        sim.post("/v1/firewalls", fifty).await.status,
+        StatusCode::CREATED
+    );
+
+    // Malformed JSON is a 400 json_error, not a 422.
+    let broken = sim.raw(Method::POST, "/v1/servers", "{\"name\": ").await;
+    assert_eq!(broken.status, StatusCode::BAD_REQUEST);
+    assert_eq!(broken.code(), "json_error");
+    let not_object = sim.raw(Method::POST, "/v1/ssh_keys", "[1,2]").await;
+    assert_eq!(not_object.code(), "json_error");
+    sim.sim.shutdown().await;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Actions, locking, firewall attachment
+
+#[tokio::test]
+async fn actions_run_for_action_seconds_and_lock_the_server() {
+    let sim = Sim::start(SimulatorConfig {
+        action_seconds: 0.6,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let created = sim.create_server("slow", json!({})).await;
+    let id = created["server"]["id"].as_i64().unwrap();
+    assert_eq!(created["server"]["status"], "initializing");
+    assert_eq!(created["server"]["locked"], true);
+    assert_eq!(created["action"]["status"], "running");
+    assert_eq!(created["action"]["progress"], 0);
+    assert_eq!(created["action"]["finished"], Value::Null);
+    assert_eq!(created["action"]["error"], Value::Null);
+
+    // A second mutating action is refused while the first runs.
+    let locked = sim
+        .call(
+            Method::POST,
+            &format!("/v1/servers/{id}/actions/poweroff"),
+            None,
+        )
+        .await;
+    assert_eq!(locked.status, StatusCode::LOCKED);
+    assert_eq!(locked.code(), "locked");
+
+    let ids = [
+        created["action"]["id"].as_i64().unwrap(),
+        created["next_actions"][0]["id"].as_i64().unwrap(),
+    ];
+    let done = sim
+        .wait_for(
+            &format!("/v1/actions?id={}&id={}", ids[0], ids[1]),
+            "create actions to finish",
+            |b| {
+                b["actions"]
+                    .as_array()
+                    .is_some_and(|a| a.len() == 2 && a.iter().all(|x| x["status"] != "running"))
+            },
+        )
+        .await;
+    for action in done["actions"].as_array().unwrap() {
+        assert_eq!(action["status"], "success");
+        assert_eq!(action["progress"], 100);
+        assert!(action["finished"].is_string());
+        assert_eq!(action["error"], Value::Null);
+    }
+    let server = sim.get(&format!("/v1/servers/{id}")).await;
+    assert_eq!(server.body["server"]["status"], "running");
+    assert_eq!(server.body["server"]["locked"], false);
+
+    // poweroff: stopping while it runs, off when done.
+    let off = sim
+        .call(
+            Method::POST,
+            &format!("/v1/servers/{id}/actions/poweroff"),
+            None,
+        )
+        .await;
+    assert_eq!(off.status, StatusCode::CREATED);
+    assert_eq!(off.body["action"]["command"], "stop_server");
+    let action_id = off.body["action"]["id"].as_i64().unwrap();
+    sim.wait_for(&format!("/v1/actions/{action_id}"), "poweroff", |b| {
+        b["action"]["status"] == "success"
+    })
+    .await;
+    let server = sim.get(&format!("/v1/servers/{id}")).await;
+    assert_eq!(server.body["server"]["status"], "off");
+
+    // shutdown of a running server ends "off" too.
+    let on = sim
+        .call(
+            Method::POST,
+            &format!("/v1/servers/{id}/actions/poweron"),
+            None,
+        )
+        .await;
+    let on_id = on.body["action"]["id"].as_i64().unwrap();
+    sim.wait_for(&format!("/v1/servers/{id}"), "server running again", |b| {
+        b["server"]["status"] == "running"
+    })
+    .await;
+    assert_eq!(
+        sim.get(&format!("/v1/actions/{on_id}")).await.body["action"]["status"],
+        "success"
+    );
+    sim.call(
+        Method::POST,
+        &format!("/v1/servers/{id}/actions/shutdown"),
+        None,
+    )
+    .await;
+    sim.wait_for(&format!("/v1/servers/{id}"), "shutdown to end off", |b| {
+        b["server"]["status"] == "off"
+    })
+    .await;
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn start_after_create_false_ends_off_and_locking_is_per_server() {
+    let sim = Sim::start(SimulatorConfig {
+        action_seconds: 60.0,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let a = sim.create_server("a", json!({})).await;
+    let b = sim
+        .post(
+            "/v1/servers",
+            json!({"name": "b", "server_type": "cx22", "image": "debian-12", "start_after_create": false}),
+        )
+        .await;
+    assert_eq!(b.body["next_actions"], json!([]));
+    let a_id = a["server"]["id"].as_i64().unwrap();
+    // Both locked for a minute; every mutating server action is refused with 423.
+    for verb in ["poweron", "poweroff", "shutdown", "reboot", "reset"] {
+        let r = sim
+            .call(
+                Method::POST,
+                &format!("/v1/servers/{a_id}/actions/{verb}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.code(), "locked", "{verb}");
+    }
+    // Reads and label updates still work while locked; DELETE too.
+    let put = sim
+        .put(
+            &format!("/v1/servers/{a_id}"),
+            json!({"labels": {"x": "y"}}),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::OK);
+    assert_eq!(put.body["server"]["locked"], true);
+    assert_eq!(
+        sim.delete(&format!("/v1/servers/{a_id}")).await.status,
+        StatusCode::OK
+    );
+    sim.sim.shutdown().await;
+
+    let quick = Sim::instant().await;
+    let off = quick
+        .post(
+            "/v1/servers",
+            json!({"name": "b", "server_type": "cx22", "image": "debian-12", "start_after_create": false}),
+        )
+        .await;
+    assert_eq!(off.body["server"]["status"], "off");
+    quick.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn firewalls_in_use_cannot_be_deleted() {
+    let sim = Sim::start(SimulatorConfig {
+        action_seconds: 0.4,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let fw = sim.post("/v1/firewalls", json!({"name": "fw"})).await;
+    let fw_id = fw.body["firewall"]["id"].as_i64().unwrap();
+    let server = sim
+        .post(
+            "/v1/servers",
+            json!({"name": "s", "server_type": "cx22", "image": "debian-12", "firewalls": [{"firewall": fw_id}]}),
+        )
+        .await;
+    let server_id = server.body["server"]["id"].as_i64().unwrap();
+    // Pending until apply_firewall finishes.
+    assert_eq!(
+        server.body["server"]["public_net"]["firewalls"],
+        json!([{"id": fw_id, "status": "pending"}])
+    );
+    sim.wait_for(
+        &format!("/v1/servers/{server_id}"),
+        "firewall applied",
+        |b| b["server"]["public_net"]["firewalls"] == json!([{"id": fw_id, "status": "applied"}]),
+    )
+    .await;
+
+    let in_use = sim.delete(&format!("/v1/firewalls/{fw_id}")).await;
+    assert_eq!(in_use.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(in_use.code(), "resource_in_use");
+
+    let target = json!([{"type": "server", "server": {"id": server_id}}]);
+    let again = sim
+        .post(
+            &format!("/v1/firewalls/{fw_id}/actions/apply_to_resources"),
+            json!({"apply_to": target}),
+        )
+        .await;
+    assert_eq!(again.code(), "firewall_already_applied");
+    let missing = sim
+        .post(
+            &format!("/v1/firewalls/{fw_id}/actions/apply_to_resources"),
+            json!({"apply_to": [{"type": "server", "server": {"id": 1}}]}),
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(missing.code(), "firewall_resource_not_found");
+
+    // Removal takes effect when its action finishes: until then the firewall is still in use.
+    let removed = sim
+        .post(
+            &format!("/v1/firewalls/{fw_id}/actions/remove_from_resources"),
+            json!({"remove_from": target}),
+        )
+        .await;
+    assert_eq!(removed.status, StatusCode::CREATED);
+    assert_eq!(removed.body["actions"][0]["command"], "remove_firewall");
+    assert_eq!(
+        sim.delete(&format!("/v1/firewalls/{fw_id}")).await.code(),
+        "resource_in_use"
+    );
+    let twice = sim
+        .post(
+            &format!("/v1/firewalls/{fw_id}/actions/remove_from_resources"),
+            json!({"remove_from": target}),
+        )
+        .await;
+    assert_eq!(twice.status, StatusCode::NOT_FOUND);
+    assert_eq!(twice.code(), "firewall_resource_not_found");
+    sim.wait_for(&format!("/v1/firewalls/{fw_id}"), "removal", |b| {
+        b["firewall"]["applied_to"] == json!([])
+    })
+    .await;
+    let server_now = sim.get(&format!("/v1/servers/{server_id}")).await;
+    assert_eq!(
+        server_now.body["server"]["public_net"]["firewalls"],
+        json!([])
+    );
+    assert_eq!(
+        sim.delete(&format!("/v1/firewalls/{fw_id}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+
+    // Deleting a server detaches it at once.
+    let fw2 = sim
+        .post("/v1/firewalls", json!({"name": "fw2", "apply_to": target}))
+        .await;
+    assert_eq!(fw2.status, StatusCode::CREATED, "{}", fw2.body);
+    assert_eq!(fw2.body["actions"][0]["command"], "apply_firewall");
+    let fw2_id = fw2.body["firewall"]["id"].as_i64().unwrap();
+    sim.delete(&format!("/v1/servers/{server_id}")).await;
+    assert_eq!(
+        sim.get(&format!("/v1/firewalls/{fw2_id}")).await.body["firewall"]["applied_to"],
+        json!([])
+    );
+    assert_eq!(
+        sim.delete(&format!("/v1/firewalls/{fw2_id}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    sim.sim.shutdown().await;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Rate limit, auth, routing
+
+#[tokio::test]
+async fn rate_limit_answers_429_with_headers() {
+    let sim = Sim::start(SimulatorConfig {
+        rate_limit: 5,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut remaining = Vec::new();
+    for _ in 0..5 {
+        let r = sim.get("/v1/servers").await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.header("ratelimit-limit").as_deref(), Some("5"));
+        remaining.push(r.header("ratelimit-remaining").unwrap());
+    }
+    assert_eq!(remaining, ["4", "3", "2", "1", "0"]);
+    let limited = sim.get("/v1/servers").await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(limited.code(), "rate_limit_exceeded");
+    assert_eq!(limited.header("ratelimit-remaining").as_deref(), Some("0"));
+    let reset: u64 = limited.header("ratelimit-reset").unwrap().parse().unwrap();
+    // 5 per hour: a full bucket is about an hour away.
+    assert!(
+        reset >= now + 3500 && reset <= now + 3700,
+        "{reset} vs {now}"
+    );
+    // Errors carry the headers too.
+    let unknown = sim.get("/v1/nothing-here").await;
+    assert_eq!(unknown.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(unknown.header("ratelimit-limit").is_some());
+    let stats = sim.stats().await;
+    assert_eq!(stats["rate_limited"], 2);
+    assert_eq!(stats["total"], 7);
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn token_is_required_when_configured() {
+    let sim = Sim::start(SimulatorConfig {
+        token: Some("s3cret".into()),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let none = sim.call_with(Method::GET, "/v1/servers", None, None).await;
+    assert_eq!(none.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(none.code(), "unauthorized");
+    assert!(none.header("ratelimit-remaining").is_some());
+    let wrong = sim
+        .call_with(Method::GET, "/v1/servers", None, Some("guess"))
+        .await;
+    assert_eq!(wrong.code(), "unauthorized");
+    let right = sim.get("/v1/servers").await;
+    assert_eq!(right.status, StatusCode::OK);
+    // The hooks are outside /v1 and need no token.
+    assert_eq!(sim.stats().await["total"], 3);
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_json_errors() {
+    let sim = Sim::instant().await;
+    let r = sim.get("/v1/volumes").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "not_found");
+    let r = sim.call(Method::PATCH, "/v1/servers", None).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.code(), "method_not_allowed");
+    let r = sim.call(Method::DELETE, "/v1/ssh_keys", None).await;
+    assert_eq!(r.code(), "method_not_allowed");
+    let r = sim.get("/v2/servers").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "not_found");
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn stats_count_requests_by_path_template() {
+    let sim = Sim::instant().await;
+    let created = sim.create_server("s", json!({})).await;
+    let id = created["server"]["id"].as_i64().unwrap();
+    sim.get(&format!("/v1/servers/{id}")).await;
+    sim.get(&format!("/v1/servers/{id}")).await;
+    sim.get("/v1/servers/999").await;
+    sim.call(
+        Method::POST,
+        &format!("/v1/servers/{id}/actions/poweroff"),
+        None,
+    )
+    .await;
+    sim.get("/v1/servers?per_page=50").await;
+    sim.get("/v1/nope").await;
+    let stats = sim.stats().await;
+    let expected: BTreeMap<String, u64> = [
+        ("POST /servers", 1),
+        ("GET /servers/{id}", 3),
+        ("POST /servers/{id}/actions/poweroff", 1),
+        ("GET /servers", 1),
+        ("GET <unmatched>", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let got: BTreeMap<String, u64> = serde_json::from_value(stats["by_endpoint"].clone()).unwrap();
+    assert_eq!(got, expected);
+    assert_eq!(stats["total"], 7);
+    assert_eq!(stats["rate_limited"], 0);
+
+    assert_eq!(
+        sim.hook("/__simulator/reset", None).await,
+        StatusCode::NO_CONTENT
+    );
+    let stats = sim.stats().await;
+    assert_eq!(stats["total"], 0);
+    assert_eq!(stats["by_endpoint"], json!({}));
+    // Reset zeroes counters only: the server is still there.
+    assert_eq!(
+        sim.get(&format!("/v1/servers/{id}")).await.status,
+        StatusCode::OK
+    );
+    // The faults hook validates its input.
+    for bad in [
+        json!({"rate": 1.5}),
+        json!({"rate": -0.1}),
+        json!({}),
+        json!({"rate": "x"}),
+    ] {
+        assert_eq!(
+            sim.hook("/__simulator/faults", Some(bad.clone())).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}"
+        );
+    }
+    sim.sim.shutdown().await;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Faults
+
+/// Classifies an answer by the fault it shows, from what a client can observe.
+fn observed_fault(a: &Answer) -> String {
+    match (a.status.as_u16(), a.code()) {
+        (500, "server_error") => "server_error".into(),
+        (503, "unavailable") => "unavailable".into(),
+        (429, "rate_limit_exceeded") => "rate_limited".into(),
+        (502, _) if a.text.is_some() => "bad_gateway_html".into(),
+        (200 | 201, _) => a
+            .header("x-simulator-fault")
+            .unwrap_or_else(|| "none".into()),
+        other => panic!("unexpected answer {other:?}: {}", a.body),
+    }
+}
+
+async fn fault_sequence(seed: u64) -> Vec<String> {
+    let sim = Sim::start(SimulatorConfig {
+        fault_rate: 0.5,
+        seed,
+        fault_delay: Duration::from_millis(20),
+        action_seconds: 0.0,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let mut kinds = Vec::new();
+    for i in 0..40 {
+        let a = if i % 4 == 0 {
+            sim.post(
+                "/v1/ssh_keys",
+                json!({"name": format!("k{i}"), "public_key": "bad"}),
+            )
+            .await
+        } else {
+            sim.get("/v1/servers").await
+        };
+        if a.status == StatusCode::UNPROCESSABLE_ENTITY {
+            kinds.push("none".into());
+        } else {
+            kinds.push(observed_fault(&a));
+        }
+    }
+    sim.sim.shutdown().await;
+    kinds
+}
+
+#[tokio::test]
+async fn faults_are_reproducible_for_a_seed() {
+    let first = fault_sequence(42).await;
+    let second = fault_sequence(42).await;
+    assert_eq!(first, second);
+    let other = fault_sequence(43).await;
+    assert_ne!(first, other);
+    // At rate 0.5 over 40 requests both faults and clean answers occur, of several kinds.
+    assert!(first.iter().any(|k| k == "none"));
+    let mut distinct: Vec<&String> = first.iter().filter(|k| *k != "none").collect();
+    distinct.sort();
+    distinct.dedup();
+    assert!(distinct.len() >= 3, "{first:?}");
+}
+
+#[tokio::test]
+async fn faulted_requests_change_nothing_but_failed_actions_do_show() {
+    let sim = Sim::start(SimulatorConfig {
+        fault_rate: 1.0,
+        seed: 7,
+        fault_delay: Duration::from_millis(20),
+        action_seconds: 0.0,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    // Every request is faulted: error answers must leave no trace, "delay" and "action_error"
+    // create the server, the latter with actions that end in `error`.
+    let mut expected_names = Vec::new();
+    let mut failed_answers = 0;
+    let mut failed_actions = Vec::new();
+    for i in 0..30 {
+        let name = format!("f-{i:02}");
+        let r = sim
+            .post(
+                "/v1/servers",
+                json!({"name": name, "server_type": "cx22", "image": "debian-12"}),
+            )
+            .await;
+        if r.status == StatusCode::CREATED {
+            let fault = r.header("x-simulator-fault").unwrap();
+            if fault == "action_error" {
+                assert_eq!(r.body["action"]["status"], "error");
+                assert_eq!(r.body["action"]["error"]["code"], "action_failed");
+                assert_eq!(r.body["server"]["status"], "off");
+                failed_actions.push(r.body["action"]["id"].as_i64().unwrap());
+            } else {
+                assert_eq!(fault, "delay");
+                assert_eq!(r.body["server"]["status"], "running");
+            }
+            expected_names.push(name);
+        } else {
+            assert!(
+                r.status.is_server_error() || r.status == StatusCode::TOO_MANY_REQUESTS,
+                "{}",
+                r.status
+            );
+            failed_answers += 1;
+        }
+    }
+    assert!(failed_answers > 0 && !failed_actions.is_empty() && !expected_names.is_empty());
+    assert_eq!(
+        sim.hook("/__simulator/faults", Some(json!({"rate": 0.0})))
+            .await,
+        StatusCode::OK
+    );
+    let list = sim.get("/v1/servers?per_page=50").await;
+    assert_eq!(names(&list.body, "servers"), expected_names);
+    let query: Vec<String> = failed_actions.iter().map(|id| format!("id={id}")).collect();
+    let actions = sim.get(&format!("/v1/actions?{}", query.join("&"))).await;
+    for action in actions.body["actions"].as_array().unwrap() {
+        assert_eq!(action["status"], "error");
+        assert!(action["finished"].is_string());
+    }
+    assert_eq!(sim.stats().await["faults"], 30);
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_configs_are_refused() {
+    let cases = [
+        SimulatorConfig {
+            action_seconds: -1.0,
+            ..SimulatorConfig::default()
+        },
+        SimulatorConfig {
+            action_seconds: f64::NAN,
+            ..SimulatorConfig::default()
+        },
+        SimulatorConfig {
+            action_seconds: 1e30,
+            ..SimulatorConfig::default()
+        },
+        SimulatorConfig {
+            fault_rate: 1.5,
+            ..SimulatorConfig::default()
+        },
+        SimulatorConfig {
+            rate_limit: 0,
+            ..SimulatorConfig::default()
+        },
+    ];
+    for config in cases {
+        let problem = config.validate().unwrap_err().to_string();
+        let err = spawn(config.clone(), SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        assert_eq!(err.to_string(), problem);
+    }
+    assert!(SimulatorConfig::default().validate().is_ok());
+    let debug = format!(
+        "{:?}",
+        SimulatorConfig {
+            token: Some("top-secret".into()),
+            ..SimulatorConfig::default()
+        }
+    );
+    assert!(!debug.contains("top-secret"), "{debug}");
+}
+
+/// The contract check itself must catch wrong shapes, or the walk above proves nothing.
+#[tokio::test]
+async fn contract_check_rejects_wrong_shapes() {
+    let sim = Sim::instant().await;
+    let created = sim.create_server("shape", json!({})).await;
+    let fw = sim.post("/v1/firewalls", json!({"name": "shape"})).await;
+    sim.sim.shutdown().await;
+    let good_server = json!({"server": created["server"].clone()});
+    Contract::get().check(&Method::GET, "/v1/servers/1", StatusCode::OK, &good_server);
+
+    let mut bad_status = good_server.clone();
+    bad_status["server"]["status"] = json!("sleeping");
+    let mut missing_field = good_server.clone();
+    missing_field["server"]
+        .as_object_mut()
+        .unwrap()
+        .remove("locked");
+    let mut extra_field = json!({"firewall": fw.body["firewall"].clone()});
+    extra_field["firewall"]["colour"] = json!("red");
+    let mut bad_time = good_server.clone();
+    bad_time["server"]["created"] = json!("yesterday");
+    let cases = [
+        ("/v1/servers/1", StatusCode::OK, bad_status),
+        ("/v1/servers/1", StatusCode::OK, missing_field),
+        ("/v1/firewalls/1", StatusCode::OK, extra_field),
+        ("/v1/servers/1", StatusCode::OK, bad_time),
+        (
+            "/v1/servers/1",
+            StatusCode::NOT_FOUND,
+            json!({"error": {"code": 1}}),
+        ),
+    ];
+    for (path, status, body) in cases {
+        let outcome = std::panic::catch_unwind(|| {
+            Contract::get().check(&Method::GET, path, status, &body);
+        });
+        assert!(outcome.is_err(), "accepted a wrong body: {body}");
+    }
+}
+
+#[tokio::test]
+async fn change_type_needs_a_stopped_server_and_never_shrinks_the_disk() {
+    let sim = Sim::instant().await;
+    let created = sim.create_server("grow", json!({})).await;
+    let id = created["server"]["id"].as_i64().unwrap();
+    let change = |server_type: &'static str, upgrade_disk: bool| {
+        let sim = &sim;
+        async move {
+            sim.post(
+                &format!("/v1/servers/{id}/actions/change_type"),
+                json!({"server_type": server_type, "upgrade_disk": upgrade_disk}),
+            )
+            .await
+        }
+    };
+    assert_eq!(change("cx32", false).await.code(), "server_not_stopped");
+    sim.call(
+        Method::POST,
+        &format!("/v1/servers/{id}/actions/poweroff"),
+        None,
+    )
+    .await;
+    let off = sim.get("/v1/servers?status=off").await;
+    assert_eq!(names(&off.body, "servers"), ["grow"]);
+    assert_eq!(
+        sim.get("/v1/servers?status=running").await.body["servers"],
+        json!([])
+    );
+    assert_eq!(
+        sim.get("/v1/servers?status=sleeping").await.field_names(),
+        ["status"]
+    );
+
+    let kept = change("cx32", false).await;
+    assert_eq!(kept.status, StatusCode::CREATED, "{}", kept.body);
+    assert_eq!(kept.body["action"]["command"], "change_server_type");
+    let server = sim.get(&format!("/v1/servers/{id}")).await.body;
+    assert_eq!(server["server"]["server_type"]["name"], "cx32");
+    assert_eq!(server["server"]["primary_disk_size"], 40);
+    assert_eq!(server["server"]["status"], "running");
+
+    sim.call(
+        Method::POST,
+        &format!("/v1/servers/{id}/actions/poweroff"),
+        None,
+    )
+    .await;
+    assert_eq!(change("cax11", false).await.code(), "invalid_server_type");
+    assert_eq!(change("cpx32", true).await.status, StatusCode::CREATED);
+    let server = sim.get(&format!("/v1/servers/{id}")).await.body;
+    assert_eq!(server["server"]["primary_disk_size"], 160);
+    sim.call(
+        Method::POST,
+        &format!("/v1/servers/{id}/actions/poweroff"),
+        None,
+    )
+    .await;
+    assert_eq!(change("cx22", false).await.code(), "invalid_server_type");
+    let missing = sim
+        .post(
+            &format!("/v1/servers/{id}/actions/change_type"),
+            json!({"server_type": "nope"}),
+        )
+        .await;
+    assert_eq!(missing.field_names(), ["server_type", "upgrade_disk"]);
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_delayed_answer_times_the_client_out_but_the_change_happened() {
+    let sim = Sim::start(SimulatorConfig {
+        fault_rate: 1.0,
+        seed: 3,
+        fault_delay: Duration::from_secs(30),
+        action_seconds: 0.0,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let mut timed_out = None;
+    for i in 0..40 {
+        let name = format!("late-{i}");
+        let sent = impatient
+            .post(format!("{}/v1/servers", sim.root()))
+            .json(&json!({"name": name, "server_type": "cx22", "image": "debian-12"}))
+            .send()
+            .await;
+        if let Err(e) = sent {
+            assert!(e.is_timeout(), "{e}");
+            timed_out = Some(name);
+            break;
+        }
+    }
+    let name = timed_out.expect("no delayed answer in 40 faulted requests");
+    assert_eq!(
+        sim.hook("/__simulator/faults", Some(json!({"rate": 0.0})))
+            .await,
+        StatusCode::OK
+    );
+    let found = sim.get(&format!("/v1/servers?name={name}")).await;
+    assert_eq!(names(&found.body, "servers"), [name.as_str()]);
+    // Shutting down ends the held-back answer instead of waiting 30 s for it.
+    let stopping = Instant::now();
+    sim.sim.shutdown().await;
+    assert!(stopping.elapsed() < Duration::from_secs(20));
+}
