@@ -128,7 +128,8 @@ impl Budget {
                 let now = Instant::now();
                 state.refill(now);
                 let deficit = (1.0 - state.tokens).max(0.0);
-                let refill_wait = Duration::from_secs_f64(deficit / state.refill_per_second());
+                let refill_wait = Duration::try_from_secs_f64(deficit / state.refill_per_second())
+                    .unwrap_or(Duration::MAX);
                 let wait = refill_wait.max(state.pause_left(now));
                 if wait > max_wait {
                     return Err(Error::RateLimited { reset_in: wait });

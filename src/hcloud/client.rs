@@ -860,9 +860,11 @@ impl HcloudApi for Client {
             if !pending.is_empty() && Instant::now() >= deadline {
                 return Err(Error::ActionTimeout { ids: pending });
             }
-            interval = interval
-                .mul_f64(self.inner.action_poll.factor)
-                .min(self.inner.action_poll.max);
+            let max = self.inner.action_poll.max;
+            interval =
+                Duration::try_from_secs_f64(interval.as_secs_f64() * self.inner.action_poll.factor)
+                    .unwrap_or(max)
+                    .min(max);
         }
         Ok(order.iter().filter_map(|id| finished.remove(id)).collect())
     }

@@ -3,6 +3,30 @@
 //!
 //! The controller's executor talks to Hetzner only through [`HcloudApi`]; [`Client`] is the
 //! real implementation (tests may provide fakes).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use vps_controller::hcloud::{Budget, Client, ClientConfig, HcloudApi, Token};
+//!
+//! # async fn demo() -> Result<(), vps_controller::hcloud::Error> {
+//! let _ = rustls::crypto::ring::default_provider().install_default();
+//! // One budget per Hetzner project, shared by every client using its token.
+//! let budget = Arc::new(Budget::default());
+//! let client = Client::new(ClientConfig {
+//!     budget: budget.clone(),
+//!     ..ClientConfig::new("https://api.hetzner.cloud/v1", Token::new("token from a secret"))
+//! })?;
+//! let mine = client.list_servers("vps-controller/instance=prod").await?;
+//! println!("{} servers, {} requests left", mine.len(), budget.remaining());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Retries: only what the official clients retry (codes `conflict`, `rate_limit_exceeded`,
+//! `bad_gateway`, `timeout`; a non-JSON 502/504; connect failures and timeouts), with
+//! truncated exponential backoff and full jitter. A retried POST may have succeeded the first
+//! time (timeout after the server acted): creates then answer `uniqueness_error`, which callers
+//! resolve by looking the object up and adopting it.
 
 pub mod budget;
 mod client;
