@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -275,13 +274,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         .await
         .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
     tracing::info!(listen = %args.listen, "serving /metrics, /healthz, /readyz");
-    let started = Arc::new(AtomicBool::new(true));
     let mut server_shutdown = shutdown_rx.clone();
     let server = tokio::spawn(telemetry::server::serve(
         listener,
         metrics,
         conn.clone(),
-        started,
         async move {
             let _ = server_shutdown.wait_for(|stop| *stop).await;
         },

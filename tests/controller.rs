@@ -595,3 +595,45 @@ async fn failed_listings_mean_unknown_never_gone() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_change_is_reported_once_and_never_resizes() {
+    for_each_backend(|env| async move {
+        env.insert("grow", "active", "starter").await;
+        env.process_changes().await;
+        let server_id = env.row("grow").await.hetzner_server_id.unwrap();
+        env.sql("UPDATE subscriptions SET plan = 'pro' WHERE id = 'grow'")
+            .await;
+        env.process_changes().await;
+        env.resync().await;
+        env.resync().await;
+
+        let (_, server) = env.api("GET", &format!("/servers/{server_id}"), None).await;
+        assert_eq!(
+            server["server"]["server_type"]["name"], "cx23",
+            "[{}] not resized",
+            env.backend
+        );
+        assert_eq!(
+            server["server"]["labels"]["vps-controller/plan"], "pro",
+            "plan label follows the row"
+        );
+        let drift_events = events::recent(&env.db, Some("grow"), 50)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.reason == "ServerTypeDrift")
+            .count();
+        assert_eq!(
+            drift_events, 1,
+            "[{}] reported once, not on every resync",
+            env.backend
+        );
+        let row = env.row("grow").await;
+        assert_eq!(
+            (row.provisioning_status.as_str(), row.hetzner_server_id),
+            ("ready", Some(server_id))
+        );
+    })
+    .await;
+}

@@ -214,6 +214,10 @@ impl<A: HcloudApi + 'static> Controller<A> {
             .map(|(claim, version)| {
                 let snapshot = snapshot.clone();
                 async move {
+                    // A lost lease stops the pass before the next subscription.
+                    if !self.leadership.is_leader() {
+                        return true;
+                    }
                     // A snapshot older than this subscription's last reconcile may miss what
                     // that reconcile created: observe it afresh instead.
                     let fresh = snapshot.filter(|s| {

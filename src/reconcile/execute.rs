@@ -139,12 +139,19 @@ impl<A: HcloudApi> Executor<'_, A> {
                 observed,
                 wanted,
             } => {
-                tracing::warn!(
-                    subscription = %progress.subscription_id,
-                    server_id, observed, wanted,
-                    "server type differs from the plan; resizing is not automatic"
+                // Seen on every resync until someone resizes: tell once, not every minute.
+                let latest = events::recent(self.db, Some(&progress.subscription_id), 1).await?;
+                if latest
+                    .first()
+                    .is_some_and(|e| e.reason == "ServerTypeDrift")
+                {
+                    return Ok(());
+                }
+                let message = format!(
+                    "server {server_id} is {observed}, the plan says {wanted}; resizing is not automatic"
                 );
-                Ok(())
+                self.event(progress, EventKind::Warning, "ServerTypeDrift", &message)
+                    .await
             }
             Op::DeleteServer { id } => self.delete_server(*id, progress).await,
             Op::DeleteFirewall {
@@ -193,8 +200,9 @@ impl<A: HcloudApi> Executor<'_, A> {
             EventKind::Normal,
             "KeyPairGenerated",
             &format!(
-                "{:?} key pair generated and sealed ({})",
-                self.config.ssh_key_algorithm, pair.fingerprint_md5
+                "{} key pair generated and sealed ({})",
+                self.config.ssh_key_algorithm.as_str(),
+                pair.fingerprint_md5
             ),
         )
         .await
@@ -527,7 +535,14 @@ impl<A: HcloudApi> Executor<'_, A> {
         reason: &str,
         message: &str,
     ) -> Result<(), ReconcileError> {
-        tracing::info!(subscription = %progress.subscription_id, reason, "{message}");
+        match kind {
+            EventKind::Normal => {
+                tracing::info!(subscription = %progress.subscription_id, reason, "{message}")
+            }
+            EventKind::Warning => {
+                tracing::warn!(subscription = %progress.subscription_id, reason, "{message}")
+            }
+        }
         events::record(self.db, &progress.subscription_id, kind, reason, message).await?;
         Ok(())
     }

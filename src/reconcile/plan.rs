@@ -83,6 +83,52 @@ pub enum Op {
     },
 }
 
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::GenerateKeyPair => write!(f, "generate and seal a key pair"),
+            Op::CreateSshKey => write!(f, "create the SSH key"),
+            Op::CreateFirewall => write!(f, "create the firewall"),
+            Op::SetFirewallRules { firewall_id } => {
+                write!(f, "set the plan's rules on firewall {firewall_id}")
+            }
+            Op::CreateServer => write!(f, "create the server"),
+            Op::PowerOn { server_id } => write!(f, "power on server {server_id}"),
+            Op::ApplyFirewall { server_id } => {
+                write!(f, "apply the firewall to server {server_id}")
+            }
+            Op::UpdateLabels { kind, id, .. } => {
+                write!(f, "repair the labels of {} {id}", kind.as_str())
+            }
+            Op::ReportServerTypeDrift {
+                server_id,
+                observed,
+                wanted,
+            } => write!(
+                f,
+                "report: server {server_id} is {observed}, the plan says {wanted} (not resized)"
+            ),
+            Op::DeleteServer { id } => write!(f, "delete server {id}"),
+            Op::DeleteFirewall {
+                id,
+                attached_servers,
+            } if attached_servers.is_empty() => {
+                write!(f, "delete firewall {id}")
+            }
+            Op::DeleteFirewall {
+                id,
+                attached_servers,
+            } => {
+                write!(
+                    f,
+                    "detach firewall {id} from {attached_servers:?}, then delete it"
+                )
+            }
+            Op::DeleteSshKey { id } => write!(f, "delete SSH key {id}"),
+        }
+    }
+}
+
 impl Op {
     /// Ops that only report never count as pending changes.
     pub fn changes_anything(&self) -> bool {

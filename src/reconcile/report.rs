@@ -48,7 +48,7 @@ impl PlanReport {
                 outcome_text(&entry.plan.outcome)
             );
             for op in &entry.plan.ops {
-                let _ = writeln!(out, "    {op:?}");
+                let _ = writeln!(out, "    {op}");
             }
         }
         let _ = writeln!(

@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -17,28 +16,21 @@ use super::metrics::Metrics;
 struct AppState {
     metrics: Arc<Metrics>,
     db: DatabaseConnection,
-    /// Flipped once start-up (migrations check, first lease attempt) is done.
-    started: Arc<AtomicBool>,
 }
 
-/// Serves /metrics, /healthz (the process answers) and /readyz (started and the database
-/// answers) until `shutdown` completes.
+/// Serves /metrics, /healthz (the process answers) and /readyz (the database answers; the
+/// server starts only after migrations applied) until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     db: DatabaseConnection,
-    started: Arc<AtomicBool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready_handler))
-        .with_state(AppState {
-            metrics,
-            db,
-            started,
-        });
+        .with_state(AppState { metrics, db });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -59,9 +51,6 @@ async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn ready_handler(State(state): State<AppState>) -> impl IntoResponse {
-    if !state.started.load(Ordering::SeqCst) {
-        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n");
-    }
     match state.db.ping().await {
         Ok(()) => (StatusCode::OK, "ready\n"),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n"),
