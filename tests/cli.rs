@@ -1,0 +1,718 @@
+//! The `vps-controller` binary end to end: every test runs the real executable as a
+//! subprocess in a fresh temp dir with an environment cleared down to PATH and HOME, and
+//! asserts what a user sees: exit codes, messages, files, HTTP probes, the status table.
+//!
+//! Every run sets HCLOUD_TOKEN (or the simulator's token) to [`SECRET_TOKEN`] where it can
+//! matter, and every captured output is checked not to contain it.
+
+mod common;
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use sea_orm::{ConnectionTrait, DatabaseConnection};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::time::{Instant, sleep};
+
+use vps_controller::db::{self, EventKind, events};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vps-controller");
+/// Recognisable, so a leak into any output is found by a plain substring search.
+const SECRET_TOKEN: &str = "hcloud-secret-Zq81xT4vPw";
+/// Generous: the machine is shared with other builds, and RSA-4096 key generation is slow.
+const DEADLINE: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_millis(100);
+const PORT_ATTEMPTS: usize = 5;
+
+/// `vps-controller ARGS` in `dir`, with only PATH, HOME and `envs` in its environment, so
+/// nothing (DATABASE_URL, HCLOUD_*, VPS_CONTROLLER_*, RUST_LOG) leaks in from the caller.
+fn command(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .current_dir(dir)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null());
+    for name in ["PATH", "HOME"] {
+        if let Some(value) = std::env::var_os(name) {
+            cmd.env(name, value);
+        }
+    }
+    cmd
+}
+
+/// The outcome of one finished run.
+struct Ran {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ran {
+    fn describe(&self) -> String {
+        format!(
+            "exit code {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+
+    fn assert_code(&self, expected: i32) -> &Self {
+        assert_eq!(self.code, Some(expected), "{}", self.describe());
+        self
+    }
+
+    /// A failure (exit 1, not clap's usage error 2) whose stderr names `needle`.
+    fn assert_fails_naming(&self, needle: &str) {
+        self.assert_code(1);
+        assert!(
+            self.stderr.contains(needle),
+            "expected the error to name {needle:?}\n{}",
+            self.describe()
+        );
+    }
+}
+
+/// Runs `vps-controller ARGS` to completion (failing the test if it hangs) and checks that
+/// the token did not leak.
+fn run_cli(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Ran {
+    let mut child = ChildGuard::spawn(command(dir, args, envs));
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "`vps-controller {}` still running after {DEADLINE:?}\n{}",
+            args.join(" "),
+            child.output()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let ran = Ran {
+        code: status.code(),
+        stdout: std::fs::read_to_string(&child.stdout).unwrap(),
+        stderr: child.stderr(),
+    };
+    assert_no_secret(&format!("{}{}", ran.stdout, ran.stderr), args);
+    ran
+}
+
+fn assert_no_secret(output: &str, args: &[&str]) {
+    assert!(
+        !output.contains(SECRET_TOKEN),
+        "`vps-controller {}` printed the API token:\n{output}",
+        args.join(" ")
+    );
+}
+
+/// A long-running `vps-controller` child. Its output goes to files (a pipe nobody reads would
+/// fill up and block it); dropping the guard kills and reaps it, also when a test panics.
+struct ChildGuard {
+    child: Child,
+    args: Vec<String>,
+    _logs: TempDir,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl ChildGuard {
+    fn spawn(mut cmd: Command) -> ChildGuard {
+        let logs = tempfile::tempdir().unwrap();
+        let stdout = logs.path().join("stdout");
+        let stderr = logs.path().join("stderr");
+        cmd.stdout(File::create(&stdout).unwrap())
+            .stderr(File::create(&stderr).unwrap());
+        let args = cmd
+            .get_args()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        ChildGuard {
+            child: cmd.spawn().unwrap(),
+            args,
+            _logs: logs,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// stdout and stderr so far.
+    fn output(&self) -> String {
+        let stdout = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+        format!(
+            "--- stdout ---\n{stdout}\n--- stderr ---\n{}",
+            self.stderr()
+        )
+    }
+
+    fn assert_no_secret(&self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        assert_no_secret(&self.output(), &args);
+    }
+
+    /// Sends SIGTERM, as Kubernetes or systemd would on shutdown.
+    fn terminate(&self) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM failed: {sent}");
+    }
+
+    /// Waits for the child to exit, failing the test after `timeout`.
+    async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`vps-controller {}` still running {timeout:?} after SIGTERM\n{}",
+                self.args.join(" "),
+                self.output()
+            );
+            sleep(POLL).await;
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        // Already exited: kill fails harmlessly; wait reaps either way.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+/// A port that was free a moment ago; another process may take it before we bind it again,
+/// which [`spawn_listening`] handles by retrying.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `make(port)` on a free port and waits until `GET probe` answers 200. Retries with
+/// another port when the child could not bind (the port was taken in between).
+async fn spawn_listening(make: impl Fn(u16) -> Command, probe: &str) -> (ChildGuard, String) {
+    let http = http_client();
+    for _ in 0..PORT_ATTEMPTS {
+        let port = free_port();
+        let base_url = format!("http://127.0.0.1:{port}");
+        let mut child = ChildGuard::spawn(make(port));
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(response) = http.get(format!("{base_url}{probe}")).send().await
+                && response.status() == reqwest::StatusCode::OK
+            {
+                return (child, base_url);
+            }
+            if let Some(status) = child.child.try_wait().unwrap() {
+                if child.stderr().contains("cannot bind") {
+                    break;
+                }
+                panic!(
+                    "`vps-controller {}` exited ({status}) before {probe} answered\n{}",
+                    child.args.join(" "),
+                    child.output()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{probe} did not answer 200 within {DEADLINE:?}\n{}",
+                child.output()
+            );
+            sleep(POLL).await;
+        }
+    }
+    panic!("no free port after {PORT_ATTEMPTS} attempts");
+}
+
+/// A valid VPS_CONTROLLER_ENCRYPTION_KEY: 32 bytes, base64.
+fn encryption_key() -> String {
+    base64::engine::general_purpose::STANDARD.encode([7u8; 32])
+}
+
+fn sqlite_url(dir: &Path) -> String {
+    format!(
+        "sqlite://{}?mode=rwc",
+        dir.join("vps-controller.db").display()
+    )
+}
+
+async fn insert_subscription(db: &DatabaseConnection, id: &str, status: &str, plan: &str) {
+    db.execute_unprepared(&format!(
+        "INSERT INTO subscriptions (id, user_id, status, plan) \
+         VALUES ('{id}', 'user-{id}', '{status}', '{plan}')"
+    ))
+    .await
+    .unwrap();
+}
+
+/// The cells of `id`'s line in the `status` table.
+fn status_row(table: &str, id: &str) -> Option<Vec<String>> {
+    table
+        .lines()
+        .map(|line| {
+            line.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .find(|cells| cells.first().map(String::as_str) == Some(id))
+}
+
+#[test]
+fn migrate_without_database_url_creates_the_sqlite_file_and_can_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_file = dir.path().join("vps-controller.db");
+    assert!(!db_file.exists());
+
+    run_cli(dir.path(), &["migrate"], &[]).assert_code(0);
+    assert!(db_file.is_file(), "migrate did not create {db_file:?}");
+    run_cli(dir.path(), &["migrate"], &[]).assert_code(0);
+
+    // The schema is there: `status` reads the (empty) table.
+    let status = run_cli(dir.path(), &["status"], &[]);
+    status.assert_code(0);
+    assert_eq!(
+        status.stdout.lines().collect::<Vec<_>>(),
+        ["ID  STATUS  PLAN  PROVISIONING  SERVER  IP  LAST ERROR"],
+        "{}",
+        status.describe()
+    );
+}
+
+#[tokio::test]
+async fn migrate_with_database_url_works_on_every_backend_and_can_run_again() {
+    for test_db in common::test_databases().await {
+        let dir = tempfile::tempdir().unwrap();
+        let env = [("DATABASE_URL", test_db.url.as_str())];
+        for attempt in ["first", "second"] {
+            let ran = run_cli(dir.path(), &["migrate"], &env);
+            assert_eq!(
+                ran.code,
+                Some(0),
+                "{} migrate on {}: {}",
+                attempt,
+                test_db.backend,
+                ran.describe()
+            );
+        }
+        let conn = db::connect(&test_db.url).await.unwrap();
+        insert_subscription(&conn, "sub-1", "active", "starter").await;
+        drop(conn);
+        assert!(
+            !dir.path().join("vps-controller.db").exists(),
+            "{}: DATABASE_URL was ignored, the default SQLite file was created",
+            test_db.backend
+        );
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn status_shows_rows_with_their_errors_and_one_subscriptions_events() {
+    for test_db in common::test_databases().await {
+        let backend = test_db.backend;
+        let dir = tempfile::tempdir().unwrap();
+        let env = [("DATABASE_URL", test_db.url.as_str())];
+        run_cli(dir.path(), &["migrate"], &env).assert_code(0);
+
+        let conn = db::connect(&test_db.url).await.unwrap();
+        insert_subscription(&conn, "sub-ok", "active", "starter").await;
+        conn.execute_unprepared(
+            "INSERT INTO subscriptions \
+             (id, user_id, status, plan, provisioning_status, provisioning_error) \
+             VALUES ('sub-bad', 'user-2', 'active', 'gold', 'failed', \
+                     'unknown plan \"gold\"; configured plans: pro, starter')",
+        )
+        .await
+        .unwrap();
+        events::record(
+            &conn,
+            "sub-ok",
+            EventKind::Normal,
+            "ServerCreated",
+            "server vps-sub-ok created",
+        )
+        .await
+        .unwrap();
+        events::record(
+            &conn,
+            "sub-ok",
+            EventKind::Warning,
+            "ApiUnavailable",
+            "Hetzner answered 503; retrying",
+        )
+        .await
+        .unwrap();
+        events::record(&conn, "sub-bad", EventKind::Warning, "UnknownPlan", "gold")
+            .await
+            .unwrap();
+
+        let table = run_cli(dir.path(), &["status"], &env);
+        table.assert_code(0);
+        let context = format!("{backend}: {}", table.describe());
+        let header = table.stdout.lines().next().unwrap_or_default();
+        for column in ["ID", "STATUS", "PLAN", "PROVISIONING", "LAST ERROR"] {
+            assert!(header.contains(column), "{context}");
+        }
+        assert_eq!(
+            status_row(&table.stdout, "sub-ok").as_deref(),
+            Some(&["sub-ok", "active", "starter", "pending", "-", "-", "-"].map(String::from)[..]),
+            "{context}"
+        );
+        let failed = table
+            .stdout
+            .lines()
+            .find(|line| line.starts_with("sub-bad"))
+            .unwrap_or_else(|| panic!("no sub-bad line; {context}"));
+        assert!(failed.contains("failed"), "{context}");
+        assert!(
+            failed.contains("unknown plan \"gold\"; configured plans: pro, starter"),
+            "{context}"
+        );
+
+        let events = run_cli(dir.path(), &["status", "sub-ok"], &env);
+        events.assert_code(0);
+        let context = format!("{backend}: {}", events.describe());
+        let lines: Vec<&str> = events.stdout.lines().collect();
+        assert_eq!(lines.len(), 3, "header and two events; {context}");
+        for column in ["TIME", "KIND", "REASON", "MESSAGE"] {
+            assert!(lines[0].contains(column), "{context}");
+        }
+        // Oldest first, and only this subscription's events.
+        assert!(
+            lines[1].contains("Normal") && lines[1].contains("ServerCreated"),
+            "{context}"
+        );
+        assert!(lines[1].contains("server vps-sub-ok created"), "{context}");
+        assert!(
+            lines[2].contains("Warning") && lines[2].contains("ApiUnavailable"),
+            "{context}"
+        );
+        assert!(!events.stdout.contains("UnknownPlan"), "{context}");
+
+        drop(conn);
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn plan_against_the_simulator_exits_2_when_changes_are_pending_and_changes_nothing() {
+    let sim_dir = tempfile::tempdir().unwrap();
+    let (simulator, sim_url) = spawn_listening(
+        |port| {
+            let listen = format!("127.0.0.1:{port}");
+            command(
+                sim_dir.path(),
+                &["simulator", "--listen", &listen, "--token", SECRET_TOKEN],
+                &[],
+            )
+        },
+        "/__simulator/stats",
+    )
+    .await;
+    let endpoint = format!("{sim_url}/v1");
+
+    for test_db in common::test_databases().await {
+        let backend = test_db.backend;
+        let dir = tempfile::tempdir().unwrap();
+        let env = [
+            ("DATABASE_URL", test_db.url.as_str()),
+            ("HCLOUD_ENDPOINT", endpoint.as_str()),
+            ("HCLOUD_TOKEN", SECRET_TOKEN),
+        ];
+        run_cli(dir.path(), &["migrate"], &env).assert_code(0);
+
+        let in_sync = run_cli(dir.path(), &["plan"], &env);
+        in_sync.assert_code(0);
+        assert!(
+            in_sync
+                .stdout
+                .contains("0 subscriptions, 0 with changes pending"),
+            "{backend}: {}",
+            in_sync.describe()
+        );
+
+        let conn = db::connect(&test_db.url).await.unwrap();
+        insert_subscription(&conn, "sub-1", "active", "starter").await;
+        // Twice: the first `plan` must not have done any of it.
+        for _ in 0..2 {
+            let pending = run_cli(dir.path(), &["plan"], &env);
+            pending.assert_code(2);
+            let context = format!("{backend}: {}", pending.describe());
+            assert!(pending.stdout.contains("sub-1: -> ready"), "{context}");
+            for op in [
+                "GenerateKeyPair",
+                "CreateSshKey",
+                "CreateFirewall",
+                "CreateServer",
+            ] {
+                assert!(pending.stdout.contains(op), "{op} missing; {context}");
+            }
+            assert!(
+                pending
+                    .stdout
+                    .contains("1 subscriptions, 1 with changes pending"),
+                "{context}"
+            );
+        }
+        let status = run_cli(dir.path(), &["status"], &[("DATABASE_URL", &test_db.url)]);
+        assert_eq!(
+            status_row(&status.stdout, "sub-1").map(|cells| cells[3].clone()),
+            Some("pending".to_owned()),
+            "plan changed the row; {backend}: {}",
+            status.describe()
+        );
+
+        // The same token from a file, with the newline editors leave, works too.
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, format!("{SECRET_TOKEN}\n")).unwrap();
+        let from_file = run_cli(
+            dir.path(),
+            &["plan"],
+            &[
+                ("DATABASE_URL", test_db.url.as_str()),
+                ("HCLOUD_ENDPOINT", endpoint.as_str()),
+                ("HCLOUD_TOKEN_FILE", token_file.to_str().unwrap()),
+            ],
+        );
+        from_file.assert_code(2);
+
+        drop(conn);
+        test_db.cleanup().await;
+    }
+
+    // Nothing was created, changed or deleted at "Hetzner".
+    let stats: Value = http_client()
+        .get(format!("{sim_url}/__simulator/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let by_endpoint = stats["by_endpoint"].as_object().unwrap();
+    assert!(
+        by_endpoint.keys().any(|key| key.starts_with("GET ")),
+        "plan did not list anything: {stats}"
+    );
+    assert!(
+        by_endpoint.keys().all(|key| key.starts_with("GET ")),
+        "plan changed something at Hetzner: {stats}"
+    );
+
+    // A wrong token: an error naming the refusal, exit 1 (not 2, "changes pending").
+    let dir = tempfile::tempdir().unwrap();
+    run_cli(dir.path(), &["migrate"], &[]).assert_code(0);
+    let refused = run_cli(
+        dir.path(),
+        &["plan"],
+        &[
+            ("HCLOUD_ENDPOINT", endpoint.as_str()),
+            ("HCLOUD_TOKEN", "not-the-token"),
+        ],
+    );
+    refused.assert_fails_naming("unauthorized");
+    assert!(
+        !refused.stderr.contains("not-the-token"),
+        "{}",
+        refused.describe()
+    );
+
+    simulator.assert_no_secret();
+}
+
+#[tokio::test]
+async fn run_simulate_serves_probes_provisions_a_subscription_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut controller, base_url) = spawn_listening(
+        |port| {
+            let listen = format!("127.0.0.1:{port}");
+            // The token is unused with --simulate; set so a leak would show.
+            command(
+                dir.path(),
+                &["run", "--simulate", "--listen", &listen],
+                &[("HCLOUD_TOKEN", SECRET_TOKEN)],
+            )
+        },
+        "/readyz",
+    )
+    .await;
+    assert!(dir.path().join("vps-controller.db").is_file());
+
+    let http = http_client();
+    let healthz = http
+        .get(format!("{base_url}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(healthz.status(), reqwest::StatusCode::OK);
+    assert_eq!(healthz.text().await.unwrap().trim(), "ok");
+    let metrics = http
+        .get(format!("{base_url}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), reqwest::StatusCode::OK);
+    let metrics = metrics.text().await.unwrap();
+    assert!(
+        metrics.contains("vps_controller_hcloud_budget_limit"),
+        "{metrics}"
+    );
+
+    let conn = db::connect(&sqlite_url(dir.path())).await.unwrap();
+    insert_subscription(&conn, "sub-1", "active", "starter").await;
+    drop(conn);
+
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let status = run_cli(dir.path(), &["status"], &[]);
+        status.assert_code(0);
+        let row = status_row(&status.stdout, "sub-1");
+        if let Some(cells) = &row
+            && cells[3] == "ready"
+        {
+            assert_ne!(cells[4], "-", "ready without a server id: {cells:?}");
+            assert_ne!(cells[5], "-", "ready without an IP: {cells:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sub-1 not ready within {DEADLINE:?}: {row:?}\n{}",
+            controller.output()
+        );
+        sleep(POLL).await;
+    }
+
+    controller.terminate();
+    let exit = controller.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(exit.code(), Some(0), "{}", controller.output());
+
+    let log = controller.stderr();
+    assert!(log.contains("SIMULATION MODE"), "{log}");
+    // README: the log tells the subscription's story, and the shutdown finishes.
+    let mut rest = log.as_str();
+    for step in [
+        "KeyPairGenerated",
+        "SshKeyCreated",
+        "FirewallCreated",
+        "ServerCreated",
+        "\"Ready\"",
+        "stopped",
+    ] {
+        let at = rest
+            .find(step)
+            .unwrap_or_else(|| panic!("{step} missing or out of order in the log:\n{log}"));
+        rest = &rest[at + step.len()..];
+    }
+    assert!(
+        !log.contains("PRIVATE KEY"),
+        "private key in the log: {log}"
+    );
+    assert!(!log.contains("BEGIN"), "key material in the log: {log}");
+    controller.assert_no_secret();
+}
+
+#[test]
+fn run_without_a_token_names_hcloud_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = encryption_key();
+    run_cli(
+        dir.path(),
+        &["run", "--listen", "127.0.0.1:0"],
+        &[("VPS_CONTROLLER_ENCRYPTION_KEY", &key)],
+    )
+    .assert_fails_naming("HCLOUD_TOKEN");
+}
+
+#[test]
+fn run_without_an_encryption_key_names_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    run_cli(
+        dir.path(),
+        &["run", "--listen", "127.0.0.1:0"],
+        &[("HCLOUD_TOKEN", SECRET_TOKEN)],
+    )
+    .assert_fails_naming("VPS_CONTROLLER_ENCRYPTION_KEY");
+}
+
+#[test]
+fn run_with_a_bad_config_file_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = encryption_key();
+    let zero_resync = dir.path().join("zero-resync.yaml");
+    std::fs::write(&zero_resync, "resync_seconds: 0\n").unwrap();
+    let unknown_field = dir.path().join("unknown-field.yaml");
+    std::fs::write(
+        &unknown_field,
+        "plans:\n  starter:\n    server_type: cx23\n    image: ubuntu-24.04\n    \
+         location: fsn1\n    firewall_rules: []\n    disk_colour: blue\n",
+    )
+    .unwrap();
+
+    // Through the variable and through the flag.
+    let ran = run_cli(
+        dir.path(),
+        &["run", "--listen", "127.0.0.1:0"],
+        &[
+            ("VPS_CONTROLLER_CONFIG", zero_resync.to_str().unwrap()),
+            ("VPS_CONTROLLER_ENCRYPTION_KEY", &key),
+            ("HCLOUD_TOKEN", SECRET_TOKEN),
+        ],
+    );
+    ran.assert_fails_naming("resync_seconds");
+    assert!(
+        ran.stderr.contains("zero-resync.yaml"),
+        "{}",
+        ran.describe()
+    );
+
+    let ran = run_cli(
+        dir.path(),
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            unknown_field.to_str().unwrap(),
+        ],
+        &[
+            ("VPS_CONTROLLER_ENCRYPTION_KEY", &key),
+            ("HCLOUD_TOKEN", SECRET_TOKEN),
+        ],
+    );
+    ran.assert_fails_naming("disk_colour");
+}
+
+#[test]
+fn simulator_rejects_a_fault_rate_above_one() {
+    let dir = tempfile::tempdir().unwrap();
+    run_cli(
+        dir.path(),
+        &["simulator", "--listen", "127.0.0.1:0", "--fault-rate", "2"],
+        &[],
+    )
+    .assert_fails_naming("fault_rate");
+}
