@@ -146,7 +146,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
@@ -201,6 +201,7 @@ fn client(endpoint: &str, token: Token, rate_limit: u32) -> Result<Client> {
 }
 
 async fn run(args: RunArgs) -> Result<ExitCode> {
+    let signal = shutdown_signal();
     let config = load_config(&args.controller)?;
     let conn = db::connect(&args.controller.db.database_url).await?;
     db::migrate(&conn).await?;
@@ -291,7 +292,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     ));
     let control = tokio::spawn(controller.run(shutdown_rx));
 
-    wait_for_signal().await;
+    signal.await;
     tracing::info!("shutting down: finishing the reconciles in flight");
     let _ = shutdown_tx.send(true);
     let _ = control.await;
@@ -304,26 +305,38 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not when
+/// the future is first polled, so a signal during start-up is not lost.
+fn shutdown_signal() -> impl Future<Output = ()> {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        #[cfg(unix)]
+        if let Ok(mut term) = term {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+            return;
         }
-    }
-    #[cfg(not(unix))]
-    {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// An error and its causes on one line, each cause once: several layers repeat the text of
+/// the error they wrap, which `{:#}` would print again and again.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 async fn plan(args: PlanArgs) -> Result<ExitCode> {
@@ -346,9 +359,10 @@ async fn plan(args: PlanArgs) -> Result<ExitCode> {
 async fn status(args: StatusArgs) -> Result<ExitCode> {
     let conn = db::connect(&args.db.database_url).await?;
     let text = match args.subscription {
-        Some(id) => vps_controller::reconcile::report::events_table(&conn, &id).await?,
-        None => vps_controller::reconcile::report::status_table(&conn).await?,
-    };
+        Some(id) => vps_controller::reconcile::report::events_table(&conn, &id).await,
+        None => vps_controller::reconcile::report::status_table(&conn).await,
+    }
+    .context("reading the database (a new database needs `vps-controller migrate` first)")?;
     print!("{text}");
     Ok(ExitCode::SUCCESS)
 }
@@ -366,7 +380,6 @@ async fn serve_simulator(args: SimulatorArgs) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
-    tracing::info!(endpoint = %format!("http://{}/v1", args.listen), "Hetzner Cloud API simulator listening");
-    simulator::serve(config, listener, wait_for_signal()).await?;
+    simulator::serve(config, listener, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

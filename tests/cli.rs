@@ -464,10 +464,10 @@ async fn plan_against_the_simulator_exits_2_when_changes_are_pending_and_changes
             let context = format!("{backend}: {}", pending.describe());
             assert!(pending.stdout.contains("sub-1: -> ready"), "{context}");
             for op in [
-                "GenerateKeyPair",
-                "CreateSshKey",
-                "CreateFirewall",
-                "CreateServer",
+                "generate and seal a key pair",
+                "create the SSH key",
+                "create the firewall",
+                "create the server",
             ] {
                 assert!(pending.stdout.contains(op), "{op} missing; {context}");
             }

@@ -77,8 +77,9 @@ pub async fn plan_all<A: HcloudApi>(
     db: &DatabaseConnection,
     config: &Config,
 ) -> Result<PlanReport, ReconcileError> {
-    let snapshot = observe::observe(api, &desired::instance_selector(config)).await?;
+    // The database first: an unmigrated one is the likelier mistake than an API problem.
     let rows = subscriptions::all(db).await?;
+    let snapshot = observe::observe(api, &desired::instance_selector(config)).await?;
     let mut entries = Vec::new();
     let mut known_keys = BTreeSet::new();
     for row in &rows {
