@@ -61,13 +61,9 @@ async fn main() -> anyhow::Result<()> {
         sealer: Sealer::ephemeral(),
         config,
         action_timeout: Duration::from_secs(60),
+        leadership: Leadership::always(),
     };
-    let controller = Controller::new(
-        reconciler,
-        Arc::new(Metrics::new()),
-        Leadership::always(),
-        1_000_000,
-    );
+    let controller = Controller::new(reconciler, Arc::new(Metrics::new()), 1_000_000);
     for i in 0..n {
         db.execute_unprepared(&format!(
             "INSERT INTO subscriptions (id, user_id, status, plan) VALUES ('sub-{i}', 'u{i}', 'active', 'starter')"

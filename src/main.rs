@@ -20,6 +20,9 @@ use vps_controller::simulator::{self, SimulatorConfig};
 use vps_controller::telemetry::metrics::{HcloudCollector, Metrics};
 use vps_controller::telemetry::{self, LogFormat};
 
+/// How long SIGTERM waits for reconciles in flight (below Kubernetes' 60 s grace period).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(40);
+
 #[derive(Parser)]
 #[command(
     name = "vps-controller",
@@ -91,7 +94,7 @@ struct RunArgs {
     #[arg(long)]
     simulate: bool,
     /// Longest wait for a Hetzner action (server create, power on, delete), seconds.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=3600))]
     action_timeout_seconds: u64,
 }
 
@@ -263,11 +266,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         sealer,
         config,
         action_timeout: Duration::from_secs(args.action_timeout_seconds),
+        leadership: leadership.clone(),
     };
     let controller = Arc::new(Controller::new(
         reconciler,
         metrics.clone(),
-        leadership.clone(),
         args.controller.hcloud_rate_limit,
     ));
 
@@ -276,7 +279,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
     tracing::info!(listen = %args.listen, "serving /metrics, /healthz, /readyz");
     let mut server_shutdown = shutdown_rx.clone();
-    let server = tokio::spawn(telemetry::server::serve(
+    let mut server = tokio::spawn(telemetry::server::serve(
         listener,
         metrics,
         conn.clone(),
@@ -284,18 +287,45 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             let _ = server_shutdown.wait_for(|stop| *stop).await;
         },
     ));
-    let lease = tokio::spawn(leader::run(
+    // The lease is released only after the control loop stopped acting.
+    let (lease_tx, lease_rx) = watch::channel(false);
+    let mut lease = tokio::spawn(leader::run(
         conn.clone(),
         leader::holder_id(),
         leadership,
-        shutdown_rx.clone(),
+        lease_rx,
     ));
-    let control = tokio::spawn(controller.run(shutdown_rx));
+    let mut control = tokio::spawn(controller.run(shutdown_rx));
 
-    signal.await;
-    tracing::info!("shutting down: finishing the reconciles in flight");
+    // Any task ending on its own is fatal: a replica that serves probes but no longer
+    // reconciles (or renews a lease nobody uses) must be restarted, not kept.
+    let failure = tokio::select! {
+        _ = signal => None,
+        _ = &mut control => Some("the control loop"),
+        _ = &mut lease => Some("the lease task"),
+        _ = &mut server => Some("the metrics server"),
+    };
+    if let Some(task) = failure {
+        tracing::error!("{task} stopped unexpectedly; exiting so the process is restarted");
+        let _ = shutdown_tx.send(true);
+        let _ = lease_tx.send(true);
+        return Ok(ExitCode::FAILURE);
+    }
+    tracing::info!(
+        grace_seconds = SHUTDOWN_GRACE.as_secs(),
+        "shutting down: finishing the reconciles in flight"
+    );
     let _ = shutdown_tx.send(true);
-    let _ = control.await;
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut control)
+        .await
+        .is_err()
+    {
+        // Every id is stored right after its create, so stopping mid-reconcile loses
+        // nothing: the next leader adopts what was created.
+        tracing::warn!("reconciles still running after the grace period; stopping them");
+        control.abort();
+    }
+    let _ = lease_tx.send(true);
     let _ = lease.await;
     let _ = server.await;
     if let Some(simulator) = simulator {

@@ -77,13 +77,9 @@ async fn env(test_db: &common::TestDb) -> Env {
         sealer: Sealer::ephemeral(),
         config,
         action_timeout: Duration::from_secs(20),
+        leadership: Leadership::always(),
     };
-    let controller = Controller::new(
-        reconciler,
-        Arc::new(Metrics::new()),
-        Leadership::always(),
-        3600,
-    );
+    let controller = Controller::new(reconciler, Arc::new(Metrics::new()), 3600);
     Env {
         sim,
         http: reqwest::Client::new(),

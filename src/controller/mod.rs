@@ -9,7 +9,7 @@
 pub mod leader;
 pub mod workset;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,12 +18,11 @@ use tokio::sync::watch;
 
 use crate::db::subscriptions;
 use crate::hcloud::HcloudApi;
-use crate::reconcile::desired::{self, instance_selector};
-use crate::reconcile::observe::{self, Snapshot};
-use crate::reconcile::{Done, ReconcileError, Reconciler};
+use crate::reconcile::desired::instance_selector;
+use crate::reconcile::observe::{self, Observed, Snapshot};
+use crate::reconcile::{self, Done, ReconcileError, Reconciler};
 use crate::telemetry::metrics::Metrics;
 
-use leader::Leadership;
 use workset::{Finish, WorkSet};
 
 /// How often rows are checked for changes (a cheap indexed query).
@@ -34,7 +33,6 @@ const RESYNC_BUDGET_SHARE: f64 = 0.25;
 pub struct Controller<A: HcloudApi> {
     pub reconciler: Arc<Reconciler<A>>,
     pub metrics: Arc<Metrics>,
-    pub leadership: Leadership,
     /// The API budget (requests per hour) the resync interval must fit in.
     pub rate_limit_per_hour: u32,
     work: Arc<WorkSet>,
@@ -52,16 +50,10 @@ pub struct PassReport {
 }
 
 impl<A: HcloudApi + 'static> Controller<A> {
-    pub fn new(
-        reconciler: Reconciler<A>,
-        metrics: Arc<Metrics>,
-        leadership: Leadership,
-        rate_limit_per_hour: u32,
-    ) -> Self {
+    pub fn new(reconciler: Reconciler<A>, metrics: Arc<Metrics>, rate_limit_per_hour: u32) -> Self {
         Controller {
             reconciler: Arc::new(reconciler),
             metrics,
-            leadership,
             rate_limit_per_hour: rate_limit_per_hour.max(1),
             work: Arc::new(WorkSet::default()),
             last_listing_size: Default::default(),
@@ -81,8 +73,9 @@ impl<A: HcloudApi + 'static> Controller<A> {
             if *shutdown.borrow() {
                 break;
             }
-            self.metrics.set_leader(self.leadership.is_leader());
-            if !self.leadership.is_leader() {
+            self.metrics
+                .set_leader(self.reconciler.leadership.is_leader());
+            if !self.reconciler.leadership.is_leader() {
                 continue;
             }
             if Instant::now() >= next_resync {
@@ -154,41 +147,65 @@ impl<A: HcloudApi + 'static> Controller<A> {
         }
         self.metrics.set_subscriptions(&by_status);
 
-        let known_keys: BTreeSet<String> =
-            rows.iter().map(|r| desired::resource_key(&r.id)).collect();
-        let known_names: BTreeSet<String> = rows
-            .iter()
-            .map(|r| desired::resource_name(config, &r.id))
-            .collect();
-        let mut work: Vec<(String, Option<i64>)> = rows
+        let work: Vec<(String, Option<i64>)> = rows
             .iter()
             .map(|r| (r.id.clone(), Some(r.desired_version)))
             .collect();
-        // Orphans: labelled for a subscription that has no row. The key stands in for the id.
-        work.extend(
-            snapshot
-                .subscription_keys()
-                .into_iter()
-                .filter(|key| !known_keys.contains(key))
-                .map(|key| (key, None)),
-        );
-        let stray = snapshot.unattributed(&known_names);
-        if !stray.is_empty() {
-            tracing::info!(
-                servers = stray.servers.len(),
-                ssh_keys = stray.ssh_keys.len(),
-                firewalls = stray.firewalls.len(),
-                "deleting resources with our instance label but no subscription"
+        let unwanted = reconcile::unwanted(config, &snapshot, &rows);
+        let snapshot = Arc::new(snapshot);
+        let mut report = self.reconcile_many(work, Some(snapshot), true).await;
+        if rows.is_empty() && !unwanted.is_empty() {
+            // An empty table next to labelled resources is more likely a wrong DATABASE_URL
+            // than a fleet to delete. Deleted rows are still torn down by the change pass.
+            tracing::error!(
+                groups = unwanted.len(),
+                "the subscriptions table is empty but resources carry our instance label: not deleting them; check DATABASE_URL"
             );
-            self.reconciler
-                .delete_orphans("unattributed", &stray)
-                .await?;
+        } else {
+            report.failed += self.delete_unwanted(unwanted).await;
         }
-        let report = self
-            .reconcile_many(work, Some(Arc::new(snapshot)), true)
-            .await;
         self.metrics.pass_finished("resync", started.elapsed());
         Ok(report)
+    }
+
+    /// Deletes resources no row wants, one group at a time under the group's claim. A failure
+    /// is logged and counted; it never stops the pass. Returns the number of failures.
+    async fn delete_unwanted(&self, unwanted: Vec<(String, Observed)>) -> usize {
+        let mut failed = 0;
+        for (key, observed) in unwanted {
+            if !self.reconciler.leadership.is_leader() {
+                break;
+            }
+            let Some(claim) = self.work.try_claim(&key, None, Instant::now(), true) else {
+                continue;
+            };
+            tracing::info!(
+                key,
+                servers = observed.servers.len(),
+                ssh_keys = observed.ssh_keys.len(),
+                firewalls = observed.firewalls.len(),
+                "deleting resources with our instance label that no subscription wants"
+            );
+            let started = Instant::now();
+            match self.reconciler.delete_orphans(&key, &observed).await {
+                Ok(()) => {
+                    self.metrics
+                        .reconcile_finished("settled", None, started.elapsed());
+                    claim.finish(Finish::Success);
+                }
+                Err(error) => {
+                    tracing::warn!(key, error = %error, "deleting orphaned resources failed; retrying next resync");
+                    self.metrics.reconcile_finished(
+                        "error",
+                        Some(error.metric_label()),
+                        started.elapsed(),
+                    );
+                    claim.finish(Finish::Failure { version: None });
+                    failed += 1;
+                }
+            }
+        }
+        failed
     }
 
     /// Reconciles the given subscriptions with bounded concurrency, each at most once at a
@@ -215,7 +232,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 let snapshot = snapshot.clone();
                 async move {
                     // A lost lease stops the pass before the next subscription.
-                    if !self.leadership.is_leader() {
+                    if !self.reconciler.leadership.is_leader() {
                         return true;
                     }
                     // A snapshot older than this subscription's last reconcile may miss what

@@ -8,12 +8,14 @@ pub mod observe;
 pub mod plan;
 pub mod report;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::Utc;
 use sea_orm::DatabaseConnection;
 
 use crate::config::Config;
+use crate::controller::leader::Leadership;
 use crate::db::DbError;
 use crate::db::entities::subscription;
 use crate::db::events::{self, EventKind};
@@ -24,7 +26,7 @@ use crate::keys::Sealer;
 use desired::{Desired, Want};
 use execute::{Executor, Progress};
 use observe::{Observed, Snapshot};
-use plan::{Outcome, Plan, RowState};
+use plan::{Op, Outcome, Plan, RowState};
 
 /// Why a reconcile did not complete. Knows whether retrying can help and its metric label.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,8 @@ pub enum ReconcileError {
     ForeignResource(String),
     #[error("internal: {0}")]
     Internal(String),
+    #[error("lost the leader lease; another replica takes over")]
+    LostLease,
 }
 
 impl ReconcileError {
@@ -52,7 +56,10 @@ impl ReconcileError {
             ReconcileError::Api(e) => e.is_terminal(),
             ReconcileError::CloudInit(_) | ReconcileError::ForeignResource(_) => true,
             ReconcileError::Seal(_) => true,
-            ReconcileError::Db(_) | ReconcileError::Key(_) | ReconcileError::Internal(_) => false,
+            ReconcileError::Db(_)
+            | ReconcileError::Key(_)
+            | ReconcileError::Internal(_)
+            | ReconcileError::LostLease => false,
         }
     }
 
@@ -65,6 +72,7 @@ impl ReconcileError {
             ReconcileError::CloudInit(_) => "cloud_init",
             ReconcileError::ForeignResource(_) => "foreign_resource",
             ReconcileError::Internal(_) => "internal",
+            ReconcileError::LostLease => "lost_lease",
         }
     }
 }
@@ -77,6 +85,8 @@ pub struct Reconciler<A: HcloudApi> {
     pub config: Config,
     /// Upper bound for waiting on Hetzner actions (create, power on, delete).
     pub action_timeout: Duration,
+    /// Checked before every operation: a replica that lost the lease stops acting.
+    pub leadership: Leadership,
 }
 
 /// How a reconcile ended, for the controller's queue.
@@ -136,6 +146,8 @@ impl<A: HcloudApi> Reconciler<A> {
         };
         match result {
             Ok(progress) => self.settle(&desired, row.as_ref(), &plan, progress).await,
+            // Not ours to record any more: the new leader looks at this row.
+            Err(ReconcileError::LostLease) => Err(ReconcileError::LostLease),
             Err(error) => {
                 self.record_failure(&desired, row.as_ref(), &error).await?;
                 if error.is_terminal() {
@@ -172,29 +184,17 @@ impl<A: HcloudApi> Reconciler<A> {
             Want::Vps(spec) => Some(spec.as_ref()),
             _ => None,
         };
-        let kept = |ids: Vec<i64>, row_id: Option<i64>| {
-            row_id
-                .filter(|id| ids.contains(id))
-                .or(ids.first().copied())
-        };
         let mut progress = Progress {
             subscription_id: desired.subscription_id.clone(),
             key: desired.key.clone(),
             row_exists: desired.version.is_some(),
             public_key: row.public_key.clone(),
-            ssh_key_id: kept(
-                observed.ssh_keys.iter().map(|k| k.id).collect(),
-                row.ssh_key_id,
-            ),
-            firewall_id: kept(
-                observed.firewalls.iter().map(|f| f.id).collect(),
-                row.firewall_id,
-            ),
-            server: kept(
-                observed.servers.iter().map(|s| s.id).collect(),
-                row.server_id,
-            )
-            .and_then(|id| observed.servers.iter().find(|s| s.id == id).cloned()),
+            ssh_key_id: plan.keep.ssh_key,
+            firewall_id: plan.keep.firewall,
+            server: plan
+                .keep
+                .server
+                .and_then(|id| observed.servers.iter().find(|s| s.id == id).cloned()),
             ..Default::default()
         };
         if plan.ops.is_empty() {
@@ -206,7 +206,21 @@ impl<A: HcloudApi> Reconciler<A> {
             sealer: &self.sealer,
             config: &self.config,
             action_timeout: self.action_timeout,
+            leadership: &self.leadership,
         };
+        let tears_down = plan.ops.iter().any(|op| {
+            matches!(
+                op,
+                Op::DeleteServer { .. } | Op::DeleteFirewall { .. } | Op::DeleteSshKey { .. }
+            )
+        });
+        if spec.is_none() && tears_down && progress.row_exists {
+            let update = StatusUpdate {
+                provisioning_status: Some("deprovisioning".into()),
+                ..Default::default()
+            };
+            subscriptions::write_status(&self.db, &desired.subscription_id, &update).await?;
+        }
         executor.run(spec, &plan.ops, &mut progress).await?;
         Ok(progress)
     }
@@ -346,6 +360,37 @@ impl<A: HcloudApi> Reconciler<A> {
     }
 }
 
+/// Resources we own that no row wants: one group per subscription key without a row, plus
+/// one group ("unattributed") of resources with our instance label but neither a
+/// subscription label nor the name of any row. Used by the resync and by `plan`.
+pub fn unwanted(
+    config: &Config,
+    snapshot: &Snapshot,
+    rows: &[subscription::Model],
+) -> Vec<(String, Observed)> {
+    let known_keys: BTreeSet<String> = rows.iter().map(|r| desired::resource_key(&r.id)).collect();
+    let known_names: BTreeSet<String> = rows
+        .iter()
+        .map(|r| desired::resource_name(config, &r.id))
+        .collect();
+    let mut groups: Vec<(String, Observed)> = snapshot
+        .subscription_keys()
+        .into_iter()
+        .filter(|key| !known_keys.contains(key))
+        .map(|key| {
+            let observed = snapshot
+                .resources
+                .filter(|labels, _| labels.get(desired::SUBSCRIPTION_LABEL) == Some(&key));
+            (key, observed)
+        })
+        .collect();
+    let stray = snapshot.unattributed(&known_names);
+    if !stray.is_empty() {
+        groups.push(("unattributed".to_string(), stray));
+    }
+    groups
+}
+
 pub fn row_state(row: &subscription::Model) -> RowState {
     RowState {
         provisioning_status: row.provisioning_status.clone(),
@@ -354,6 +399,13 @@ pub fn row_state(row: &subscription::Model) -> RowState {
         firewall_id: row.hetzner_firewall_id,
         public_key: row.ssh_public_key.clone(),
         has_private_key: row.ssh_private_key.is_some(),
+        public_key_fingerprint: row
+            .ssh_public_key
+            .as_deref()
+            .and_then(|key| crate::keys::md5_fingerprint(key).ok()),
+        terminal_error: (row.provisioning_status == "failed"
+            && row.observed_version == row.desired_version)
+            .then(|| row.provisioning_error.clone().unwrap_or_default()),
     }
 }
 

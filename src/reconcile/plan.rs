@@ -1,7 +1,7 @@
 //! The planner: desired state + what exists -> the operations that close the gap.
 //! PURE: no I/O, no clock, no randomness. Everything it decides is covered by table tests.
 
-use crate::hcloud::{Firewall, Labels, Server, ServerStatus};
+use crate::hcloud::{Firewall, Labels, Server, ServerStatus, SshKey};
 
 use super::desired::{Desired, VpsSpec, Want, canonical_rules};
 use super::observe::{Observed, Resource};
@@ -17,6 +17,11 @@ pub struct RowState {
     pub public_key: Option<String>,
     /// Whether a sealed private key is stored.
     pub has_private_key: bool,
+    /// MD5 fingerprint (Hetzner's format) of `public_key`.
+    pub public_key_fingerprint: Option<String>,
+    /// The error of a terminal failure recorded for the row's current version: it is not
+    /// retried until the row changes.
+    pub terminal_error: Option<String>,
 }
 
 /// Kind of resource, for ops that apply to any of them.
@@ -155,6 +160,16 @@ pub enum Outcome {
 pub struct Plan {
     pub ops: Vec<Op>,
     pub outcome: Outcome,
+    /// The observed resources the plan keeps (duplicates of each kind are deleted).
+    pub keep: Kept,
+}
+
+/// Ids of the observed resources a plan builds on.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Kept {
+    pub server: Option<i64>,
+    pub ssh_key: Option<i64>,
+    pub firewall: Option<i64>,
 }
 
 impl Plan {
@@ -169,8 +184,15 @@ pub fn plan(desired: &Desired, row: &RowState, observed: &Observed) -> Plan {
         Want::Invalid(message) => Plan {
             ops: vec![],
             outcome: Outcome::Failed(message.clone()),
+            keep: Kept::default(),
         },
         Want::Nothing => plan_teardown(desired, row, observed),
+        // Recorded as terminal for this version: wait for the row to change.
+        Want::Vps(_) if row.terminal_error.is_some() => Plan {
+            ops: vec![],
+            outcome: Outcome::Failed(row.terminal_error.clone().unwrap_or_default()),
+            keep: Kept::default(),
+        },
         Want::Vps(spec) => plan_vps(spec, row, observed),
     }
 }
@@ -184,7 +206,7 @@ fn plan_teardown(desired: &Desired, row: &RowState, observed: &Observed) -> Plan
         .collect();
     ops.extend(observed.firewalls.iter().map(|f| Op::DeleteFirewall {
         id: f.id,
-        attached_servers: attached_servers(f),
+        attached_servers: attached_own_servers(f, observed),
     }));
     ops.extend(
         observed
@@ -209,7 +231,11 @@ fn plan_teardown(desired: &Desired, row: &RowState, observed: &Observed) -> Plan
     } else {
         Outcome::Deprovisioned
     };
-    Plan { ops, outcome }
+    Plan {
+        ops,
+        outcome,
+        keep: Kept::default(),
+    }
 }
 
 fn plan_vps(spec: &VpsSpec, row: &RowState, observed: &Observed) -> Plan {
@@ -220,15 +246,28 @@ fn plan_vps(spec: &VpsSpec, row: &RowState, observed: &Observed) -> Plan {
     let (firewall, extra_firewalls) = pick(&observed.firewalls, row.firewall_id, &spec.name);
     let (server, extra_servers) = pick(&observed.servers, row.server_id, &spec.name);
 
-    match ssh_key {
-        None => {
-            if row.public_key.is_none() {
+    // The key at Hetzner must be the public half of the pair sealed on the row; otherwise the
+    // customer's private key would not open the server.
+    let pair_stored = row.public_key.is_some() && row.has_private_key;
+    let key_matches = |key: &&SshKey| {
+        pair_stored && row.public_key_fingerprint.as_deref() == Some(key.fingerprint.as_str())
+    };
+    let ssh_key = match ssh_key {
+        Some(key) if key_matches(&key) => {
+            ops.extend(label_update(Kind::SshKey, key, &spec.labels));
+            Some(key)
+        }
+        other => {
+            if let Some(stale) = other {
+                ops.push(Op::DeleteSshKey { id: stale.id });
+            }
+            if !pair_stored {
                 ops.push(Op::GenerateKeyPair);
             }
             ops.push(Op::CreateSshKey);
+            None
         }
-        Some(key) => ops.extend(label_update(Kind::SshKey, key, &spec.labels)),
-    }
+    };
 
     match firewall {
         None => ops.push(Op::CreateFirewall),
@@ -279,12 +318,20 @@ fn plan_vps(spec: &VpsSpec, row: &RowState, observed: &Observed) -> Plan {
     extras.extend(extra_servers.iter().map(|s| Op::DeleteServer { id: s.id }));
     extras.extend(extra_firewalls.iter().map(|f| Op::DeleteFirewall {
         id: f.id,
-        attached_servers: attached_servers(f),
+        attached_servers: attached_own_servers(f, observed),
     }));
     extras.extend(extra_keys.iter().map(|k| Op::DeleteSshKey { id: k.id }));
     ops.extend(extras);
 
-    Plan { ops, outcome }
+    Plan {
+        ops,
+        outcome,
+        keep: Kept {
+            server: server.map(|s| s.id),
+            ssh_key: ssh_key.map(|k| k.id),
+            firewall: firewall.map(|f| f.id),
+        },
+    }
 }
 
 /// Chooses the resource to keep among those of one kind: the one whose id the row records,
@@ -339,6 +386,15 @@ fn attached_servers(firewall: &Firewall) -> Vec<i64> {
         .applied_to
         .iter()
         .filter_map(|r| r.server.as_ref().map(|s| s.id))
+        .collect()
+}
+
+/// The servers of ours to detach before deleting `firewall`. Foreign servers it protects are
+/// never changed: deleting the firewall then fails with `resource_in_use`, visibly.
+fn attached_own_servers(firewall: &Firewall, observed: &Observed) -> Vec<i64> {
+    attached_servers(firewall)
+        .into_iter()
+        .filter(|id| observed.servers.iter().any(|s| s.id == *id))
         .collect()
 }
 

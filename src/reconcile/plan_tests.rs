@@ -128,6 +128,8 @@ fn row() -> RowState {
         firewall_id: Some(FIREWALL),
         public_key: Some("ssh-ed25519 AAAA".into()),
         has_private_key: true,
+        public_key_fingerprint: Some("00:11".into()),
+        terminal_error: None,
     }
 }
 
@@ -295,6 +297,77 @@ fn cases() -> Vec<Case> {
             outcome: Outcome::Ready,
         },
         Case {
+            name: "ssh key at Hetzner is not the stored pair's: replaced",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| o.ssh_keys[0].fingerprint = "ff:ff".into()),
+            ops: vec![Op::DeleteSshKey { id: KEY }, Op::CreateSshKey],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "private key lost from the row: new pair, key replaced",
+            desired: want_vps(),
+            row: RowState {
+                has_private_key: false,
+                ..row()
+            },
+            observed: everything(),
+            ops: vec![
+                Op::DeleteSshKey { id: KEY },
+                Op::GenerateKeyPair,
+                Op::CreateSshKey,
+            ],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "terminal failure of this version: nothing until the row changes",
+            desired: want_vps(),
+            row: RowState {
+                terminal_error: Some("server name taken".into()),
+                ..fresh_row()
+            },
+            observed: Observed::default(),
+            ops: vec![],
+            outcome: Outcome::Failed("server name taken".into()),
+        },
+        Case {
+            name: "terminal failure does not block a cancel",
+            desired: want_nothing(),
+            row: RowState {
+                terminal_error: Some("server name taken".into()),
+                ..row()
+            },
+            observed: everything(),
+            ops: vec![
+                Op::DeleteServer { id: SERVER },
+                Op::DeleteFirewall {
+                    id: FIREWALL,
+                    attached_servers: vec![SERVER],
+                },
+                Op::DeleteSshKey { id: KEY },
+            ],
+            outcome: Outcome::Deprovisioned,
+        },
+        Case {
+            name: "teardown never detaches the firewall from foreign servers",
+            desired: want_nothing(),
+            row: row(),
+            observed: with(|o| {
+                o.firewalls[0]
+                    .applied_to
+                    .push(FirewallResource::server(999))
+            }),
+            ops: vec![
+                Op::DeleteServer { id: SERVER },
+                Op::DeleteFirewall {
+                    id: FIREWALL,
+                    attached_servers: vec![SERVER],
+                },
+                Op::DeleteSshKey { id: KEY },
+            ],
+            outcome: Outcome::Deprovisioned,
+        },
+        Case {
             name: "server labels differ: updated, foreign labels kept",
             desired: want_vps(),
             row: row(),
@@ -460,6 +533,25 @@ fn planner_decision_table() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+#[test]
+fn the_plan_keeps_the_resources_it_does_not_delete() {
+    let observed = with(|o| {
+        let mut twin = server(SERVER + 1, ServerStatus::Running);
+        twin.name = "other".into();
+        o.servers.insert(0, twin);
+    });
+    let got = plan(&want_vps(), &row(), &observed);
+    assert_eq!(
+        got.keep,
+        Kept {
+            server: Some(SERVER),
+            ssh_key: Some(KEY),
+            firewall: Some(FIREWALL)
+        }
+    );
+    assert!(got.ops.contains(&Op::DeleteServer { id: SERVER + 1 }));
 }
 
 #[test]

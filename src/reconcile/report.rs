@@ -1,6 +1,5 @@
 //! Read-only views for operators: `vps-controller plan` and `vps-controller status`.
 
-use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use sea_orm::DatabaseConnection;
@@ -81,10 +80,8 @@ pub async fn plan_all<A: HcloudApi>(
     let rows = subscriptions::all(db).await?;
     let snapshot = observe::observe(api, &desired::instance_selector(config)).await?;
     let mut entries = Vec::new();
-    let mut known_keys = BTreeSet::new();
     for row in &rows {
         let desired = desired::desired_for_row(config, row);
-        known_keys.insert(desired.key.clone());
         let observed =
             snapshot.for_subscription(&desired.key, &desired::resource_name(config, &row.id));
         let plan = plan::plan(&desired, &row_state(row), &observed);
@@ -96,11 +93,10 @@ pub async fn plan_all<A: HcloudApi>(
             status_pending,
         });
     }
-    for key in snapshot.subscription_keys().difference(&known_keys) {
-        let desired = desired::desired_for_missing_row(key, key);
-        let observed = snapshot.for_subscription(key, &desired::resource_name(config, key));
+    for (key, observed) in super::unwanted(config, &snapshot, &rows) {
+        let desired = desired::desired_for_missing_row(&key, &key);
         entries.push(PlanEntry {
-            subscription_id: format!("{key} (orphan)"),
+            subscription_id: format!("{key} (no subscription wants these)"),
             plan: plan::plan(&desired, &Default::default(), &observed),
             status_pending: false,
         });
