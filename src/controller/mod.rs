@@ -11,6 +11,7 @@ pub mod workset;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -110,8 +111,23 @@ impl<A: HcloudApi + 'static> Controller<A> {
             wanted.entry(id).or_insert(None);
         }
         let started = Instant::now();
+        // Many changes at once (a bulk insert): one listing of everything is cheaper than
+        // three listings per subscription.
+        let listing_pages = self
+            .last_listing_size
+            .load(Ordering::Relaxed)
+            .div_ceil(50)
+            .max(1);
+        let snapshot = if wanted.len() > listing_pages {
+            let selector = instance_selector(&self.reconciler.config);
+            Some(Arc::new(
+                observe::observe(&self.reconciler.api, &selector).await?,
+            ))
+        } else {
+            None
+        };
         let report = self
-            .reconcile_many(wanted.into_iter().collect(), None, false)
+            .reconcile_many(wanted.into_iter().collect(), snapshot, false)
             .await;
         if report.reconciled > 0 {
             self.metrics.pass_finished("changes", started.elapsed());
@@ -136,8 +152,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
         .into_iter()
         .max()
         .unwrap_or(0);
-        self.last_listing_size
-            .store(size, std::sync::atomic::Ordering::Relaxed);
+        self.last_listing_size.store(size, Ordering::Relaxed);
 
         let mut by_status: BTreeMap<String, i64> = BTreeMap::new();
         for row in &rows {
@@ -152,6 +167,12 @@ impl<A: HcloudApi + 'static> Controller<A> {
             .map(|r| (r.id.clone(), Some(r.desired_version)))
             .collect();
         let unwanted = reconcile::unwanted(config, &snapshot, &rows);
+        let live: std::collections::BTreeSet<&str> = rows
+            .iter()
+            .map(|r| r.id.as_str())
+            .chain(unwanted.iter().map(|(key, _)| key.as_str()))
+            .collect();
+        self.work.retain(|key| live.contains(key));
         let snapshot = Arc::new(snapshot);
         let mut report = self.reconcile_many(work, Some(snapshot), true).await;
         if rows.is_empty() && !unwanted.is_empty() {
@@ -286,9 +307,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
     /// most `RESYNC_BUDGET_SHARE` of the API budget's refill rate.
     pub fn resync_interval(&self) -> Duration {
         let configured = Duration::from_secs(self.reconciler.config.resync_seconds);
-        let size = self
-            .last_listing_size
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let size = self.last_listing_size.load(Ordering::Relaxed);
         let requests = 3 * size.div_ceil(50).max(1);
         let refill_per_second = f64::from(self.rate_limit_per_hour) / 3600.0;
         let needed =

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 /// Backoff after the first failure; doubles per failure up to `MAX_BACKOFF`.
 const BASE_BACKOFF: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Longest delay between looks at a subscription that waits for Hetzner.
+const MAX_REQUEUE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 struct KeyState {
@@ -19,6 +21,9 @@ struct KeyState {
     failed_version: Option<i64>,
     /// When the last reconcile of this key finished.
     last_done: Option<Instant>,
+    /// Requeues in a row without settling: each doubles the requested delay (to 60 s), so a
+    /// slow server start costs a few listings, not one every two seconds.
+    requeues: u32,
 }
 
 #[derive(Debug, Default)]
@@ -91,6 +96,12 @@ impl WorkSet {
         self.lock().get(key).and_then(|s| s.last_done)
     }
 
+    /// Forgets keys `keep` rejects (deleted subscriptions), except those in flight.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.lock()
+            .retain(|key, state| state.in_flight || keep(key));
+    }
+
     pub fn in_backoff(&self) -> usize {
         self.lock().values().filter(|s| s.failures > 0).count()
     }
@@ -110,11 +121,15 @@ impl WorkSet {
             Some(Finish::RetryAfter(delay)) => {
                 state.failures = 0;
                 state.failed_version = None;
-                state.not_before = Some(now + delay);
+                let grown = delay.saturating_mul(1 << state.requeues.min(5));
+                state.not_before = Some(now + grown.min(MAX_REQUEUE));
+                state.requeues = state.requeues.saturating_add(1);
             }
             Some(Finish::Failure { version }) => {
                 state.failures = state.failures.saturating_add(1);
-                state.failed_version = version;
+                state.requeues = 0;
+                // A retry that did not know the version keeps the one that failed.
+                state.failed_version = version.or(state.failed_version);
                 state.not_before = Some(now + backoff(state.failures));
             }
             // Dropped without a verdict (cancelled): look again soon.
@@ -199,6 +214,29 @@ mod tests {
             .finish(Finish::RetryAfter(Duration::from_secs(60)));
         assert!(set.try_claim("a", None, Instant::now(), false).is_none());
         assert!(set.try_claim("a", None, Instant::now(), true).is_some());
+    }
+
+    #[test]
+    fn requeue_delays_grow_until_settled() {
+        let set = Arc::new(WorkSet::default());
+        let delay = Duration::from_secs(2);
+        let mut now = Instant::now();
+        for expected in [2, 4, 8, 16, 32, 60, 60] {
+            let mut claim = set.try_claim("a", None, now, false).expect("due");
+            claim.finished = true;
+            drop(claim);
+            set.finish("a", Some(Finish::RetryAfter(delay)), now);
+            let due_at = now + Duration::from_secs(expected);
+            assert!(
+                set.due(due_at - Duration::from_millis(1500)).is_empty(),
+                "{expected}s"
+            );
+            assert_eq!(
+                set.due(due_at + Duration::from_secs(1)),
+                vec!["a".to_string()]
+            );
+            now = due_at + Duration::from_secs(1);
+        }
     }
 
     #[test]
