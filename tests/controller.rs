@@ -34,6 +34,11 @@ struct Env {
 }
 
 async fn env(test_db: &common::TestDb) -> Env {
+    env_with(test_db, None).await
+}
+
+/// `web_app_table`: SQL creating the web app's own `subscriptions` table before migrating.
+async fn env_with(test_db: &common::TestDb, web_app_table: Option<&str>) -> Env {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let sim = simulator::spawn(
         SimulatorConfig {
@@ -47,6 +52,9 @@ async fn env(test_db: &common::TestDb) -> Env {
     .await
     .unwrap();
     let db = db::connect(&test_db.url).await.unwrap();
+    if let Some(sql) = web_app_table {
+        db.execute_unprepared(sql).await.unwrap();
+    }
     db::migrate(&db).await.unwrap();
     let api = Client::new(ClientConfig {
         action_poll: ActionPollBackoff {
@@ -632,4 +640,40 @@ async fn a_plan_change_is_reported_once_and_never_resizes() {
         );
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn null_columns_of_an_upgraded_web_app_table_fail_one_row_not_all() {
+    for test_db in common::test_databases().await {
+        let timestamp = if test_db.is_postgres() {
+            "TIMESTAMPTZ"
+        } else {
+            "INTEGER"
+        };
+        // The web app's table, without NOT NULL constraints.
+        let table = format!(
+            "CREATE TABLE subscriptions (id TEXT PRIMARY KEY, user_id TEXT, stripe_subscription_id TEXT, status TEXT, plan TEXT, created_at {timestamp}, updated_at {timestamp})"
+        );
+        let env = env_with(&test_db, Some(&table)).await;
+        env.sql("INSERT INTO subscriptions (id, user_id, status, plan) VALUES ('no-plan', NULL, 'active', NULL)").await;
+        env.sql("INSERT INTO subscriptions (id, user_id, status, plan) VALUES ('no-status', 'u', NULL, 'pro')").await;
+        env.insert("fine", "active", "starter").await;
+        env.process_changes().await;
+
+        let no_plan = env.row("no-plan").await;
+        assert_eq!(no_plan.provisioning_status, "failed", "[{}]", env.backend);
+        assert_eq!(
+            no_plan.provisioning_error.as_deref(),
+            Some("plan: missing (NULL)")
+        );
+        assert_eq!(env.row("no-status").await.provisioning_status, "pending");
+        assert_eq!(
+            env.row("fine").await.provisioning_status,
+            "ready",
+            "[{}] other rows unaffected",
+            env.backend
+        );
+        assert_eq!(env.list("servers").await.len(), 1);
+        test_db.cleanup().await;
+    }
 }

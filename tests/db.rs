@@ -59,9 +59,9 @@ async fn fresh_database_accepts_the_plain_insert_with_defaults() {
         insert_plain(&db, "sub_1").await;
 
         let row = subscriptions::get(&db, "sub_1").await.unwrap().unwrap();
-        assert_eq!(row.user_id, "user_sub_1", "[{backend}]");
-        assert_eq!(row.status, "active", "[{backend}]");
-        assert_eq!(row.plan, "starter", "[{backend}]");
+        assert_eq!(row.user_id.as_deref(), Some("user_sub_1"), "[{backend}]");
+        assert_eq!(row.status.as_deref(), Some("active"), "[{backend}]");
+        assert_eq!(row.plan.as_deref(), Some("starter"), "[{backend}]");
         assert_eq!(row.provisioning_status, "pending", "[{backend}]");
         assert_eq!(
             (row.desired_version, row.observed_version),
@@ -127,7 +127,7 @@ async fn migrating_again_changes_nothing() {
         db::migrate(&db).await.unwrap();
         let row = subscriptions::get(&db, "sub_1").await.unwrap().unwrap();
         assert_eq!(
-            (row.status.as_str(), row.desired_version),
+            (row.status.as_deref().unwrap_or(""), row.desired_version),
             ("past_due", 2),
             "[{backend}]"
         );
@@ -204,10 +204,10 @@ async fn upgrade_keeps_the_web_app_rows_and_they_decode() {
             .map(|row| {
                 (
                     row.id.as_str(),
-                    row.user_id.as_str(),
+                    row.user_id.as_deref().unwrap_or(""),
                     row.stripe_subscription_id.as_deref(),
-                    row.status.as_str(),
-                    row.plan.as_str(),
+                    row.status.as_deref().unwrap_or(""),
+                    row.plan.as_deref().unwrap_or(""),
                     row.provisioning_status.as_str(),
                     row.desired_version,
                     row.observed_version,
@@ -838,10 +838,10 @@ fn debug_output_never_shows_the_sealed_private_key() {
 
     let model = subscription::Model {
         id: "a".into(),
-        user_id: "u".into(),
+        user_id: Some("u".into()),
         stripe_subscription_id: None,
-        status: "active".into(),
-        plan: "pro".into(),
+        status: Some("active".into()),
+        plan: Some("pro".into()),
         hetzner_server_id: None,
         hetzner_ssh_key_id: None,
         hetzner_firewall_id: None,

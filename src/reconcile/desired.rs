@@ -88,23 +88,26 @@ pub struct VpsSpec {
 /// Desired state of an existing row.
 pub fn desired_for_row(config: &Config, row: &subscription::Model) -> Desired {
     let key = resource_key(&row.id);
-    let want = if !config.active_statuses.iter().any(|s| s == &row.status) {
-        Want::Nothing
-    } else {
-        match config.plans.get(&row.plan) {
+    let active = row
+        .status
+        .as_ref()
+        .is_some_and(|status| config.active_statuses.contains(status));
+    let want = match (active, row.plan.as_deref()) {
+        (false, _) => Want::Nothing,
+        (true, None) => Want::Invalid("plan: missing (NULL)".into()),
+        (true, Some(plan_name)) => match config.plans.get(plan_name) {
             None => Want::Invalid(format!(
-                "plan: {:?} is not a configured plan (configured: {})",
-                row.plan,
+                "plan: {plan_name:?} is not a configured plan (configured: {})",
                 config.plans.keys().cloned().collect::<Vec<_>>().join(", ")
             )),
             Some(plan) => Want::Vps(Box::new(VpsSpec {
                 name: resource_name(config, &row.id),
-                labels: owned_labels(config, &key, Some(&row.plan)),
-                plan_name: row.plan.clone(),
+                labels: owned_labels(config, &key, Some(plan_name)),
+                plan_name: plan_name.to_string(),
                 plan: plan.clone(),
                 firewall_rules: plan_firewall_rules(plan),
             })),
-        }
+        },
     };
     Desired {
         subscription_id: row.id.clone(),

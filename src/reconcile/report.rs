@@ -119,8 +119,8 @@ pub async fn status_table(db: &DatabaseConnection) -> Result<String, ReconcileEr
     for row in rows {
         table.push([
             row.id,
-            row.status,
-            row.plan,
+            row.status.unwrap_or_else(|| "-".into()),
+            row.plan.unwrap_or_else(|| "-".into()),
             row.provisioning_status,
             row.hetzner_server_id
                 .map(|id| id.to_string())

@@ -10,11 +10,15 @@ use sea_orm::entity::prelude::*;
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: String,
-    pub user_id: String,
+    /// Optional here although the schema says NOT NULL: a web-app table upgraded in place may
+    /// hold NULLs, and one such row must not stop every other row from decoding.
+    pub user_id: Option<String>,
     pub stripe_subscription_id: Option<String>,
     /// Stripe status (active, trialing, past_due, canceled, ...), not validated by the DB.
-    pub status: String,
-    pub plan: String,
+    /// NULL never wants a VPS.
+    pub status: Option<String>,
+    /// NULL is an invalid row (failed, no Hetzner call).
+    pub plan: Option<String>,
     pub hetzner_server_id: Option<i64>,
     pub hetzner_ssh_key_id: Option<i64>,
     pub hetzner_firewall_id: Option<i64>,
