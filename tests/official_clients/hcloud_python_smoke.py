@@ -34,7 +34,8 @@ try:
     from hcloud.images import Image
     from hcloud.locations import Location
     from hcloud.server_types import ServerType
-    from hcloud.servers import BoundServer
+    from hcloud.servers import ServerCreatePublicNetwork
+    from hcloud.ssh_keys import SSHKey
 except ImportError as import_error:  # pragma: no cover - depends on the machine
     print(
         f"hcloud_python_smoke: the official client is not installed ({import_error}); "
@@ -475,6 +476,40 @@ def main() -> int:
         report.check("delete the firewall once detached", firewall.delete() is True)
         report.api_error("get_by_id of the deleted firewall", lambda: client.firewalls.get_by_id(firewall.id), "not_found")
 
+    def server_variants() -> None:
+        if not {"server_type", "image", "ssh_key"} <= state.keys():
+            report.check("catalog and SSH key sections succeeded", False, sorted(state))
+            return
+        # Key by name, IPv4 only, not started: what a cost-saving or IPv4-only plan sends.
+        response = client.servers.create(
+            name=f"compat-{run_id}-off",
+            server_type=state["server_type"],
+            image=state["image"],
+            ssh_keys=[SSHKey(name=state["ssh_key"].name)],
+            start_after_create=False,
+            public_net=ServerCreatePublicNetwork(enable_ipv4=True, enable_ipv6=False),
+            labels=owner,
+        )
+        report.equal("start_after_create=False: no next_actions", response.next_actions, [])
+        response.action.wait_until_finished()
+        server = client.servers.get_by_id(response.server.id)
+        report.equal("start_after_create=False: server ends off", server.status, "off")
+        report.check("enable_ipv6=False: IPv4 only", server.public_net.ipv4 is not None and server.public_net.ipv6 is None, server.public_net)
+        server.delete().wait_until_finished()
+
+        # Without SSH keys the API generates a root password.
+        response = client.servers.create(
+            name=f"compat-{run_id}-pw", server_type=state["server_type"], image=state["image"], labels=owner
+        )
+        report.check(
+            "no ssh_keys: root_password returned",
+            isinstance(response.root_password, str) and len(response.root_password) >= 8,
+            response.root_password and "<redacted>",
+        )
+        response.action.wait_until_finished()
+        wait_all(report, "no ssh_keys", response.next_actions)
+        response.server.delete().wait_until_finished()
+
     def cleanup() -> None:
         key = state.get("ssh_key")
         if key is not None:
@@ -501,6 +536,7 @@ def main() -> int:
     report.run("pagination", pagination)
     report.run("firewalls", firewalls)
     report.run("servers", servers)
+    report.run("server variants", server_variants)
     report.run("cleanup", cleanup)
 
     elapsed = time.monotonic() - started
