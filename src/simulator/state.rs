@@ -59,11 +59,20 @@ pub(crate) struct Server {
     pub location: usize,
     /// Disk size in GB; stays when a type change does not upgrade the disk.
     pub primary_disk_size: u32,
-    pub ipv4: Option<Ipv4Addr>,
-    pub ipv6: Option<Ipv6Addr>,
+    pub ipv4: Option<PrimaryIp<Ipv4Addr>>,
+    pub ipv6: Option<PrimaryIp<Ipv6Addr>>,
     /// Kept like Hetzner keeps it (reused by rebuild); never logged or returned.
     pub user_data: Option<String>,
     pub ssh_keys: Vec<i64>,
+}
+
+/// A public address and the ID of the Primary IP holding it. The API reports that ID as
+/// `public_net.ipv4.id` / `ipv6.id`, and hcloud-python reads it unconditionally; Primary IPs
+/// themselves are not simulated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PrimaryIp<A> {
+    pub id: i64,
+    pub addr: A,
 }
 
 pub(crate) struct SshKey {
@@ -201,6 +210,7 @@ pub(crate) struct World {
     next_ssh_key_id: i64,
     next_firewall_id: i64,
     next_action_id: i64,
+    next_primary_ip_id: i64,
     next_ipv4: u32,
     next_ipv6: u32,
     passwords: SplitMix64,
@@ -224,6 +234,7 @@ impl World {
             next_ssh_key_id: 200_001,
             next_firewall_id: 300_001,
             next_action_id: 1_000_001,
+            next_primary_ip_id: 400_001,
             next_ipv4: 1,
             next_ipv6: 1,
             passwords: SplitMix64::new(seed ^ 0x005e_ed0f_9a55_u64),
@@ -248,26 +259,32 @@ impl World {
         id
     }
 
+    fn new_primary_ip<A>(&mut self, addr: A) -> PrimaryIp<A> {
+        let id = self.next_primary_ip_id;
+        self.next_primary_ip_id += 1;
+        PrimaryIp { id, addr }
+    }
+
     /// Next unused IPv4 in 198.18.0.0/15, skipping .0 and .255 host parts; `None` when exhausted.
-    pub(crate) fn allocate_ipv4(&mut self) -> Option<Ipv4Addr> {
+    pub(crate) fn allocate_ipv4(&mut self) -> Option<PrimaryIp<Ipv4Addr>> {
         while self.next_ipv4 < IPV4_SIZE {
             let candidate = self.next_ipv4;
             self.next_ipv4 += 1;
             let last = candidate & 0xff;
             if last != 0 && last != 255 {
-                return Some(Ipv4Addr::from(IPV4_BASE + candidate));
+                return Some(self.new_primary_ip(Ipv4Addr::from(IPV4_BASE + candidate)));
             }
         }
         None
     }
 
     /// Next unused /64 network: 2001:db8:<hi>:<lo>::/64.
-    pub(crate) fn allocate_ipv6(&mut self) -> Option<Ipv6Addr> {
+    pub(crate) fn allocate_ipv6(&mut self) -> Option<PrimaryIp<Ipv6Addr>> {
         let n = self.next_ipv6;
         self.next_ipv6 = n.checked_add(1)?;
         let hi = u16::try_from(n >> 16).ok()?;
         let lo = (n & 0xffff) as u16;
-        Some(Ipv6Addr::new(0x2001, 0x0db8, hi, lo, 0, 0, 0, 0))
+        Some(self.new_primary_ip(Ipv6Addr::new(0x2001, 0x0db8, hi, lo, 0, 0, 0, 0)))
     }
 
     pub(crate) fn root_password(&mut self) -> String {
@@ -422,9 +439,10 @@ impl World {
             status: server.status.as_str(),
             created: rfc3339(server.created),
             public_net: PublicNetOut {
-                ipv4: server.ipv4.map(|ip| {
+                ipv4: server.ipv4.map(|PrimaryIp { id, addr: ip }| {
                     let o = ip.octets();
                     Ipv4Out {
+                        id,
                         ip: ip.to_string(),
                         blocked: false,
                         dns_ptr: format!(
@@ -433,7 +451,8 @@ impl World {
                         ),
                     }
                 }),
-                ipv6: server.ipv6.map(|net| Ipv6Out {
+                ipv6: server.ipv6.map(|PrimaryIp { id, addr: net }| Ipv6Out {
+                    id,
                     ip: format!("{net}/64"),
                     blocked: false,
                     dns_ptr: Vec::new(),
@@ -524,17 +543,21 @@ mod tests {
     fn addresses_are_unique_and_in_range() {
         let mut w = World::new(Duration::ZERO, 0);
         let mut seen = BTreeSet::new();
+        let mut ids = BTreeSet::new();
         for _ in 0..600 {
-            let ip = w.allocate_ipv4().unwrap();
+            let PrimaryIp { id, addr: ip } = w.allocate_ipv4().unwrap();
             let o = ip.octets();
             assert_eq!(o[0], 198);
             assert!(o[1] == 18 || o[1] == 19);
             assert!(o[3] != 0 && o[3] != 255);
             assert!(seen.insert(ip));
+            assert!(ids.insert(id));
         }
         let a = w.allocate_ipv6().unwrap();
         let b = w.allocate_ipv6().unwrap();
-        assert_ne!(a, b);
-        assert_eq!(a.to_string(), "2001:db8:0:1::");
+        assert_ne!(a.addr, b.addr);
+        assert_eq!(a.addr.to_string(), "2001:db8:0:1::");
+        // Primary IP IDs are shared by both families.
+        assert!(ids.insert(a.id) && ids.insert(b.id));
     }
 }

@@ -114,6 +114,8 @@ pub(crate) struct ImageOut {
 
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Ipv4Out {
+    /// The Primary IP's ID (optional in the spec, but hcloud-python requires it).
+    pub id: i64,
     pub ip: String,
     pub blocked: bool,
     pub dns_ptr: String,
@@ -127,6 +129,7 @@ pub(crate) struct DnsPtrOut {
 
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct Ipv6Out {
+    pub id: i64,
     pub ip: String,
     pub blocked: bool,
     pub dns_ptr: Vec<DnsPtrOut>,

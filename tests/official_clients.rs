@@ -1,0 +1,133 @@
+//! Hetzner's official Python client (hcloud-python) against the built-in simulator, unchanged:
+//! runs `tests/official_clients/hcloud_python_smoke.py` against an in-process simulator.
+//!
+//! Needs `python3` with `hcloud>=2.23,<3` (`python3 -m pip install 'hcloud>=2.23,<3'`; another
+//! interpreter can be named in `PYTHON`). Without them the test is skipped with a warning, unless
+//! `CI` is set, where it fails.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+use vps_controller::simulator::{SimulatorConfig, spawn};
+
+const INSTALL_HINT: &str = "install it with: python3 -m pip install 'hcloud>=2.23,<3' \
+     (or point PYTHON at an interpreter that has it)";
+
+/// Generous: the script takes a few seconds; this only stops a hung client.
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn python() -> String {
+    std::env::var("PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".to_string())
+}
+
+fn on_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// Why the official client cannot run here, if it cannot.
+async fn python_client_missing(python: &str) -> Option<String> {
+    // hcloud-python >= 2.23 is the first release without `datacenter` (API-NOTES §4).
+    let probe = "import sys, hcloud\n\
+                 v = tuple(int(p) for p in hcloud.__version__.split('.')[:2])\n\
+                 print(hcloud.__version__)\n\
+                 sys.exit(0 if (2, 23) <= v < (3, 0) else 1)";
+    match Command::new(python)
+        .args(["-c", probe])
+        .stdin(Stdio::null())
+        .output()
+        .await
+    {
+        Err(e) => Some(format!("`{python}` cannot be started: {e}")),
+        Ok(out) if out.status.success() => None,
+        Ok(out) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // The import error's last line, or the version that was found.
+            let found = stderr
+                .lines()
+                .last()
+                .map(str::to_string)
+                .unwrap_or_else(|| {
+                    format!("found {}", String::from_utf8_lossy(&out.stdout).trim())
+                });
+            Some(format!(
+                "`{python}` has no usable hcloud module (need >=2.23,<3): {found}"
+            ))
+        }
+    }
+}
+
+#[tokio::test]
+async fn official_python_client_works_against_the_simulator() {
+    let python = python();
+    if let Some(reason) = python_client_missing(&python).await {
+        if on_ci() {
+            panic!("the official-client test needs hcloud-python: {reason}; {INSTALL_HINT}");
+        }
+        // Written to the real stderr: libtest captures eprintln! output of passing tests.
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+             !!! SKIPPED official_python_client_works_against_the_simulator: {reason}\n\
+             !!! {INSTALL_HINT}\n\
+             !!! (with CI set, this test fails instead of skipping)\n\
+             !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+        );
+        return;
+    }
+
+    let token = "official-client-test-token";
+    let simulator = spawn(
+        SimulatorConfig {
+            token: Some(token.to_string()),
+            action_seconds: 0.1,
+            ..SimulatorConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+
+    let script: PathBuf = [
+        env!("CARGO_MANIFEST_DIR"),
+        "tests",
+        "official_clients",
+        "hcloud_python_smoke.py",
+    ]
+    .iter()
+    .collect();
+    // The simulator runs on this test's runtime: the child is awaited, never waited on blocking.
+    let child = Command::new(&python)
+        .arg(&script)
+        .arg(simulator.base_url())
+        // The token goes through the environment, not the (world-readable) command line.
+        .env("HCLOUD_TOKEN", token)
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(SCRIPT_TIMEOUT, child)
+        .await
+        .unwrap_or_else(|_| panic!("{} did not finish in {SCRIPT_TIMEOUT:?}", script.display()))
+        .unwrap_or_else(|e| panic!("cannot run {python} {}: {e}", script.display()));
+    simulator.shutdown().await;
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "hcloud-python against the simulator failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        output.status
+    );
+    // The script's own summary line, so a run that silently checked nothing cannot pass.
+    let summary = stdout
+        .lines()
+        .find(|l| l.contains("checks passed, 0 failed"))
+        .unwrap_or_else(|| panic!("no summary line in the script output:\n{stdout}"));
+    println!("{summary}");
+}
