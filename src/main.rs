@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::sync::watch;
 
 use vps_controller::config::Config;
-use vps_controller::controller::{Controller, leader};
+use vps_controller::controller::{Controller, leader, triggers};
 use vps_controller::db;
 use vps_controller::hcloud::{Budget, Client, ClientConfig, Token};
 use vps_controller::keys::Sealer;
@@ -294,6 +294,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         leader::holder_id(),
         leadership,
         lease_rx,
+    ));
+    tokio::spawn(triggers::listen_for_changes(
+        args.controller.db.database_url.clone(),
+        controller.wake.clone(),
+        shutdown_rx.clone(),
     ));
     let mut control = tokio::spawn(controller.run(shutdown_rx));
 

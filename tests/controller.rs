@@ -677,3 +677,34 @@ async fn null_columns_of_an_upgraded_web_app_table_fail_one_row_not_all() {
         test_db.cleanup().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_notifies_wake_the_change_pass() {
+    for test_db in common::test_databases().await {
+        if !test_db.is_postgres() {
+            continue;
+        }
+        let env = env(&test_db).await;
+        env.insert("wake", "active", "starter").await;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let listener = tokio::spawn(vps_controller::controller::triggers::listen_for_changes(
+            test_db.url.clone(),
+            wake.clone(),
+            stopped,
+        ));
+        // LISTEN starts asynchronously: keep changing the row until a wake-up arrives.
+        let woken = common::eventually(Duration::from_secs(10), || async {
+            env.sql("UPDATE subscriptions SET updated_at = CURRENT_TIMESTAMP WHERE id = 'wake'")
+                .await;
+            tokio::time::timeout(Duration::from_millis(200), wake.notified())
+                .await
+                .is_ok()
+        })
+        .await;
+        assert!(woken, "a spec change on PostgreSQL wakes the controller");
+        stop.send(true).unwrap();
+        listener.await.unwrap();
+        test_db.cleanup().await;
+    }
+}

@@ -7,6 +7,7 @@
 //! Both go through `Reconciler::reconcile`, so there is one code path per subscription.
 
 pub mod leader;
+pub mod triggers;
 pub mod workset;
 
 use std::collections::BTreeMap;
@@ -15,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::db::subscriptions;
 use crate::hcloud::HcloudApi;
@@ -36,6 +37,8 @@ pub struct Controller<A: HcloudApi> {
     pub metrics: Arc<Metrics>,
     /// The API budget (requests per hour) the resync interval must fit in.
     pub rate_limit_per_hour: u32,
+    /// Poked by `triggers::listen_for_changes` to run the change pass at once.
+    pub wake: Arc<Notify>,
     work: Arc<WorkSet>,
     /// Largest resource count seen per kind in the last full listing (for the budget).
     last_listing_size: std::sync::atomic::AtomicUsize,
@@ -56,6 +59,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
             reconciler: Arc::new(reconciler),
             metrics,
             rate_limit_per_hour: rate_limit_per_hour.max(1),
+            wake: Arc::new(Notify::new()),
             work: Arc::new(WorkSet::default()),
             last_listing_size: Default::default(),
         }
@@ -69,6 +73,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
         loop {
             tokio::select! {
                 _ = change_tick.tick() => {}
+                _ = self.wake.notified() => {}
                 _ = shutdown.changed() => {}
             }
             if *shutdown.borrow() {
