@@ -29,21 +29,25 @@ struct Env {
     sim: RunningSimulator,
     http: reqwest::Client,
     db: DatabaseConnection,
-    controller: Controller<Client>,
+    controller: Arc<Controller<Client>>,
     backend: &'static str,
 }
 
 async fn env(test_db: &common::TestDb) -> Env {
-    env_with(test_db, None).await
+    env_with(test_db, None, 0.05).await
 }
 
 /// `web_app_table`: SQL creating the web app's own `subscriptions` table before migrating.
-async fn env_with(test_db: &common::TestDb, web_app_table: Option<&str>) -> Env {
+async fn env_with(
+    test_db: &common::TestDb,
+    web_app_table: Option<&str>,
+    action_seconds: f64,
+) -> Env {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let sim = simulator::spawn(
         SimulatorConfig {
             token: Some(TOKEN.into()),
-            action_seconds: 0.05,
+            action_seconds,
             fault_delay: Duration::from_secs(3),
             ..SimulatorConfig::default()
         },
@@ -87,7 +91,7 @@ async fn env_with(test_db: &common::TestDb, web_app_table: Option<&str>) -> Env 
         action_timeout: Duration::from_secs(20),
         leadership: Leadership::always(),
     };
-    let controller = Controller::new(reconciler, Arc::new(Metrics::new()), 3600);
+    let controller = Arc::new(Controller::new(reconciler, Arc::new(Metrics::new()), 3600));
     Env {
         sim,
         http: reqwest::Client::new(),
@@ -654,7 +658,7 @@ async fn null_columns_of_an_upgraded_web_app_table_fail_one_row_not_all() {
         let table = format!(
             "CREATE TABLE subscriptions (id TEXT PRIMARY KEY, user_id TEXT, stripe_subscription_id TEXT, status TEXT, plan TEXT, created_at {timestamp}, updated_at {timestamp})"
         );
-        let env = env_with(&test_db, Some(&table)).await;
+        let env = env_with(&test_db, Some(&table), 0.05).await;
         env.sql("INSERT INTO subscriptions (id, user_id, status, plan) VALUES ('no-plan', NULL, 'active', NULL)").await;
         env.sql("INSERT INTO subscriptions (id, user_id, status, plan) VALUES ('no-status', 'u', NULL, 'pro')").await;
         env.insert("fine", "active", "starter").await;
@@ -707,4 +711,42 @@ async fn postgres_notifies_wake_the_change_pass() {
         listener.await.unwrap();
         test_db.cleanup().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_create_does_not_hold_up_other_subscriptions() {
+    let test_db = common::sqlite_db();
+    // Every Hetzner action takes 8 s, like a real server boot.
+    let env = Arc::new(env_with(&test_db, None, 8.0).await);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(env.controller.clone().run(stopped));
+
+    env.insert("slow", "active", "starter").await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            env.row("slow").await.hetzner_server_id.is_some()
+        })
+        .await,
+        "the create started"
+    );
+    env.insert("other", "active", "gold").await;
+    assert!(
+        common::eventually(Duration::from_secs(5), || async {
+            env.row("other").await.provisioning_status == "failed"
+        })
+        .await,
+        "another subscription is handled while the first waits for its server"
+    );
+    assert_ne!(
+        env.row("slow").await.provisioning_status,
+        "ready",
+        "still waiting"
+    );
+    stop.send(true).unwrap();
+    running.await.unwrap();
+    assert_eq!(
+        env.row("slow").await.provisioning_status,
+        "ready",
+        "shutdown let it finish"
+    );
 }

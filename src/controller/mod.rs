@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::db::subscriptions;
 use crate::hcloud::HcloudApi;
@@ -40,8 +39,37 @@ pub struct Controller<A: HcloudApi> {
     /// Poked by `triggers::listen_for_changes` to run the change pass at once.
     pub wake: Arc<Notify>,
     work: Arc<WorkSet>,
+    /// One permit per reconcile in flight (`concurrency`), shared by all passes.
+    slots: Arc<Semaphore>,
     /// Largest resource count seen per kind in the last full listing (for the budget).
     last_listing_size: std::sync::atomic::AtomicUsize,
+}
+
+/// Reconciles started by a pass.
+struct Dispatched {
+    offered: usize,
+    handles: Vec<tokio::task::JoinHandle<bool>>,
+    /// Failures of work the pass did itself (orphan deletion).
+    failed_inline: usize,
+}
+
+impl Dispatched {
+    /// Waits for every reconcile of the pass.
+    async fn finish(self) -> PassReport {
+        let started = self.handles.len();
+        let mut failed = self.failed_inline;
+        for handle in self.handles {
+            // A panicking reconcile counts as failed; its claim was released on unwind.
+            if !handle.await.unwrap_or(false) {
+                failed += 1;
+            }
+        }
+        PassReport {
+            reconciled: started,
+            failed,
+            skipped_busy: self.offered - started,
+        }
+    }
 }
 
 /// What one pass did, for logs and tests.
@@ -55,12 +83,14 @@ pub struct PassReport {
 
 impl<A: HcloudApi + 'static> Controller<A> {
     pub fn new(reconciler: Reconciler<A>, metrics: Arc<Metrics>, rate_limit_per_hour: u32) -> Self {
+        let slots = Arc::new(Semaphore::new(reconciler.config.concurrency.max(1)));
         Controller {
             reconciler: Arc::new(reconciler),
             metrics,
             rate_limit_per_hour: rate_limit_per_hour.max(1),
             wake: Arc::new(Notify::new()),
             work: Arc::new(WorkSet::default()),
+            slots,
             last_listing_size: Default::default(),
         }
     }
@@ -84,9 +114,15 @@ impl<A: HcloudApi + 'static> Controller<A> {
             if !self.reconciler.leadership.is_leader() {
                 continue;
             }
+            self.metrics.set_backoff(self.work.in_backoff());
+            // Passes start reconciles and return; the reconciles run on their own.
             if Instant::now() >= next_resync {
-                match self.resync().await {
-                    Ok(report) => tracing::info!(?report, "resync pass done"),
+                match self.start_resync().await {
+                    Ok(pass) => tracing::info!(
+                        subscriptions = pass.offered,
+                        started = pass.handles.len(),
+                        "resync pass"
+                    ),
                     Err(e) => {
                         tracing::warn!(error = %e, "resync pass failed; nothing was changed on its account")
                     }
@@ -94,16 +130,22 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 let interval = self.resync_interval();
                 self.metrics.set_resync_interval(interval);
                 next_resync = Instant::now() + interval;
-            } else if let Err(e) = self.process_changes().await {
+            } else if let Err(e) = self.start_changes().await {
                 tracing::warn!(error = %e, "change pass failed");
             }
         }
-        tracing::info!("control loop stopped");
+        tracing::info!("control loop stopped; waiting for the reconciles in flight");
+        self.drain().await;
+        tracing::info!("reconciles finished");
     }
 
     /// The change pass: reconciles rows whose desired version changed, deleted rows, and
     /// subscriptions whose requeue or backoff is due. Each is observed by its own labels.
     pub async fn process_changes(&self) -> Result<PassReport, ReconcileError> {
+        Ok(self.start_changes().await?.finish().await)
+    }
+
+    async fn start_changes(&self) -> Result<Dispatched, ReconcileError> {
         let db = &self.reconciler.db;
         let mut wanted: BTreeMap<String, Option<i64>> = BTreeMap::new();
         for (id, version) in subscriptions::changed(db).await? {
@@ -131,19 +173,20 @@ impl<A: HcloudApi + 'static> Controller<A> {
         } else {
             None
         };
-        let report = self
-            .reconcile_many(wanted.into_iter().collect(), snapshot, false)
-            .await;
-        if report.reconciled > 0 {
+        let dispatched = self.dispatch(wanted.into_iter().collect(), snapshot, false);
+        if !dispatched.handles.is_empty() {
             self.metrics.pass_finished("changes", started.elapsed());
-            tracing::debug!(?report, "change pass done");
         }
-        Ok(report)
+        Ok(dispatched)
     }
 
     /// The resync pass: lists everything we own once, then reconciles every row and every
     /// orphan against that snapshot. A failed listing changes nothing (unknown != gone).
     pub async fn resync(&self) -> Result<PassReport, ReconcileError> {
+        Ok(self.start_resync().await?.finish().await)
+    }
+
+    async fn start_resync(&self) -> Result<Dispatched, ReconcileError> {
         let started = Instant::now();
         let config = &self.reconciler.config;
         let snapshot = observe::observe(&self.reconciler.api, &instance_selector(config)).await?;
@@ -179,7 +222,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
             .collect();
         self.work.retain(|key| live.contains(key));
         let snapshot = Arc::new(snapshot);
-        let mut report = self.reconcile_many(work, Some(snapshot), true).await;
+        let mut dispatched = self.dispatch(work, Some(snapshot), true);
         if rows.is_empty() && !unwanted.is_empty() {
             // An empty table next to labelled resources is more likely a wrong DATABASE_URL
             // than a fleet to delete. Deleted rows are still torn down by the change pass.
@@ -188,10 +231,10 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 "the subscriptions table is empty but resources carry our instance label: not deleting them; check DATABASE_URL"
             );
         } else {
-            report.failed += self.delete_unwanted(unwanted).await;
+            dispatched.failed_inline += self.delete_unwanted(unwanted).await;
         }
         self.metrics.pass_finished("resync", started.elapsed());
-        Ok(report)
+        Ok(dispatched)
     }
 
     /// Deletes resources no row wants, one group at a time under the group's claim. A failure
@@ -234,78 +277,71 @@ impl<A: HcloudApi + 'static> Controller<A> {
         failed
     }
 
-    /// Reconciles the given subscriptions with bounded concurrency, each at most once at a
-    /// time; ones in flight or backing off are skipped (they come back when due).
-    async fn reconcile_many(
+    /// Starts a reconcile for each subscription that can be claimed (not in flight, not
+    /// backing off) and returns at once. At most `concurrency` reconciles run at a time,
+    /// across passes: a slow create never stalls the loop or other subscriptions' changes.
+    fn dispatch(
         &self,
         work: Vec<(String, Option<i64>)>,
         snapshot: Option<Arc<Snapshot>>,
         resync: bool,
-    ) -> PassReport {
-        let concurrency = self.reconciler.config.concurrency.max(1);
+    ) -> Dispatched {
         let now = Instant::now();
         let offered = work.len();
-        let claims: Vec<_> = work
-            .into_iter()
-            .filter_map(|(id, version)| {
-                self.work
-                    .try_claim(&id, version, now, resync)
-                    .map(|c| (c, version))
-            })
-            .collect();
-        let results: Vec<bool> = futures::stream::iter(claims)
-            .map(|(claim, version)| {
-                let snapshot = snapshot.clone();
-                async move {
-                    // A lost lease stops the pass before the next subscription.
-                    if !self.reconciler.leadership.is_leader() {
-                        return true;
-                    }
-                    // A snapshot older than this subscription's last reconcile may miss what
-                    // that reconcile created: observe it afresh instead.
-                    let fresh = snapshot.filter(|s| {
-                        self.work
-                            .last_done(claim.key())
-                            .is_none_or(|done| done < s.taken_at)
-                    });
-                    let started = Instant::now();
-                    let result = self
-                        .reconciler
-                        .reconcile(claim.key(), fresh.as_deref())
-                        .await;
-                    let ok = result.is_ok();
-                    match result {
-                        Ok(Done::Settled) => {
-                            self.metrics
-                                .reconcile_finished("settled", None, started.elapsed());
-                            claim.finish(Finish::Success);
-                        }
-                        Ok(Done::Requeue(delay)) => {
-                            self.metrics
-                                .reconcile_finished("requeue", None, started.elapsed());
-                            claim.finish(Finish::RetryAfter(delay));
-                        }
-                        Err(error) => {
-                            self.metrics.reconcile_finished(
-                                "error",
-                                Some(error.metric_label()),
-                                started.elapsed(),
-                            );
-                            claim.finish(Finish::Failure { version });
-                        }
-                    }
-                    ok
+        let mut handles = Vec::new();
+        for (id, version) in work {
+            let Some(claim) = self.work.try_claim(&id, version, now, resync) else {
+                continue;
+            };
+            let reconciler = Arc::clone(&self.reconciler);
+            let metrics = Arc::clone(&self.metrics);
+            let slots = Arc::clone(&self.slots);
+            let snapshot = snapshot.clone();
+            handles.push(tokio::spawn(async move {
+                let Ok(_slot) = slots.acquire_owned().await else {
+                    return true; // shutting down
+                };
+                // A lost lease stops before the next subscription.
+                if !reconciler.leadership.is_leader() {
+                    return true;
                 }
-            })
-            .buffer_unordered(concurrency)
-            .collect()
-            .await;
-        self.metrics.set_backoff(self.work.in_backoff());
-        PassReport {
-            reconciled: results.len(),
-            failed: results.iter().filter(|ok| !**ok).count(),
-            skipped_busy: offered - results.len(),
+                // A snapshot older than this subscription's last reconcile may miss what
+                // that reconcile created: observe it afresh instead.
+                let fresh =
+                    snapshot.filter(|s| claim.last_done().is_none_or(|done| done < s.taken_at));
+                let started = Instant::now();
+                let result = reconciler.reconcile(claim.key(), fresh.as_deref()).await;
+                let took = started.elapsed();
+                match result {
+                    Ok(Done::Settled) => {
+                        metrics.reconcile_finished("settled", None, took);
+                        claim.finish(Finish::Success);
+                        true
+                    }
+                    Ok(Done::Requeue(delay)) => {
+                        metrics.reconcile_finished("requeue", None, took);
+                        claim.finish(Finish::RetryAfter(delay));
+                        true
+                    }
+                    Err(error) => {
+                        metrics.reconcile_finished("error", Some(error.metric_label()), took);
+                        claim.finish(Finish::Failure { version });
+                        false
+                    }
+                }
+            }));
         }
+        Dispatched {
+            offered,
+            handles,
+            failed_inline: 0,
+        }
+    }
+
+    /// Waits until no reconcile is in flight (all slots free), for a clean shutdown.
+    async fn drain(&self) {
+        let all = u32::try_from(self.reconciler.config.concurrency.max(1)).unwrap_or(u32::MAX);
+        let _ = self.slots.acquire_many(all).await;
     }
 
     /// The configured resync interval, stretched so that listing everything we own uses at

@@ -143,6 +143,11 @@ impl Claim {
         &self.key
     }
 
+    /// When the previous reconcile of this key finished.
+    pub fn last_done(&self) -> Option<Instant> {
+        self.set.last_done(&self.key)
+    }
+
     pub fn finish(mut self, finish: Finish) {
         self.finished = true;
         self.set.finish(&self.key, Some(finish), Instant::now());
