@@ -253,22 +253,8 @@ impl<A: HcloudApi> Executor<'_, A> {
             Err(e) => return Err(e.into()),
         };
         progress.ssh_key_id = Some(key.id);
-        self.write(
-            progress,
-            StatusUpdate {
-                provisioning_status: Some("provisioning".into()),
-                hetzner_ssh_key_id: Some(Some(key.id)),
-                ..Default::default()
-            },
-        )
-        .await?;
-        self.event(
-            progress,
-            EventKind::Normal,
-            reason,
-            &format!("ssh key {} ({})", key.id, key.name),
-        )
-        .await
+        self.persist_id(progress, Kind::SshKey, key.id, reason, &key.name)
+            .await
     }
 
     async fn create_firewall(
@@ -303,20 +289,12 @@ impl<A: HcloudApi> Executor<'_, A> {
             Err(e) => return Err(e.into()),
         };
         progress.firewall_id = Some(firewall.id);
-        self.write(
+        self.persist_id(
             progress,
-            StatusUpdate {
-                provisioning_status: Some("provisioning".into()),
-                hetzner_firewall_id: Some(Some(firewall.id)),
-                ..Default::default()
-            },
-        )
-        .await?;
-        self.event(
-            progress,
-            EventKind::Normal,
+            Kind::Firewall,
+            firewall.id,
             reason,
-            &format!("firewall {} ({})", firewall.id, firewall.name),
+            &firewall.name,
         )
         .await
     }
@@ -368,20 +346,37 @@ impl<A: HcloudApi> Executor<'_, A> {
             }
             Err(e) => return Err(e.into()),
         };
-        self.write(
-            progress,
-            StatusUpdate {
-                provisioning_status: Some("provisioning".into()),
-                hetzner_server_id: Some(Some(server.id)),
-                ..Default::default()
-            },
-        )
-        .await?;
-        let message = format!(
-            "server {} ({}, {} {} in {})",
-            server.id, server.name, spec.plan.server_type, spec.plan.image, spec.plan.location
+        let detail = format!(
+            "{}, {} {} in {}",
+            server.name, spec.plan.server_type, spec.plan.image, spec.plan.location
         );
+        let id = server.id;
         progress.server = Some(server);
+        self.persist_id(progress, Kind::Server, id, reason, &detail)
+            .await
+    }
+
+    /// Stores the id of a resource just created or adopted before anything else happens, so
+    /// a crash never loses track of it, and records the event.
+    async fn persist_id(
+        &self,
+        progress: &Progress,
+        kind: Kind,
+        id: i64,
+        reason: &str,
+        detail: &str,
+    ) -> Result<(), ReconcileError> {
+        let mut update = StatusUpdate {
+            provisioning_status: Some("provisioning".into()),
+            ..Default::default()
+        };
+        match kind {
+            Kind::Server => update.hetzner_server_id = Some(Some(id)),
+            Kind::SshKey => update.hetzner_ssh_key_id = Some(Some(id)),
+            Kind::Firewall => update.hetzner_firewall_id = Some(Some(id)),
+        }
+        self.write(progress, update).await?;
+        let message = format!("{} {id} ({detail})", kind.as_str());
         self.event(progress, EventKind::Normal, reason, &message)
             .await
     }
