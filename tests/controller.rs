@@ -490,10 +490,13 @@ async fn orphans_are_deleted_and_foreign_resources_are_untouched() {
         let error = row.provisioning_error.unwrap();
         assert!(error.contains("vps-taken") && error.contains("does not own"), "{error}");
 
-        // Terminal: not retried until the row changes.
+        // Terminal: not retried until the row changes, neither by the change pass nor by a
+        // resync (which only lists).
         env.reset_stats().await;
         env.process_changes().await;
-        assert!(writes(&env.stats().await).is_empty());
+        env.resync().await;
+        assert!(writes(&env.stats().await).is_empty(), "[{}] {}", env.backend, env.stats().await);
+        assert_eq!(env.row("taken").await.provisioning_status, "failed");
     })
     .await;
 }
@@ -510,7 +513,12 @@ async fn an_unknown_plan_fails_clearly_without_calling_hetzner() {
             row.provisioning_error.as_deref(),
             Some("plan: \"gold\" is not a configured plan (configured: pro, starter)")
         );
-        assert!(writes(&env.stats().await).is_empty(), "no Hetzner writes");
+        assert_eq!(
+            env.stats().await["total"],
+            0,
+            "[{}] not a single Hetzner call",
+            env.backend
+        );
         // Fixing the plan retries at once.
         env.sql("UPDATE subscriptions SET plan = 'pro' WHERE id = 'gold'")
             .await;

@@ -120,9 +120,15 @@ impl<A: HcloudApi> Reconciler<A> {
         };
         let row_state = row.as_ref().map(row_state).unwrap_or_default();
 
-        // 2. What exists.
+        // 2. What exists (not needed, and not asked, for a row that cannot be acted on).
         let name = desired::resource_name(&self.config, subscription_id);
+        let acts = match &desired.want {
+            Want::Invalid(_) => false,
+            Want::Vps(_) => row_state.terminal_error.is_none(),
+            Want::Nothing => true,
+        };
         let observed = match snapshot {
+            _ if !acts => Observed::default(),
             Some(snapshot) => snapshot.for_subscription(&desired.key, &name),
             None => {
                 let selector = desired::subscription_selector(&self.config, &desired.key);
