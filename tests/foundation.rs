@@ -757,3 +757,13 @@ fn load_errors_name_the_file() {
         "{err}"
     );
 }
+
+#[test]
+fn the_kubernetes_config_map_is_a_valid_config() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/config.yaml");
+    let config = Config::load(Some(&path)).unwrap_or_else(|e| panic!("{e}"));
+    config.validate().unwrap();
+    assert_eq!(config.plans.keys().collect::<Vec<_>>(), ["pro", "starter"]);
+    assert_eq!(config.plans["starter"].server_type, "cx23");
+    assert_eq!(config.plans["pro"].server_type, "cpx32");
+}
