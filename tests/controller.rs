@@ -458,7 +458,10 @@ async fn every_kind_of_drift_is_repaired_within_one_resync() {
         let key = env.owned_by("ssh_keys", "key").await;
         assert_eq!(key.len(), 1);
         assert_eq!(key[0]["public_key"].as_str(), before["key"].ssh_public_key.as_deref(), "recreated from the stored key");
-        assert_eq!(env.row("key").await.hetzner_ssh_key_id, key[0]["id"].as_i64());
+        let key_row = env.row("key").await;
+        assert_eq!(key_row.hetzner_ssh_key_id, key[0]["id"].as_i64());
+        assert_eq!(key_row.provisioning_status, "ready");
+        assert_eq!(key_row.provisioned_at, before["key"].provisioned_at, "a repair is not a new provisioning");
     })
     .await;
 }
@@ -757,4 +760,49 @@ async fn a_slow_create_does_not_hold_up_other_subscriptions() {
         "ready",
         "shutdown let it finish"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_deleted_while_hetzner_fails_is_still_torn_down_afterwards() {
+    for_each_backend(|env| async move {
+        // Two rows, so the change pass lists everything at once (and that listing fails).
+        env.insert("gone-later", "active", "starter").await;
+        env.insert("gone-too", "active", "starter").await;
+        env.process_changes().await;
+        assert_eq!(env.list("servers").await.len(), 2);
+        let faults = format!("http://{}/__simulator/faults", env.sim.addr());
+        env.http
+            .post(&faults)
+            .json(&json!({"rate": 1.0}))
+            .send()
+            .await
+            .unwrap();
+        env.sql("DELETE FROM subscriptions WHERE id IN ('gone-later', 'gone-too')")
+            .await;
+        // The deletion notice is consumed by this pass, whose Hetzner calls all fail.
+        assert!(
+            env.controller.process_changes().await.is_err(),
+            "its listing failed"
+        );
+        env.http
+            .post(&faults)
+            .json(&json!({"rate": 0.0}))
+            .send()
+            .await
+            .unwrap();
+        // Later change passes (after the backoff) still remember it and tear it down.
+        let torn_down = common::eventually(Duration::from_secs(30), || async {
+            env.process_changes().await;
+            env.list("servers").await.is_empty()
+        })
+        .await;
+        assert!(
+            torn_down,
+            "[{}] the deleted row's server is gone",
+            env.backend
+        );
+        assert!(env.list("ssh_keys").await.is_empty());
+        assert!(env.list("firewalls").await.is_empty());
+    })
+    .await;
 }

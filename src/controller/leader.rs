@@ -85,8 +85,9 @@ pub async fn run(
         } else if !is && was {
             tracing::warn!(%holder, "lost the lease: stopped reconciling");
         }
+        // Renew every RENEW_EVERY from the start of the last renew, however slow it was.
         tokio::select! {
-            _ = tokio::time::sleep(RENEW_EVERY) => {}
+            _ = tokio::time::sleep(RENEW_EVERY.saturating_sub(asked_at.elapsed())) => {}
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {

@@ -12,19 +12,19 @@ pub mod workset;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::db::subscriptions;
 use crate::hcloud::HcloudApi;
-use crate::reconcile::desired::instance_selector;
+use crate::reconcile::desired::{self, instance_selector};
 use crate::reconcile::observe::{self, Observed, Snapshot};
 use crate::reconcile::{self, Done, ReconcileError, Reconciler};
 use crate::telemetry::metrics::Metrics;
 
-use workset::{Finish, WorkSet};
+use workset::{Claim, Finish, WorkSet};
 
 /// How often rows are checked for changes (a cheap indexed query).
 pub const CHANGE_POLL: Duration = Duration::from_secs(1);
@@ -41,6 +41,8 @@ pub struct Controller<A: HcloudApi> {
     work: Arc<WorkSet>,
     /// One permit per reconcile in flight (`concurrency`), shared by all passes.
     slots: Arc<Semaphore>,
+    /// Set on shutdown: queued jobs start nothing.
+    stopping: Arc<AtomicBool>,
     /// Largest resource count seen per kind in the last full listing (for the budget).
     last_listing_size: std::sync::atomic::AtomicUsize,
 }
@@ -49,15 +51,24 @@ pub struct Controller<A: HcloudApi> {
 struct Dispatched {
     offered: usize,
     handles: Vec<tokio::task::JoinHandle<bool>>,
-    /// Failures of work the pass did itself (orphan deletion).
-    failed_inline: usize,
+}
+
+/// What a claimed entry is for.
+enum Job {
+    /// Reconcile the subscription (against `snapshot` when it is fresh enough).
+    Reconcile {
+        version: Option<i64>,
+        snapshot: Option<Arc<Snapshot>>,
+    },
+    /// Delete resources we own that no row wants.
+    DeleteUnwanted(Observed),
 }
 
 impl Dispatched {
     /// Waits for every reconcile of the pass.
     async fn finish(self) -> PassReport {
         let started = self.handles.len();
-        let mut failed = self.failed_inline;
+        let mut failed = 0;
         for handle in self.handles {
             // A panicking reconcile counts as failed; its claim was released on unwind.
             if !handle.await.unwrap_or(false) {
@@ -91,6 +102,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
             wake: Arc::new(Notify::new()),
             work: Arc::new(WorkSet::default()),
             slots,
+            stopping: Arc::new(AtomicBool::new(false)),
             last_listing_size: Default::default(),
         }
     }
@@ -140,48 +152,68 @@ impl<A: HcloudApi + 'static> Controller<A> {
     }
 
     /// The change pass: reconciles rows whose desired version changed, deleted rows, and
-    /// subscriptions whose requeue or backoff is due. Each is observed by its own labels.
+    /// subscriptions whose requeue or backoff is due. Each is observed by its own labels, or
+    /// all together by one listing when that is cheaper.
     pub async fn process_changes(&self) -> Result<PassReport, ReconcileError> {
         Ok(self.start_changes().await?.finish().await)
     }
 
     async fn start_changes(&self) -> Result<Dispatched, ReconcileError> {
         let db = &self.reconciler.db;
-        let mut wanted: BTreeMap<String, Option<i64>> = BTreeMap::new();
-        for (id, version) in subscriptions::changed(db).await? {
-            wanted.insert(id, Some(version));
-        }
+        let now = Instant::now();
+        // A deletion notice is consumed here; the work set keeps it until it was served.
         for id in subscriptions::take_deletions(db).await? {
-            wanted.entry(id).or_insert(None);
+            self.work.request(&desired::resource_key(&id), &id, now);
         }
-        for id in self.work.due(Instant::now()) {
-            wanted.entry(id).or_insert(None);
+        let mut wanted: BTreeMap<String, (String, Option<i64>)> = BTreeMap::new();
+        for (key, id) in self.work.due(now) {
+            wanted.insert(key, (id, None));
+        }
+        for (id, version) in subscriptions::changed(db).await? {
+            wanted.insert(desired::resource_key(&id), (id, Some(version)));
         }
         let started = Instant::now();
-        // Many changes at once (a bulk insert): one listing of everything is cheaper than
-        // three listings per subscription.
+        let claims = self.claim(wanted, false);
+        // Many claims at once (a bulk insert): one listing of everything is cheaper than
+        // three listings per subscription. Counted after claiming, so rows that wait out a
+        // delay cost nothing.
         let listing_pages = self
             .last_listing_size
             .load(Ordering::Relaxed)
             .div_ceil(50)
             .max(1);
-        let snapshot = if wanted.len() > listing_pages {
+        let snapshot = if claims.len() > listing_pages {
             let selector = instance_selector(&self.reconciler.config);
+            // On error the claims drop: each counts as a failure and backs off.
             Some(Arc::new(
                 observe::observe(&self.reconciler.api, &selector).await?,
             ))
         } else {
             None
         };
-        let dispatched = self.dispatch(wanted.into_iter().collect(), snapshot, false);
+        let offered = claims.len();
+        let jobs = claims
+            .into_iter()
+            .map(|(claim, version)| {
+                (
+                    claim,
+                    Job::Reconcile {
+                        version,
+                        snapshot: snapshot.clone(),
+                    },
+                )
+            })
+            .collect();
+        let dispatched = self.spawn(jobs, offered);
         if !dispatched.handles.is_empty() {
             self.metrics.pass_finished("changes", started.elapsed());
         }
         Ok(dispatched)
     }
 
-    /// The resync pass: lists everything we own once, then reconciles every row and every
-    /// orphan against that snapshot. A failed listing changes nothing (unknown != gone).
+    /// The resync pass: lists everything we own once, then reconciles every row against that
+    /// snapshot and deletes what no row wants. A failed listing changes nothing (unknown is
+    /// not gone).
     pub async fn resync(&self) -> Result<PassReport, ReconcileError> {
         Ok(self.start_resync().await?.finish().await)
     }
@@ -210,19 +242,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
         }
         self.metrics.set_subscriptions(&by_status);
 
-        let work: Vec<(String, Option<i64>)> = rows
-            .iter()
-            .map(|r| (r.id.clone(), Some(r.desired_version)))
-            .collect();
-        let unwanted = reconcile::unwanted(config, &snapshot, &rows);
-        let live: std::collections::BTreeSet<&str> = rows
-            .iter()
-            .map(|r| r.id.as_str())
-            .chain(unwanted.iter().map(|(key, _)| key.as_str()))
-            .collect();
-        self.work.retain(|key| live.contains(key));
-        let snapshot = Arc::new(snapshot);
-        let mut dispatched = self.dispatch(work, Some(snapshot), true);
+        let mut unwanted = reconcile::unwanted(config, &snapshot, &rows);
         if rows.is_empty() && !unwanted.is_empty() {
             // An empty table next to labelled resources is more likely a wrong DATABASE_URL
             // than a fleet to delete. Deleted rows are still torn down by the change pass.
@@ -230,87 +250,107 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 groups = unwanted.len(),
                 "the subscriptions table is empty but resources carry our instance label: not deleting them; check DATABASE_URL"
             );
-        } else {
-            dispatched.failed_inline += self.delete_unwanted(unwanted).await;
+            unwanted.clear();
         }
+        let mut work: BTreeMap<String, (String, Option<i64>)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    desired::resource_key(&r.id),
+                    (r.id.clone(), Some(r.desired_version)),
+                )
+            })
+            .collect();
+        let mut orphans = BTreeMap::new();
+        for (key, observed) in unwanted {
+            work.entry(key.clone())
+                .or_insert_with(|| (key.clone(), None));
+            orphans.insert(key, observed);
+        }
+        self.work.retain(|key| work.contains_key(key));
+
+        let snapshot = Arc::new(snapshot);
+        let claims = self.claim(work, true);
+        let offered = claims.len();
+        let jobs = claims
+            .into_iter()
+            .map(|(claim, version)| {
+                let job = match orphans.remove(claim.key()) {
+                    Some(observed) => Job::DeleteUnwanted(observed),
+                    None => Job::Reconcile {
+                        version,
+                        snapshot: Some(Arc::clone(&snapshot)),
+                    },
+                };
+                (claim, job)
+            })
+            .collect();
+        let dispatched = self.spawn(jobs, offered);
         self.metrics.pass_finished("resync", started.elapsed());
         Ok(dispatched)
     }
 
-    /// Deletes resources no row wants, one group at a time under the group's claim. A failure
-    /// is logged and counted; it never stops the pass. Returns the number of failures.
-    async fn delete_unwanted(&self, unwanted: Vec<(String, Observed)>) -> usize {
-        let mut failed = 0;
-        for (key, observed) in unwanted {
-            if !self.reconciler.leadership.is_leader() {
-                break;
-            }
-            let Some(claim) = self.work.try_claim(&key, None, Instant::now(), true) else {
-                continue;
-            };
-            tracing::info!(
-                key,
-                servers = observed.servers.len(),
-                ssh_keys = observed.ssh_keys.len(),
-                firewalls = observed.firewalls.len(),
-                "deleting resources with our instance label that no subscription wants"
-            );
-            let started = Instant::now();
-            match self.reconciler.delete_orphans(&key, &observed).await {
-                Ok(()) => {
-                    self.metrics
-                        .reconcile_finished("settled", None, started.elapsed());
-                    claim.finish(Finish::Success);
-                }
-                Err(error) => {
-                    tracing::warn!(key, error = %error, "deleting orphaned resources failed; retrying next resync");
-                    self.metrics.reconcile_finished(
-                        "error",
-                        Some(error.metric_label()),
-                        started.elapsed(),
-                    );
-                    claim.finish(Finish::Failure { version: None });
-                    failed += 1;
-                }
-            }
-        }
-        failed
+    /// Claims every entry that is free (not in flight, not waiting); the rest come back when
+    /// due. `work` maps resource keys to the id to reconcile and the row version.
+    fn claim(
+        &self,
+        work: BTreeMap<String, (String, Option<i64>)>,
+        resync: bool,
+    ) -> Vec<(Claim, Option<i64>)> {
+        let now = Instant::now();
+        work.into_iter()
+            .filter_map(|(key, (id, version))| {
+                self.work
+                    .try_claim(&key, &id, version, now, resync)
+                    .map(|claim| (claim, version))
+            })
+            .collect()
     }
 
-    /// Starts a reconcile for each subscription that can be claimed (not in flight, not
-    /// backing off) and returns at once. At most `concurrency` reconciles run at a time,
-    /// across passes: a slow create never stalls the loop or other subscriptions' changes.
-    fn dispatch(
-        &self,
-        work: Vec<(String, Option<i64>)>,
-        snapshot: Option<Arc<Snapshot>>,
-        resync: bool,
-    ) -> Dispatched {
-        let now = Instant::now();
-        let offered = work.len();
-        let mut handles = Vec::new();
-        for (id, version) in work {
-            let Some(claim) = self.work.try_claim(&id, version, now, resync) else {
-                continue;
-            };
+    /// Runs each job as a task and returns at once. At most `concurrency` jobs run at a
+    /// time, across passes: a slow create never stalls the loop or other subscriptions.
+    fn spawn(&self, jobs: Vec<(Claim, Job)>, offered: usize) -> Dispatched {
+        let mut handles = Vec::with_capacity(jobs.len());
+        for (claim, job) in jobs {
             let reconciler = Arc::clone(&self.reconciler);
             let metrics = Arc::clone(&self.metrics);
             let slots = Arc::clone(&self.slots);
-            let snapshot = snapshot.clone();
+            let stopping = Arc::clone(&self.stopping);
             handles.push(tokio::spawn(async move {
                 let Ok(_slot) = slots.acquire_owned().await else {
-                    return true; // shutting down
+                    return true;
                 };
-                // A lost lease stops before the next subscription.
-                if !reconciler.leadership.is_leader() {
+                // Shutting down, or the lease is gone: start nothing new. Dropping the claim
+                // brings the subscription back later (or to the next leader).
+                if stopping.load(Ordering::SeqCst) || !reconciler.leadership.is_leader() {
                     return true;
                 }
-                // A snapshot older than this subscription's last reconcile may miss what
-                // that reconcile created: observe it afresh instead.
-                let fresh =
-                    snapshot.filter(|s| claim.last_done().is_none_or(|done| done < s.taken_at));
                 let started = Instant::now();
-                let result = reconciler.reconcile(claim.key(), fresh.as_deref()).await;
+                let version = match &job {
+                    Job::Reconcile { version, .. } => *version,
+                    Job::DeleteUnwanted(_) => None,
+                };
+                let result = match job {
+                    Job::Reconcile { snapshot, .. } => {
+                        // A snapshot taken before this subscription's last reconcile ended
+                        // may miss what it created: observe afresh instead.
+                        let fresh = snapshot.filter(|s| {
+                            claim.last_done().is_none_or(|done| done < s.taken_at)
+                        });
+                        reconciler.reconcile(claim.id(), fresh.as_deref()).await
+                    }
+                    Job::DeleteUnwanted(observed) => {
+                        tracing::info!(
+                            key = claim.key(),
+                            servers = observed.servers.len(),
+                            ssh_keys = observed.ssh_keys.len(),
+                            firewalls = observed.firewalls.len(),
+                            "deleting resources with our instance label that no subscription wants"
+                        );
+                        let result = reconciler.delete_orphans(claim.key(), &observed).await;
+                        result.map(|()| Done::Settled)
+                    }
+                };
                 let took = started.elapsed();
                 match result {
                     Ok(Done::Settled) => {
@@ -324,6 +364,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
                         true
                     }
                     Err(error) => {
+                        tracing::debug!(key = claim.key(), error = %error, "reconcile failed; backing off");
                         metrics.reconcile_finished("error", Some(error.metric_label()), took);
                         claim.finish(Finish::Failure { version });
                         false
@@ -331,15 +372,12 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 }
             }));
         }
-        Dispatched {
-            offered,
-            handles,
-            failed_inline: 0,
-        }
+        Dispatched { offered, handles }
     }
 
-    /// Waits until no reconcile is in flight (all slots free), for a clean shutdown.
+    /// Stops starting reconciles and waits until none is in flight, for a clean shutdown.
     async fn drain(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         let all = u32::try_from(self.reconciler.config.concurrency.max(1)).unwrap_or(u32::MAX);
         let _ = self.slots.acquire_many(all).await;
     }

@@ -1,5 +1,9 @@
 //! Which subscriptions may be reconciled now: at most one reconcile per subscription at a
 //! time, and per-subscription exponential backoff with jitter after failures.
+//!
+//! Entries are keyed by the subscription's resource key (`desired::resource_key`), the one
+//! identity that the row, its resources' labels and orphans all share; each entry remembers
+//! the id to reconcile it by.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -13,7 +17,13 @@ const MAX_REQUEUE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
 struct KeyState {
+    /// What to pass to `Reconciler::reconcile`: the subscription id (or the orphan's key).
+    id: String,
     in_flight: bool,
+    /// Requested, or changed while in flight: look again as soon as it is free.
+    rerun: bool,
+    /// The row version the reconcile in flight started from.
+    claimed_version: Option<i64>,
     failures: u32,
     /// Not before this instant (after a failure or a requested requeue).
     not_before: Option<Instant>,
@@ -35,6 +45,7 @@ pub struct WorkSet {
 pub struct Claim {
     set: Arc<WorkSet>,
     key: String,
+    id: String,
     finished: bool,
 }
 
@@ -58,13 +69,20 @@ impl WorkSet {
     pub fn try_claim(
         self: &Arc<Self>,
         key: &str,
+        id: &str,
         version: Option<i64>,
         now: Instant,
         resync: bool,
     ) -> Option<Claim> {
         let mut keys = self.lock();
         let state = keys.entry(key.to_string()).or_default();
+        state.id = id.to_string();
         if state.in_flight {
+            // A row that changed after the reconcile in flight read it comes back as soon as
+            // that reconcile ends.
+            if version.is_some() && version != state.claimed_version {
+                state.rerun = true;
+            }
             return None;
         }
         let changed_since_failure =
@@ -75,19 +93,35 @@ impl WorkSet {
             return None;
         }
         state.in_flight = true;
+        state.rerun = false;
+        state.claimed_version = version;
         Some(Claim {
             set: Arc::clone(self),
             key: key.to_string(),
+            id: id.to_string(),
             finished: false,
         })
     }
 
-    /// Keys whose requeue or backoff delay has passed.
-    pub fn due(&self, now: Instant) -> Vec<String> {
+    /// Asks for `key` to be looked at in the next change pass and until one reconcile of it
+    /// ran (e.g. its row was deleted: the notice is consumed, this keeps it). A failure
+    /// backoff still applies.
+    pub fn request(&self, key: &str, id: &str, now: Instant) {
+        let mut keys = self.lock();
+        let state = keys.entry(key.to_string()).or_default();
+        state.id = id.to_string();
+        state.rerun = true;
+        if !state.in_flight && state.failures == 0 {
+            state.not_before = Some(now);
+        }
+    }
+
+    /// `(key, id)` of the entries whose requeue or backoff delay has passed.
+    pub fn due(&self, now: Instant) -> Vec<(String, String)> {
         self.lock()
             .iter()
             .filter(|(_, s)| !s.in_flight && s.not_before.is_some_and(|t| t <= now))
-            .map(|(k, _)| k.clone())
+            .map(|(k, s)| (k.clone(), s.id.clone()))
             .collect()
     }
 
@@ -99,7 +133,7 @@ impl WorkSet {
     /// Forgets keys `keep` rejects (deleted subscriptions), except those in flight.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         self.lock()
-            .retain(|key, state| state.in_flight || keep(key));
+            .retain(|key, state| state.in_flight || state.rerun || keep(key));
     }
 
     pub fn in_backoff(&self) -> usize {
@@ -114,6 +148,8 @@ impl WorkSet {
         match finish {
             Some(Finish::Success) => {
                 *state = KeyState {
+                    id: std::mem::take(&mut state.id),
+                    rerun: state.rerun,
                     last_done: Some(now),
                     ..KeyState::default()
                 };
@@ -132,8 +168,16 @@ impl WorkSet {
                 state.failed_version = version.or(state.failed_version);
                 state.not_before = Some(now + backoff(state.failures));
             }
-            // Dropped without a verdict (cancelled): look again soon.
-            None => state.not_before = Some(now + BASE_BACKOFF),
+            // Dropped without a verdict (cancelled, panicked): a failure like any other, so
+            // a reconcile that panics every time backs off instead of looping.
+            None => {
+                state.failures = state.failures.saturating_add(1);
+                state.requeues = 0;
+                state.not_before = Some(now + backoff(state.failures));
+            }
+        }
+        if state.rerun && state.failures == 0 {
+            state.not_before = Some(now);
         }
     }
 }
@@ -141,6 +185,11 @@ impl WorkSet {
 impl Claim {
     pub fn key(&self) -> &str {
         &self.key
+    }
+
+    /// The id to reconcile.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// When the previous reconcile of this key finished.
@@ -178,34 +227,39 @@ mod tests {
     fn one_claim_per_key_at_a_time() {
         let set = Arc::new(WorkSet::default());
         let now = Instant::now();
-        let claim = set.try_claim("a", None, now, false).expect("free key");
+        let claim = set.try_claim("a", "a", None, now, false).expect("free key");
         assert!(
-            set.try_claim("a", None, now, false).is_none(),
+            set.try_claim("a", "a", None, now, false).is_none(),
             "second claim refused"
         );
         assert!(
-            set.try_claim("b", None, now, false).is_some(),
+            set.try_claim("b", "b", None, now, false).is_some(),
             "other keys unaffected"
         );
         claim.finish(Finish::Success);
-        assert!(set.try_claim("a", None, now, false).is_some());
+        assert!(set.try_claim("a", "a", None, now, false).is_some());
     }
 
     #[test]
     fn failures_back_off_until_the_row_changes() {
         let set = Arc::new(WorkSet::default());
         let now = Instant::now();
-        set.try_claim("a", Some(1), now, false)
+        set.try_claim("a", "a", Some(1), now, false)
             .expect("free")
             .finish(Finish::Failure { version: Some(1) });
         assert!(
-            set.try_claim("a", Some(1), Instant::now(), true).is_none(),
+            set.try_claim("a", "a", Some(1), Instant::now(), true)
+                .is_none(),
             "same version waits"
         );
         assert!(set.due(Instant::now()).is_empty());
-        assert_eq!(set.due(Instant::now() + MAX_BACKOFF), vec!["a".to_string()]);
+        assert_eq!(
+            set.due(Instant::now() + MAX_BACKOFF),
+            vec![("a".to_string(), "a".to_string())]
+        );
         assert!(
-            set.try_claim("a", Some(2), Instant::now(), false).is_some(),
+            set.try_claim("a", "a", Some(2), Instant::now(), false)
+                .is_some(),
             "changed row retried at once"
         );
     }
@@ -214,11 +268,17 @@ mod tests {
     fn a_resync_does_not_wait_out_a_requeue_but_a_change_pass_does() {
         let set = Arc::new(WorkSet::default());
         let now = Instant::now();
-        set.try_claim("a", None, now, false)
+        set.try_claim("a", "a", None, now, false)
             .expect("free")
             .finish(Finish::RetryAfter(Duration::from_secs(60)));
-        assert!(set.try_claim("a", None, Instant::now(), false).is_none());
-        assert!(set.try_claim("a", None, Instant::now(), true).is_some());
+        assert!(
+            set.try_claim("a", "a", None, Instant::now(), false)
+                .is_none()
+        );
+        assert!(
+            set.try_claim("a", "a", None, Instant::now(), true)
+                .is_some()
+        );
     }
 
     #[test]
@@ -227,7 +287,7 @@ mod tests {
         let delay = Duration::from_secs(2);
         let mut now = Instant::now();
         for expected in [2, 4, 8, 16, 32, 60, 60] {
-            let mut claim = set.try_claim("a", None, now, false).expect("due");
+            let mut claim = set.try_claim("a", "a", None, now, false).expect("due");
             claim.finished = true;
             drop(claim);
             set.finish("a", Some(Finish::RetryAfter(delay)), now);
@@ -238,10 +298,75 @@ mod tests {
             );
             assert_eq!(
                 set.due(due_at + Duration::from_secs(1)),
-                vec!["a".to_string()]
+                vec![("a".to_string(), "a".to_string())]
             );
             now = due_at + Duration::from_secs(1);
         }
+    }
+
+    #[test]
+    fn a_request_while_in_flight_comes_back_once_the_claim_ends() {
+        let set = Arc::new(WorkSet::default());
+        let now = Instant::now();
+        let claim = set
+            .try_claim("k", "id-1", Some(1), now, false)
+            .expect("free");
+        set.request("k", "id-1", now);
+        assert!(set.due(now).is_empty(), "in flight");
+        claim.finish(Finish::Success);
+        assert_eq!(
+            set.due(Instant::now()),
+            vec![("k".to_string(), "id-1".to_string())]
+        );
+        set.retain(|_| false);
+        assert_eq!(
+            set.due(Instant::now()).len(),
+            1,
+            "a pending request survives pruning"
+        );
+        set.try_claim("k", "id-1", None, Instant::now(), false)
+            .expect("due")
+            .finish(Finish::Success);
+        assert!(set.due(Instant::now()).is_empty(), "served once");
+    }
+
+    #[test]
+    fn only_a_row_changed_while_in_flight_skips_the_requeue_delay() {
+        let set = Arc::new(WorkSet::default());
+        let delay = Duration::from_secs(30);
+        let claim = set
+            .try_claim("k", "k", Some(1), Instant::now(), false)
+            .expect("free");
+        assert!(
+            set.try_claim("k", "k", Some(1), Instant::now(), false)
+                .is_none()
+        );
+        claim.finish(Finish::RetryAfter(delay));
+        assert!(
+            set.due(Instant::now()).is_empty(),
+            "same version: the requeue delay holds"
+        );
+
+        let claim = set
+            .try_claim("k", "k", Some(1), Instant::now(), true)
+            .expect("resync");
+        assert!(
+            set.try_claim("k", "k", Some(2), Instant::now(), false)
+                .is_none()
+        );
+        claim.finish(Finish::RetryAfter(delay));
+        assert_eq!(
+            set.due(Instant::now()).len(),
+            1,
+            "changed meanwhile: at once"
+        );
+    }
+
+    #[test]
+    fn a_dropped_claim_counts_as_a_failure() {
+        let set = Arc::new(WorkSet::default());
+        drop(set.try_claim("k", "k", None, Instant::now(), false));
+        assert_eq!(set.in_backoff(), 1);
     }
 
     #[test]
@@ -264,14 +389,14 @@ mod tests {
     fn success_resets_backoff() {
         let set = Arc::new(WorkSet::default());
         let now = Instant::now();
-        set.try_claim("a", None, now, false)
+        set.try_claim("a", "a", None, now, false)
             .expect("free")
             .finish(Finish::Failure { version: None });
         let later = now + MAX_BACKOFF;
-        set.try_claim("a", None, later, false)
+        set.try_claim("a", "a", None, later, false)
             .expect("due")
             .finish(Finish::Success);
         assert_eq!(set.in_backoff(), 0);
-        assert!(set.try_claim("a", None, later, false).is_some());
+        assert!(set.try_claim("a", "a", None, later, false).is_some());
     }
 }

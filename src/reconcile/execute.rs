@@ -60,9 +60,7 @@ impl<A: HcloudApi> Executor<'_, A> {
         progress: &mut Progress,
     ) -> Result<(), ReconcileError> {
         for op in ops {
-            if !self.leadership.is_leader() {
-                return Err(ReconcileError::LostLease);
-            }
+            self.ensure_leader()?;
             self.apply(spec, op, progress).await?;
         }
         self.wait_pending(progress).await
@@ -176,6 +174,15 @@ impl<A: HcloudApi> Executor<'_, A> {
                 )
                 .await
             }
+        }
+    }
+
+    /// Checked before every mutation, also between the steps of ops that wait for minutes.
+    fn ensure_leader(&self) -> Result<(), ReconcileError> {
+        if self.leadership.is_leader() {
+            Ok(())
+        } else {
+            Err(ReconcileError::LostLease)
         }
     }
 
@@ -393,6 +400,7 @@ impl<A: HcloudApi> Executor<'_, A> {
         let grace = Duration::from_secs(self.config.shutdown_timeout_seconds);
         if !grace.is_zero() {
             self.shut_down(id, grace).await?;
+            self.ensure_leader()?;
         }
         if let Some(action) = ignore_not_found(self.api.delete_server(id).await)? {
             // The firewall can only go once the server has released it.
@@ -471,6 +479,7 @@ impl<A: HcloudApi> Executor<'_, A> {
         let deadline = Instant::now() + FIREWALL_IN_USE_RETRY;
         let mut delay = Duration::from_millis(500);
         loop {
+            self.ensure_leader()?;
             match self.api.delete_firewall(id).await {
                 Ok(()) => break,
                 Err(e) if e.is_not_found() => break,

@@ -145,13 +145,22 @@ impl<A: HcloudApi> Reconciler<A> {
 
         // 4. Carry it out, then 5. write what was observed back onto the row.
         let result = self.execute(&desired, &row_state, &observed, &plan).await;
+        // The server the row was ready with before this pass: repairing its firewall or key is
+        // not a new provisioning, a new server is.
+        let ready_server = row
+            .as_ref()
+            .filter(|r| r.provisioning_status == "ready")
+            .and_then(|r| r.hetzner_server_id);
         // The executor records ids as it goes: compare the outcome with the row as it is now.
         let row = match (&row, plan.ops.is_empty()) {
             (Some(_), false) => subscriptions::get(&self.db, subscription_id).await?,
             _ => row,
         };
         match result {
-            Ok(progress) => self.settle(&desired, row.as_ref(), &plan, progress).await,
+            Ok(progress) => {
+                self.settle(&desired, row.as_ref(), ready_server, &plan, progress)
+                    .await
+            }
             // Not ours to record any more: the new leader looks at this row.
             Err(ReconcileError::LostLease) => Err(ReconcileError::LostLease),
             Err(error) => {
@@ -237,12 +246,16 @@ impl<A: HcloudApi> Reconciler<A> {
         &self,
         desired: &Desired,
         row: Option<&subscription::Model>,
+        ready_server: Option<i64>,
         plan: &Plan,
         progress: Progress,
     ) -> Result<Done, ReconcileError> {
         let (Some(row), Some(version)) = (row, desired.version) else {
             return Ok(Done::Settled);
         };
+        let newly_ready = row.provisioned_at.is_none()
+            || ready_server.is_none()
+            || ready_server != progress.server.as_ref().map(|s| s.id);
         let mut done = Done::Settled;
         let mut update = StatusUpdate::default();
         match &plan.outcome {
@@ -263,7 +276,7 @@ impl<A: HcloudApi> Reconciler<A> {
                         .map(|ip| ip.ip.clone()),
                 );
                 update.vps_hostname = Some(server.map(|s| s.name.clone()));
-                if row.provisioned_at.is_none() || row.provisioning_status != "ready" {
+                if newly_ready {
                     update.provisioned_at = Some(Some(Utc::now()));
                 }
                 update.deprovisioned_at = Some(None);
@@ -299,7 +312,7 @@ impl<A: HcloudApi> Reconciler<A> {
         let update = only_changes(row, update);
         if !update.is_empty() {
             let milestone = match update.provisioning_status.as_deref() {
-                Some("ready") => Some((EventKind::Normal, "Ready")),
+                Some("ready") if newly_ready => Some((EventKind::Normal, "Ready")),
                 Some("deprovisioned") => Some((EventKind::Normal, "Deprovisioned")),
                 Some("failed") => Some((EventKind::Warning, "Failed")),
                 _ => None,

@@ -31,6 +31,8 @@ impl Observed {
 
 /// Lists everything matching `selector` (all three kinds concurrently).
 pub async fn observe<A: HcloudApi>(api: &A, selector: &str) -> Result<Snapshot, Error> {
+    // Stamped before listing: anything that changed while the lists ran counts as newer.
+    let taken_at = Instant::now();
     let (servers, ssh_keys, firewalls) = futures::try_join!(
         api.list_servers(selector),
         api.list_ssh_keys(selector),
@@ -42,7 +44,7 @@ pub async fn observe<A: HcloudApi>(api: &A, selector: &str) -> Result<Snapshot, 
             ssh_keys,
             firewalls,
         },
-        taken_at: Instant::now(),
+        taken_at,
     })
 }
 
