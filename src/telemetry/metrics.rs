@@ -135,11 +135,28 @@ impl Metrics {
     }
 
     pub fn set_subscriptions(&self, by_status: &BTreeMap<String, i64>) {
-        self.subscriptions.clear();
+        // Label values stay a fixed set whatever the column holds.
+        const KNOWN: [&str; 6] = [
+            "pending",
+            "provisioning",
+            "ready",
+            "failed",
+            "deprovisioning",
+            "deprovisioned",
+        ];
+        let mut counts: BTreeMap<&str, i64> = KNOWN.iter().map(|s| (*s, 0)).collect();
         for (status, count) in by_status {
+            let status = KNOWN
+                .iter()
+                .find(|known| **known == status.as_str())
+                .copied()
+                .unwrap_or("other");
+            *counts.entry(status).or_default() += count;
+        }
+        for (status, count) in counts {
             self.subscriptions
                 .get_or_create(&label("provisioning_status", status))
-                .set(*count);
+                .set(count);
         }
     }
 
@@ -238,5 +255,31 @@ impl prometheus_client::collector::Collector for HcloudCollector {
             gauge.encode(metric)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_labels_are_a_fixed_set() {
+        let metrics = Metrics::new();
+        let by_status = [("ready".to_string(), 2), ("weird <script>".to_string(), 1)].into();
+        metrics.set_subscriptions(&by_status);
+        let text = metrics.render();
+        assert!(
+            text.contains("vps_controller_subscriptions{provisioning_status=\"ready\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vps_controller_subscriptions{provisioning_status=\"other\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vps_controller_subscriptions{provisioning_status=\"pending\"} 0"),
+            "{text}"
+        );
+        assert!(!text.contains("weird"), "{text}");
     }
 }
