@@ -594,6 +594,14 @@ async fn failed_listings_mean_unknown_never_gone() {
         env.sql("UPDATE subscriptions SET updated_at = CURRENT_TIMESTAMP WHERE id = 'flaky'")
             .await;
         env.process_changes().await;
+        // The failed row now backs off: the next pass offers it but starts nothing.
+        let report = env.controller.process_changes().await.unwrap();
+        assert_eq!(
+            (report.reconciled, report.skipped_busy),
+            (0, 1),
+            "[{}] {report:?}",
+            env.backend
+        );
         env.http
             .post(&url)
             .json(&json!({"rate": 0.0}))

@@ -173,6 +173,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
             wanted.insert(desired::resource_key(&id), (id, Some(version)));
         }
         let started = Instant::now();
+        let offered = wanted.len();
         let claims = self.claim(wanted, false);
         // Many claims at once (a bulk insert): one listing of everything is cheaper than
         // three listings per subscription. Counted after claiming, so rows that wait out a
@@ -191,7 +192,6 @@ impl<A: HcloudApi + 'static> Controller<A> {
         } else {
             None
         };
-        let offered = claims.len();
         let jobs = claims
             .into_iter()
             .map(|(claim, version)| {
@@ -270,8 +270,8 @@ impl<A: HcloudApi + 'static> Controller<A> {
         self.work.retain(|key| work.contains_key(key));
 
         let snapshot = Arc::new(snapshot);
+        let offered = work.len();
         let claims = self.claim(work, true);
-        let offered = claims.len();
         let jobs = claims
             .into_iter()
             .map(|(claim, version)| {
