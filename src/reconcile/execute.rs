@@ -405,7 +405,7 @@ impl<A: HcloudApi> Executor<'_, A> {
         if let Some(action) = ignore_not_found(self.api.delete_server(id).await)? {
             // The firewall can only go once the server has released it.
             self.api
-                .wait_for_actions(&[action.id], self.action_timeout())
+                .wait_for_actions(&[action.id], self.action_timeout)
                 .await?;
         }
         if progress.server.as_ref().is_some_and(|s| s.id == id) {
@@ -465,9 +465,7 @@ impl<A: HcloudApi> Executor<'_, A> {
             match self.api.remove_firewall(id, attached_servers).await {
                 Ok(actions) => {
                     let ids: Vec<i64> = actions.iter().map(|a| a.id).collect();
-                    self.api
-                        .wait_for_actions(&ids, self.action_timeout())
-                        .await?;
+                    self.api.wait_for_actions(&ids, self.action_timeout).await?;
                 }
                 // Already detached (e.g. its server was deleted a moment ago) or already gone.
                 Err(e)
@@ -509,14 +507,8 @@ impl<A: HcloudApi> Executor<'_, A> {
             return Ok(());
         }
         let ids = std::mem::take(&mut progress.pending_actions);
-        self.api
-            .wait_for_actions(&ids, self.action_timeout())
-            .await?;
+        self.api.wait_for_actions(&ids, self.action_timeout).await?;
         Ok(())
-    }
-
-    fn action_timeout(&self) -> Duration {
-        self.action_timeout
     }
 
     /// Adopting is only allowed for resources that carry our labels; anything else that
