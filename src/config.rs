@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 use crate::cloud_init::{CloudInitTemplate, is_rfc1123_label};
 use crate::keys::KeyAlgorithm;
 
-/// Stripe subscription statuses, the values `active_statuses` may list.
+/// Stripe subscription statuses. The lifecycle lists may name others too (a status the
+/// controller does not know is held, never acted on), but these are the ones Stripe sends.
 pub const STRIPE_STATUSES: [&str; 8] = [
     "incomplete",
     "incomplete_expired",
@@ -45,6 +46,9 @@ pub const MAX_RULE_DESCRIPTION_CHARS: usize = 255;
 pub const MAX_RESYNC_SECONDS: u64 = 24 * 60 * 60;
 pub const MAX_SHUTDOWN_TIMEOUT_SECONDS: u64 = 60 * 60;
 pub const MAX_CONCURRENCY: usize = 64;
+pub const MAX_GRACE_PERIOD_HOURS: u64 = 24 * 365;
+pub const MAX_DELETION_DELAY_HOURS: u64 = 24 * 365;
+pub const MAX_SNAPSHOT_RETENTION_DAYS: u64 = 3650;
 
 /// The whole configuration. See the module docs for defaults and merging.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -55,8 +59,14 @@ pub struct Config {
     pub instance: String,
     /// Resource names are `<prefix>-<sanitized subscription id>` (see `reconcile::desired::resource_name`).
     pub name_prefix: String,
-    /// Subscription statuses (Stripe's) for which a subscription gets a VPS.
-    pub active_statuses: Vec<String>,
+    /// What each subscription status means for its server (run, grace, suspend, delete);
+    /// any status not listed is held: nothing is created or deleted.
+    pub lifecycle: Lifecycle,
+    /// How many servers may be deleted per hour before deletions pause for approval.
+    pub deletion_budget: DeletionBudget,
+    /// Replaced by `lifecycle.run`; kept only to explain that in the error.
+    #[serde(default, skip_serializing)]
+    pub active_statuses: Option<Vec<String>>,
     /// Seconds between full resync passes.
     pub resync_seconds: u64,
     /// Subscriptions reconciled at the same time.
@@ -71,6 +81,126 @@ pub struct Config {
     /// Plans by name, as found in the `plan` column of `subscriptions`.
     #[serde(deserialize_with = "deserialize_plans")]
     pub plans: BTreeMap<String, Plan>,
+}
+
+/// What a subscription's status means for its server. Matching is exact (case-sensitive):
+/// a status in none of the lists, NULL, or a wrongly cased one is held.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Lifecycle {
+    /// Server running.
+    pub run: Vec<String>,
+    /// Server keeps running for `grace_period_hours` after the row entered the status, then
+    /// is suspended.
+    pub grace: Vec<String>,
+    pub grace_period_hours: u64,
+    /// Server powered off; server, disk, key and firewall kept. Powered on again when the
+    /// status returns to a `run` status.
+    pub suspend: Vec<String>,
+    /// Server, firewall and key deleted, `deletion_delay_hours` after the row entered the
+    /// status (suspended meanwhile).
+    pub delete: Vec<String>,
+    pub deletion_delay_hours: u64,
+    /// Take a snapshot of the server before deleting it.
+    pub snapshot_before_delete: bool,
+    /// Snapshots taken before a deletion are deleted by the controller after this many days.
+    pub snapshot_retention_days: u64,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        let list = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect();
+        Lifecycle {
+            run: list(&["active", "trialing"]),
+            grace: list(&["past_due"]),
+            grace_period_hours: 72,
+            suspend: list(&["paused", "unpaid"]),
+            delete: list(&["canceled", "incomplete_expired"]),
+            deletion_delay_hours: 0,
+            snapshot_before_delete: false,
+            snapshot_retention_days: 30,
+        }
+    }
+}
+
+/// The lifecycle policy one status maps to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    Run,
+    Grace,
+    Suspend,
+    Delete,
+    /// Not understood: never create, never delete.
+    Hold,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::Run => "run",
+            Policy::Grace => "grace",
+            Policy::Suspend => "suspend",
+            Policy::Delete => "delete",
+            Policy::Hold => "hold",
+        }
+    }
+}
+
+impl Lifecycle {
+    /// The policy for a row's status (`None` is a NULL status).
+    pub fn policy(&self, status: Option<&str>) -> Policy {
+        let Some(status) = status else {
+            return Policy::Hold;
+        };
+        let has = |list: &[String]| list.iter().any(|s| s == status);
+        if has(&self.run) {
+            Policy::Run
+        } else if has(&self.grace) {
+            Policy::Grace
+        } else if has(&self.suspend) {
+            Policy::Suspend
+        } else if has(&self.delete) {
+            Policy::Delete
+        } else {
+            Policy::Hold
+        }
+    }
+
+    fn lists(&self) -> [(&'static str, &Vec<String>); 4] {
+        [
+            ("run", &self.run),
+            ("grace", &self.grace),
+            ("suspend", &self.suspend),
+            ("delete", &self.delete),
+        ]
+    }
+}
+
+/// Server deletions allowed per hour: `max(min_per_hour, fleet_percent % of the servers the
+/// controller manages)`. Past it, deletions pause until an operator approves
+/// (`vps-controller deletions approve`); creating and repairing go on.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeletionBudget {
+    pub min_per_hour: u64,
+    pub fleet_percent: u64,
+}
+
+impl Default for DeletionBudget {
+    fn default() -> Self {
+        DeletionBudget {
+            min_per_hour: 3,
+            fleet_percent: 10,
+        }
+    }
+}
+
+impl DeletionBudget {
+    /// Deletions allowed in one hour for a fleet of `managed` servers.
+    pub fn per_hour(&self, managed: u64) -> u64 {
+        let share = managed.saturating_mul(self.fleet_percent).div_ceil(100);
+        share.max(self.min_per_hour)
+    }
 }
 
 /// What a subscription on this plan gets.
@@ -269,7 +399,9 @@ impl Config {
         Config {
             instance: "default".to_owned(),
             name_prefix: "vps".to_owned(),
-            active_statuses: vec!["active".to_owned(), "trialing".to_owned()],
+            lifecycle: Lifecycle::default(),
+            deletion_budget: DeletionBudget::default(),
+            active_statuses: None,
             resync_seconds: 60,
             concurrency: 8,
             ssh_key_algorithm: KeyAlgorithm::Rsa4096,
@@ -333,9 +465,15 @@ impl Config {
         self.plans.get(name)
     }
 
-    /// Whether a subscription with this status should have a VPS.
-    pub fn is_active_status(&self, status: &str) -> bool {
-        self.active_statuses.iter().any(|s| s == status)
+    /// A stable fingerprint of everything that decides what the controller builds: when it
+    /// changes between two starts, rows that failed on the old config are retried.
+    pub fn fingerprint(&self) -> String {
+        let text = serde_json::to_string(self).unwrap_or_default();
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     fn problems(&self) -> Vec<FieldProblem> {
@@ -362,25 +500,18 @@ impl Config {
                 ),
             );
         }
-        if self.active_statuses.is_empty() {
+        if self.active_statuses.is_some() {
             p.add(
                 "active_statuses",
-                "must list at least one status (an empty list would deprovision every VPS)",
+                "was replaced by lifecycle.run (and lifecycle.grace, suspend, delete); move the list there",
             );
         }
-        for (i, status) in self.active_statuses.iter().enumerate() {
-            let field = format!("active_statuses[{i}]");
-            if !STRIPE_STATUSES.contains(&status.as_str()) {
-                p.add(
-                    field,
-                    format!(
-                        "{status:?} is not a Stripe subscription status (expected one of {})",
-                        STRIPE_STATUSES.join(", ")
-                    ),
-                );
-            } else if self.active_statuses[..i].contains(status) {
-                p.add(field, format!("{status:?} is listed twice"));
-            }
+        lifecycle_problems(&mut p, &self.lifecycle);
+        if self.deletion_budget.fleet_percent > 100 {
+            p.add(
+                "deletion_budget.fleet_percent",
+                format!("{} is out of range 0-100", self.deletion_budget.fleet_percent),
+            );
         }
         if !(1..=MAX_RESYNC_SECONDS).contains(&self.resync_seconds) {
             p.add(
@@ -453,6 +584,62 @@ impl Problems {
             field: field.into(),
             problem: problem.into(),
         });
+    }
+}
+
+fn lifecycle_problems(p: &mut Problems, lifecycle: &Lifecycle) {
+    if lifecycle.run.is_empty() {
+        p.add(
+            "lifecycle.run",
+            "must list at least one status (without one no subscription ever gets a server)",
+        );
+    }
+    let lists = lifecycle.lists();
+    for (index, (name, list)) in lists.iter().enumerate() {
+        for (i, status) in list.iter().enumerate() {
+            let field = format!("lifecycle.{name}[{i}]");
+            let valid = !status.is_empty()
+                && status.len() <= 64
+                && status.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+            if !valid {
+                p.add(
+                    field,
+                    format!(
+                        "{status:?} is not a subscription status: lowercase letters and '_' only \
+                         (Stripe's are {})",
+                        STRIPE_STATUSES.join(", ")
+                    ),
+                );
+            } else if list[..i].contains(status) {
+                p.add(field, format!("{status:?} is listed twice"));
+            } else if let Some((other, _)) = lists[..index].iter().find(|(_, l)| l.contains(status)) {
+                p.add(
+                    field,
+                    format!("{status:?} is already listed in lifecycle.{other}; a status has one policy"),
+                );
+            }
+        }
+    }
+    for (field, value, max) in [
+        ("lifecycle.grace_period_hours", lifecycle.grace_period_hours, MAX_GRACE_PERIOD_HOURS),
+        (
+            "lifecycle.deletion_delay_hours",
+            lifecycle.deletion_delay_hours,
+            MAX_DELETION_DELAY_HOURS,
+        ),
+    ] {
+        if value > max {
+            p.add(field, format!("{value} is out of range 0-{max}"));
+        }
+    }
+    if !(1..=MAX_SNAPSHOT_RETENTION_DAYS).contains(&lifecycle.snapshot_retention_days) {
+        p.add(
+            "lifecycle.snapshot_retention_days",
+            format!(
+                "{} is out of range 1-{MAX_SNAPSHOT_RETENTION_DAYS}",
+                lifecycle.snapshot_retention_days
+            ),
+        );
     }
 }
 
@@ -731,6 +918,39 @@ mod tests {
         ] {
             assert!(canonical_cidr(bad).is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn lifecycle_policies_match_exactly_and_default_to_hold() {
+        let lifecycle = Lifecycle::default();
+        for (status, policy) in [
+            (Some("active"), Policy::Run),
+            (Some("trialing"), Policy::Run),
+            (Some("past_due"), Policy::Grace),
+            (Some("paused"), Policy::Suspend),
+            (Some("unpaid"), Policy::Suspend),
+            (Some("canceled"), Policy::Delete),
+            (Some("incomplete_expired"), Policy::Delete),
+            (Some("incomplete"), Policy::Hold),
+            (Some("Active"), Policy::Hold),
+            (Some("active "), Policy::Hold),
+            (Some("something_new"), Policy::Hold),
+            (Some(""), Policy::Hold),
+            (None, Policy::Hold),
+        ] {
+            assert_eq!(lifecycle.policy(status), policy, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn deletion_budget_is_a_share_of_the_fleet_with_a_floor() {
+        let budget = DeletionBudget::default();
+        assert_eq!(budget.per_hour(0), 3);
+        assert_eq!(budget.per_hour(29), 3);
+        assert_eq!(budget.per_hour(31), 4);
+        assert_eq!(budget.per_hour(100), 10);
+        assert_eq!(budget.per_hour(10_000), 1_000);
+        assert_eq!(budget.per_hour(u64::MAX), u64::MAX.div_ceil(100).max(3));
     }
 
     #[test]

@@ -180,6 +180,33 @@ fn generate_ed25519(comment: &str) -> Result<(ssh_key::PublicKey, Zeroizing<Stri
     Ok((private.public_key().clone(), private_pem))
 }
 
+/// The public half of a private key as this module writes it (PKCS#8 PEM RSA, or OpenSSH
+/// format), as the base64 blob of its OpenSSH public key line. Used to check that a stored
+/// private key really belongs to the public key on the row and at Hetzner.
+pub fn public_blob_of_private(private: &str) -> Result<String, KeyError> {
+    let invalid = |reason: String| KeyError::InvalidPublicKey {
+        reason: format!("the private key does not parse: {reason}"),
+    };
+    let public = if private.contains("BEGIN OPENSSH PRIVATE KEY") {
+        let key = ssh_key::PrivateKey::from_openssh(private).map_err(|e| invalid(e.to_string()))?;
+        key.public_key().clone()
+    } else {
+        use rsa::pkcs8::DecodePrivateKey as _;
+        let key = rsa::PrivateKey::from_pkcs8_pem(private).map_err(|e| invalid(e.to_string()))?;
+        let public = ssh_key::public::RsaPublicKey::try_from(key.as_public_key())
+            .map_err(|e| invalid(e.to_string()))?;
+        ssh_key::PublicKey::new(ssh_key::public::KeyData::Rsa(public), "")
+    };
+    let line = public.to_openssh().map_err(|e| KeyError::Encoding {
+        what: "public key",
+        reason: e.to_string(),
+    })?;
+    line.split_ascii_whitespace()
+        .nth(1)
+        .map(str::to_owned)
+        .ok_or_else(|| invalid("no key blob".to_owned()))
+}
+
 /// Hetzner's fingerprint of an OpenSSH public key line (`<type> <base64> [comment]`): MD5 over
 /// the decoded key blob, lowercase hex pairs joined by `:` — what `ssh-keygen -l -E md5` prints
 /// after `MD5:`.
@@ -480,6 +507,17 @@ impl Sealer {
         ))
     }
 
+    /// Whether `value` has the shape of a value this controller sealed (`v1:<key id>:...`).
+    /// Anything else in `ssh_private_key` was written by someone else (e.g. the web app).
+    pub fn looks_sealed(value: &str) -> bool {
+        let mut parts = value.trim().splitn(3, ':');
+        matches!(
+            (parts.next(), parts.next(), parts.next()),
+            (Some(SEAL_VERSION), Some(id), Some(_))
+                if id.len() == KEY_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        )
+    }
+
     /// Decrypts a value made by [`Sealer::seal`] for the same `subscription_id`, with whichever
     /// configured key (current or previous) its key id names.
     pub fn open(
@@ -586,6 +624,36 @@ mod tests {
 
     fn id_of(key: &str) -> String {
         Sealer::from_base64(key, &[]).unwrap().key_id().to_owned()
+    }
+
+    #[test]
+    fn a_private_key_yields_its_own_public_key_and_no_other() {
+        for alg in [KeyAlgorithm::Ed25519, KeyAlgorithm::Rsa4096] {
+            let pair = generate_blocking(alg, "c").unwrap();
+            let other = generate_blocking(KeyAlgorithm::Ed25519, "c").unwrap();
+            let blob = public_blob_of_private(pair.private_pem()).unwrap();
+            assert_eq!(Some(blob.as_str()), pair.public_openssh.split_whitespace().nth(1));
+            assert_ne!(Some(blob.as_str()), other.public_openssh.split_whitespace().nth(1));
+        }
+        let error = public_blob_of_private("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("does not parse"), "{error}");
+    }
+
+    #[test]
+    fn only_our_sealed_format_looks_sealed() {
+        let sealer = Sealer::ephemeral();
+        assert!(Sealer::looks_sealed(&sealer.seal("x", "sub").unwrap()));
+        for foreign in [
+            "-----BEGIN PRIVATE KEY-----",
+            "enc:abc",
+            "v1:nothex00:abc",
+            "v2:0123abcd:abc",
+            "",
+        ] {
+            assert!(!Sealer::looks_sealed(foreign), "{foreign}");
+        }
     }
 
     #[test]

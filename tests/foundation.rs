@@ -616,7 +616,8 @@ fn omitted_fields_take_defaults_and_plans_replace_the_builtin_ones() {
     assert_eq!(config.concurrency, 4);
     assert_eq!(config.ssh_key_algorithm, KeyAlgorithm::Ed25519);
     assert_eq!(config.instance, builtin.instance);
-    assert_eq!(config.active_statuses, builtin.active_statuses);
+    assert_eq!(config.lifecycle, builtin.lifecycle);
+    assert_eq!(config.deletion_budget, builtin.deletion_budget);
     assert_eq!(config.resync_seconds, 60);
     assert_eq!(config.plans.keys().collect::<Vec<_>>(), ["gold"]);
     let gold = &config.plans["gold"];
@@ -667,9 +668,15 @@ fn each_kind_of_bad_config_names_the_field_and_problem() {
         (top("instance: \"\""), "instance: must not be empty"),
         (top("name_prefix: VPS"), "name_prefix: \"VPS\" is not a lowercase DNS label of 1-20 characters"),
         (top("name_prefix: abcdefghijklmnopqrstu"), "name_prefix: \"abcdefghijklmnopqrstu\" is not a lowercase DNS label"),
-        (top("active_statuses: [active, actve]"), "active_statuses[1]: \"actve\" is not a Stripe subscription status (expected one of incomplete, incomplete_expired, trialing, active, past_due, canceled, unpaid, paused)"),
-        (top("active_statuses: [active, active]"), "active_statuses[1]: \"active\" is listed twice"),
-        (top("active_statuses: []"), "active_statuses: must list at least one status"),
+        (top("active_statuses: [active]"), "active_statuses: was replaced by lifecycle.run"),
+        (top("lifecycle: {run: [active, Actve]}"), "lifecycle.run[1]: \"Actve\" is not a subscription status: lowercase letters and '_' only (Stripe's are incomplete, incomplete_expired, trialing, active, past_due, canceled, unpaid, paused)"),
+        (top("lifecycle: {run: [active, active]}"), "lifecycle.run[1]: \"active\" is listed twice"),
+        (top("lifecycle: {run: []}"), "lifecycle.run: must list at least one status"),
+        (top("lifecycle: {run: [active], delete: [active]}"), "lifecycle.delete[0]: \"active\" is already listed in lifecycle.run; a status has one policy"),
+        (top("lifecycle: {grace_period_hours: 9000}"), "lifecycle.grace_period_hours: 9000 is out of range 0-8760"),
+        (top("lifecycle: {snapshot_retention_days: 0}"), "lifecycle.snapshot_retention_days: 0 is out of range 1-3650"),
+        (top("lifecycle: {suspend: [paused], supsend: [unpaid]}"), "lifecycle: unknown field `supsend`"),
+        (top("deletion_budget: {fleet_percent: 101}"), "deletion_budget.fleet_percent: 101 is out of range 0-100"),
         (top("resync_seconds: 0"), "resync_seconds: 0 is out of range 1-86400"),
         (top("concurrency: 0"), "concurrency: 0 is out of range 1-64"),
         (top("concurrency: 65"), "concurrency: 65 is out of range 1-64"),

@@ -10,17 +10,19 @@ pub mod leader;
 pub mod triggers;
 pub mod workset;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
 
-use crate::db::subscriptions;
-use crate::hcloud::HcloudApi;
-use crate::reconcile::desired::{self, instance_selector};
-use crate::reconcile::observe::{self, Observed, Snapshot};
+use crate::db::entities::subscription;
+use crate::db::{deletion_guard, subscriptions};
+use crate::hcloud::{self, HcloudApi};
+use crate::reconcile::desired::{self, PRE_DELETE_SNAPSHOT, SNAPSHOT_LABEL};
+use crate::reconcile::observe::{self, Observed, RecordedIds, Snapshot};
 use crate::reconcile::{self, Done, ReconcileError, Reconciler};
 use crate::telemetry::metrics::Metrics;
 
@@ -41,10 +43,13 @@ pub struct Controller<A: HcloudApi> {
     work: Arc<WorkSet>,
     /// One permit per reconcile in flight (`concurrency`), shared by all passes.
     slots: Arc<Semaphore>,
-    /// Set on shutdown: queued jobs start nothing.
-    stopping: Arc<AtomicBool>,
+    /// Cancelled on shutdown: queued jobs start nothing.
+    stopping: CancellationToken,
     /// Largest resource count seen per kind in the last full listing (for the budget).
     last_listing_size: std::sync::atomic::AtomicUsize,
+    /// Resources labelled by the scheme before installation ids were looked for once since
+    /// start (they only exist from before the upgrade).
+    legacy_checked: AtomicBool,
 }
 
 /// Reconciles started by a pass.
@@ -102,8 +107,9 @@ impl<A: HcloudApi + 'static> Controller<A> {
             wake: Arc::new(Notify::new()),
             work: Arc::new(WorkSet::default()),
             slots,
-            stopping: Arc::new(AtomicBool::new(false)),
+            stopping: CancellationToken::new(),
             last_listing_size: Default::default(),
+            legacy_checked: AtomicBool::new(false),
         }
     }
 
@@ -184,7 +190,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
             .div_ceil(50)
             .max(1);
         let snapshot = if claims.len() > listing_pages {
-            let selector = instance_selector(&self.reconciler.config);
+            let selector = self.reconciler.owner.selector();
             // On error the claims drop: each counts as a failure and backs off.
             Some(Arc::new(
                 observe::observe(&self.reconciler.api, &selector).await?,
@@ -220,9 +226,27 @@ impl<A: HcloudApi + 'static> Controller<A> {
 
     async fn start_resync(&self) -> Result<Dispatched, ReconcileError> {
         let started = Instant::now();
-        let config = &self.reconciler.config;
-        let snapshot = observe::observe(&self.reconciler.api, &instance_selector(config)).await?;
-        let rows = subscriptions::all(&self.reconciler.db).await?;
+        let reconciler = &self.reconciler;
+        let config = &reconciler.config;
+        let mut snapshot = match observe::observe(&reconciler.api, &reconciler.owner.selector()).await
+        {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                self.report_project_wide(&error).await;
+                return Err(error.into());
+            }
+        };
+        let table = subscriptions::all(&reconciler.db).await?;
+        self.report_bad_rows(&table.bad).await;
+        let rows = table.rows;
+        let recorded: Vec<RecordedIds> = rows
+            .iter()
+            .map(|row| reconcile::recorded_ids(Some(row)))
+            .collect();
+        if !self.legacy_checked.load(Ordering::Relaxed) {
+            self.adopt_legacy(&mut snapshot, &recorded).await?;
+            self.legacy_checked.store(true, Ordering::Relaxed);
+        }
         let size = [
             snapshot.resources.servers.len(),
             snapshot.resources.ssh_keys.len(),
@@ -241,14 +265,28 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 .or_default() += 1;
         }
         self.metrics.set_subscriptions(&by_status);
+        self.metrics.set_invalid_rows(table.bad.len());
+        match deletion_guard::status(&reconciler.db).await {
+            Ok(guard) => self.metrics.set_deletions_paused(guard.paused_since.is_some()),
+            Err(e) => tracing::warn!(error = %e, "cannot read the deletion guard"),
+        }
+        if let Err(e) = self.sweep_snapshots().await {
+            tracing::warn!(error = %e, "snapshot retention sweep failed; retried next resync");
+        }
 
-        let mut unwanted = reconcile::unwanted(config, &snapshot, &rows);
-        if rows.is_empty() && !unwanted.is_empty() {
+        // Rows that could not be decoded still own their resources: never orphans.
+        let ids: Vec<&str> = rows
+            .iter()
+            .map(|r| r.id.as_str())
+            .chain(table.bad.iter().filter_map(|b| b.id.as_deref()))
+            .collect();
+        let mut unwanted = reconcile::unwanted(config, &snapshot, &ids, &recorded);
+        if ids.is_empty() && !unwanted.is_empty() {
             // An empty table next to labelled resources is more likely a wrong DATABASE_URL
             // than a fleet to delete. Deleted rows are still torn down by the change pass.
             tracing::error!(
                 groups = unwanted.len(),
-                "the subscriptions table is empty but resources carry our instance label: not deleting them; check DATABASE_URL"
+                "the subscriptions table is empty but resources carry our installation label: not deleting them; check DATABASE_URL"
             );
             unwanted.clear();
         }
@@ -290,6 +328,144 @@ impl<A: HcloudApi + 'static> Controller<A> {
         Ok(dispatched)
     }
 
+    /// Resources labelled by the scheme before installation ids (our instance label, no
+    /// installation label) join the snapshot where exactly one row of this database records
+    /// their id: their labels are then repaired like any drift, nothing is recreated. All
+    /// others are left alone (another database's, or nobody's): reported, never changed.
+    async fn adopt_legacy(
+        &self,
+        snapshot: &mut Snapshot,
+        recorded: &[RecordedIds],
+    ) -> Result<(), ReconcileError> {
+        let owner = &self.reconciler.owner;
+        let legacy = observe::observe(&self.reconciler.api, &owner.legacy_selector()).await?;
+        let claims = |kind, id| recorded.iter().filter(|r| r.get(kind) == Some(id)).count();
+        let claimed = legacy
+            .resources
+            .filter(|kind, id, _, _| claims(kind, id) == 1);
+        let total = legacy.resources.servers.len()
+            + legacy.resources.ssh_keys.len()
+            + legacy.resources.firewalls.len();
+        let adopted =
+            claimed.servers.len() + claimed.ssh_keys.len() + claimed.firewalls.len();
+        if total > 0 {
+            tracing::warn!(
+                adopted,
+                left_alone = total - adopted,
+                selector = %owner.legacy_selector(),
+                "resources labelled without an installation id: the ones a row of this database records are adopted (installation label added); the rest are not this database's and are never changed"
+            );
+        }
+        snapshot.resources.merge(claimed);
+        Ok(())
+    }
+
+    /// Snapshots taken before deletions are deleted after `snapshot_retention_days`. Runs
+    /// while `snapshot_before_delete` is on (one listing per resync).
+    async fn sweep_snapshots(&self) -> Result<(), ReconcileError> {
+        let reconciler = &self.reconciler;
+        let lifecycle = &reconciler.config.lifecycle;
+        if !lifecycle.snapshot_before_delete {
+            return Ok(());
+        }
+        let selector = format!(
+            "{},{SNAPSHOT_LABEL}={PRE_DELETE_SNAPSHOT}",
+            reconciler.owner.selector()
+        );
+        let retention = chrono::Duration::days(
+            i64::try_from(lifecycle.snapshot_retention_days).unwrap_or(i64::MAX / 86_400_000),
+        );
+        let now = chrono::Utc::now();
+        for image in reconciler.api.list_snapshots(&selector).await? {
+            if image.created + retention > now {
+                continue;
+            }
+            if !reconciler.leadership.is_leader() {
+                return Err(ReconcileError::LostLease);
+            }
+            match reconciler.api.delete_image(image.id).await {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+            tracing::info!(
+                image = image.id,
+                created = %image.created,
+                retention_days = lifecycle.snapshot_retention_days,
+                "deleted a pre-deletion snapshot past its retention"
+            );
+        }
+        Ok(())
+    }
+
+    /// A listing that failed for a reason that hits every subscription (the token is
+    /// rejected, Hetzner cannot be reached) is written onto the rows that wait, so the
+    /// operator sees it where they look.
+    async fn report_project_wide(&self, error: &hcloud::Error) {
+        if !error.is_project_wide() {
+            tracing::warn!(error = %error, "resync listing failed; nothing was changed on its account");
+            return;
+        }
+        let message = desired::bounded(&format!("Hetzner API: {error}"), 1000);
+        tracing::warn!(error = %error, "Hetzner API fails for every subscription; recorded on the rows that wait");
+        let fence = self
+            .reconciler
+            .leadership
+            .term()
+            .and_then(|term| term.fence);
+        if let Err(e) =
+            subscriptions::write_error_on_waiting(&self.reconciler.db, fence.as_ref(), &message)
+                .await
+        {
+            tracing::warn!(error = %e, "could not record the API failure on the rows");
+        }
+    }
+
+    /// Rows that cannot be decoded are skipped, each reported alone (a NULL id, a BLOB where
+    /// text belongs, ...); every other row goes on.
+    async fn report_bad_rows(&self, bad: &[subscriptions::BadRow]) {
+        let mut reported = BTreeSet::new();
+        for row in bad.iter().take(20) {
+            tracing::warn!(
+                subscription = row.id.as_deref().unwrap_or("<NULL id>"),
+                problem = %row.problem,
+                "skipping a subscription row that cannot be read"
+            );
+            if let Some(id) = &row.id
+                && reported.insert(id.clone())
+            {
+                self.record_unreadable(id, &row.problem).await;
+            }
+        }
+        if bad.len() > 20 {
+            tracing::warn!(
+                more = bad.len() - 20,
+                "more subscription rows cannot be read"
+            );
+        }
+    }
+
+    async fn record_unreadable(&self, id: &str, problem: &str) {
+        let fence = self
+            .reconciler
+            .leadership
+            .term()
+            .and_then(|term| term.fence);
+        let update = subscriptions::StatusUpdate {
+            provisioning_status: Some("failed".into()),
+            provisioning_error: Some(Some(desired::bounded(
+                &format!("row cannot be read: {problem}"),
+                1000,
+            ))),
+            ..Default::default()
+        };
+        if let Err(e) =
+            subscriptions::write_status(&self.reconciler.db, fence.as_ref(), id, &update).await
+        {
+            tracing::debug!(subscription = id, error = %e, "could not record the unreadable row");
+        }
+    }
+
     /// Claims every entry that is free (not in flight, not waiting); the rest come back when
     /// due. `work` maps resource keys to the id to reconcile and the row version.
     fn claim(
@@ -315,14 +491,14 @@ impl<A: HcloudApi + 'static> Controller<A> {
             let reconciler = Arc::clone(&self.reconciler);
             let metrics = Arc::clone(&self.metrics);
             let slots = Arc::clone(&self.slots);
-            let stopping = Arc::clone(&self.stopping);
+            let stopping = self.stopping.clone();
             handles.push(tokio::spawn(async move {
                 let Ok(_slot) = slots.acquire_owned().await else {
                     return true;
                 };
                 // Shutting down, or the lease is gone: start nothing new. Dropping the claim
                 // brings the subscription back later (or to the next leader).
-                if stopping.load(Ordering::SeqCst) || !reconciler.leadership.is_leader() {
+                if stopping.is_cancelled() || !reconciler.leadership.is_leader() {
                     return true;
                 }
                 let started = Instant::now();
@@ -377,7 +553,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
 
     /// Stops starting reconciles and waits until none is in flight, for a clean shutdown.
     async fn drain(&self) {
-        self.stopping.store(true, Ordering::SeqCst);
+        self.stopping.cancel();
         let all = u32::try_from(self.reconciler.config.concurrency.max(1)).unwrap_or(u32::MAX);
         let _ = self.slots.acquire_many(all).await;
     }

@@ -809,6 +809,10 @@ impl HcloudApi for Client {
         Client::get_server(self, id).await
     }
 
+    async fn get_ssh_key(&self, id: i64) -> Result<SshKey, Error> {
+        Client::get_ssh_key(self, id).await
+    }
+
     async fn wait_for_actions(&self, ids: &[i64], timeout: Duration) -> Result<Vec<Action>, Error> {
         let mut order: Vec<i64> = Vec::with_capacity(ids.len());
         for id in ids {

@@ -278,6 +278,19 @@ impl Error {
         }
     }
 
+    /// A failure that hits every request of the project alike, not one resource: the token is
+    /// rejected or lacks rights, or Hetzner cannot be reached or answered garbage.
+    pub fn is_project_wide(&self) -> bool {
+        match self {
+            Error::Api { code, .. } => matches!(
+                code,
+                ErrorCode::Unauthorized | ErrorCode::TokenReadonly | ErrorCode::Forbidden
+            ),
+            Error::Transport { .. } | Error::InvalidResponse { .. } => true,
+            _ => false,
+        }
+    }
+
     /// The official clients' policy for an immediate retry of the same request (any method):
     /// codes `conflict`, `rate_limit_exceeded`, `bad_gateway`, `timeout`; a 502/504 whose body
     /// is not a JSON error; and transport timeouts and connect failures. Not `locked`,

@@ -166,8 +166,11 @@ pub trait HcloudApi: Send + Sync {
         server_ids: &[i64],
     ) -> impl Future<Output = Result<Vec<Action>, Error>> + Send;
 
-    /// `GET /servers/{id}`: one server (used while waiting for a graceful shutdown).
+    /// `GET /servers/{id}`: one server (waiting for a graceful shutdown, adopting a server
+    /// the row records).
     fn get_server(&self, id: i64) -> impl Future<Output = Result<Server, Error>> + Send;
+    /// `GET /ssh_keys/{id}`: one SSH key (adopting the key object the row records).
+    fn get_ssh_key(&self, id: i64) -> impl Future<Output = Result<SshKey, Error>> + Send;
 
     /// Polls `GET /actions?id=..` (at most 25 IDs per request) until every action finished.
     /// Returns the finished actions in the order of `ids` (duplicates removed);

@@ -1,51 +1,135 @@
-//! Rows -> desired state. Pure: no I/O. Decides, per subscription, whether it wants a VPS
-//! and what that VPS must look like, or why the row cannot be acted on.
+//! Rows -> desired state. Pure: no I/O, no clock (the caller passes `now`). Decides, per
+//! subscription, what its server must be (running, suspended, gone) from the lifecycle
+//! policy of its status, or why the row is held or cannot be acted on.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use crate::config::{Config, Direction, Plan, Protocol};
+use chrono::{DateTime, Utc};
+
+use crate::config::{Config, Direction, Plan, Policy, Protocol};
 use crate::db::entities::subscription;
 use crate::hcloud::{FirewallDirection, FirewallProtocol, FirewallRule, Labels};
 
-/// Label naming the controller instance that owns a resource. Resources without it are
-/// never modified or deleted.
+/// Label carrying the database's installation id: the one label that makes a resource ours.
+/// Resources without this database's value are never modified or deleted.
+pub const INSTALLATION_LABEL: &str = "vps-controller/installation";
+/// Label naming the controller instance (`instance` in the config), for people reading labels.
 pub const INSTANCE_LABEL: &str = "vps-controller/instance";
 /// Label naming the subscription (its resource key) a resource belongs to.
 pub const SUBSCRIPTION_LABEL: &str = "vps-controller/subscription";
 /// Label naming the plan; lets operators filter in the Hetzner console.
 pub const PLAN_LABEL: &str = "vps-controller/plan";
+/// Label marking snapshots taken before a deletion (deleted after the retention period).
+pub const SNAPSHOT_LABEL: &str = "vps-controller/snapshot";
+/// Value of `SNAPSHOT_LABEL` on snapshots taken before a deletion.
+pub const PRE_DELETE_SNAPSHOT: &str = "pre-delete";
 
 /// Longest resource key; with a prefix of at most 20 chars and the dash the name stays <= 63.
 const MAX_KEY_LEN: usize = 42;
+/// Hex digits of the hash suffix of a changed id (40 bits).
+const HASH_LEN: usize = 10;
 
-/// The stable, Hetzner-safe form of a subscription id: a valid label value and RFC 1123
-/// label fragment. Ids that are already safe are used as they are, so names stay readable;
-/// any id that had to be changed gets a hash suffix so two ids never share a key.
+/// Who owns a resource: this database (its installation id, made by `migrate`) and, for
+/// readability, the configured instance name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub installation: String,
+    pub instance: String,
+}
+
+impl Owner {
+    pub fn new(installation: impl Into<String>, config: &Config) -> Owner {
+        Owner {
+            installation: installation.into(),
+            instance: config.instance.clone(),
+        }
+    }
+
+    /// The labels every resource of a subscription carries.
+    pub fn labels(&self, key: &str, plan: Option<&str>) -> Labels {
+        let mut labels = BTreeMap::new();
+        labels.insert(INSTALLATION_LABEL.to_string(), self.installation.clone());
+        labels.insert(INSTANCE_LABEL.to_string(), self.instance.clone());
+        labels.insert(SUBSCRIPTION_LABEL.to_string(), key.to_string());
+        if let Some(plan) = plan {
+            // Plan names are validated as label values by the config loader.
+            labels.insert(PLAN_LABEL.to_string(), plan.to_string());
+        }
+        labels
+    }
+
+    /// Label selector matching everything this database owns.
+    pub fn selector(&self) -> String {
+        format!("{INSTALLATION_LABEL}={}", self.installation)
+    }
+
+    /// Label selector matching everything owned for one subscription.
+    pub fn subscription_selector(&self, key: &str) -> String {
+        format!("{},{SUBSCRIPTION_LABEL}={key}", self.selector())
+    }
+
+    /// Resources labelled by the scheme before installation ids (instance label only): they
+    /// are ours only where a row of this database records their id.
+    pub fn legacy_selector(&self) -> String {
+        format!("{INSTANCE_LABEL}={},!{INSTALLATION_LABEL}", self.instance)
+    }
+
+    /// Whether `labels` say this database owns the resource.
+    pub fn owns(&self, labels: &Labels) -> bool {
+        labels.get(INSTALLATION_LABEL) == Some(&self.installation)
+    }
+
+    /// Whether the resource belongs to another database's controller.
+    pub fn foreign(&self, labels: &Labels) -> bool {
+        labels
+            .get(INSTALLATION_LABEL)
+            .is_some_and(|id| *id != self.installation)
+    }
+}
+
+/// The stable, Hetzner-safe form of a subscription id: a valid label value and RFC 1123 label
+/// fragment, injective over ids. An id that is already a clean key (lowercase letters and
+/// digits in groups joined by single dashes, at most 42 characters) is used as it is, so names
+/// stay readable. Any other id becomes `<cleaned head>--<hash>`: the double dash never occurs
+/// in a clean key, so a changed id can never take the key of another, clean id.
 pub fn resource_key(subscription_id: &str) -> String {
-    let sanitized: String = subscription_id
-        .chars()
-        .map(|c| match c {
+    if is_clean_key(subscription_id) {
+        return subscription_id.to_string();
+    }
+    let mut head = String::new();
+    for c in subscription_id.chars() {
+        let c = match c {
             'a'..='z' | '0'..='9' => c,
             'A'..='Z' => c.to_ascii_lowercase(),
             _ => '-',
-        })
-        .collect();
-    let trimmed = sanitized.trim_matches('-');
-    if trimmed == subscription_id && !trimmed.is_empty() && trimmed.len() <= MAX_KEY_LEN {
-        return trimmed.to_string();
+        };
+        // Runs of dashes collapse, so the head never holds the `--` marker itself.
+        if c == '-' && (head.is_empty() || head.ends_with('-')) {
+            continue;
+        }
+        head.push(c);
+        if head.len() >= MAX_KEY_LEN - HASH_LEN - 2 {
+            break;
+        }
     }
+    let head = head.trim_end_matches('-');
+    let head = if head.is_empty() { "x" } else { head };
     let digest = ring::digest::digest(&ring::digest::SHA256, subscription_id.as_bytes());
-    let hash: String = digest.as_ref()[..4]
+    let hash: String = digest.as_ref()[..HASH_LEN / 2]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let head: String = trimmed.chars().take(MAX_KEY_LEN - 9).collect();
-    let head = head.trim_end_matches('-');
-    if head.is_empty() {
-        hash
-    } else {
-        format!("{head}-{hash}")
-    }
+    format!("{head}--{hash}")
+}
+
+/// Lowercase letters and digits in groups joined by single dashes, at most `MAX_KEY_LEN`.
+fn is_clean_key(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_KEY_LEN
+        && id
+            .split('-')
+            .all(|group| !group.is_empty() && group.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
 }
 
 /// Name of every resource (server, SSH key, firewall) of one subscription.
@@ -62,14 +146,22 @@ pub struct Desired {
     /// The row's `desired_version`; `None` when the row no longer exists.
     pub version: Option<i64>,
     pub want: Want,
+    /// Snapshot each server before deleting it (`lifecycle.snapshot_before_delete`).
+    pub snapshot_before_delete: bool,
+    /// The wish changes by itself after this long (a grace period or deletion delay ends):
+    /// look again then.
+    pub recheck_after: Option<Duration>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Want {
-    /// One server, SSH key and firewall as the plan says.
+    /// One server, SSH key and firewall as the plan says (running, or powered off when
+    /// suspended).
     Vps(Box<VpsSpec>),
-    /// No resources at all (status not active, or the row was deleted).
+    /// No resources at all (status mapped to `delete`, or the row was deleted).
     Nothing,
+    /// The status is not understood: nothing is created or deleted; the row says why.
+    Hold(String),
     /// The row cannot be acted on; nothing at Hetzner is touched and the row is marked failed.
     Invalid(String),
 }
@@ -83,30 +175,74 @@ pub struct VpsSpec {
     pub plan: Plan,
     /// The plan's firewall rules in wire form, canonicalised for comparison.
     pub firewall_rules: Vec<FirewallRule>,
+    /// Powered off and kept (suspend policy, grace period over, deletion delayed): nothing
+    /// missing is created, the server is not started.
+    pub suspended: bool,
 }
 
-/// Desired state of an existing row.
-pub fn desired_for_row(config: &Config, row: &subscription::Model) -> Desired {
+/// Desired state of an existing row at `now`.
+pub fn desired_for_row(
+    config: &Config,
+    owner: &Owner,
+    row: &subscription::Model,
+    now: DateTime<Utc>,
+) -> Desired {
     let key = resource_key(&row.id);
-    let active = row
-        .status
-        .as_ref()
-        .is_some_and(|status| config.active_statuses.contains(status));
-    let want = match (active, row.plan.as_deref()) {
-        (false, _) => Want::Nothing,
-        (true, None) => Want::Invalid("plan: missing (NULL)".into()),
-        (true, Some(plan_name)) => match config.plans.get(plan_name) {
-            None => Want::Invalid(format!(
-                "plan: {plan_name:?} is not a configured plan (configured: {})",
-                config.plans.keys().cloned().collect::<Vec<_>>().join(", ")
-            )),
-            Some(plan) => Want::Vps(Box::new(VpsSpec {
-                name: resource_name(config, &row.id),
-                labels: owned_labels(config, &key, Some(plan_name)),
-                plan_name: plan_name.to_string(),
-                plan: plan.clone(),
-                firewall_rules: plan_firewall_rules(plan),
-            })),
+    let lifecycle = &config.lifecycle;
+    let status = row.status.as_deref();
+    // A row whose status change time is unknown counts from now: the longer wait.
+    let in_status = row
+        .status_changed_at
+        .map(|since| (now - since).to_std().unwrap_or_default())
+        .unwrap_or_default();
+    let hours = |h: u64| Duration::from_secs(h.saturating_mul(3600));
+    let mut recheck_after = None;
+    let suspended = match lifecycle.policy(status) {
+        Policy::Run => Some(false),
+        Policy::Grace => {
+            let grace = hours(lifecycle.grace_period_hours);
+            recheck_after = grace.checked_sub(in_status).filter(|d| !d.is_zero());
+            Some(recheck_after.is_none())
+        }
+        Policy::Suspend => Some(true),
+        Policy::Delete => {
+            let delay = hours(lifecycle.deletion_delay_hours);
+            recheck_after = delay.checked_sub(in_status).filter(|d| !d.is_zero());
+            // Suspended while the deletion delay runs.
+            recheck_after.map(|_| true)
+        }
+        Policy::Hold => None,
+    };
+    let want = match (lifecycle.policy(status), suspended) {
+        (Policy::Hold, _) => Want::Hold(match status {
+            None => "status: NULL is not a subscription status; held (nothing is created or deleted) until the row has a status the lifecycle policy maps".to_string(),
+            Some(status) => format!(
+                "status: {:?} is not mapped by the lifecycle policy (run: {}; grace: {}; suspend: {}; delete: {}); held: nothing is created or deleted",
+                bounded(status, 64),
+                lifecycle.run.join(", "),
+                lifecycle.grace.join(", "),
+                lifecycle.suspend.join(", "),
+                lifecycle.delete.join(", ")
+            ),
+        }),
+        (_, None) => Want::Nothing,
+        (_, Some(suspended)) => match row.plan.as_deref() {
+            None => Want::Invalid("plan: missing (NULL)".into()),
+            Some(plan_name) => match config.plans.get(plan_name) {
+                None => Want::Invalid(format!(
+                    "plan: {:?} is not a configured plan (configured: {})",
+                    bounded(plan_name, 64),
+                    config.plans.keys().cloned().collect::<Vec<_>>().join(", ")
+                )),
+                Some(plan) => Want::Vps(Box::new(VpsSpec {
+                    name: resource_name(config, &row.id),
+                    labels: owner.labels(&key, Some(plan_name)),
+                    plan_name: plan_name.to_string(),
+                    plan: plan.clone(),
+                    firewall_rules: plan_firewall_rules(plan),
+                    suspended,
+                })),
+            },
         },
     };
     Desired {
@@ -114,43 +250,30 @@ pub fn desired_for_row(config: &Config, row: &subscription::Model) -> Desired {
         key,
         version: Some(row.desired_version),
         want,
+        snapshot_before_delete: lifecycle.snapshot_before_delete,
+        recheck_after,
+    }
+}
+
+/// At most `max` characters of `text` (values from rows can be any length).
+pub fn bounded(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_string(),
+        Some((end, _)) => format!("{}…", &text[..end]),
     }
 }
 
 /// Desired state of a subscription whose row is gone (deleted in the database, or only
 /// known from the labels of resources we own): nothing may remain.
-pub fn desired_for_missing_row(subscription_id: &str, key: &str) -> Desired {
+pub fn desired_for_missing_row(config: &Config, subscription_id: &str, key: &str) -> Desired {
     Desired {
         subscription_id: subscription_id.to_string(),
         key: key.to_string(),
         version: None,
         want: Want::Nothing,
+        snapshot_before_delete: config.lifecycle.snapshot_before_delete,
+        recheck_after: None,
     }
-}
-
-/// The labels every resource of a subscription carries.
-pub fn owned_labels(config: &Config, key: &str, plan: Option<&str>) -> Labels {
-    let mut labels = BTreeMap::new();
-    labels.insert(INSTANCE_LABEL.to_string(), config.instance.clone());
-    labels.insert(SUBSCRIPTION_LABEL.to_string(), key.to_string());
-    if let Some(plan) = plan {
-        // Plan names are validated as label values by the config loader.
-        labels.insert(PLAN_LABEL.to_string(), plan.to_string());
-    }
-    labels
-}
-
-/// Label selector matching everything this controller instance owns.
-pub fn instance_selector(config: &Config) -> String {
-    format!("{INSTANCE_LABEL}={}", config.instance)
-}
-
-/// Label selector matching everything owned for one subscription.
-pub fn subscription_selector(config: &Config, key: &str) -> String {
-    format!(
-        "{INSTANCE_LABEL}={},{SUBSCRIPTION_LABEL}={key}",
-        config.instance
-    )
 }
 
 /// The plan's firewall rules in wire form, canonicalised (see `canonical_rules`).
@@ -241,14 +364,64 @@ mod tests {
         let a = resource_key("sub_1ABC");
         let b = resource_key("sub-1abc");
         assert_ne!(a, b);
-        assert!(a.starts_with("sub-1abc-"), "{a}");
+        assert!(a.starts_with("sub-1abc--"), "{a}");
         assert_eq!(a, resource_key("sub_1ABC"), "deterministic");
+    }
+
+    /// The collision found in review: `CaseDup` was keyed `casedup-c9aee856`, which is also a
+    /// clean id of its own. A changed id's key always holds `--`; a clean key never does.
+    #[test]
+    fn a_changed_id_never_takes_the_key_of_a_clean_id() {
+        let changed = resource_key("CaseDup");
+        assert!(changed.contains("--"), "{changed}");
+        assert_ne!(changed, resource_key(&changed), "the key itself is not a clean id");
+        for clean in ["casedup-c9aee856", "a-b-c", "x", &"a".repeat(42)] {
+            assert_eq!(resource_key(clean), clean);
+            assert!(!resource_key(clean).contains("--"));
+        }
+        for unclean in ["a--b", "-a", "a-", "A", "a_b", "", &"a".repeat(43), "ä"] {
+            assert!(resource_key(unclean).contains("--"), "{unclean:?}");
+        }
+    }
+
+    /// Generated ids that look alike after cleaning (case, separators, length, unicode) all
+    /// get distinct keys.
+    #[test]
+    fn colliding_looking_ids_get_distinct_keys() {
+        let mut ids: Vec<String> = Vec::new();
+        for base in ["casedup", "sub-1", "a"] {
+            let upper = base.to_uppercase();
+            for variant in [
+                base.to_string(),
+                upper.clone(),
+                format!("{base}_"),
+                format!("_{base}"),
+                format!("{base}--"),
+                base.replace('-', "_"),
+                base.replace('-', "--"),
+                format!("{base} "),
+                format!("{base}.x"),
+                format!("{base}-x"),
+                format!("{base}ä"),
+                format!("{}{}", base, "z".repeat(60)),
+                format!("{}{}", base, "Z".repeat(60)),
+            ] {
+                ids.push(variant.clone());
+                ids.push(resource_key(&variant));
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        let keys: std::collections::BTreeMap<String, &String> =
+            ids.iter().map(|id| (resource_key(id), id)).collect();
+        assert_eq!(keys.len(), ids.len(), "two ids share a key: {keys:?}");
     }
 
     #[test]
     fn names_are_valid_distinct_and_deterministic() {
         let config = Config::builtin();
         assert_eq!(resource_name(&config, "sub-42"), "vps-sub-42");
+        assert_eq!(resource_name(&config, "Sub-42"), format!("vps-sub-42--{}", &resource_key("Sub-42")[8..]));
         let ids = [
             "sub_1MowQVLkdIwHu7ixeRlqHVzs",
             "sub_1mowqvlkdiwhu7ixerlqhvzs",

@@ -7,17 +7,18 @@ use sea_orm::DatabaseConnection;
 
 use crate::cloud_init;
 use crate::config::Config;
-use crate::controller::leader::Leadership;
+use crate::db::deletion_guard::{self, Reservation};
 use crate::db::events::{self, EventKind};
 use crate::db::subscriptions::{self, StatusUpdate};
+use crate::fencing::{Leadership, Term};
 use crate::hcloud::{
     CreateFirewall, CreateServer, CreateServerFirewall, CreateSshKey, Error as ApiError, ErrorCode,
-    HcloudApi, Labels, Server, ServerPowerAction, ServerStatus,
+    HcloudApi, ImageStatus, Labels, Server, ServerPowerAction, ServerStatus,
 };
 use crate::keys::{self, Sealer};
 
 use super::ReconcileError;
-use super::desired::{INSTANCE_LABEL, SUBSCRIPTION_LABEL, VpsSpec};
+use super::desired::{Owner, PRE_DELETE_SNAPSHOT, SNAPSHOT_LABEL, SUBSCRIPTION_LABEL, VpsSpec};
 use super::plan::{Kind, Op};
 
 /// How long deleting a firewall retries `resource_in_use` (Hetzner detaches asynchronously).
@@ -29,9 +30,13 @@ pub struct Executor<'a, A: HcloudApi> {
     pub db: &'a DatabaseConnection,
     pub sealer: &'a Sealer,
     pub config: &'a Config,
+    pub owner: &'a Owner,
     /// Upper bound for waiting on Hetzner actions.
     pub action_timeout: Duration,
     pub leadership: &'a Leadership,
+    /// The leadership term this reconcile runs in: every call checks it, every write is
+    /// fenced by it.
+    pub term: &'a Term,
 }
 
 /// What is known about one subscription's resources while its ops run.
@@ -94,6 +99,8 @@ impl<A: HcloudApi> Executor<'_, A> {
                 .await
             }
             Op::CreateServer => self.create_server(need(spec)?, progress).await,
+            Op::PowerOff { server_id } => self.power_off(*server_id, progress).await,
+            Op::SnapshotServer { server_id } => self.snapshot(*server_id, progress).await,
             Op::PowerOn { server_id } => {
                 let action = self
                     .api
@@ -179,7 +186,7 @@ impl<A: HcloudApi> Executor<'_, A> {
 
     /// Checked before every mutation, also between the steps of ops that wait for minutes.
     fn ensure_leader(&self) -> Result<(), ReconcileError> {
-        if self.leadership.is_leader() {
+        if self.leadership.holds(self.term) {
             Ok(())
         } else {
             Err(ReconcileError::LostLease)
@@ -396,7 +403,118 @@ impl<A: HcloudApi> Executor<'_, A> {
         }
     }
 
+    /// Suspends a server: graceful shutdown within `shutdown_timeout_seconds`, then a hard
+    /// power off if it is still running. Nothing is deleted.
+    async fn power_off(&self, id: i64, progress: &mut Progress) -> Result<(), ReconcileError> {
+        let grace = Duration::from_secs(self.config.shutdown_timeout_seconds);
+        if !grace.is_zero() {
+            self.shut_down(id, grace).await?;
+            self.ensure_leader()?;
+        }
+        let still_on = match ignore_not_found(self.api.get_server(id).await)? {
+            Some(server) => server.status != ServerStatus::Off,
+            None => false,
+        };
+        if still_on
+            && let Some(action) =
+                ignore_not_found(self.api.server_power(id, ServerPowerAction::PowerOff).await)?
+        {
+            self.api
+                .wait_for_actions(&[action.id], self.action_timeout)
+                .await?;
+        }
+        if let Some(server) = progress.server.as_mut().filter(|s| s.id == id) {
+            server.status = ServerStatus::Off;
+        }
+        self.event(
+            progress,
+            EventKind::Normal,
+            "ServerPoweredOff",
+            &format!("server {id} powered off (suspended); disk, key and firewall kept"),
+        )
+        .await
+    }
+
+    /// Takes a snapshot of the server before it is deleted, labelled as ours with its
+    /// subscription so the retention sweep finds it. A snapshot of this server that already
+    /// exists (a retry after a crash) is used instead of taking another.
+    async fn snapshot(&self, server_id: i64, progress: &mut Progress) -> Result<(), ReconcileError> {
+        let selector = format!(
+            "{},{SNAPSHOT_LABEL}={PRE_DELETE_SNAPSHOT},{SUBSCRIPTION_LABEL}={}",
+            self.owner.selector(),
+            progress.key
+        );
+        let existing = self
+            .api
+            .list_snapshots(&selector)
+            .await?
+            .into_iter()
+            .find(|image| image.created_from.as_ref().is_some_and(|from| from.id == server_id));
+        if let Some(image) = existing {
+            if image.status == ImageStatus::Available {
+                return Ok(());
+            }
+            return Err(ReconcileError::Internal(format!(
+                "snapshot {} of server {server_id} is still being created; the server is deleted once it is available",
+                image.id
+            )));
+        }
+        let mut labels = self.owner.labels(&progress.key, None);
+        labels.insert(SNAPSHOT_LABEL.to_string(), PRE_DELETE_SNAPSHOT.to_string());
+        let description = format!(
+            "vps-controller: server {server_id} of subscription {} before deletion",
+            progress.key
+        );
+        let created = self
+            .api
+            .create_snapshot(server_id, &description, &labels)
+            .await?;
+        self.api
+            .wait_for_actions(&[created.action.id], self.action_timeout)
+            .await?;
+        self.ensure_leader()?;
+        self.event(
+            progress,
+            EventKind::Normal,
+            "SnapshotTaken",
+            &format!(
+                "snapshot {} of server {server_id} taken before deletion; kept {} days",
+                created.image.id, self.config.lifecycle.snapshot_retention_days
+            ),
+        )
+        .await
+    }
+
+    /// Asks the deletion guard for one server deletion. Past the hourly budget, deletions
+    /// pause until an operator approves; the refusal is loud and creating goes on.
+    async fn reserve_deletion(&self, id: i64, progress: &Progress) -> Result<(), ReconcileError> {
+        let managed = deletion_guard::managed_servers(self.db).await?;
+        let budget = self.config.deletion_budget.per_hour(managed);
+        match deletion_guard::reserve(self.db, self.term.fence.as_ref(), id, &progress.key, budget)
+            .await?
+        {
+            Reservation::Granted => Ok(()),
+            Reservation::Paused {
+                newly,
+                deleted_in_window,
+                budget,
+            } => {
+                let message = format!(
+                    "server deletion paused by the deletion guard: {deleted_in_window} servers deleted \
+                     in the last hour, budget {budget}; server {id} is kept. Approve with \
+                     `vps-controller deletions approve` (or raise deletion_budget)"
+                );
+                if newly {
+                    tracing::error!(server_id = id, deleted_in_window, budget, "DELETIONS PAUSED: {message}");
+                }
+                Err(ReconcileError::DeletionsPaused(message))
+            }
+        }
+    }
+
     async fn delete_server(&self, id: i64, progress: &mut Progress) -> Result<(), ReconcileError> {
+        self.reserve_deletion(id, progress).await?;
+        self.ensure_leader()?;
         let grace = Duration::from_secs(self.config.shutdown_timeout_seconds);
         if !grace.is_zero() {
             self.shut_down(id, grace).await?;
@@ -521,7 +639,7 @@ impl<A: HcloudApi> Executor<'_, A> {
         name: &str,
         labels: &Labels,
     ) -> Result<(), ReconcileError> {
-        let ours = labels.get(INSTANCE_LABEL) == Some(&self.config.instance)
+        let ours = self.owner.owns(labels)
             && labels
                 .get(SUBSCRIPTION_LABEL)
                 .is_none_or(|key| key == &progress.key);
@@ -529,14 +647,20 @@ impl<A: HcloudApi> Executor<'_, A> {
             Ok(())
         } else {
             Err(ReconcileError::ForeignResource(format!(
-                "{what} name {name:?} is taken by {what} {id}, which this controller instance does not own; rename or delete it"
+                "{what} name {name:?} is taken by {what} {id}, which this installation does not own; rename or delete it"
             )))
         }
     }
 
     async fn write(&self, progress: &Progress, update: StatusUpdate) -> Result<(), ReconcileError> {
         if progress.row_exists {
-            subscriptions::write_status(self.db, &progress.subscription_id, &update).await?;
+            subscriptions::write_status(
+                self.db,
+                self.term.fence.as_ref(),
+                &progress.subscription_id,
+                &update,
+            )
+            .await?;
         }
         Ok(())
     }

@@ -4,6 +4,7 @@
 
 pub mod desired;
 pub mod execute;
+pub mod keycheck;
 pub mod observe;
 pub mod plan;
 pub mod report;
@@ -15,18 +16,19 @@ use chrono::Utc;
 use sea_orm::DatabaseConnection;
 
 use crate::config::Config;
-use crate::controller::leader::Leadership;
 use crate::db::DbError;
 use crate::db::entities::subscription;
 use crate::db::events::{self, EventKind};
 use crate::db::subscriptions::{self, StatusUpdate};
+use crate::fencing::{Leadership, Term};
 use crate::hcloud::{self, HcloudApi};
 use crate::keys::Sealer;
 
-use desired::{Desired, Want};
+use desired::{Desired, Owner, Want};
 use execute::{Executor, Progress};
-use observe::{Observed, Snapshot};
-use plan::{Op, Outcome, Plan, RowState};
+use keycheck::KeyChecks;
+use observe::{Observed, RecordedIds, Snapshot};
+use plan::{KeyState, Op, Outcome, Plan, RowState};
 
 /// Why a reconcile did not complete. Knows whether retrying can help and its metric label.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +36,7 @@ pub enum ReconcileError {
     #[error("Hetzner API: {0}")]
     Api(#[from] hcloud::Error),
     #[error("database: {0}")]
-    Db(#[from] DbError),
+    Db(DbError),
     #[error("ssh key: {0}")]
     Key(#[from] crate::keys::KeyError),
     #[error("sealed private key: {0}")]
@@ -43,10 +45,24 @@ pub enum ReconcileError {
     CloudInit(#[from] crate::cloud_init::CloudInitError),
     #[error("{0}")]
     ForeignResource(String),
+    /// The deletion guard refused a server deletion: past the hourly budget, or paused until
+    /// an operator approves. Creating and repairing go on.
+    #[error("{0}")]
+    DeletionsPaused(String),
     #[error("internal: {0}")]
     Internal(String),
     #[error("lost the leader lease; another replica takes over")]
     LostLease,
+}
+
+impl From<DbError> for ReconcileError {
+    fn from(error: DbError) -> Self {
+        match error {
+            // A fenced write refused: this replica's term is over.
+            DbError::LeaseLost => ReconcileError::LostLease,
+            error => ReconcileError::Db(error),
+        }
+    }
 }
 
 impl ReconcileError {
@@ -59,6 +75,7 @@ impl ReconcileError {
             ReconcileError::Db(_)
             | ReconcileError::Key(_)
             | ReconcileError::Internal(_)
+            | ReconcileError::DeletionsPaused(_)
             | ReconcileError::LostLease => false,
         }
     }
@@ -71,6 +88,7 @@ impl ReconcileError {
             ReconcileError::Seal(_) => "sealing",
             ReconcileError::CloudInit(_) => "cloud_init",
             ReconcileError::ForeignResource(_) => "foreign_resource",
+            ReconcileError::DeletionsPaused(_) => "deletions_paused",
             ReconcileError::Internal(_) => "internal",
             ReconcileError::LostLease => "lost_lease",
         }
@@ -83,10 +101,14 @@ pub struct Reconciler<A: HcloudApi> {
     pub db: DatabaseConnection,
     pub sealer: Sealer,
     pub config: Config,
+    /// This database's installation id and the instance name: what our labels say.
+    pub owner: Owner,
     /// Upper bound for waiting on Hetzner actions (create, power on, delete).
     pub action_timeout: Duration,
-    /// Checked before every operation: a replica that lost the lease stops acting.
+    /// Reconciles run only inside a leadership term, and are cancelled when it ends.
     pub leadership: Leadership,
+    /// Key pairs already opened and checked since this process started.
+    pub key_checks: KeyChecks,
 }
 
 /// How a reconcile ended, for the controller's queue.
@@ -100,51 +122,76 @@ pub enum Done {
 
 /// How soon to look again at a subscription whose server is still starting.
 const PROVISIONING_RECHECK: Duration = Duration::from_secs(2);
+/// How soon to look again at a subscription whose server deletion the guard refused.
+const DELETION_PAUSED_RECHECK: Duration = Duration::from_secs(30);
+/// Longest error text written to a row.
+const MAX_ERROR_CHARS: usize = 1000;
 
 impl<A: HcloudApi> Reconciler<A> {
     /// Reconciles one subscription. `snapshot` is a fresh enough view of everything we own;
-    /// without one, this subscription's resources are listed by label.
+    /// without one, this subscription's resources are listed by label. Runs only inside the
+    /// current leadership term and stops at once (no further call, no write) when it ends.
     pub async fn reconcile(
         &self,
+        subscription_id: &str,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<Done, ReconcileError> {
+        let term = self.leadership.term().ok_or(ReconcileError::LostLease)?;
+        tokio::select! {
+            biased;
+            _ = self.leadership.ended(&term) => Err(ReconcileError::LostLease),
+            done = self.reconcile_in(&term, subscription_id, snapshot) => done,
+        }
+    }
+
+    async fn reconcile_in(
+        &self,
+        term: &Term,
         subscription_id: &str,
         snapshot: Option<&Snapshot>,
     ) -> Result<Done, ReconcileError> {
         // 1. Desired state, from the row as it is now.
         let row = subscriptions::get(&self.db, subscription_id).await?;
         let desired = match &row {
-            Some(row) => desired::desired_for_row(&self.config, row),
+            Some(row) => desired::desired_for_row(&self.config, &self.owner, row, Utc::now()),
             None => desired::desired_for_missing_row(
+                &self.config,
                 subscription_id,
                 &desired::resource_key(subscription_id),
             ),
         };
-        let row_state = row.as_ref().map(row_state).unwrap_or_default();
+        let mut row_state = row.as_ref().map(row_state).unwrap_or_default();
 
-        // 2. What exists (not needed, and not asked, for a row that cannot be acted on).
-        let name = desired::resource_name(&self.config, subscription_id);
-        let acts = match &desired.want {
-            Want::Invalid(_) => false,
-            Want::Vps(_) => row_state.terminal_error.is_none(),
-            Want::Nothing => true,
+        // 2. What exists (not needed, and not asked, for a row that is held or cannot be
+        //    acted on). A failure to observe is recorded on the row like any other.
+        let observed = match self.observe(&desired, &row_state, row.as_ref(), snapshot).await {
+            Ok(observed) => observed,
+            Err(error) => return self.failed(term, &desired, row.as_ref(), error).await,
         };
-        let observed = match snapshot {
-            _ if !acts => Observed::default(),
-            Some(snapshot) => snapshot.for_subscription(&desired.key, &name),
-            None => {
-                let selector = desired::subscription_selector(&self.config, &desired.key);
-                // Resources whose subscription label was removed are matched by name in
-                // the next full pass, which lists everything we own anyway.
-                observe::observe(&self.api, &selector)
-                    .await?
-                    .for_subscription(&desired.key, &name)
+        if let Some(row) = &row
+            && matches!(desired.want, Want::Vps(_))
+        {
+            row_state.key = self.key_checks.check(&self.sealer, row, false);
+        }
+
+        // 3. The plan (pure). A plan that changes anything re-checks the key pair first, not
+        //    trusting the check cached since start.
+        let mut plan = plan::plan(&desired, &row_state, &observed);
+        if let Some(row) = &row
+            && plan.has_changes()
+            && matches!(desired.want, Want::Vps(_))
+        {
+            let fresh = self.key_checks.check(&self.sealer, row, true);
+            if fresh != row_state.key {
+                row_state.key = fresh;
+                plan = plan::plan(&desired, &row_state, &observed);
             }
-        };
-
-        // 3. The plan (pure).
-        let plan = plan::plan(&desired, &row_state, &observed);
+        }
 
         // 4. Carry it out, then 5. write what was observed back onto the row.
-        let result = self.execute(&desired, &row_state, &observed, &plan).await;
+        let result = self
+            .execute(term, &desired, &row_state, &observed, &plan)
+            .await;
         // The server the row was ready with before this pass: repairing its firewall or key is
         // not a new provisioning, a new server is.
         let ready_server = row
@@ -158,20 +205,101 @@ impl<A: HcloudApi> Reconciler<A> {
         };
         match result {
             Ok(progress) => {
-                self.settle(&desired, row.as_ref(), ready_server, &plan, progress)
-                    .await
+                let context = Settle {
+                    term,
+                    desired: &desired,
+                    row_state: &row_state,
+                    ready_server,
+                    plan: &plan,
+                    adopting: observed.adopting,
+                };
+                self.settle(context, row.as_ref(), progress).await
             }
-            // Not ours to record any more: the new leader looks at this row.
-            Err(ReconcileError::LostLease) => Err(ReconcileError::LostLease),
-            Err(error) => {
-                self.record_failure(&desired, row.as_ref(), &error).await?;
-                if error.is_terminal() {
-                    Ok(Done::Settled)
-                } else {
-                    Err(error)
+            Err(error) => self.failed(term, &desired, row.as_ref(), error).await,
+        }
+    }
+
+    /// What exists for `desired`: from the snapshot, or listed by its labels; plus the
+    /// server (and, for an external key, the SSH key) whose ids the row records when they
+    /// do not carry our labels yet (adoption of what the web app created).
+    async fn observe(
+        &self,
+        desired: &Desired,
+        row_state: &RowState,
+        row: Option<&subscription::Model>,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<Observed, ReconcileError> {
+        let acts = match &desired.want {
+            Want::Invalid(_) | Want::Hold(_) => false,
+            Want::Vps(_) => row_state.terminal_error.is_none(),
+            Want::Nothing => true,
+        };
+        if !acts {
+            return Ok(Observed::default());
+        }
+        let name = desired::resource_name(&self.config, &desired.subscription_id);
+        let recorded = recorded_ids(row);
+        let mut observed = match snapshot {
+            Some(snapshot) => snapshot.for_subscription(&desired.key, &name, &recorded),
+            None => {
+                let selector = self.owner.subscription_selector(&desired.key);
+                // Resources whose subscription label was removed are matched by name in
+                // the next full pass, which lists everything we own anyway.
+                observe::observe(&self.api, &selector)
+                    .await?
+                    .for_subscription(&desired.key, &name, &recorded)
+            }
+        };
+        if let Some(server_id) = recorded.server
+            && !observed.servers.iter().any(|s| s.id == server_id)
+        {
+            match self.api.get_server(server_id).await {
+                Ok(server) if self.owner.foreign(&server.labels) => {
+                    return Err(ReconcileError::ForeignResource(format!(
+                        "server {server_id} recorded on the row belongs to another installation \
+                         (label {}={}); this controller never changes it",
+                        desired::INSTALLATION_LABEL,
+                        server.labels.get(desired::INSTALLATION_LABEL).cloned().unwrap_or_default()
+                    )));
                 }
+                Ok(server) => {
+                    observed.adopting |= !self.owner.owns(&server.labels);
+                    observed.servers.push(server);
+                }
+                Err(e) if e.is_not_found() => {
+                    if matches!(desired.want, Want::Vps(_)) && desired.version.is_some() {
+                        let message = format!(
+                            "server {server_id} recorded on the row does not exist at Hetzner; provisioning a new one"
+                        );
+                        tracing::warn!(subscription = %desired.subscription_id, "{message}");
+                        events::record(
+                            &self.db,
+                            &desired.subscription_id,
+                            EventKind::Warning,
+                            "RecordedServerGone",
+                            &message,
+                        )
+                        .await?;
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
         }
+        let external_key = row
+            .and_then(|r| r.ssh_private_key.as_deref())
+            .is_some_and(|key| !Sealer::looks_sealed(key));
+        if let Some(key_id) = recorded.ssh_key
+            && external_key
+            && !observed.ssh_keys.iter().any(|k| k.id == key_id)
+        {
+            match self.api.get_ssh_key(key_id).await {
+                Ok(key) if !self.owner.foreign(&key.labels) => observed.ssh_keys.push(key),
+                Ok(_) => {}
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(observed)
     }
 
     /// Same as `reconcile` for a subscription known only from resource labels (an orphan
@@ -181,15 +309,20 @@ impl<A: HcloudApi> Reconciler<A> {
         key: &str,
         observed: &Observed,
     ) -> Result<(), ReconcileError> {
-        let desired = desired::desired_for_missing_row(key, key);
+        let term = self.leadership.term().ok_or(ReconcileError::LostLease)?;
+        let desired = desired::desired_for_missing_row(&self.config, key, key);
         let plan = plan::plan(&desired, &RowState::default(), observed);
-        self.execute(&desired, &RowState::default(), observed, &plan)
-            .await
-            .map(drop)
+        let work = self.execute(&term, &desired, &RowState::default(), observed, &plan);
+        tokio::select! {
+            biased;
+            _ = self.leadership.ended(&term) => Err(ReconcileError::LostLease),
+            result = work => result.map(drop),
+        }
     }
 
     async fn execute(
         &self,
+        term: &Term,
         desired: &Desired,
         row: &RowState,
         observed: &Observed,
@@ -199,11 +332,19 @@ impl<A: HcloudApi> Reconciler<A> {
             Want::Vps(spec) => Some(spec.as_ref()),
             _ => None,
         };
+        let kept_key = plan
+            .keep
+            .ssh_key
+            .and_then(|id| observed.ssh_keys.iter().find(|k| k.id == id));
         let mut progress = Progress {
             subscription_id: desired.subscription_id.clone(),
             key: desired.key.clone(),
             row_exists: desired.version.is_some(),
-            public_key: row.public_key.clone(),
+            // An external key pair has no public key on the row: the key object's is the one.
+            public_key: row
+                .public_key
+                .clone()
+                .or_else(|| kept_key.map(|k| k.public_key.clone())),
             ssh_key_id: plan.keep.ssh_key,
             firewall_id: plan.keep.firewall,
             server: plan
@@ -220,8 +361,10 @@ impl<A: HcloudApi> Reconciler<A> {
             db: &self.db,
             sealer: &self.sealer,
             config: &self.config,
+            owner: &self.owner,
             action_timeout: self.action_timeout,
             leadership: &self.leadership,
+            term,
         };
         let tears_down = plan.ops.iter().any(|op| {
             matches!(
@@ -234,7 +377,13 @@ impl<A: HcloudApi> Reconciler<A> {
                 provisioning_status: Some("deprovisioning".into()),
                 ..Default::default()
             };
-            subscriptions::write_status(&self.db, &desired.subscription_id, &update).await?;
+            subscriptions::write_status(
+                &self.db,
+                term.fence.as_ref(),
+                &desired.subscription_id,
+                &update,
+            )
+            .await?;
         }
         executor.run(spec, &plan.ops, &mut progress).await?;
         Ok(progress)
@@ -244,12 +393,18 @@ impl<A: HcloudApi> Reconciler<A> {
     /// subscription costs no write).
     async fn settle(
         &self,
-        desired: &Desired,
+        context: Settle<'_>,
         row: Option<&subscription::Model>,
-        ready_server: Option<i64>,
-        plan: &Plan,
         progress: Progress,
     ) -> Result<Done, ReconcileError> {
+        let Settle {
+            term,
+            desired,
+            row_state,
+            ready_server,
+            plan,
+            adopting,
+        } = context;
         let (Some(row), Some(version)) = (row, desired.version) else {
             return Ok(Done::Settled);
         };
@@ -258,24 +413,27 @@ impl<A: HcloudApi> Reconciler<A> {
             || ready_server != progress.server.as_ref().map(|s| s.id);
         let mut done = Done::Settled;
         let mut update = StatusUpdate::default();
+        let record_ids = |update: &mut StatusUpdate| {
+            let server = progress.server.as_ref();
+            update.hetzner_server_id = Some(server.map(|s| s.id));
+            update.hetzner_ssh_key_id = Some(progress.ssh_key_id);
+            update.hetzner_firewall_id = Some(progress.firewall_id);
+            update.vps_ip_address = Some(
+                server
+                    .and_then(|s| s.public_net.ipv4.as_ref())
+                    .map(|ip| ip.ip.clone()),
+            );
+            update.vps_hostname = Some(server.map(|s| s.name.clone()));
+        };
         match &plan.outcome {
             Outcome::Ready if progress.needs_another_look => {
                 update.provisioning_status = Some("provisioning".into());
                 done = Done::Requeue(PROVISIONING_RECHECK);
             }
             Outcome::Ready => {
-                let server = progress.server.as_ref();
                 update.provisioning_status = Some("ready".into());
                 update.provisioning_error = Some(None);
-                update.hetzner_server_id = Some(server.map(|s| s.id));
-                update.hetzner_ssh_key_id = Some(progress.ssh_key_id);
-                update.hetzner_firewall_id = Some(progress.firewall_id);
-                update.vps_ip_address = Some(
-                    server
-                        .and_then(|s| s.public_net.ipv4.as_ref())
-                        .map(|ip| ip.ip.clone()),
-                );
-                update.vps_hostname = Some(server.map(|s| s.name.clone()));
+                record_ids(&mut update);
                 if newly_ready {
                     update.provisioned_at = Some(Some(Utc::now()));
                 }
@@ -287,6 +445,23 @@ impl<A: HcloudApi> Reconciler<A> {
                 update.hetzner_server_id = Some(progress.server.as_ref().map(|s| s.id));
                 done = Done::Requeue(PROVISIONING_RECHECK);
             }
+            Outcome::Suspended { settled } => {
+                update.provisioning_status = Some("suspended".into());
+                update.provisioning_error = Some(None);
+                if progress.server.is_some() {
+                    record_ids(&mut update);
+                }
+                if *settled {
+                    update.observed_version = Some(version);
+                } else {
+                    done = Done::Requeue(PROVISIONING_RECHECK);
+                }
+            }
+            Outcome::Held(reason) => {
+                update.provisioning_status = Some("held".into());
+                update.provisioning_error = Some(Some(desired::bounded(reason, MAX_ERROR_CHARS)));
+                update.observed_version = Some(version);
+            }
             Outcome::Deprovisioned => {
                 update.provisioning_status = Some("deprovisioned".into());
                 update.provisioning_error = Some(None);
@@ -295,8 +470,11 @@ impl<A: HcloudApi> Reconciler<A> {
                 update.hetzner_firewall_id = Some(None);
                 update.vps_ip_address = Some(None);
                 update.vps_hostname = Some(None);
-                update.ssh_private_key = Some(None);
-                update.ssh_public_key = Some(None);
+                // Only a key pair we sealed is ours to remove; an external one stays.
+                if row_state.key != KeyState::External && row.ssh_key_origin.as_deref() != Some("external") {
+                    update.ssh_private_key = Some(None);
+                    update.ssh_public_key = Some(None);
+                }
                 if row.deprovisioned_at.is_none() || row.provisioning_status != "deprovisioned" {
                     update.deprovisioned_at = Some(Some(Utc::now()));
                 }
@@ -305,21 +483,30 @@ impl<A: HcloudApi> Reconciler<A> {
             Outcome::Unchanged => update.observed_version = Some(version),
             Outcome::Failed(message) => {
                 update.provisioning_status = Some("failed".into());
-                update.provisioning_error = Some(Some(message.clone()));
+                update.provisioning_error = Some(Some(desired::bounded(message, MAX_ERROR_CHARS)));
                 update.observed_version = Some(version);
             }
+        }
+        // Adopting a server whose key pair the controller cannot open (or has none): the key
+        // is the web app's, kept as it is and never replaced.
+        if matches!(plan.outcome, Outcome::Ready | Outcome::Suspended { .. })
+            && (row_state.key == KeyState::External || (adopting && row_state.key == KeyState::Missing))
+        {
+            update.ssh_key_origin = Some(Some("external".into()));
         }
         let update = only_changes(row, update);
         if !update.is_empty() {
             let milestone = match update.provisioning_status.as_deref() {
                 Some("ready") if newly_ready => Some((EventKind::Normal, "Ready")),
                 Some("deprovisioned") => Some((EventKind::Normal, "Deprovisioned")),
+                Some("suspended") => Some((EventKind::Normal, "Suspended")),
+                Some("held") => Some((EventKind::Warning, "Held")),
                 Some("failed") => Some((EventKind::Warning, "Failed")),
                 _ => None,
             };
             if let Some((kind, reason)) = milestone {
                 let message = match (&plan.outcome, &progress.server) {
-                    (Outcome::Failed(message), _) => message.clone(),
+                    (Outcome::Failed(message) | Outcome::Held(message), _) => message.clone(),
                     (Outcome::Ready, Some(server)) => format!(
                         "server {} ({}) running at {}",
                         server.id,
@@ -330,80 +517,139 @@ impl<A: HcloudApi> Reconciler<A> {
                             .flatten()
                             .unwrap_or_else(|| "-".into())
                     ),
+                    (Outcome::Suspended { .. }, Some(server)) => format!(
+                        "server {} powered off and kept (status {:?})",
+                        server.id,
+                        row.status.as_deref().unwrap_or("NULL")
+                    ),
+                    (Outcome::Suspended { .. }, None) => format!(
+                        "nothing running (status {:?}); nothing is created while suspended",
+                        row.status.as_deref().unwrap_or("NULL")
+                    ),
                     _ => "all resources deleted".to_string(),
                 };
-                tracing::info!(subscription = %row.id, reason, "{message}");
+                match kind {
+                    EventKind::Normal => tracing::info!(subscription = %row.id, reason, "{message}"),
+                    EventKind::Warning => tracing::warn!(subscription = %row.id, reason, "{message}"),
+                }
                 events::record(&self.db, &row.id, kind, reason, &message).await?;
             }
-            subscriptions::write_status(&self.db, &row.id, &update).await?;
+            subscriptions::write_status(&self.db, term.fence.as_ref(), &row.id, &update).await?;
         }
         Ok(done)
     }
 
-    async fn record_failure(
+    /// Records a failed reconcile on the row (and as an event). Terminal errors settle the
+    /// row until it changes; others are retried with backoff.
+    async fn failed(
         &self,
+        term: &Term,
         desired: &Desired,
         row: Option<&subscription::Model>,
-        error: &ReconcileError,
-    ) -> Result<(), ReconcileError> {
-        let message = error.to_string();
+        error: ReconcileError,
+    ) -> Result<Done, ReconcileError> {
+        // Not ours to record any more: the new leader looks at this row.
+        if matches!(error, ReconcileError::LostLease) {
+            return Err(error);
+        }
+        let message = desired::bounded(&error.to_string(), MAX_ERROR_CHARS);
         tracing::warn!(subscription = %desired.subscription_id, error = %message, terminal = error.is_terminal(), "reconcile failed");
-        events::record(
-            &self.db,
-            &desired.subscription_id,
-            EventKind::Warning,
+        let reason = match &error {
+            ReconcileError::DeletionsPaused(_) => "DeletionsPaused",
+            e if e.is_terminal() => "Failed",
+            _ => "Retrying",
+        };
+        // The same refusal every 30 s is one event, not hundreds.
+        let latest = events::recent(&self.db, Some(&desired.subscription_id), 1).await?;
+        if !latest
+            .first()
+            .is_some_and(|e| e.reason == reason && e.message == message)
+        {
+            events::record(
+                &self.db,
+                &desired.subscription_id,
+                EventKind::Warning,
+                reason,
+                &message,
+            )
+            .await?;
+        }
+        if let (Some(row), Some(version)) = (row, desired.version) {
+            let mut update = StatusUpdate {
+                provisioning_error: Some(Some(message)),
+                ..Default::default()
+            };
             if error.is_terminal() {
-                "Failed"
-            } else {
-                "Retrying"
-            },
-            &message,
-        )
-        .await?;
-        let (Some(row), Some(version)) = (row, desired.version) else {
-            return Ok(());
-        };
-        let mut update = StatusUpdate {
-            provisioning_error: Some(Some(message)),
-            ..Default::default()
-        };
-        if error.is_terminal() {
-            update.provisioning_status = Some("failed".into());
-            update.observed_version = Some(version);
+                update.provisioning_status = Some("failed".into());
+                update.observed_version = Some(version);
+            }
+            let update = only_changes(row, update);
+            if !update.is_empty() {
+                subscriptions::write_status(&self.db, term.fence.as_ref(), &row.id, &update)
+                    .await?;
+            }
         }
-        let update = only_changes(row, update);
-        if !update.is_empty() {
-            subscriptions::write_status(&self.db, &row.id, &update).await?;
+        match error {
+            ReconcileError::DeletionsPaused(_) => Ok(Done::Requeue(DELETION_PAUSED_RECHECK)),
+            e if e.is_terminal() => Ok(Done::Settled),
+            e => Err(e),
         }
-        Ok(())
     }
 }
 
+/// What `settle` needs besides the row and the progress.
+struct Settle<'a> {
+    term: &'a Term,
+    desired: &'a Desired,
+    row_state: &'a RowState,
+    ready_server: Option<i64>,
+    plan: &'a Plan,
+    adopting: bool,
+}
+
+/// The Hetzner ids the row records.
+pub fn recorded_ids(row: Option<&subscription::Model>) -> RecordedIds {
+    row.map(|r| RecordedIds {
+        server: r.hetzner_server_id,
+        ssh_key: r.hetzner_ssh_key_id,
+        firewall: r.hetzner_firewall_id,
+    })
+    .unwrap_or_default()
+}
+
 /// Resources we own that no row wants: one group per subscription key without a row, plus
-/// one group ("unattributed") of resources with our instance label but neither a
-/// subscription label nor the name of any row. Used by the resync and by `plan`.
+/// one group ("unattributed") of resources with our installation label but neither a
+/// subscription label nor the name of any row. `ids` are every row's id (also of rows that
+/// could not be decoded: their resources are not orphans); a resource whose id any row
+/// records is never unwanted. Used by the resync and by `plan`.
 pub fn unwanted(
     config: &Config,
     snapshot: &Snapshot,
-    rows: &[subscription::Model],
+    ids: &[&str],
+    recorded: &[RecordedIds],
 ) -> Vec<(String, Observed)> {
-    let known_keys: BTreeSet<String> = rows.iter().map(|r| desired::resource_key(&r.id)).collect();
-    let known_names: BTreeSet<String> = rows
+    let known_keys: BTreeSet<String> = ids.iter().map(|id| desired::resource_key(id)).collect();
+    let known_names: BTreeSet<String> = ids
         .iter()
-        .map(|r| desired::resource_name(config, &r.id))
+        .map(|id| desired::resource_name(config, id))
         .collect();
+    let is_recorded =
+        |kind: plan::Kind, id: i64| recorded.iter().any(|r| r.get(kind) == Some(id));
     let mut groups: Vec<(String, Observed)> = snapshot
         .subscription_keys()
         .into_iter()
         .filter(|key| !known_keys.contains(key))
         .map(|key| {
-            let observed = snapshot
-                .resources
-                .filter(|labels, _| labels.get(desired::SUBSCRIPTION_LABEL) == Some(&key));
+            let observed = snapshot.resources.filter(|kind, id, labels, _| {
+                labels.get(desired::SUBSCRIPTION_LABEL) == Some(&key) && !is_recorded(kind, id)
+            });
             (key, observed)
         })
+        .filter(|(_, observed)| !observed.is_empty())
         .collect();
-    let stray = snapshot.unattributed(&known_names);
+    let stray = snapshot
+        .unattributed(&known_names)
+        .filter(|kind, id, _, _| !is_recorded(kind, id));
     if !stray.is_empty() {
         groups.push(("unattributed".to_string(), stray));
     }
@@ -418,10 +664,8 @@ pub fn row_state(row: &subscription::Model) -> RowState {
         firewall_id: row.hetzner_firewall_id,
         public_key: row.ssh_public_key.clone(),
         has_private_key: row.ssh_private_key.is_some(),
-        public_key_fingerprint: row
-            .ssh_public_key
-            .as_deref()
-            .and_then(|key| crate::keys::md5_fingerprint(key).ok()),
+        // Filled in by the reconcile, which opens the key (see `keycheck`).
+        key: KeyState::Missing,
         terminal_error: (row.provisioning_status == "failed"
             && row.observed_version == row.desired_version)
             .then(|| row.provisioning_error.clone().unwrap_or_default()),
@@ -452,6 +696,7 @@ fn only_changes(row: &subscription::Model, mut update: StatusUpdate) -> StatusUp
     keep_if_differs(&mut update.deprovisioned_at, row.deprovisioned_at);
     keep_if_differs(&mut update.ssh_private_key, row.ssh_private_key.clone());
     keep_if_differs(&mut update.ssh_public_key, row.ssh_public_key.clone());
+    keep_if_differs(&mut update.ssh_key_origin, row.ssh_key_origin.clone());
     keep_if_differs(&mut update.observed_version, row.observed_version);
     update
 }

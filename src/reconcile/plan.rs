@@ -15,13 +15,30 @@ pub struct RowState {
     pub firewall_id: Option<i64>,
     /// OpenSSH public key line of the stored key pair.
     pub public_key: Option<String>,
-    /// Whether a sealed private key is stored.
+    /// Whether a private key is stored (sealed by us, or external).
     pub has_private_key: bool,
-    /// MD5 fingerprint (Hetzner's format) of `public_key`.
-    pub public_key_fingerprint: Option<String>,
+    /// What the stored key pair is worth, as checked by opening it.
+    pub key: KeyState,
     /// The error of a terminal failure recorded for the row's current version: it is not
     /// retried until the row changes.
     pub terminal_error: Option<String>,
+}
+
+/// The row's key pair, as checked by opening the sealed private key.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum KeyState {
+    /// No key pair stored.
+    #[default]
+    Missing,
+    /// Sealed by this controller, opens, and its public half is the row's public key, whose
+    /// MD5 fingerprint (Hetzner's format) this is.
+    Sealed { fingerprint: String },
+    /// Written by someone else (the web app): the controller cannot open it and never
+    /// replaces it, nor the key object at Hetzner.
+    External,
+    /// Sealed by this controller but cannot be opened, or does not match the public key: the
+    /// customer may be locked out. Never replaced silently.
+    Unusable(String),
 }
 
 /// Kind of resource, for ops that apply to any of them.
@@ -57,6 +74,16 @@ pub enum Op {
     /// Create the server with the SSH key and firewall attached.
     CreateServer,
     PowerOn {
+        server_id: i64,
+    },
+    /// Suspend: graceful shutdown (bounded), then power off. Server, disk, key and firewall
+    /// are kept.
+    PowerOff {
+        server_id: i64,
+    },
+    /// Snapshot the server (labelled for retention) before it is deleted; a snapshot of it
+    /// that already exists is reused.
+    SnapshotServer {
         server_id: i64,
     },
     /// Attach the subscription's firewall to `server_id`.
@@ -99,6 +126,10 @@ impl std::fmt::Display for Op {
             }
             Op::CreateServer => write!(f, "create the server"),
             Op::PowerOn { server_id } => write!(f, "power on server {server_id}"),
+            Op::PowerOff { server_id } => write!(f, "power off server {server_id} (suspend)"),
+            Op::SnapshotServer { server_id } => {
+                write!(f, "snapshot server {server_id} before deleting it")
+            }
             Op::ApplyFirewall { server_id } => {
                 write!(f, "apply the firewall to server {server_id}")
             }
@@ -150,6 +181,11 @@ pub enum Outcome {
     Provisioning,
     /// Nothing exists any more: `deprovisioned`.
     Deprovisioned,
+    /// Powered off and kept: `suspended`. `settled` is false while Hetzner is still busy
+    /// (starting, stopping): look again soon.
+    Suspended { settled: bool },
+    /// The status is not understood: `held` with this reason; nothing done.
+    Held(String),
     /// Nothing to do and nothing to record (never provisioned, or the row is gone).
     Unchanged,
     /// The row cannot be acted on: `failed` with this message, not retried until it changes.
@@ -186,6 +222,11 @@ pub fn plan(desired: &Desired, row: &RowState, observed: &Observed) -> Plan {
             outcome: Outcome::Failed(message.clone()),
             keep: Kept::default(),
         },
+        Want::Hold(reason) => Plan {
+            ops: vec![],
+            outcome: Outcome::Held(reason.clone()),
+            keep: Kept::default(),
+        },
         Want::Nothing => plan_teardown(desired, row, observed),
         // Recorded as terminal for this version: wait for the row to change.
         Want::Vps(_) if row.terminal_error.is_some() => Plan {
@@ -199,11 +240,15 @@ pub fn plan(desired: &Desired, row: &RowState, observed: &Observed) -> Plan {
 
 fn plan_teardown(desired: &Desired, row: &RowState, observed: &Observed) -> Plan {
     // Servers first (they hold the firewall), then firewalls, then keys.
-    let mut ops: Vec<Op> = observed
-        .servers
-        .iter()
-        .map(|s| Op::DeleteServer { id: s.id })
-        .collect();
+    let mut ops: Vec<Op> = Vec::new();
+    for server in &observed.servers {
+        if desired.snapshot_before_delete {
+            ops.push(Op::SnapshotServer {
+                server_id: server.id,
+            });
+        }
+        ops.push(Op::DeleteServer { id: server.id });
+    }
     ops.extend(observed.firewalls.iter().map(|f| Op::DeleteFirewall {
         id: f.id,
         attached_servers: attached_own_servers(f, observed),
@@ -239,31 +284,81 @@ fn plan_teardown(desired: &Desired, row: &RowState, observed: &Observed) -> Plan
 }
 
 fn plan_vps(spec: &VpsSpec, row: &RowState, observed: &Observed) -> Plan {
+    let (server, extra_servers) = pick(&observed.servers, row.server_id, &spec.name);
+    if spec.suspended {
+        return plan_suspended(spec, row, observed, server);
+    }
     let mut ops = Vec::new();
     let mut extras = Vec::new();
 
     let (ssh_key, extra_keys) = pick(&observed.ssh_keys, row.ssh_key_id, &spec.name);
     let (firewall, extra_firewalls) = pick(&observed.firewalls, row.firewall_id, &spec.name);
-    let (server, extra_servers) = pick(&observed.servers, row.server_id, &spec.name);
 
     // The key at Hetzner must be the public half of the pair sealed on the row; otherwise the
-    // customer's private key would not open the server.
-    let pair_stored = row.public_key.is_some() && row.has_private_key;
-    let key_matches = |key: &&SshKey| {
-        pair_stored && row.public_key_fingerprint.as_deref() == Some(key.fingerprint.as_str())
+    // customer's private key would not open the server. Hetzner injects keys only at create
+    // (or rebuild), so once a server exists a replaced key object opens nothing: never
+    // "repair" the key of an existing server, fail loudly instead.
+    let fail = |message: String| Plan {
+        ops: vec![],
+        outcome: Outcome::Failed(message),
+        keep: Kept::default(),
     };
-    let ssh_key = match ssh_key {
-        Some(key) if key_matches(&key) => {
+    let ssh_key = match (&row.key, ssh_key, server) {
+        (KeyState::Unusable(reason), _, _) => return fail(reason.clone()),
+        (KeyState::Sealed { fingerprint }, Some(key), _) if key.fingerprint == *fingerprint => {
             ops.extend(label_update(Kind::SshKey, key, &spec.labels));
             Some(key)
         }
-        other => {
-            if let Some(stale) = other {
+        (KeyState::Sealed { fingerprint }, Some(key), Some(server)) => {
+            return fail(format!(
+                "ssh key {} at Hetzner has fingerprint {}, but the stored key pair's is {fingerprint}; \
+                 server {} was created with one of them and the stored private key may not open it. \
+                 Nothing was changed; see README \"Recovering a lost key pair\"",
+                key.id, key.fingerprint, server.id
+            ));
+        }
+        (KeyState::Sealed { .. }, stale, _) => {
+            // No key object, or a stale one and no server yet: (re)create it.
+            if let Some(stale) = stale {
                 ops.push(Op::DeleteSshKey { id: stale.id });
             }
-            if !pair_stored {
-                ops.push(Op::GenerateKeyPair);
+            ops.push(Op::CreateSshKey);
+            None
+        }
+        (KeyState::External, key, server) => {
+            if let Some(key) = key {
+                ops.extend(label_update(Kind::SshKey, key, &spec.labels));
+            } else if server.is_none() {
+                return fail(
+                    "ssh_private_key was not written by this controller (it cannot open it) and \
+                     no SSH key object of the row exists at Hetzner: a new server could not be \
+                     opened with the stored key. The controller never overwrites such a key; \
+                     clear ssh_private_key to let it generate a new pair"
+                        .into(),
+                );
             }
+            key
+        }
+        (KeyState::Missing, key, Some(_)) if observed.adopting => {
+            // A server the web app created, without a key pair we could read: adopt as it is.
+            if let Some(key) = key {
+                ops.extend(label_update(Kind::SshKey, key, &spec.labels));
+            }
+            key
+        }
+        (KeyState::Missing, _, Some(server)) => {
+            return fail(format!(
+                "no key pair is stored on the row but server {} exists: a new key would open \
+                 nothing (Hetzner injects keys only at create). Nothing was changed; see README \
+                 \"Recovering a lost key pair\"",
+                server.id
+            ));
+        }
+        (KeyState::Missing, stale, None) => {
+            if let Some(stale) = stale {
+                ops.push(Op::DeleteSshKey { id: stale.id });
+            }
+            ops.push(Op::GenerateKeyPair);
             ops.push(Op::CreateSshKey);
             None
         }
@@ -292,13 +387,7 @@ fn plan_vps(spec: &VpsSpec, row: &RowState, observed: &Observed) -> Plan {
                     server_id: server.id,
                 });
             }
-            if server.server_type.name != spec.plan.server_type {
-                ops.push(Op::ReportServerTypeDrift {
-                    server_id: server.id,
-                    observed: server.server_type.name.clone(),
-                    wanted: spec.plan.server_type.clone(),
-                });
-            }
+            ops.extend(type_drift(spec, server));
             match server.status {
                 ServerStatus::Running => Outcome::Ready,
                 ServerStatus::Off => {
@@ -332,6 +421,55 @@ fn plan_vps(spec: &VpsSpec, row: &RowState, observed: &Observed) -> Plan {
             firewall: firewall.map(|f| f.id),
         },
     }
+}
+
+/// Suspended: the server is powered off and everything is kept as it is. Nothing missing is
+/// created and nothing is deleted (not even duplicates: that waits for a `run` status); only
+/// labels are repaired, so ownership stays visible.
+fn plan_suspended(
+    spec: &VpsSpec,
+    row: &RowState,
+    observed: &Observed,
+    server: Option<&Server>,
+) -> Plan {
+    let (ssh_key, _) = pick(&observed.ssh_keys, row.ssh_key_id, &spec.name);
+    let (firewall, _) = pick(&observed.firewalls, row.firewall_id, &spec.name);
+    let mut ops = Vec::new();
+    ops.extend(ssh_key.and_then(|k| label_update(Kind::SshKey, k, &spec.labels)));
+    ops.extend(firewall.and_then(|f| label_update(Kind::Firewall, f, &spec.labels)));
+    let settled = match server {
+        None => true,
+        Some(server) => {
+            ops.extend(label_update(Kind::Server, server, &spec.labels));
+            match server.status {
+                ServerStatus::Off => true,
+                ServerStatus::Running => {
+                    ops.push(Op::PowerOff {
+                        server_id: server.id,
+                    });
+                    true
+                }
+                _ => false,
+            }
+        }
+    };
+    Plan {
+        ops,
+        outcome: Outcome::Suspended { settled },
+        keep: Kept {
+            server: server.map(|s| s.id),
+            ssh_key: ssh_key.map(|k| k.id),
+            firewall: firewall.map(|f| f.id),
+        },
+    }
+}
+
+fn type_drift(spec: &VpsSpec, server: &Server) -> Option<Op> {
+    (server.server_type.name != spec.plan.server_type).then(|| Op::ReportServerTypeDrift {
+        server_id: server.id,
+        observed: server.server_type.name.clone(),
+        wanted: spec.plan.server_type.clone(),
+    })
 }
 
 /// Chooses the resource to keep among those of one kind: the one whose id the row records,

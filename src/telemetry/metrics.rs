@@ -24,6 +24,8 @@ pub struct Metrics {
     in_backoff: Gauge,
     leader: Gauge,
     resync_interval_seconds: Gauge,
+    deletions_paused: Gauge,
+    invalid_rows: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -95,6 +97,18 @@ impl Metrics {
             "Current resync interval (stretched to fit the API budget)",
             resync_interval_seconds.clone(),
         );
+        let deletions_paused = Gauge::default();
+        registry.register(
+            "deletions_paused",
+            "1 while server deletions are paused by the deletion guard (approve with `vps-controller deletions approve`)",
+            deletions_paused.clone(),
+        );
+        let invalid_rows = Gauge::default();
+        registry.register(
+            "invalid_rows",
+            "Subscription rows that cannot be read (NULL id, wrong column types), skipped by the last resync",
+            invalid_rows.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             reconciles,
@@ -105,6 +119,8 @@ impl Metrics {
             in_backoff,
             leader,
             resync_interval_seconds,
+            deletions_paused,
+            invalid_rows,
         }
     }
 
@@ -136,10 +152,12 @@ impl Metrics {
 
     pub fn set_subscriptions(&self, by_status: &BTreeMap<String, i64>) {
         // Label values stay a fixed set whatever the column holds.
-        const KNOWN: [&str; 6] = [
+        const KNOWN: [&str; 8] = [
             "pending",
             "provisioning",
             "ready",
+            "suspended",
+            "held",
             "failed",
             "deprovisioning",
             "deprovisioned",
@@ -162,6 +180,15 @@ impl Metrics {
 
     pub fn set_backoff(&self, count: usize) {
         self.in_backoff
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_deletions_paused(&self, paused: bool) {
+        self.deletions_paused.set(i64::from(paused));
+    }
+
+    pub fn set_invalid_rows(&self, count: usize) {
+        self.invalid_rows
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
 

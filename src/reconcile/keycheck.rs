@@ -1,0 +1,87 @@
+//! Keys are checked, not assumed: the sealed private key on a row is opened and compared with
+//! the row's public key (and, by the planner, with the key at Hetzner). A check is cached per
+//! row until the key columns change, so each row is opened once after a start, and again
+//! whenever the controller is about to create or repair anything for it.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+
+use crate::db::entities::subscription;
+use crate::keys::{self, Sealer};
+
+use super::plan::KeyState;
+
+/// Where the README explains what to do about an unusable key pair.
+const RECOVERY: &str = "nothing was replaced (Hetzner injects keys only when a server is created, \
+                        so a new key would open nothing); see README \"Recovering a lost key pair\"";
+
+/// Results of key checks since this process started, by subscription id.
+#[derive(Debug, Default)]
+pub struct KeyChecks(Mutex<HashMap<String, (u64, KeyState)>>);
+
+impl KeyChecks {
+    /// The state of `row`'s key pair. `fresh` ignores a cached result.
+    pub fn check(&self, sealer: &Sealer, row: &subscription::Model, fresh: bool) -> KeyState {
+        let Some(private) = row.ssh_private_key.as_deref() else {
+            return KeyState::Missing;
+        };
+        if !Sealer::looks_sealed(private) {
+            return KeyState::External;
+        }
+        let digest = digest(row);
+        if !fresh
+            && let Some((seen, state)) = self.lock().get(&row.id)
+            && *seen == digest
+        {
+            return state.clone();
+        }
+        let state = check_sealed(sealer, row, private);
+        if let KeyState::Unusable(reason) = &state {
+            tracing::warn!(subscription = %row.id, "{reason}");
+        }
+        self.lock().insert(row.id.clone(), (digest, state.clone()));
+        state
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, KeyState)>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn check_sealed(sealer: &Sealer, row: &subscription::Model, sealed: &str) -> KeyState {
+    let private = match sealer.open(sealed, &row.id) {
+        Ok(private) => private,
+        Err(e) => {
+            return KeyState::Unusable(format!(
+                "ssh_private_key cannot be opened ({e}); {RECOVERY}"
+            ));
+        }
+    };
+    let Some(public) = row.ssh_public_key.as_deref() else {
+        return KeyState::Unusable(format!(
+            "ssh_public_key is missing next to a sealed private key; {RECOVERY}"
+        ));
+    };
+    let derived = match keys::public_blob_of_private(&private) {
+        Ok(blob) => blob,
+        Err(e) => return KeyState::Unusable(format!("ssh_private_key: {e}; {RECOVERY}")),
+    };
+    if public.split_ascii_whitespace().nth(1) != Some(derived.as_str()) {
+        return KeyState::Unusable(format!(
+            "the sealed private key does not belong to ssh_public_key on the row; {RECOVERY}"
+        ));
+    }
+    match keys::md5_fingerprint(public) {
+        Ok(fingerprint) => KeyState::Sealed { fingerprint },
+        Err(e) => KeyState::Unusable(format!("ssh_public_key: {e}; {RECOVERY}")),
+    }
+}
+
+/// Identifies the key columns' content, so a changed column invalidates the cached check.
+fn digest(row: &subscription::Model) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    row.ssh_private_key.hash(&mut hasher);
+    row.ssh_public_key.hash(&mut hasher);
+    hasher.finish()
+}
