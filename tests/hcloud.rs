@@ -3,12 +3,13 @@
 //! Contract tests read `openapi.json` from `$HCLOUD_OPENAPI`, or `../shared/hcloud/openapi.json`
 //! next to the repository (where the workspace and CI keep it).
 //!
-//! Contract coverage: for the 23 operations the client calls, every response example, every
+//! Contract coverage: for the 29 operations the client calls, every response example, every
 //! schema-level example, and a full and a minimal instance synthesized from each response schema
 //! (4xx/5xx included) decode; requests validate against the request schemas. Skipped: the other
-//! 166 operations (images, volumes, other server actions, ...) because the client does not call
+//! 160 operations (volumes, other server actions, ...) because the client does not call
 //! them — except that every action-shaped example in the whole spec is decoded as an Action —
-//! and the 204 answers of DELETE /ssh_keys/{id} and /firewalls/{id}, which have no body.
+//! and the 204 answers of DELETE /ssh_keys/{id}, /firewalls/{id} and /images/{id}, which have
+//! no body.
 //! One deliberate deviation: `ssh_keys` items of POST /servers are typed `string` in the
 //! schema, but its description allows integer IDs (what hcloud-go sends), so the test widens it.
 
@@ -158,6 +159,22 @@ mod contract {
                 Some(decoder::<ActionsEnvelope>),
             ),
             ("get", "/actions", "200", Some(decoder::<ActionsEnvelope>)),
+            (
+                "post",
+                "/servers/{id}/actions/create_image",
+                "201",
+                Some(decoder::<CreateImageResponse>),
+            ),
+            ("get", "/images", "200", Some(decoder::<ImagesPage>)),
+            ("get", "/images/{id}", "200", Some(decoder::<ImageEnvelope>)),
+            ("delete", "/images/{id}", "204", None),
+            (
+                "get",
+                "/server_types",
+                "200",
+                Some(decoder::<ServerTypesPage>),
+            ),
+            ("get", "/locations", "200", Some(decoder::<LocationsPage>)),
             (
                 "get",
                 "/actions/{id}",
@@ -320,11 +337,11 @@ mod contract {
             }
         }
         assert!(failures.is_empty(), "{failures:#?}");
-        // 23 operations × 2 synthesized + the spec's own examples (POST /servers, the firewall
-        // actions, the server power actions, PUT /ssh_keys/{id}).
-        assert!(decoded >= 21 * 2 + spec_examples, "{decoded}");
+        // 26 operations with a body × 2 synthesized + the spec's own examples (POST /servers, the
+        // firewall actions, the server power actions, PUT /ssh_keys/{id}, create_image).
+        assert!(decoded >= 26 * 2 + spec_examples, "{decoded}");
         assert!(
-            spec_examples >= 8,
+            spec_examples >= 9,
             "only {spec_examples} spec examples found"
         );
     }
@@ -348,7 +365,7 @@ mod contract {
                 }
             }
         }
-        assert!(checked >= 23 * 2 * 3, "{checked}");
+        assert!(checked >= 29 * 2 * 3, "{checked}");
     }
 
     /// Other action-returning endpoints we don't call still exercise the Action type with
@@ -635,6 +652,26 @@ mod contract {
                 })
                 .unwrap(),
             ),
+            (
+                "post",
+                "/servers/{id}/actions/create_image",
+                serde_json::to_value(CreateImage {
+                    kind: ImageType::Snapshot,
+                    description: Some("nightly".into()),
+                    labels: labels(),
+                })
+                .unwrap(),
+            ),
+            (
+                "post",
+                "/servers/{id}/actions/create_image",
+                serde_json::to_value(CreateImage {
+                    kind: ImageType::Snapshot,
+                    description: None,
+                    labels: Labels::new(),
+                })
+                .unwrap(),
+            ),
         ];
         for (method, path, body) in cases {
             assert_valid(
@@ -690,6 +727,43 @@ mod contract {
             })
             .unwrap(),
             remove
+        );
+    }
+
+    #[test]
+    fn the_create_image_example_decodes_to_the_documented_values() {
+        let op = operation("post", "/servers/{id}/actions/create_image");
+        let value =
+            op["responses"]["201"]["content"]["application/json"]["examples"]["default"]["value"]
+                .clone();
+        let created: CreateImageResponse = serde_json::from_value(value).unwrap();
+        assert_eq!(created.image.id, 4711);
+        assert_eq!(created.image.kind, ImageType::Snapshot);
+        assert_eq!(created.image.status, ImageStatus::Creating);
+        assert_eq!(created.image.name, None);
+        assert_eq!(
+            created.image.created_from,
+            Some(ImageCreatedFrom {
+                id: 1,
+                name: "Server".into()
+            })
+        );
+        assert_eq!(created.image.architecture, Architecture::X86);
+        assert_eq!(created.image.image_size, Some(2.3));
+        assert_eq!(created.action.command, "create_image");
+        // Unknown enum values don't break decoding.
+        let mut odd = serde_json::to_value(&created.image).unwrap();
+        odd["type"] = json!("golden");
+        odd["status"] = json!("melting");
+        odd["architecture"] = json!("riscv");
+        let odd: Image = serde_json::from_value(odd).unwrap();
+        assert_eq!(
+            (odd.kind, odd.status, odd.architecture),
+            (
+                ImageType::Unknown,
+                ImageStatus::Unknown,
+                Architecture::Unknown
+            )
         );
     }
 
@@ -1105,8 +1179,244 @@ mod against_simulator {
 
         assert_eq!(api.list_firewalls("").await.unwrap().len(), 121);
         assert!(api.list_firewalls("suite=none").await.unwrap().is_empty());
-        // 3 pages + 3 pages + 1 page.
-        assert_eq!(requests_to(&stats(&sim).await, "GET /firewalls"), 7);
+        // 3 pages + 3 pages + 1 page, every one sorted by ID (stable while things change).
+        let counted = stats(&sim).await;
+        assert_eq!(requests_to(&counted, "GET /firewalls"), 7);
+        assert_eq!(
+            counted["list_sorts"],
+            serde_json::json!({"GET /firewalls sort=id:asc": 7}),
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listing_beyond_the_page_cap_is_an_error_not_a_truncated_list() {
+        let sim = simulator(SimulatorConfig::default()).await;
+        let api = client(&sim);
+        for i in 0..101 {
+            api.create_firewall(&CreateFirewall {
+                name: format!("fw-{i:03}"),
+                labels: labels(&[("suite", "cap")]),
+                rules: vec![],
+                apply_to: vec![],
+            })
+            .await
+            .unwrap();
+        }
+        // 101 firewalls are 3 pages of 50.
+        let capped = |max_pages| {
+            Client::new(ClientConfig {
+                max_pages,
+                ..config(&sim)
+            })
+            .unwrap()
+        };
+        let err = capped(2).list_firewalls("suite=cap").await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::PageLimit {
+                    path: "/firewalls",
+                    max_pages: 2
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("GET /firewalls"), "{err}");
+        assert_eq!(err.metric_label(), "page_limit");
+        assert!(!err.is_not_found());
+        assert_eq!(capped(3).list_firewalls("").await.unwrap().len(), 101);
+        // A listing that fits exactly is fine; one more object is not.
+        api.create_firewall(&CreateFirewall {
+            name: "fw-one-too-many".into(),
+            labels: Labels::new(),
+            rules: vec![],
+            apply_to: vec![],
+        })
+        .await
+        .unwrap();
+        assert_eq!(capped(3).list_firewalls("").await.unwrap().len(), 102);
+        let refused = Client::new(ClientConfig {
+            max_pages: 0,
+            ..config(&sim)
+        })
+        .unwrap_err();
+        assert!(matches!(refused, Error::Config(_)), "{refused}");
+    }
+
+    #[tokio::test]
+    async fn snapshots_are_created_listed_and_deleted_and_the_catalog_is_looked_up() {
+        let sim = simulator(SimulatorConfig {
+            action_seconds: 0.05,
+            ..Default::default()
+        })
+        .await;
+        let api = client(&sim);
+        let owner = labels(&[("vps-controller/instance", "snap")]);
+        let created = api
+            .create_server(&CreateServer {
+                name: "vps-snap".into(),
+                server_type: "cpx22".into(),
+                image: "ubuntu-24.04".into(),
+                location: Some("fsn1".into()),
+                ssh_keys: vec![],
+                firewalls: vec![],
+                labels: owner.clone(),
+                user_data: None,
+                start_after_create: Some(true),
+                public_net: None,
+            })
+            .await
+            .unwrap();
+        api.wait_for_actions(&created.action_ids(), WAIT)
+            .await
+            .unwrap();
+        let server = created.server;
+
+        // Snapshot: creating while its action runs, then available.
+        let mut snapshot_labels = owner.clone();
+        snapshot_labels.insert("vps-controller/snapshot".into(), "nightly".into());
+        let snap = api
+            .create_snapshot(server.id, "before upgrade", &snapshot_labels)
+            .await
+            .unwrap();
+        assert_eq!(snap.image.kind, ImageType::Snapshot);
+        assert_eq!(snap.image.status, ImageStatus::Creating);
+        assert_eq!(snap.image.description, "before upgrade");
+        assert_eq!(snap.image.labels, snapshot_labels);
+        assert_eq!(
+            snap.image.created_from,
+            Some(ImageCreatedFrom {
+                id: server.id,
+                name: "vps-snap".into()
+            })
+        );
+        assert_eq!(snap.action.command, "create_image");
+        let done = api.wait_for_actions(&[snap.action.id], WAIT).await.unwrap();
+        assert_eq!(done[0].status, ActionStatus::Success);
+        // Another snapshot of the same server, outside the selector, generated description.
+        let other = api
+            .create_snapshot(server.id, "", &Labels::new())
+            .await
+            .unwrap();
+        assert!(!other.image.description.is_empty());
+        api.wait_for_actions(&[other.action.id], WAIT)
+            .await
+            .unwrap();
+
+        let listed = api
+            .list_snapshots("vps-controller/snapshot=nightly")
+            .await
+            .unwrap();
+        assert_eq!(
+            listed.iter().map(|i| i.id).collect::<Vec<_>>(),
+            [snap.image.id]
+        );
+        assert_eq!(listed[0].status, ImageStatus::Available);
+        assert_eq!(listed[0].name, None);
+        assert_eq!(
+            api.list_snapshots("")
+                .await
+                .unwrap()
+                .iter()
+                .map(|i| i.id)
+                .collect::<Vec<_>>(),
+            [snap.image.id, other.image.id],
+            "every snapshot, system images left out, by ID"
+        );
+
+        // Snapshots outlive their server.
+        let deleting = api.delete_server(server.id).await.unwrap();
+        api.wait_for_actions(&[deleting.id], WAIT).await.unwrap();
+        assert_eq!(
+            api.list_snapshots("vps-controller/instance=snap")
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+
+        // Deleted: gone for GET, the list and a second delete.
+        api.delete_image(snap.image.id).await.unwrap();
+        assert!(
+            api.get_image(snap.image.id)
+                .await
+                .unwrap_err()
+                .is_not_found()
+        );
+        assert!(
+            api.list_snapshots("vps-controller/snapshot=nightly")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            api.delete_image(snap.image.id)
+                .await
+                .unwrap_err()
+                .is_not_found()
+        );
+        api.delete_image(other.image.id).await.unwrap();
+
+        // The catalog, as a plan is validated at startup.
+        let cpx22 = api.server_type_by_name("cpx22").await.unwrap().unwrap();
+        assert_eq!(cpx22.architecture, Architecture::X86);
+        assert!(cpx22.disk > 0.0 && cpx22.cores >= 1.0);
+        assert!(cpx22.locations.iter().any(|l| l.name == "fsn1"));
+        assert_eq!(api.server_type_by_name("cpx999").await.unwrap(), None);
+        let fsn1 = api.location_by_name("fsn1").await.unwrap().unwrap();
+        assert_eq!(fsn1.network_zone, "eu-central");
+        assert_eq!(api.location_by_name("mars1").await.unwrap(), None);
+        let ubuntu = api.image_by_name("ubuntu-24.04").await.unwrap();
+        let mut architectures: Vec<Architecture> = ubuntu.iter().map(|i| i.architecture).collect();
+        architectures.sort_by_key(|a| format!("{a:?}"));
+        assert_eq!(architectures, [Architecture::Arm, Architecture::X86]);
+        assert!(
+            ubuntu
+                .iter()
+                .all(|i| i.kind == ImageType::System && i.status == ImageStatus::Available)
+        );
+        assert!(api.image_by_name("windows-95").await.unwrap().is_empty());
+        assert!(api.image_by_name("").await.unwrap().is_empty());
+
+        // A system image can't be deleted.
+        let system = api.delete_image(ubuntu[0].id).await.unwrap_err();
+        assert_eq!(system.code(), Some(&ErrorCode::Forbidden), "{system}");
+        assert!(api.get_image(ubuntu[0].id).await.is_ok());
+
+        // Every paginated list went out sorted by ID, except server types (the spec has no sort
+        // there); `GET /actions?id=..` is a lookup by ID without pages.
+        let sorts = stats(&sim).await["list_sorts"].clone();
+        let unsorted: Vec<&String> = sorts
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| !k.ends_with(" sort=id:asc"))
+            .collect();
+        assert_eq!(
+            unsorted,
+            ["GET /actions unsorted", "GET /server_types unsorted"],
+            "{sorts}"
+        );
+        assert!(
+            sorts["GET /images sort=id:asc"].as_u64().unwrap() >= 5,
+            "{sorts}"
+        );
+        assert_eq!(sorts["GET /locations sort=id:asc"], 2, "{sorts}");
+        let counts = api.request_counts();
+        let count = |method: &str, template: &str, outcome: &str| {
+            counts
+                .iter()
+                .find(|c| c.method == method && c.path_template == template && c.outcome == outcome)
+                .map_or(0, |c| c.count)
+        };
+        assert_eq!(
+            count("POST", "/servers/{id}/actions/create_image", "201"),
+            2
+        );
+        assert_eq!(count("DELETE", "/images/{id}", "204"), 2);
+        assert_eq!(count("DELETE", "/images/{id}", "not_found"), 1);
+        assert_eq!(count("DELETE", "/images/{id}", "forbidden"), 1);
+        assert_eq!(count("GET", "/images/{id}", "not_found"), 1);
     }
 
     #[tokio::test]

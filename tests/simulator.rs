@@ -1763,3 +1763,329 @@ async fn a_delayed_answer_times_the_client_out_but_the_change_happened() {
     sim.sim.shutdown().await;
     assert!(stopping.elapsed() < Duration::from_secs(20));
 }
+
+// -------------------------------------------------------------------------------------------------
+// Snapshots and sorting
+
+#[tokio::test]
+async fn snapshots_are_created_listed_updated_and_outlive_their_server() {
+    let sim = Sim::start(SimulatorConfig {
+        action_seconds: 0.4,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let created = sim.create_server("snap-src", json!({})).await;
+    let server_id = created["server"]["id"].as_i64().unwrap();
+    sim.wait_for(
+        &format!("/v1/servers/{server_id}"),
+        "the server to be running and unlocked",
+        |b| b["server"]["status"] == "running" && b["server"]["locked"] == false,
+    )
+    .await;
+
+    // create_image: a snapshot, `creating` while its action runs; the server is locked.
+    let path = format!("/v1/servers/{server_id}/actions/create_image");
+    let snap = sim
+        .post(
+            &path,
+            json!({"type": "snapshot", "description": "before upgrade",
+                   "labels": {"vps-controller/instance": "t", "kind": "nightly"}}),
+        )
+        .await;
+    assert_eq!(snap.status, StatusCode::CREATED, "{}", snap.body);
+    let image = &snap.body["image"];
+    let image_id = image["id"].as_i64().unwrap();
+    assert_eq!(image["type"], "snapshot");
+    assert_eq!(image["status"], "creating");
+    assert_eq!(image["name"], Value::Null);
+    assert_eq!(image["description"], "before upgrade");
+    assert_eq!(
+        image["created_from"],
+        json!({"id": server_id, "name": "snap-src"})
+    );
+    assert_eq!(image["disk_size"], 40.0, "cx22 has a 40 GB disk");
+    assert!(image["image_size"].as_f64().unwrap() > 0.0);
+    assert_eq!(image["architecture"], "x86");
+    assert_eq!(image["bound_to"], Value::Null);
+    assert_eq!(
+        image["labels"],
+        json!({"vps-controller/instance": "t", "kind": "nightly"})
+    );
+    assert_eq!(snap.body["action"]["command"], "create_image");
+    assert_eq!(snap.body["action"]["status"], "running");
+    assert_eq!(
+        snap.body["action"]["resources"],
+        json!([{"id": server_id, "type": "server"}])
+    );
+    let server = sim.get(&format!("/v1/servers/{server_id}")).await;
+    assert_eq!(server.body["server"]["locked"], true);
+    let poweroff = sim
+        .call(
+            Method::POST,
+            &format!("/v1/servers/{server_id}/actions/poweroff"),
+            None,
+        )
+        .await;
+    assert_eq!(poweroff.code(), "locked");
+    assert_eq!(sim.post(&path, json!({})).await.code(), "locked");
+
+    let action_id = snap.body["action"]["id"].as_i64().unwrap();
+    sim.wait_for(
+        &format!("/v1/actions/{action_id}"),
+        "create_image to finish",
+        |b| b["action"]["status"] == "success",
+    )
+    .await;
+    let got = sim.get(&format!("/v1/images/{image_id}")).await;
+    assert_eq!(got.body["image"]["status"], "available");
+    assert_eq!(
+        sim.get(&format!("/v1/servers/{server_id}")).await.body["server"]["locked"],
+        false
+    );
+
+    // A second snapshot with defaults: type snapshot, a generated description.
+    let second = sim.post(&path, json!({})).await;
+    assert_eq!(second.status, StatusCode::CREATED, "{}", second.body);
+    let second_id = second.body["image"]["id"].as_i64().unwrap();
+    assert_eq!(second.body["image"]["type"], "snapshot");
+    assert!(
+        second.body["image"]["description"]
+            .as_str()
+            .unwrap()
+            .starts_with("snap-src-"),
+        "{}",
+        second.body["image"]
+    );
+    assert_eq!(second.body["image"]["labels"], json!({}));
+
+    // Listing: type, label selector, status, sort, pagination; `name` matches system images only.
+    let snapshots = sim.get("/v1/images?type=snapshot").await;
+    assert_eq!(ids(&snapshots.body, "images"), [image_id, second_id]);
+    let desc = sim.get("/v1/images?type=snapshot&sort=id:desc").await;
+    assert_eq!(ids(&desc.body, "images"), [second_id, image_id]);
+    let selected = sim
+        .get("/v1/images?label_selector=kind%3Dnightly&type=snapshot")
+        .await;
+    assert_eq!(ids(&selected.body, "images"), [image_id]);
+    let selected_any_type = sim.get("/v1/images?label_selector=kind").await;
+    assert_eq!(ids(&selected_any_type.body, "images"), [image_id]);
+    let creating = sim.get("/v1/images?type=snapshot&status=creating").await;
+    assert_eq!(ids(&creating.body, "images"), [second_id]);
+    let system = sim.get("/v1/images?type=system&per_page=50").await;
+    assert!(!ids(&system.body, "images").contains(&image_id));
+    let everything = sim.get("/v1/images?per_page=50").await;
+    assert!(ids(&everything.body, "images").contains(&image_id));
+    let paged = sim
+        .get("/v1/images?type=snapshot&per_page=1&sort=id:asc")
+        .await;
+    assert_eq!(ids(&paged.body, "images"), [image_id]);
+    assert_eq!(paged.body["meta"]["pagination"]["next_page"], 2);
+    assert_eq!(paged.body["meta"]["pagination"]["total_entries"], 2);
+    let by_name = sim.get("/v1/images?name=before%20upgrade").await;
+    assert_eq!(by_name.body["images"], json!([]));
+    let by_created = sim.get("/v1/images?sort=created:desc&per_page=2").await;
+    assert_eq!(ids(&by_created.body, "images"), [second_id, image_id]);
+    for bad in ["type=golden", "status=broken", "sort=size"] {
+        assert_eq!(
+            sim.get(&format!("/v1/images?{bad}")).await.code(),
+            "invalid_input",
+            "{bad}"
+        );
+    }
+
+    // PUT: description and labels (replacing the map).
+    let updated = sim
+        .put(
+            &format!("/v1/images/{image_id}"),
+            json!({"description": "kept", "labels": {"keep": "yes"}}),
+        )
+        .await;
+    assert_eq!(updated.status, StatusCode::OK, "{}", updated.body);
+    assert_eq!(updated.body["image"]["description"], "kept");
+    assert_eq!(updated.body["image"]["labels"], json!({"keep": "yes"}));
+    let bad_put = sim
+        .put(
+            &format!("/v1/images/{image_id}"),
+            json!({"labels": {"hetzner.cloud/x": "y"}, "type": "backup"}),
+        )
+        .await;
+    assert_eq!(bad_put.code(), "invalid_input");
+    assert_eq!(bad_put.field_names(), ["type", "labels"]);
+
+    // Invalid create_image requests name their field; unknown servers are not_found.
+    sim.wait_for(
+        &format!("/v1/servers/{server_id}"),
+        "the server to be unlocked",
+        |b| b["server"]["locked"] == false,
+    )
+    .await;
+    let table: &[(Value, &str)] = &[
+        (json!({"type": "backup"}), "type"),
+        (json!({"type": "golden"}), "type"),
+        (json!({"description": 7}), "description"),
+        (json!({"labels": {"bad key!": "x"}}), "labels"),
+        (json!({"name": "snapshots have no name"}), "name"),
+    ];
+    for (body, field) in table {
+        let r = sim.post(&path, body.clone()).await;
+        assert_eq!(r.code(), "invalid_input", "{body}");
+        assert_eq!(r.field_names(), [*field], "{body}");
+    }
+    assert_eq!(
+        sim.post("/v1/servers/424242/actions/create_image", json!({}))
+            .await
+            .code(),
+        "not_found"
+    );
+
+    // Deleting the server keeps its snapshots.
+    let deleted = sim.delete(&format!("/v1/servers/{server_id}")).await;
+    assert_eq!(deleted.status, StatusCode::OK);
+    let kept = sim.get(&format!("/v1/images/{image_id}")).await;
+    assert_eq!(kept.status, StatusCode::OK);
+    assert_eq!(kept.body["image"]["created_from"]["id"], server_id);
+    assert_eq!(
+        ids(&sim.get("/v1/images?type=snapshot").await.body, "images"),
+        [image_id, second_id]
+    );
+
+    // System images can't be changed or deleted; snapshots can; unknown IDs are not_found.
+    let system_id = ids(&system.body, "images")[0];
+    let r = sim.delete(&format!("/v1/images/{system_id}")).await;
+    assert_eq!((r.status, r.code()), (StatusCode::FORBIDDEN, "forbidden"));
+    let r = sim
+        .put(
+            &format!("/v1/images/{system_id}"),
+            json!({"description": "x"}),
+        )
+        .await;
+    assert_eq!(r.code(), "forbidden");
+    assert_eq!(
+        sim.delete(&format!("/v1/images/{image_id}")).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        sim.get(&format!("/v1/images/{image_id}")).await.code(),
+        "not_found"
+    );
+    assert_eq!(
+        sim.delete(&format!("/v1/images/{image_id}")).await.code(),
+        "not_found"
+    );
+    assert_eq!(sim.delete("/v1/images/999").await.code(), "not_found");
+    assert_eq!(
+        ids(&sim.get("/v1/images?type=snapshot").await.body, "images"),
+        [second_id]
+    );
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_create_image_leaves_an_unavailable_snapshot() {
+    let sim = Sim::start(SimulatorConfig {
+        action_seconds: 0.0,
+        fault_rate: 0.0,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let created = sim.create_server("s", json!({})).await;
+    let id = created["server"]["id"].as_i64().unwrap();
+    // Every request faults now; retry until the fault is the failed-action kind.
+    assert_eq!(
+        sim.hook("/__simulator/faults", Some(json!({"rate": 1.0})))
+            .await,
+        StatusCode::OK
+    );
+    let mut failed = None;
+    for _ in 0..200 {
+        let r = sim
+            .post(&format!("/v1/servers/{id}/actions/create_image"), json!({}))
+            .await;
+        if r.status == StatusCode::CREATED {
+            failed = Some(r.body);
+            break;
+        }
+    }
+    assert_eq!(
+        sim.hook("/__simulator/faults", Some(json!({"rate": 0.0})))
+            .await,
+        StatusCode::OK
+    );
+    let body = failed.expect("no create_image got the action-error fault");
+    let image_id = body["image"]["id"].as_i64().unwrap();
+    let action = sim
+        .get(&format!("/v1/actions/{}", body["action"]["id"]))
+        .await;
+    assert_eq!(action.body["action"]["status"], "error");
+    let image = sim.get(&format!("/v1/images/{image_id}")).await;
+    assert_eq!(image.body["image"]["status"], "unavailable");
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_list_sorts_by_id_both_ways() {
+    let sim = Sim::instant().await;
+    let mut server_ids = Vec::new();
+    for name in ["a", "b"] {
+        let s = sim.create_server(name, json!({})).await;
+        server_ids.push(s["server"]["id"].as_i64().unwrap());
+    }
+    for (name, key) in [("k1", ED25519_KEY), ("k2", ECDSA_KEY)] {
+        let r = sim
+            .post("/v1/ssh_keys", json!({"name": name, "public_key": key}))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+    let mut firewall_ids = Vec::new();
+    for name in ["f1", "f2"] {
+        let r = sim.post("/v1/firewalls", json!({"name": name})).await;
+        firewall_ids.push(r.body["firewall"]["id"].as_i64().unwrap());
+    }
+    for _ in 0..2 {
+        sim.post(
+            &format!("/v1/firewalls/{}/actions/set_rules", firewall_ids[0]),
+            json!({"rules": []}),
+        )
+        .await;
+    }
+    for id in &server_ids {
+        sim.post(&format!("/v1/servers/{id}/actions/create_image"), json!({}))
+            .await;
+    }
+    sim.hook("/__simulator/reset", None).await;
+    let lists = [
+        ("/v1/servers", "servers"),
+        ("/v1/ssh_keys", "ssh_keys"),
+        ("/v1/firewalls", "firewalls"),
+        ("/v1/images", "images"),
+        ("/v1/locations", "locations"),
+        ("/v1/servers/actions", "actions"),
+        ("/v1/firewalls/actions", "actions"),
+    ];
+    let server_actions = format!("/v1/servers/{}/actions", server_ids[0]);
+    let firewall_actions = format!("/v1/firewalls/{}/actions", firewall_ids[0]);
+    let lists = lists
+        .iter()
+        .map(|(p, r)| (p.to_string(), *r))
+        .chain([(server_actions, "actions"), (firewall_actions, "actions")]);
+    for (path, root) in lists {
+        let asc = ids(&sim.get(&format!("{path}?sort=id:asc")).await.body, root);
+        assert!(asc.len() >= 2, "{path}: {asc:?}");
+        assert!(asc.windows(2).all(|w| w[0] < w[1]), "{path}: {asc:?}");
+        let plain = ids(&sim.get(&format!("{path}?sort=id")).await.body, root);
+        assert_eq!(plain, asc, "{path}");
+        let mut desc = ids(&sim.get(&format!("{path}?sort=id:desc")).await.body, root);
+        desc.reverse();
+        assert_eq!(desc, asc, "{path}");
+    }
+    // The stats hook tells sorted list requests apart (what client tests rely on).
+    let stats = sim.stats().await;
+    assert_eq!(stats["list_sorts"]["GET /images sort=id:asc"], 1);
+    assert_eq!(
+        stats["list_sorts"]["GET /servers/{id}/actions sort=id:desc"],
+        1
+    );
+    sim.get("/v1/servers").await;
+    assert_eq!(sim.stats().await["list_sorts"]["GET /servers unsorted"], 1);
+    sim.sim.shutdown().await;
+}

@@ -25,8 +25,11 @@ pub const DEFAULT_ENDPOINT: &str = "https://api.hetzner.cloud/v1";
 const PER_PAGE: u32 = 50;
 /// IDs per `GET /actions` request, as hcloud-go does.
 const ACTION_IDS_PER_REQUEST: usize = 25;
-/// A list with more pages than this is answered wrongly (a loop in `next_page`).
-const MAX_PAGES: i64 = 100_000;
+/// Default of [`ClientConfig::max_pages`]: 5 million objects per listing.
+pub const DEFAULT_MAX_PAGES: u32 = 100_000;
+/// Order of every paginated list the client walks: by ID, so objects created or deleted while
+/// the pages are fetched don't shift the rest (no duplicates, no skipped objects).
+const LIST_SORT: &str = "id:asc";
 /// Characters of an undecodable body kept in an error.
 const SNIPPET_CHARS: usize = 160;
 
@@ -127,6 +130,9 @@ pub struct ClientConfig {
     /// Longest a request waits for a budget token before failing with
     /// [`Error::RateLimited`].
     pub max_budget_wait: Duration,
+    /// Pages (of 50) a listing may have; a listing with more fails with [`Error::PageLimit`]
+    /// instead of returning a truncated list.
+    pub max_pages: u32,
 }
 
 impl ClientConfig {
@@ -141,6 +147,7 @@ impl ClientConfig {
             action_poll: ActionPollBackoff::default(),
             budget: Arc::new(Budget::default()),
             max_budget_wait: Duration::from_secs(60),
+            max_pages: DEFAULT_MAX_PAGES,
         }
     }
 }
@@ -175,6 +182,7 @@ struct Inner {
     action_poll: ActionPollBackoff,
     budget: Arc<Budget>,
     max_budget_wait: Duration,
+    max_pages: u32,
     counts: Mutex<HashMap<CountKey, u64>>,
     retries: AtomicU64,
 }
@@ -331,6 +339,34 @@ impl ListPage for FirewallsPage {
     }
 }
 
+impl ListPage for ImagesPage {
+    type Item = Image;
+    fn into_parts(self) -> (Vec<Image>, Option<Meta>) {
+        (self.images, self.meta)
+    }
+}
+
+impl ListPage for ServerTypesPage {
+    type Item = ServerType;
+    fn into_parts(self) -> (Vec<ServerType>, Option<Meta>) {
+        (self.server_types, self.meta)
+    }
+}
+
+impl ListPage for LocationsPage {
+    type Item = Location;
+    fn into_parts(self) -> (Vec<Location>, Option<Meta>) {
+        (self.locations, self.meta)
+    }
+}
+
+/// Whether a list endpoint takes `sort` (the spec declares none for `GET /server_types`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sorting {
+    ById,
+    Unsupported,
+}
+
 impl Client {
     /// Validates the configuration and builds the HTTP client. Install a rustls crypto
     /// provider first (`rustls::crypto::ring::default_provider().install_default()`).
@@ -362,6 +398,9 @@ impl Client {
                 "action_poll needs initial > 0, max >= initial and a finite factor >= 1".into(),
             ));
         }
+        if config.max_pages == 0 {
+            return Err(Error::Config("max_pages must be at least 1".into()));
+        }
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
@@ -380,6 +419,7 @@ impl Client {
                 action_poll: config.action_poll,
                 budget: config.budget,
                 max_budget_wait: config.max_budget_wait,
+                max_pages: config.max_pages,
                 counts: Mutex::new(HashMap::new()),
                 retries: AtomicU64::new(0),
             }),
@@ -558,10 +598,22 @@ impl Client {
         self.execute(&call, |_, _| Ok(())).await
     }
 
+    /// Every page of a list, sorted by ID.
     async fn list_all<P: ListPage>(
         &self,
         template: &'static str,
         filters: &[(&'static str, &str)],
+    ) -> Result<Vec<P::Item>, Error> {
+        self.list_pages::<P>(template, filters, Sorting::ById).await
+    }
+
+    /// Follows `next_page` (null or 0 ends the list) up to `max_pages` pages; a list with more
+    /// is an error rather than silently cut short.
+    async fn list_pages<P: ListPage>(
+        &self,
+        template: &'static str,
+        filters: &[(&'static str, &str)],
+        sorting: Sorting,
     ) -> Result<Vec<P::Item>, Error> {
         let mut items = Vec::new();
         let mut page: i64 = 1;
@@ -572,20 +624,29 @@ impl Client {
                     call = call.query(key, *value);
                 }
             }
+            if sorting == Sorting::ById {
+                call = call.query("sort", LIST_SORT);
+            }
             call = call
                 .query("page", page.to_string())
                 .query("per_page", PER_PAGE.to_string());
             let (batch, meta) = self.fetch::<P>(call).await?.into_parts();
             items.extend(batch);
             match meta.and_then(|meta| meta.pagination.next_page) {
-                Some(next) if next > page && next <= MAX_PAGES => page = next,
+                None | Some(0) => return Ok(items),
                 Some(next) if next <= page => {
                     return Err(Error::InvalidResponse {
                         status: 200,
                         snippet: format!("{template}: next_page {next} after page {page}"),
                     });
                 }
-                _ => return Ok(items),
+                Some(next) if next > i64::from(self.inner.max_pages) => {
+                    return Err(Error::PageLimit {
+                        path: template,
+                        max_pages: self.inner.max_pages,
+                    });
+                }
+                Some(next) => page = next,
             }
         }
     }
@@ -603,6 +664,12 @@ impl Client {
     pub async fn get_firewall(&self, id: i64) -> Result<Firewall, Error> {
         let call = Call::new(Method::GET, "/firewalls/{id}", format!("/firewalls/{id}"));
         Ok(self.fetch::<FirewallEnvelope>(call).await?.firewall)
+    }
+
+    /// `GET /images/{id}`: a system image, snapshot or backup.
+    pub async fn get_image(&self, id: i64) -> Result<Image, Error> {
+        let call = Call::new(Method::GET, "/images/{id}", format!("/images/{id}"));
+        Ok(self.fetch::<ImageEnvelope>(call).await?.image)
     }
 
     pub async fn get_action(&self, id: i64) -> Result<Action, Error> {
@@ -811,6 +878,74 @@ impl HcloudApi for Client {
 
     async fn get_ssh_key(&self, id: i64) -> Result<SshKey, Error> {
         Client::get_ssh_key(self, id).await
+    }
+
+    async fn create_snapshot(
+        &self,
+        server_id: i64,
+        description: &str,
+        labels: &Labels,
+    ) -> Result<CreateImageResponse, Error> {
+        let body = CreateImage {
+            kind: ImageType::Snapshot,
+            description: (!description.is_empty()).then(|| description.to_owned()),
+            labels: labels.clone(),
+        };
+        let call = Call::new(
+            Method::POST,
+            "/servers/{id}/actions/create_image",
+            format!("/servers/{server_id}/actions/create_image"),
+        )
+        .json(&body)?;
+        self.fetch(call).await
+    }
+
+    async fn list_snapshots(&self, label_selector: &str) -> Result<Vec<Image>, Error> {
+        self.list_all::<ImagesPage>(
+            "/images",
+            &[("type", "snapshot"), ("label_selector", label_selector)],
+        )
+        .await
+    }
+
+    async fn delete_image(&self, id: i64) -> Result<(), Error> {
+        let call = Call::new(Method::DELETE, "/images/{id}", format!("/images/{id}"));
+        self.fetch_empty(call).await
+    }
+
+    async fn server_type_by_name(&self, name: &str) -> Result<Option<ServerType>, Error> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let found = self
+            .list_pages::<ServerTypesPage>("/server_types", &[("name", name)], Sorting::Unsupported)
+            .await?;
+        Ok(found
+            .into_iter()
+            .find(|server_type| server_type.name == name))
+    }
+
+    async fn location_by_name(&self, name: &str) -> Result<Option<Location>, Error> {
+        if name.is_empty() {
+            return Ok(None);
+        }
+        let found = self
+            .list_all::<LocationsPage>("/locations", &[("name", name)])
+            .await?;
+        Ok(found.into_iter().find(|location| location.name == name))
+    }
+
+    async fn image_by_name(&self, name: &str) -> Result<Vec<Image>, Error> {
+        if name.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found = self
+            .list_all::<ImagesPage>("/images", &[("name", name), ("include_deprecated", "true")])
+            .await?;
+        Ok(found
+            .into_iter()
+            .filter(|image| image.name.as_deref() == Some(name))
+            .collect())
     }
 
     async fn wait_for_actions(&self, ids: &[i64], timeout: Duration) -> Result<Vec<Action>, Error> {

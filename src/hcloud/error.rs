@@ -192,6 +192,14 @@ pub enum Error {
     },
     #[error("hcloud actions {ids:?} still running when the wait timed out")]
     ActionTimeout { ids: Vec<i64> },
+    /// A listing had more than `max_pages` pages; returning the first ones would silently
+    /// drop objects (and a reconciler would read them as gone). Raise `ClientConfig::max_pages`
+    /// or narrow the label selector.
+    #[error(
+        "hcloud listing GET {path} has more than {max_pages} pages (of up to 50 items); \
+         refusing to return a truncated list"
+    )]
+    PageLimit { path: &'static str, max_pages: u32 },
     #[error("hcloud client configuration: {0}")]
     Config(String),
 }
@@ -328,6 +336,7 @@ impl Error {
             Error::RateLimited { .. } => "rate_limited",
             Error::ActionFailed { .. } => "action_failed",
             Error::ActionTimeout { .. } => "action_timeout",
+            Error::PageLimit { .. } => "page_limit",
             Error::Config(_) => "config",
         }
     }
@@ -477,6 +486,16 @@ mod tests {
         );
         assert_eq!(api("server_error", 500).metric_label(), "server_error");
         assert_eq!(api("whatever_new", 500).metric_label(), "other_api_error");
+        let truncated = Error::PageLimit {
+            path: "/servers",
+            max_pages: 3,
+        };
+        assert_eq!(truncated.metric_label(), "page_limit");
+        assert!(
+            truncated.to_string().contains("GET /servers"),
+            "{truncated}"
+        );
+        assert!(!truncated.is_terminal() && !truncated.is_retryable_now());
         assert_eq!(
             Error::RateLimited {
                 reset_in: Duration::ZERO

@@ -38,7 +38,8 @@ use std::time::Duration;
 
 pub use budget::Budget;
 pub use client::{
-    ActionPollBackoff, Client, ClientConfig, DEFAULT_ENDPOINT, RequestCount, RetryBackoff, Token,
+    ActionPollBackoff, Client, ClientConfig, DEFAULT_ENDPOINT, DEFAULT_MAX_PAGES, RequestCount,
+    RetryBackoff, Token,
 };
 pub use error::{Error, ErrorCode, TransportKind};
 pub use types::*;
@@ -68,9 +69,11 @@ impl ServerPowerAction {
     }
 }
 
-/// The Hetzner Cloud calls the controller makes. List calls fetch every page (`per_page=50`);
-/// `*_by_name` and `ssh_key_by_fingerprint` return `None` when nothing matches. An empty label
-/// selector means "no filter".
+/// The Hetzner Cloud calls the controller makes. List calls fetch every page (`per_page=50`,
+/// `sort=id:asc` so pages stay stable while objects come and go) and fail with
+/// [`Error::PageLimit`] rather than return a truncated list; `*_by_name` and
+/// `ssh_key_by_fingerprint` return `None` when nothing matches. An empty label selector means
+/// "no filter".
 ///
 /// Creates are not idempotent and may be retried after a timeout (when the first attempt may
 /// have succeeded): callers treat `uniqueness_error` as "it exists", look the object up and
@@ -171,6 +174,37 @@ pub trait HcloudApi: Send + Sync {
     fn get_server(&self, id: i64) -> impl Future<Output = Result<Server, Error>> + Send;
     /// `GET /ssh_keys/{id}`: one SSH key (adopting the key object the row records).
     fn get_ssh_key(&self, id: i64) -> impl Future<Output = Result<SshKey, Error>> + Send;
+
+    /// `POST /servers/{id}/actions/create_image` with type `snapshot`: the image is `creating`
+    /// until the returned action finishes (the server is locked meanwhile), then `available`.
+    /// Snapshots outlive the server. An empty `description` lets Hetzner generate one.
+    fn create_snapshot(
+        &self,
+        server_id: i64,
+        description: &str,
+        labels: &Labels,
+    ) -> impl Future<Output = Result<CreateImageResponse, Error>> + Send;
+    /// Every snapshot image (`type=snapshot`) matching the selector.
+    fn list_snapshots(
+        &self,
+        label_selector: &str,
+    ) -> impl Future<Output = Result<Vec<Image>, Error>> + Send;
+    /// `DELETE /images/{id}`: snapshots and backups only; system images can't be deleted.
+    fn delete_image(&self, id: i64) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// A server type by exact name (e.g. `cpx22`), to validate plans at startup.
+    fn server_type_by_name(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<ServerType>, Error>> + Send;
+    /// A location by exact name (e.g. `fsn1`).
+    fn location_by_name(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Location>, Error>> + Send;
+    /// Every image with this exact name (system image names repeat, one per architecture),
+    /// deprecated ones included (check [`Image::deprecated`]); empty when there is none.
+    fn image_by_name(&self, name: &str) -> impl Future<Output = Result<Vec<Image>, Error>> + Send;
 
     /// Polls `GET /actions?id=..` (at most 25 IDs per request) until every action finished.
     /// Returns the finished actions in the order of `ids` (duplicates removed);

@@ -395,6 +395,143 @@ pub struct CreateFirewallResponse {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Images (system images and snapshots), server types, locations
+
+/// CPU architecture of a server type or image. Anything new decodes as `Unknown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Architecture {
+    X86,
+    Arm,
+    #[serde(other)]
+    Unknown,
+}
+
+/// `type` of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageType {
+    System,
+    App,
+    Snapshot,
+    Backup,
+    #[serde(other)]
+    Unknown,
+}
+
+/// `status` of an image: a snapshot is `creating` while its `create_image` action runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageStatus {
+    Available,
+    Creating,
+    Unavailable,
+    #[serde(other)]
+    Unknown,
+}
+
+/// An image: a system image (`ubuntu-24.04`, one per architecture) or a snapshot/backup of a
+/// server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Image {
+    pub id: i64,
+    #[serde(rename = "type")]
+    pub kind: ImageType,
+    pub status: ImageStatus,
+    /// Only system images have a name; null for snapshots and backups.
+    pub name: Option<String>,
+    pub description: String,
+    #[serde(default)]
+    pub labels: Labels,
+    pub created: DateTime<Utc>,
+    /// The server a snapshot or backup was taken of (its name at that time).
+    #[serde(default)]
+    pub created_from: Option<ImageCreatedFrom>,
+    pub architecture: Architecture,
+    #[serde(default)]
+    pub os_flavor: Option<String>,
+    #[serde(default)]
+    pub os_version: Option<String>,
+    /// GB stored (what snapshots are billed by); null while unknown.
+    #[serde(default)]
+    pub image_size: Option<f64>,
+    /// GB of the disk the image holds.
+    pub disk_size: f64,
+    /// The server a backup belongs to (backups are deleted with it).
+    #[serde(default)]
+    pub bound_to: Option<i64>,
+    /// When the image was or will be deprecated.
+    #[serde(default)]
+    pub deprecated: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageCreatedFrom {
+    pub id: i64,
+    pub name: String,
+}
+
+/// `POST /servers/{id}/actions/create_image` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateImage {
+    /// `snapshot` (independent of the server) or `backup` (needs the server's backup option).
+    #[serde(rename = "type")]
+    pub kind: ImageType,
+    /// Omitted: Hetzner generates one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// `POST /servers/{id}/actions/create_image` answer: the image (`creating`) and the action
+/// that makes it `available`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CreateImageResponse {
+    pub image: Image,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerType {
+    pub id: i64,
+    pub name: String,
+    pub description: String,
+    /// JSON numbers in the spec.
+    pub cores: f64,
+    /// GB.
+    pub memory: f64,
+    /// GB.
+    pub disk: f64,
+    /// Deprecated server types can't be ordered any more.
+    #[serde(default)]
+    pub deprecated: Option<bool>,
+    pub cpu_type: String,
+    pub architecture: Architecture,
+    /// Where the type can be ordered.
+    #[serde(default)]
+    pub locations: Vec<ServerTypeLocation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerTypeLocation {
+    pub id: i64,
+    pub name: String,
+    #[serde(default)]
+    pub available: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Location {
+    pub id: i64,
+    pub name: String,
+    pub description: String,
+    pub country: String,
+    pub city: String,
+    pub network_zone: String,
+}
+
+// ---------------------------------------------------------------------------------------------
 // Actions
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -510,6 +647,29 @@ pub struct FirewallEnvelope {
 #[derive(Debug, Deserialize)]
 pub struct FirewallsPage {
     pub firewalls: Vec<Firewall>,
+    pub meta: Option<Meta>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ImageEnvelope {
+    pub image: Image,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ImagesPage {
+    pub images: Vec<Image>,
+    pub meta: Option<Meta>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ServerTypesPage {
+    pub server_types: Vec<ServerType>,
+    pub meta: Option<Meta>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LocationsPage {
+    pub locations: Vec<Location>,
     pub meta: Option<Meta>,
 }
 

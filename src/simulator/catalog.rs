@@ -271,6 +271,13 @@ pub(crate) const IMAGES: &[Image] = &[
 
 const CATALOG_CREATED: &str = "2024-01-01T00:00:00+00:00";
 
+/// When the catalog's images were created (for `sort=created`).
+pub(crate) fn catalog_created() -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(CATALOG_CREATED)
+        .map(|t| t.to_utc())
+        .unwrap_or_default()
+}
+
 fn gross(net: &str) -> String {
     // 19 % VAT, four decimals like the API.
     let net: f64 = net.parse().unwrap_or(0.0);

@@ -89,12 +89,25 @@ pub(crate) struct Stats {
     pub rate_limited: u64,
     /// Requests that got an injected fault (not part of the documented shape; extra key).
     pub faults: u64,
+    /// List requests by endpoint and `sort` parameters: `"GET /servers sort=id:asc"`, or
+    /// `"GET /servers unsorted"` without `sort` (extra key).
+    pub list_sorts: BTreeMap<String, u64>,
 }
 
 impl Stats {
     pub(crate) fn count(&mut self, key: String) {
         self.total += 1;
         *self.by_endpoint.entry(key).or_insert(0) += 1;
+    }
+
+    /// Counts a list request (`key` is `"GET <template>"`) by its `sort` values, in order.
+    pub(crate) fn count_sort(&mut self, key: &str, sorts: &[&str]) {
+        let key = if sorts.is_empty() {
+            format!("{key} unsorted")
+        } else {
+            format!("{key} sort={}", sorts.join(","))
+        };
+        *self.list_sorts.entry(key).or_insert(0) += 1;
     }
 }
 

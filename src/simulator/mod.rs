@@ -1,18 +1,20 @@
 //! The built-in Hetzner Cloud API simulator: a stateful stand-in for `https://api.hetzner.cloud/v1`
-//! covering servers, SSH keys, firewalls, actions and the catalog (server types, images,
-//! locations), with validation, uniqueness, asynchronous actions, rate limiting, authentication
+//! covering servers, SSH keys, firewalls, actions, snapshot images and the catalog (server types,
+//! system images, locations), with validation, uniqueness, asynchronous actions, rate limiting, authentication
 //! and seeded fault injection. It follows `shared/hcloud/API-NOTES.md` and the official OpenAPI
 //! spec and deliberately shares no code with the client in `crate::hcloud`.
 //!
 //! Endpoints (under `/v1`): `servers` (list/get/create/update/delete, actions poweron, poweroff,
-//! shutdown, reboot, reset, rebuild, change_type, action lists), `ssh_keys`, `firewalls` (with
-//! set_rules, apply_to_resources, remove_from_resources, action lists), `actions` (`/{id}` and
-//! `?id=`), `servers/actions`, `firewalls/actions`, and read-only `server_types`, `images`,
-//! `locations`.
+//! shutdown, reboot, reset, rebuild, change_type, create_image, action lists), `ssh_keys`,
+//! `firewalls` (with set_rules, apply_to_resources, remove_from_resources, action lists),
+//! `actions` (`/{id}` and `?id=`), `servers/actions`, `firewalls/actions`, `images` (system
+//! images plus snapshots: list/get, and update/delete for snapshots), and read-only
+//! `server_types` and `locations`.
 //!
 //! Test hooks outside `/v1` (no auth, not rate limited, not counted):
 //! `GET /__simulator/stats` → `{"total", "by_endpoint": {"GET /servers/{id}": n, …},
-//! "rate_limited", "faults"}` (unroutable paths count as `"METHOD <unmatched>"`),
+//! "rate_limited", "faults", "list_sorts": {"GET /servers sort=id:asc": n, "GET /images unsorted":
+//! n, …}}` (unroutable paths count as `"METHOD <unmatched>"`),
 //! `POST /__simulator/reset` (zeroes the counters, keeps the resources),
 //! `POST /__simulator/faults` with `{"rate": F}`.
 //!
@@ -25,8 +27,13 @@
 //! - `per_page` above 50 is clamped to 50 (the answer's `meta.pagination.per_page` says so);
 //!   `page`/`per_page` below 1 or not a number → 422 `invalid_input`.
 //! - Without `sort`, lists are ordered by ID.
-//! - A server is `locked` (and its power/rebuild actions get 423 `locked`) while one of its server
-//!   actions runs; firewall actions do not lock it; DELETE is always allowed.
+//! - A server is `locked` (and its power/rebuild/create_image actions get 423 `locked`) while one
+//!   of its server actions runs (create_image included); firewall actions do not lock it; DELETE
+//!   is always allowed.
+//! - Snapshots: `create_image` with `type: backup` is `invalid_input` (servers have no backup
+//!   option here); a snapshot whose action fails stays as `unavailable`; PUT/DELETE of a system
+//!   image is 403 `forbidden`; deleting a server keeps its snapshots. `GET /server_types` has no
+//!   `sort` in the spec and ignores it (like any unknown parameter).
 //! - Unknown fields are rejected where the spec says `additionalProperties: false` (firewall
 //!   requests) and ignored elsewhere, except `datacenter` (removed from the API) and features the
 //!   simulator does not model (volumes, networks, placement groups, primary IPs), which are
@@ -357,6 +364,12 @@ async fn api_request(shared: Arc<Shared>, request: Request) -> Response {
     let (allowed, limits) = {
         let mut control = lock(&shared.control);
         control.stats.count(key.clone());
+        if let Routed::Found { template, .. } = &routed
+            && method == axum::http::Method::GET
+            && !template.ends_with('}')
+        {
+            control.stats.count_sort(&key, &query.all("sort"));
+        }
         let allowed = control.bucket.try_take(started);
         if !allowed {
             control.stats.rate_limited += 1;

@@ -55,6 +55,11 @@ pub(crate) enum Endpoint {
     GetServerType(i64),
     ListImages,
     GetImage(i64),
+    UpdateImage(i64),
+    DeleteImage(i64),
+    /// `POST /servers/{id}/actions/create_image`: answers `{image, action}`, unlike the other
+    /// server actions.
+    CreateImage(i64),
     ListLocations,
     GetLocation(i64),
 }
@@ -67,6 +72,7 @@ impl Endpoint {
             Endpoint::CreateServer
                 | Endpoint::DeleteServer(_)
                 | Endpoint::ServerAction(..)
+                | Endpoint::CreateImage(_)
                 | Endpoint::CreateFirewall
                 | Endpoint::FirewallAction(..)
         )
@@ -156,6 +162,10 @@ pub(crate) fn route(method: &Method, path: &str) -> Routed {
             "/servers/{id}/actions",
             vec![(get, E::ListServerActions(id(s)))],
         ),
+        ["servers", s, "actions", "create_image"] => (
+            "/servers/{id}/actions/create_image",
+            vec![(post, E::CreateImage(id(s)))],
+        ),
         ["servers", s, "actions", verb] => match server_verb(verb) {
             Some((template, verb)) => (template, vec![(post, E::ServerAction(id(s), verb))]),
             None if is_number(verb) => (
@@ -210,7 +220,14 @@ pub(crate) fn route(method: &Method, path: &str) -> Routed {
         ["server_types"] => ("/server_types", vec![(get, E::ListServerTypes)]),
         ["server_types", t] => ("/server_types/{id}", vec![(get, E::GetServerType(id(t)))]),
         ["images"] => ("/images", vec![(get, E::ListImages)]),
-        ["images", i] => ("/images/{id}", vec![(get, E::GetImage(id(i)))]),
+        ["images", i] => (
+            "/images/{id}",
+            vec![
+                (get, E::GetImage(id(i))),
+                (put, E::UpdateImage(id(i))),
+                (delete, E::DeleteImage(id(i))),
+            ],
+        ),
         ["locations"] => ("/locations", vec![(get, E::ListLocations)]),
         ["locations", l] => ("/locations/{id}", vec![(get, E::GetLocation(id(l)))]),
         _ => return Routed::NotFound,
@@ -246,6 +263,14 @@ mod tests {
         assert_eq!(
             template(Method::GET, "/v1/servers/7/actions/9"),
             Some("/servers/{id}/actions/{action_id}")
+        );
+        assert_eq!(
+            template(Method::POST, "/v1/servers/7/actions/create_image"),
+            Some("/servers/{id}/actions/create_image")
+        );
+        assert_eq!(
+            template(Method::DELETE, "/v1/images/4"),
+            Some("/images/{id}")
         );
         assert!(matches!(
             route(&Method::PATCH, "/v1/servers/7"),

@@ -1,4 +1,4 @@
-//! The simulated project: servers, SSH keys, firewalls and actions.
+//! The simulated project: servers, SSH keys, firewalls, snapshot images and actions.
 //!
 //! Actions are not driven by a background task: each carries its start instant and duration, and
 //! [`World::settle`] (called at the start of every request) applies the effects of every action
@@ -14,9 +14,9 @@ use super::catalog::{IMAGES, LOCATIONS, SERVER_TYPES};
 use super::control::SplitMix64;
 use super::labels::{Labels, Selector};
 use super::wire::{
-    ActionErrorOut, ActionOut, AppliedResourceOut, AppliedToOut, FirewallOut, Ipv4Out, Ipv6Out,
-    PublicNetOut, ResourceRef, RuleOut, SelectorOut, ServerFirewallOut, ServerIdOut, ServerOut,
-    ServerProtection, SshKeyOut,
+    ActionErrorOut, ActionOut, AppliedResourceOut, AppliedToOut, CreatedFromOut, FirewallOut,
+    ImageOut, ImageProtection, Ipv4Out, Ipv6Out, PublicNetOut, ResourceRef, RuleOut, SelectorOut,
+    ServerFirewallOut, ServerIdOut, ServerOut, ServerProtection, SshKeyOut,
 };
 
 pub(crate) fn rfc3339(t: DateTime<Utc>) -> String {
@@ -84,6 +84,67 @@ pub(crate) struct SshKey {
     pub created: DateTime<Utc>,
 }
 
+/// A snapshot image taken of a server (`POST /servers/{id}/actions/create_image`). It is
+/// independent of the server: deleting the server keeps it.
+pub(crate) struct Snapshot {
+    pub id: i64,
+    pub description: String,
+    pub labels: Labels,
+    pub created: DateTime<Utc>,
+    /// The server's ID and its name when the snapshot was taken.
+    pub created_from: (i64, String),
+    /// Catalog index of the server's image (OS flavor, version, architecture).
+    pub base_image: usize,
+    /// GB of the disk the snapshot holds.
+    pub disk_size: u32,
+    /// The `create_image` action, while it runs.
+    pub creating_action: Option<i64>,
+    /// The `create_image` action ended in `error`: the image stays, `unavailable`.
+    pub failed: bool,
+}
+
+impl Snapshot {
+    pub(crate) fn status(&self) -> &'static str {
+        match (self.creating_action, self.failed) {
+            (Some(_), _) => "creating",
+            (None, false) => "available",
+            (None, true) => "unavailable",
+        }
+    }
+
+    /// GB stored: what the disk holds (compressed), not the disk size; a plausible figure.
+    pub(crate) fn image_size(&self) -> f64 {
+        ((f64::from(self.disk_size) * 0.04 + 1.1) * 100.0).round() / 100.0
+    }
+
+    pub(crate) fn out(&self) -> ImageOut {
+        let base = &IMAGES[self.base_image];
+        ImageOut {
+            id: self.id,
+            kind: "snapshot",
+            status: self.status(),
+            name: None,
+            description: self.description.clone(),
+            image_size: Some(self.image_size()),
+            disk_size: f64::from(self.disk_size),
+            created: rfc3339(self.created),
+            created_from: Some(CreatedFromOut {
+                id: self.created_from.0,
+                name: self.created_from.1.clone(),
+            }),
+            bound_to: None,
+            os_flavor: base.os_flavor.to_string(),
+            os_version: Some(base.os_version.to_string()),
+            rapid_deploy: false,
+            protection: ImageProtection { delete: false },
+            deprecated: None,
+            deleted: None,
+            labels: self.labels.clone(),
+            architecture: base.architecture,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(crate) enum Target {
     Server(i64),
@@ -131,6 +192,10 @@ pub(crate) enum Effect {
     },
     FirewallRemove {
         firewall: i64,
+    },
+    /// A snapshot becomes `available` (or `unavailable` when the action failed).
+    ImageCreated {
+        image: i64,
     },
 }
 
@@ -203,12 +268,14 @@ pub(crate) struct World {
     pub servers: BTreeMap<i64, Server>,
     pub ssh_keys: BTreeMap<i64, SshKey>,
     pub firewalls: BTreeMap<i64, Firewall>,
+    pub snapshots: BTreeMap<i64, Snapshot>,
     pub actions: BTreeMap<i64, Action>,
     /// Actions whose effects have not been applied yet.
     pending: BTreeSet<i64>,
     next_server_id: i64,
     next_ssh_key_id: i64,
     next_firewall_id: i64,
+    next_image_id: i64,
     next_action_id: i64,
     next_primary_ip_id: i64,
     next_ipv4: u32,
@@ -227,12 +294,15 @@ impl World {
             servers: BTreeMap::new(),
             ssh_keys: BTreeMap::new(),
             firewalls: BTreeMap::new(),
+            snapshots: BTreeMap::new(),
             actions: BTreeMap::new(),
             pending: BTreeSet::new(),
             // Distinct ID ranges per kind, so a client mixing up IDs hits `not_found`.
             next_server_id: 100_001,
             next_ssh_key_id: 200_001,
             next_firewall_id: 300_001,
+            // Below every catalog (system) image ID.
+            next_image_id: 500_001,
             next_action_id: 1_000_001,
             next_primary_ip_id: 400_001,
             next_ipv4: 1,
@@ -256,6 +326,12 @@ impl World {
     pub(crate) fn new_firewall_id(&mut self) -> i64 {
         let id = self.next_firewall_id;
         self.next_firewall_id += 1;
+        id
+    }
+
+    pub(crate) fn new_image_id(&mut self) -> i64 {
+        let id = self.next_image_id;
+        self.next_image_id += 1;
         id
     }
 
@@ -367,6 +443,12 @@ impl World {
                                 a.apply_action = None;
                             }
                         }
+                    }
+                }
+                Effect::ImageCreated { image } => {
+                    if let Some(snapshot) = self.snapshots.get_mut(&image) {
+                        snapshot.creating_action = None;
+                        snapshot.failed = failed;
                     }
                 }
                 Effect::FirewallRemove { firewall } => {

@@ -89,6 +89,13 @@ pub(crate) struct ImageProtection {
     pub delete: bool,
 }
 
+/// The server a snapshot was taken of, with its name at that time.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct CreatedFromOut {
+    pub id: i64,
+    pub name: String,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct ImageOut {
     pub id: i64,
@@ -100,7 +107,7 @@ pub(crate) struct ImageOut {
     pub image_size: Option<f64>,
     pub disk_size: f64,
     pub created: String,
-    pub created_from: Option<()>,
+    pub created_from: Option<CreatedFromOut>,
     pub bound_to: Option<i64>,
     pub os_flavor: String,
     pub os_version: Option<String>,
