@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use crate::db::leases;
 
-pub const LEASE_NAME: &str = "vps-controller";
+pub use crate::db::leases::LEASE_NAME;
 pub const LEASE_TTL: Duration = Duration::from_secs(15);
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 
@@ -68,8 +68,8 @@ pub async fn run(
         let asked_at = Instant::now();
         let renew = leases::try_acquire(&db, LEASE_NAME, &holder, LEASE_TTL);
         match tokio::time::timeout(RENEW_EVERY, renew).await {
-            Ok(Ok(true)) => leadership.renewed(asked_at),
-            Ok(Ok(false)) => leadership.lost(),
+            Ok(Ok(Some(_fence))) => leadership.renewed(asked_at),
+            Ok(Ok(None)) => leadership.lost(),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "lease renew failed; not acting until it succeeds");
                 leadership.lost();

@@ -222,7 +222,8 @@ impl<A: HcloudApi + 'static> Controller<A> {
         let started = Instant::now();
         let config = &self.reconciler.config;
         let snapshot = observe::observe(&self.reconciler.api, &instance_selector(config)).await?;
-        let rows = subscriptions::all(&self.reconciler.db).await?;
+        // TODO(controller): rows in `.bad` must protect their resources from orphan deletion.
+        let rows = subscriptions::all(&self.reconciler.db).await?.rows;
         let size = [
             snapshot.resources.servers.len(),
             snapshot.resources.ssh_keys.len(),

@@ -536,7 +536,7 @@ impl<A: HcloudApi> Executor<'_, A> {
 
     async fn write(&self, progress: &Progress, update: StatusUpdate) -> Result<(), ReconcileError> {
         if progress.row_exists {
-            subscriptions::write_status(self.db, &progress.subscription_id, &update).await?;
+            subscriptions::write_status(self.db, None, &progress.subscription_id, &update).await?;
         }
         Ok(())
     }

@@ -234,7 +234,7 @@ impl<A: HcloudApi> Reconciler<A> {
                 provisioning_status: Some("deprovisioning".into()),
                 ..Default::default()
             };
-            subscriptions::write_status(&self.db, &desired.subscription_id, &update).await?;
+            subscriptions::write_status(&self.db, None, &desired.subscription_id, &update).await?;
         }
         executor.run(spec, &plan.ops, &mut progress).await?;
         Ok(progress)
@@ -335,7 +335,7 @@ impl<A: HcloudApi> Reconciler<A> {
                 tracing::info!(subscription = %row.id, reason, "{message}");
                 events::record(&self.db, &row.id, kind, reason, &message).await?;
             }
-            subscriptions::write_status(&self.db, &row.id, &update).await?;
+            subscriptions::write_status(&self.db, None, &row.id, &update).await?;
         }
         Ok(done)
     }
@@ -373,7 +373,7 @@ impl<A: HcloudApi> Reconciler<A> {
         }
         let update = only_changes(row, update);
         if !update.is_empty() {
-            subscriptions::write_status(&self.db, &row.id, &update).await?;
+            subscriptions::write_status(&self.db, None, &row.id, &update).await?;
         }
         Ok(())
     }
