@@ -311,7 +311,7 @@ async fn active_rows_converge_canceled_ones_stay_empty_and_steady_state_only_lis
         }
 
         // Steady state: a resync lists (3 requests), writes nothing at Hetzner or in the DB.
-        let before = subscriptions::all(&env.db).await.unwrap();
+        let before = subscriptions::all(&env.db).await.unwrap().rows;
         env.reset_stats().await;
         env.resync().await;
         env.process_changes().await;
@@ -325,7 +325,7 @@ async fn active_rows_converge_canceled_ones_stay_empty_and_steady_state_only_lis
             );
         }
         assert_eq!(
-            subscriptions::all(&env.db).await.unwrap(),
+            subscriptions::all(&env.db).await.unwrap().rows,
             before,
             "[{}] no row changed",
             env.backend
@@ -411,7 +411,7 @@ async fn every_kind_of_drift_is_repaired_within_one_resync() {
             env.insert(id, "active", "starter").await;
         }
         env.resync().await;
-        let before: BTreeMap<String, subscription::Model> = subscriptions::all(&env.db).await.unwrap().into_iter().map(|r| (r.id.clone(), r)).collect();
+        let before: BTreeMap<String, subscription::Model> = subscriptions::all(&env.db).await.unwrap().rows.into_iter().map(|r| (r.id.clone(), r)).collect();
         let server = |id: &str| before[id].hetzner_server_id.unwrap();
         let firewall = |id: &str| before[id].hetzner_firewall_id.unwrap();
 

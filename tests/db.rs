@@ -81,7 +81,7 @@ async fn fresh_database_accepts_the_plain_insert_with_defaults() {
         assert_eq!(stamped, 1, "[{backend}] created_at/updated_at defaulted");
 
         assert_eq!(
-            subscriptions::all(&db).await.unwrap(),
+            subscriptions::all(&db).await.unwrap().rows,
             vec![row],
             "[{backend}]"
         );
@@ -114,7 +114,7 @@ async fn migrating_again_changes_nothing() {
 
         db::migrate(&db).await.unwrap();
         let recorded = query_i64(&db, "SELECT count(*) FROM vps_controller_migrations").await;
-        assert_eq!(recorded, 1, "[{backend}] one migration recorded");
+        assert_eq!(recorded, 2, "[{backend}] both migrations recorded");
         assert_eq!(
             desired_version(&db, "sub_1").await,
             2,
@@ -198,7 +198,7 @@ async fn upgrade_keeps_the_web_app_rows_and_they_decode() {
 
         db::migrate(&db).await.unwrap();
 
-        let rows = subscriptions::all(&db).await.unwrap();
+        let rows = subscriptions::all(&db).await.unwrap().rows;
         let summary: Vec<_> = rows
             .iter()
             .map(|row| {
@@ -247,7 +247,7 @@ async fn upgrade_keeps_the_web_app_rows_and_they_decode() {
         assert_eq!(desired_version(&db, "old_2").await, 2, "[{backend}]");
         insert_plain(&db, "new_1").await;
         assert_eq!(
-            subscriptions::all(&db).await.unwrap().len(),
+            subscriptions::all(&db).await.unwrap().rows.len(),
             3,
             "[{backend}]"
         );
@@ -322,9 +322,12 @@ async fn spec_changes_bump_desired_version_and_status_writes_do_not() {
             deprovisioned_at: Some(None),
             ssh_private_key: Some(Some("sealed:v1:abc".into())),
             ssh_public_key: Some(Some("ssh-ed25519 AAAA vps-a".into())),
+            ssh_key_origin: Some(Some("controller".into())),
             observed_version: Some(1),
         };
-        subscriptions::write_status(&db, "a", &full).await.unwrap();
+        subscriptions::write_status(&db, None, "a", &full)
+            .await
+            .unwrap();
         let row = subscriptions::get(&db, "a").await.unwrap().unwrap();
         assert_eq!(
             (row.desired_version, row.observed_version),
@@ -401,7 +404,7 @@ async fn spec_changes_bump_desired_version_and_status_writes_do_not() {
             vps_ip_address: Some(None),
             ..StatusUpdate::default()
         };
-        subscriptions::write_status(&db, "a", &partial)
+        subscriptions::write_status(&db, None, "a", &partial)
             .await
             .unwrap();
         let row = subscriptions::get(&db, "a").await.unwrap().unwrap();
@@ -418,14 +421,16 @@ async fn spec_changes_bump_desired_version_and_status_writes_do_not() {
             observed_version: Some(8),
             ..StatusUpdate::default()
         };
-        subscriptions::write_status(&db, "a", &done).await.unwrap();
+        subscriptions::write_status(&db, None, "a", &done)
+            .await
+            .unwrap();
         assert_eq!(
             subscriptions::changed(&db).await.unwrap(),
             vec![("b".to_owned(), 1)],
             "[{backend}]"
         );
 
-        let err = subscriptions::write_status(&db, "gone", &done)
+        let err = subscriptions::write_status(&db, None, "gone", &done)
             .await
             .unwrap_err();
         assert!(
@@ -641,25 +646,40 @@ async fn lease_is_exclusive_until_it_expires_or_is_released() {
         let long = Duration::from_secs(30);
 
         assert!(
-            leases::try_acquire(&db, "leader", "a", long).await.unwrap(),
+            leases::try_acquire(&db, "leader", "a", long)
+                .await
+                .unwrap()
+                .is_some(),
             "[{backend}]"
         );
         assert!(
-            !leases::try_acquire(&db, "leader", "b", long).await.unwrap(),
+            !leases::try_acquire(&db, "leader", "b", long)
+                .await
+                .unwrap()
+                .is_some(),
             "[{backend}]"
         );
         assert!(
-            leases::try_acquire(&db, "leader", "a", long).await.unwrap(),
+            leases::try_acquire(&db, "leader", "a", long)
+                .await
+                .unwrap()
+                .is_some(),
             "[{backend}] owner renews"
         );
         leases::release(&db, "leader", "b").await.unwrap();
         assert!(
-            !leases::try_acquire(&db, "leader", "b", long).await.unwrap(),
+            !leases::try_acquire(&db, "leader", "b", long)
+                .await
+                .unwrap()
+                .is_some(),
             "[{backend}] only the holder can release"
         );
         leases::release(&db, "leader", "a").await.unwrap();
         assert!(
-            leases::try_acquire(&db, "leader", "b", long).await.unwrap(),
+            leases::try_acquire(&db, "leader", "b", long)
+                .await
+                .unwrap()
+                .is_some(),
             "[{backend}] released lease is free"
         );
         let row = lease::Entity::find_by_id("leader".to_owned())
@@ -673,20 +693,32 @@ async fn lease_is_exclusive_until_it_expires_or_is_released() {
         // Expiry: b gets the lease only once a's short lease has run out.
         let short = Duration::from_secs(1);
         assert!(
-            leases::try_acquire(&db, "short", "a", short).await.unwrap(),
+            leases::try_acquire(&db, "short", "a", short)
+                .await
+                .unwrap()
+                .is_some(),
             "[{backend}]"
         );
         assert!(
-            !leases::try_acquire(&db, "short", "b", long).await.unwrap(),
+            !leases::try_acquire(&db, "short", "b", long)
+                .await
+                .unwrap()
+                .is_some(),
             "[{backend}]"
         );
         let taken_over = eventually(Duration::from_secs(10), || async {
-            leases::try_acquire(&db, "short", "b", long).await.unwrap()
+            leases::try_acquire(&db, "short", "b", long)
+                .await
+                .unwrap()
+                .is_some()
         })
         .await;
         assert!(taken_over, "[{backend}] expired lease taken over");
         assert!(
-            !leases::try_acquire(&db, "short", "a", short).await.unwrap(),
+            !leases::try_acquire(&db, "short", "a", short)
+                .await
+                .unwrap()
+                .is_some(),
             "[{backend}]"
         );
 
@@ -714,6 +746,7 @@ async fn concurrent_lease_candidates_get_exactly_one_winner() {
                     leases::try_acquire(db, &name, &format!("h{i}"), Duration::from_secs(30))
                         .await
                         .unwrap()
+                        .is_some()
                 }
             });
             let winners = futures::future::join_all(attempts)
@@ -759,7 +792,7 @@ async fn postgres_notifies_on_spec_changes_but_not_on_status_writes() {
             observed_version: Some(1),
             ..StatusUpdate::default()
         };
-        subscriptions::write_status(&db, "n1", &update)
+        subscriptions::write_status(&db, None, "n1", &update)
             .await
             .unwrap();
         exec(&db, "UPDATE subscriptions SET plan = 'pro' WHERE id = 'n2'").await;
@@ -856,6 +889,8 @@ fn debug_output_never_shows_the_sealed_private_key() {
         desired_version: 1,
         observed_version: 1,
         last_reconciled_at: None,
+        status_changed_at: None,
+        ssh_key_origin: None,
     };
     let printed = format!("{model:?}");
     assert!(!printed.contains("sealed-ciphertext-xyz"), "{printed}");

@@ -7,6 +7,7 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20260214_000001_controller_schema;
+mod m20261130_000001_safety;
 
 /// Name of the table recording applied migrations. Not sea-orm's default `seaql_migrations`
 /// so that, in a database shared with the web app, it is obvious which tool owns it.
@@ -17,7 +18,10 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20260214_000001_controller_schema::Migration)]
+        vec![
+            Box::new(m20260214_000001_controller_schema::Migration),
+            Box::new(m20261130_000001_safety::Migration),
+        ]
     }
 
     fn migration_table_name() -> DynIden {

@@ -24,6 +24,23 @@ pub enum DbError {
     #[error("subscription {id:?} not found")]
     SubscriptionNotFound { id: String },
 
+    /// A fenced write was refused: the caller's lease expired or another replica took it over
+    /// (a newer epoch). Stop acting; nothing was written.
+    #[error(
+        "lease lost: this replica no longer holds the leader lease (expired or taken over), \
+         so the write was refused; stop acting until the lease is acquired again"
+    )]
+    LeaseLost,
+
+    /// A stored value the controller cannot use (NULL where a value is needed, a BLOB or an
+    /// integer where text is expected, a malformed id, ...). `problem` names the column.
+    #[error("{what} cannot be read: {problem}")]
+    BadData { what: String, problem: String },
+
+    /// The schema is missing something `vps-controller migrate` creates.
+    #[error("{0}; run `vps-controller migrate`")]
+    NotMigrated(String),
+
     /// An argument was rejected before reaching the database.
     #[error("invalid {field}: {problem}")]
     InvalidInput {
@@ -46,6 +63,9 @@ impl DbError {
             },
             DbError::SubscriptionNotFound { .. } => "not_found",
             DbError::InvalidInput { .. } => "invalid_input",
+            DbError::LeaseLost => "lease_lost",
+            DbError::BadData { .. } => "decode",
+            DbError::NotMigrated(_) => "not_migrated",
         }
     }
 }

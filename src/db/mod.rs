@@ -5,15 +5,19 @@
 //! changes, so `desired_version <> observed_version` marks rows that need a reconcile pass.
 
 mod connection;
+pub mod deletion_guard;
 pub mod entities;
 mod error;
 pub mod events;
+pub mod installation;
 pub mod leases;
+pub mod state;
 pub mod subscriptions;
 
 pub use connection::{DEFAULT_DATABASE_URL, connect, migrate};
 pub use error::DbError;
 pub use events::EventKind;
+pub use leases::{Fence, LEASE_NAME};
 pub use subscriptions::StatusUpdate;
 
 /// PostgreSQL channel the triggers NOTIFY with a subscription id as payload when a row is

@@ -1,31 +1,94 @@
 //! Reading desired state and writing observed status back onto `subscriptions`.
+//!
+//! Rows are decoded one by one: the table belongs to the web app, and one row the controller
+//! cannot read (a NULL id, a BLOB where text belongs) must never stop it from serving the others.
 
-use sea_orm::sea_query::Expr;
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, Statement};
+use sea_orm::{ConnectionTrait, QueryResult, Statement, TryGetable, Value};
 
-use super::entities::subscription::{self, Column, Entity};
+use super::entities::subscription;
+use super::leases::{self, Fence};
 use super::{DbError, SEALED};
 
-/// The query behind [`changed`]. Its WHERE clause is the predicate of the partial index
+/// The query behind [`changed`]. Its WHERE clause contains the predicate of the partial index
 /// `subscriptions_unreconciled_idx`, which is what lets the planner use that index; public so
-/// tests can EXPLAIN it.
+/// tests can EXPLAIN it. Rows without an id cannot be reconciled and are left out.
 pub const CHANGED_SQL: &str = "SELECT id, desired_version FROM subscriptions \
-     WHERE desired_version <> observed_version ORDER BY id";
+     WHERE desired_version <> observed_version AND id IS NOT NULL ORDER BY id";
 
-/// Every subscription, ordered by id.
-pub async fn all(db: &impl ConnectionTrait) -> Result<Vec<subscription::Model>, DbError> {
-    Ok(Entity::find().order_by_asc(Column::Id).all(db).await?)
+/// Longest [`BadRow::problem`], in characters.
+pub const MAX_PROBLEM_CHARS: usize = 300;
+
+/// The columns [`subscription::Model`] is decoded from, in a SELECT list.
+const COLUMNS: &str = "id, user_id, stripe_subscription_id, status, plan, hetzner_server_id, \
+     hetzner_ssh_key_id, hetzner_firewall_id, vps_ip_address, vps_hostname, provisioning_status, \
+     provisioning_error, provisioned_at, deprovisioned_at, ssh_private_key, ssh_public_key, \
+     desired_version, observed_version, last_reconciled_at, status_changed_at, ssh_key_origin";
+
+/// Every subscription the controller can read, and the ones it cannot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rows {
+    /// Decoded rows, ordered by id.
+    pub rows: Vec<subscription::Model>,
+    /// Rows that did not decode, in the same order.
+    pub bad: Vec<BadRow>,
 }
 
+/// A row of `subscriptions` the controller cannot read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRow {
+    /// The row's id when it is readable text (or an integer), `None` otherwise.
+    pub id: Option<String>,
+    /// What is wrong, naming the column; at most [`MAX_PROBLEM_CHARS`] characters.
+    pub problem: String,
+}
+
+/// Every subscription, ordered by id. A row that does not decode lands in [`Rows::bad`]; it
+/// never fails the call.
+pub async fn all(db: &impl ConnectionTrait) -> Result<Rows, DbError> {
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT {COLUMNS} FROM subscriptions ORDER BY id"),
+        ))
+        .await?;
+    let mut out = Rows::default();
+    for row in &rows {
+        match decode(row) {
+            Ok(model) => out.rows.push(model),
+            Err(problem) => out.bad.push(BadRow {
+                id: raw_id(row),
+                problem,
+            }),
+        }
+    }
+    Ok(out)
+}
+
+/// The row with this id, if any. A row that exists but does not decode is
+/// [`DbError::BadData`] naming the column.
 pub async fn get(
     db: &impl ConnectionTrait,
     id: &str,
 ) -> Result<Option<subscription::Model>, DbError> {
-    Ok(Entity::find_by_id(id.to_owned()).one(db).await?)
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            format!("SELECT {COLUMNS} FROM subscriptions WHERE id = $1"),
+            [id.into()],
+        ))
+        .await?;
+    match row {
+        None => Ok(None),
+        Some(row) => decode(&row).map(Some).map_err(|problem| DbError::BadData {
+            what: format!("subscription {id:?}"),
+            problem,
+        }),
+    }
 }
 
 /// `(id, desired_version)` of the rows whose spec changed since the controller last finished a
-/// pass on them (`desired_version <> observed_version`), ordered by id.
+/// pass on them (`desired_version <> observed_version`), ordered by id. Rows without a readable
+/// id or version are skipped ([`all`] reports them).
 pub async fn changed(db: &impl ConnectionTrait) -> Result<Vec<(String, i64)>, DbError> {
     let rows = db
         .query_all_raw(Statement::from_string(
@@ -33,9 +96,74 @@ pub async fn changed(db: &impl ConnectionTrait) -> Result<Vec<(String, i64)>, Db
             CHANGED_SQL,
         ))
         .await?;
-    rows.iter()
-        .map(|row| Ok((row.try_get("", "id")?, row.try_get("", "desired_version")?)))
-        .collect()
+    Ok(rows
+        .iter()
+        .filter_map(|row| {
+            let id = row.try_get::<String>("", "id").ok()?;
+            let version = row.try_get::<i64>("", "desired_version").ok()?;
+            Some((id, version))
+        })
+        .collect())
+}
+
+/// Decodes one row selected with [`COLUMNS`], or says which column is wrong and how.
+fn decode(row: &QueryResult) -> Result<subscription::Model, String> {
+    Ok(subscription::Model {
+        id: required(row, "id")?,
+        user_id: column(row, "user_id")?,
+        stripe_subscription_id: column(row, "stripe_subscription_id")?,
+        status: column(row, "status")?,
+        plan: column(row, "plan")?,
+        hetzner_server_id: column(row, "hetzner_server_id")?,
+        hetzner_ssh_key_id: column(row, "hetzner_ssh_key_id")?,
+        hetzner_firewall_id: column(row, "hetzner_firewall_id")?,
+        vps_ip_address: column(row, "vps_ip_address")?,
+        vps_hostname: column(row, "vps_hostname")?,
+        provisioning_status: required(row, "provisioning_status")?,
+        provisioning_error: column(row, "provisioning_error")?,
+        provisioned_at: column(row, "provisioned_at")?,
+        deprovisioned_at: column(row, "deprovisioned_at")?,
+        ssh_private_key: column(row, "ssh_private_key")?,
+        ssh_public_key: column(row, "ssh_public_key")?,
+        desired_version: required(row, "desired_version")?,
+        observed_version: required(row, "observed_version")?,
+        last_reconciled_at: column(row, "last_reconciled_at")?,
+        status_changed_at: column(row, "status_changed_at")?,
+        ssh_key_origin: column(row, "ssh_key_origin")?,
+    })
+}
+
+fn column<T: TryGetable>(row: &QueryResult, name: &str) -> Result<T, String> {
+    row.try_get::<T>("", name)
+        .map_err(|err| bounded(format!("column {name}: {err}")))
+}
+
+fn required<T: TryGetable>(row: &QueryResult, name: &str) -> Result<T, String> {
+    column::<Option<T>>(row, name)?
+        .ok_or_else(|| format!("column {name} is NULL but the controller needs a value"))
+}
+
+/// The id of a row that did not decode, if it can be read at all.
+fn raw_id(row: &QueryResult) -> Option<String> {
+    let id = match row.try_get::<Option<String>>("", "id") {
+        Ok(id) => id,
+        Err(_) => row
+            .try_get::<Option<i64>>("", "id")
+            .ok()
+            .flatten()
+            .map(|id| id.to_string()),
+    };
+    id.map(bounded)
+}
+
+/// Cuts `text` to [`MAX_PROBLEM_CHARS`] characters, ending with `…` when cut.
+fn bounded(text: String) -> String {
+    if text.chars().count() <= MAX_PROBLEM_CHARS {
+        return text;
+    }
+    let mut cut: String = text.chars().take(MAX_PROBLEM_CHARS - 1).collect();
+    cut.push('…');
+    cut
 }
 
 /// Controller-owned columns to write; `None` leaves a column as it is, `Some(None)` clears it.
@@ -53,6 +181,9 @@ pub struct StatusUpdate {
     /// Sealed ciphertext only.
     pub ssh_private_key: Option<Option<String>>,
     pub ssh_public_key: Option<Option<String>>,
+    /// Where the row's key pair came from: `None`/`controller` (the controller generated and
+    /// sealed it) or `external` (written by someone else; the controller cannot open it).
+    pub ssh_key_origin: Option<Option<String>>,
     /// The desired_version a pass finished for (successfully or terminally failed). Setting it
     /// also stamps `last_reconciled_at` with the current time.
     pub observed_version: Option<i64>,
@@ -62,6 +193,57 @@ impl StatusUpdate {
     /// True when the update writes nothing.
     pub fn is_empty(&self) -> bool {
         *self == StatusUpdate::default()
+    }
+
+    /// `(column, value)` for every field to write.
+    fn assignments(&self) -> Vec<(&'static str, Value)> {
+        let fields: [(&'static str, Option<Value>); 13] = [
+            (
+                "provisioning_status",
+                self.provisioning_status.clone().map(Value::from),
+            ),
+            (
+                "provisioning_error",
+                self.provisioning_error.clone().map(Value::from),
+            ),
+            ("hetzner_server_id", self.hetzner_server_id.map(Value::from)),
+            (
+                "hetzner_ssh_key_id",
+                self.hetzner_ssh_key_id.map(Value::from),
+            ),
+            (
+                "hetzner_firewall_id",
+                self.hetzner_firewall_id.map(Value::from),
+            ),
+            (
+                "vps_ip_address",
+                self.vps_ip_address.clone().map(Value::from),
+            ),
+            ("vps_hostname", self.vps_hostname.clone().map(Value::from)),
+            ("provisioned_at", self.provisioned_at.map(Value::from)),
+            ("deprovisioned_at", self.deprovisioned_at.map(Value::from)),
+            (
+                "ssh_private_key",
+                self.ssh_private_key.clone().map(Value::from),
+            ),
+            (
+                "ssh_public_key",
+                self.ssh_public_key.clone().map(Value::from),
+            ),
+            (
+                "ssh_key_origin",
+                self.ssh_key_origin.clone().map(Value::from),
+            ),
+            ("observed_version", self.observed_version.map(Value::from)),
+        ];
+        let mut assignments: Vec<_> = fields
+            .into_iter()
+            .filter_map(|(column, value)| value.map(|value| (column, value)))
+            .collect();
+        if self.observed_version.is_some() {
+            assignments.push(("last_reconciled_at", Value::from(chrono::Utc::now())));
+        }
+        assignments
     }
 }
 
@@ -83,84 +265,124 @@ impl std::fmt::Debug for StatusUpdate {
             .field("deprovisioned_at", &self.deprovisioned_at)
             .field("ssh_private_key", &sealed)
             .field("ssh_public_key", &self.ssh_public_key)
+            .field("ssh_key_origin", &self.ssh_key_origin)
             .field("observed_version", &self.observed_version)
             .finish()
     }
 }
 
 /// Writes the `Some(..)` fields of `update` onto the row. Never touches spec columns or
-/// `desired_version`, so the version triggers stay quiet. Fails with
+/// `desired_version`, so the version triggers stay quiet.
+///
+/// With a fence, the UPDATE itself checks that the fence still holds the leader lease (same
+/// statement, database clock), so a replica that lost the lease cannot overwrite the new
+/// leader's work. Fails with [`DbError::LeaseLost`] when the fence no longer holds and
 /// [`DbError::SubscriptionNotFound`] when the row is gone.
 pub async fn write_status(
     db: &impl ConnectionTrait,
+    fence: Option<&Fence>,
     id: &str,
     update: &StatusUpdate,
 ) -> Result<(), DbError> {
     if update.is_empty() {
         return Ok(());
     }
-    let values: [(Column, Option<Expr>); 11] = [
-        (
-            Column::ProvisioningStatus,
-            update.provisioning_status.clone().map(Expr::value),
-        ),
-        (
-            Column::ProvisioningError,
-            update.provisioning_error.clone().map(Expr::value),
-        ),
-        (
-            Column::HetznerServerId,
-            update.hetzner_server_id.map(Expr::value),
-        ),
-        (
-            Column::HetznerSshKeyId,
-            update.hetzner_ssh_key_id.map(Expr::value),
-        ),
-        (
-            Column::HetznerFirewallId,
-            update.hetzner_firewall_id.map(Expr::value),
-        ),
-        (
-            Column::VpsIpAddress,
-            update.vps_ip_address.clone().map(Expr::value),
-        ),
-        (
-            Column::VpsHostname,
-            update.vps_hostname.clone().map(Expr::value),
-        ),
-        (
-            Column::ProvisionedAt,
-            update.provisioned_at.map(Expr::value),
-        ),
-        (
-            Column::DeprovisionedAt,
-            update.deprovisioned_at.map(Expr::value),
-        ),
-        (
-            Column::SshPrivateKey,
-            update.ssh_private_key.clone().map(Expr::value),
-        ),
-        (
-            Column::SshPublicKey,
-            update.ssh_public_key.clone().map(Expr::value),
-        ),
-    ];
-    let mut query = Entity::update_many().filter(Column::Id.eq(id));
-    for (column, value) in values {
-        if let Some(value) = value {
-            query = query.col_expr(column, value);
-        }
+    let backend = db.get_database_backend();
+    let mut values: Vec<Value> = Vec::new();
+    let mut sets = Vec::new();
+    for (column, value) in update.assignments() {
+        values.push(value);
+        sets.push(format!("{column} = ${}", values.len()));
     }
-    if let Some(version) = update.observed_version {
-        query = query
-            .col_expr(Column::ObservedVersion, Expr::value(version))
-            .col_expr(Column::LastReconciledAt, Expr::value(chrono::Utc::now()));
+    values.push(id.into());
+    let mut sql = format!(
+        "UPDATE subscriptions SET {} WHERE id = ${}",
+        sets.join(", "),
+        values.len()
+    );
+    if let Some(fence) = fence {
+        sql.push_str(" AND ");
+        sql.push_str(&leases::fence_sql(backend, values.len() + 1));
+        values.extend(leases::fence_values(fence));
     }
-    let result = query.exec(db).await?;
-    if result.rows_affected == 0 {
-        return Err(DbError::SubscriptionNotFound { id: id.to_owned() });
+    let result = db
+        .execute_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await?;
+    if result.rows_affected() > 0 {
+        return Ok(());
     }
-    Ok(())
+    if fence.is_some() && exists(db, id).await? {
+        return Err(DbError::LeaseLost);
+    }
+    Err(DbError::SubscriptionNotFound { id: id.to_owned() })
+}
+
+async fn exists(db: &impl ConnectionTrait, id: &str) -> Result<bool, DbError> {
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            "SELECT 1 AS found FROM subscriptions WHERE id = $1",
+            [id.into()],
+        ))
+        .await?;
+    Ok(row.is_some())
+}
+
+/// Sets `provisioning_error = message` on every row still waiting for a server
+/// (`provisioning_status` pending or provisioning) whose error differs; returns how many rows
+/// changed. For causes that hold for the whole project (Hetzner rejects the token, or cannot
+/// be reached), so users see why nothing happens. Fenced like [`write_status`]: with a fence
+/// that no longer holds, nothing is written and the result is [`DbError::LeaseLost`].
+pub async fn write_error_on_waiting(
+    db: &impl ConnectionTrait,
+    fence: Option<&Fence>,
+    message: &str,
+) -> Result<u64, DbError> {
+    let backend = db.get_database_backend();
+    let mut sql = "UPDATE subscriptions SET provisioning_error = $1
+         WHERE provisioning_status IN ('pending', 'provisioning')
+           AND (provisioning_error IS NULL OR provisioning_error <> $1)"
+        .to_owned();
+    let mut values: Vec<Value> = vec![message.into()];
+    if let Some(fence) = fence {
+        sql.push_str(" AND ");
+        sql.push_str(&leases::fence_sql(backend, 2));
+        values.extend(leases::fence_values(fence));
+    }
+    let changed = db
+        .execute_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await?
+        .rows_affected();
+    // Nothing changed: either nothing needed to, or the fence failed. Only the latter is an
+    // error the caller must act on.
+    if changed == 0
+        && let Some(fence) = fence
+        && !leases::holds(db, fence).await?
+    {
+        return Err(DbError::LeaseLost);
+    }
+    Ok(changed)
+}
+
+/// Asks for a fresh reconcile pass: with an id, of that row; without, of every row whose
+/// `provisioning_status` is `failed` (e.g. after fixing a project-wide cause). Sets
+/// `observed_version = -1`, which no version ever equals, so [`changed`] returns the rows; it is
+/// not a spec column, so no trigger fires (the controller sees it on its next poll or resync,
+/// not through NOTIFY). Returns how many rows were marked.
+pub async fn retry(db: &impl ConnectionTrait, id: Option<&str>) -> Result<u64, DbError> {
+    let backend = db.get_database_backend();
+    let statement = match id {
+        Some(id) => Statement::from_sql_and_values(
+            backend,
+            "UPDATE subscriptions SET observed_version = -1 WHERE id = $1",
+            [id.into()],
+        ),
+        None => Statement::from_string(
+            backend,
+            "UPDATE subscriptions SET observed_version = -1 WHERE provisioning_status = 'failed'",
+        ),
+    };
+    Ok(db.execute_raw(statement).await?.rows_affected())
 }
 
 /// Ids of subscription rows deleted since the last call, removed as they are returned (each id

@@ -77,7 +77,7 @@ pub async fn plan_all<A: HcloudApi>(
     config: &Config,
 ) -> Result<PlanReport, ReconcileError> {
     // The database first: an unmigrated one is the likelier mistake than an API problem.
-    let rows = subscriptions::all(db).await?;
+    let rows = subscriptions::all(db).await?.rows;
     let snapshot = observe::observe(api, &desired::instance_selector(config)).await?;
     let mut entries = Vec::new();
     for row in &rows {
@@ -106,7 +106,7 @@ pub async fn plan_all<A: HcloudApi>(
 
 /// The subscriptions table as operators want to see it.
 pub async fn status_table(db: &DatabaseConnection) -> Result<String, ReconcileError> {
-    let rows = subscriptions::all(db).await?;
+    let rows = subscriptions::all(db).await?.rows;
     let mut table = vec![[
         "ID".to_string(),
         "STATUS".into(),

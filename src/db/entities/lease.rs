@@ -10,6 +10,8 @@ pub struct Model {
     pub holder: String,
     pub expires_at: DateTimeUtc,
     pub renewed_at: DateTimeUtc,
+    /// Bumped on every acquisition that is not a renewal of a live lease by its holder.
+    pub epoch: i64,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

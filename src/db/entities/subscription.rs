@@ -38,6 +38,12 @@ pub struct Model {
     /// The desired_version the controller last finished a pass for.
     pub observed_version: i64,
     pub last_reconciled_at: Option<DateTimeUtc>,
+    /// When the row entered its current `status` (set by triggers, database clock). NULL only
+    /// if a writer set it so explicitly.
+    pub status_changed_at: Option<DateTimeUtc>,
+    /// NULL or `controller`: the controller generated and sealed the key pair; `external`: the
+    /// key came from elsewhere (the web app) and the controller cannot open it.
+    pub ssh_key_origin: Option<String>,
 }
 
 impl std::fmt::Debug for Model {
@@ -65,6 +71,8 @@ impl std::fmt::Debug for Model {
             .field("desired_version", &self.desired_version)
             .field("observed_version", &self.observed_version)
             .field("last_reconciled_at", &self.last_reconciled_at)
+            .field("status_changed_at", &self.status_changed_at)
+            .field("ssh_key_origin", &self.ssh_key_origin)
             .finish()
     }
 }
