@@ -1985,6 +1985,8 @@ async fn a_failed_create_image_leaves_an_unavailable_snapshot() {
     let sim = Sim::start(SimulatorConfig {
         action_seconds: 0.0,
         fault_rate: 0.0,
+        // "Delayed answer" faults must not outlast the test client's timeout.
+        fault_delay: Duration::from_millis(10),
         ..SimulatorConfig::default()
     })
     .await;
