@@ -15,6 +15,7 @@ use vps_controller::controller::leader::Leadership;
 use vps_controller::hcloud::{ActionPollBackoff, Client, ClientConfig, Token};
 use vps_controller::keys::{self, KeyAlgorithm, Sealer};
 use vps_controller::reconcile::Reconciler;
+use vps_controller::reconcile::desired::Owner;
 use vps_controller::simulator::{self, SimulatorConfig};
 use vps_controller::telemetry::metrics::Metrics;
 
@@ -55,13 +56,16 @@ async fn main() -> anyhow::Result<()> {
         concurrency: 16,
         ..Config::builtin()
     };
+    let owner = Owner::new(vps_controller::db::installation::id(&db).await?, &config);
     let reconciler = Reconciler {
         api: api.clone(),
         db: db.clone(),
         sealer: Sealer::ephemeral(),
         config,
+        owner,
         action_timeout: Duration::from_secs(60),
         leadership: Leadership::always(),
+        key_checks: Default::default(),
     };
     let controller = Controller::new(reconciler, Arc::new(Metrics::new()), 1_000_000);
     for i in 0..n {

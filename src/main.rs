@@ -12,10 +12,11 @@ use tokio::sync::watch;
 
 use vps_controller::config::Config;
 use vps_controller::controller::{Controller, leader, triggers};
-use vps_controller::db;
-use vps_controller::hcloud::{Budget, Client, ClientConfig, Token};
+use vps_controller::db::{self, deletion_guard, installation, state, subscriptions};
+use vps_controller::hcloud::{Budget, Client, ClientConfig, HcloudApi, Token};
 use vps_controller::keys::Sealer;
 use vps_controller::reconcile::Reconciler;
+use vps_controller::reconcile::desired::Owner;
 use vps_controller::simulator::{self, SimulatorConfig};
 use vps_controller::telemetry::metrics::{HcloudCollector, Metrics};
 use vps_controller::telemetry::{self, LogFormat};
@@ -45,8 +46,14 @@ enum Command {
     Migrate(DbArgs),
     /// Print what the controller would change now; change nothing. Exit 0 in sync, 2 if changes are pending.
     Plan(PlanArgs),
-    /// Print the subscriptions with their provisioning status, or one subscription's events.
+    /// Print the installation id, the deletion guard and the subscriptions with their
+    /// provisioning status, or one subscription's events.
     Status(StatusArgs),
+    /// Reconcile failed rows again (one by id, or every failed row with --failed).
+    Retry(RetryArgs),
+    /// Show or lift the deletion guard's pause of server deletions.
+    #[command(subcommand)]
+    Deletions(DeletionsCommand),
     /// Serve the built-in Hetzner Cloud API simulator under /v1.
     Simulator(SimulatorArgs),
 }
@@ -113,6 +120,36 @@ struct StatusArgs {
 }
 
 #[derive(Args)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["subscription", "failed"]))]
+struct RetryArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// The subscription to reconcile again.
+    subscription: Option<String>,
+    /// Every row whose provisioning_status is `failed`.
+    #[arg(long)]
+    failed: bool,
+}
+
+#[derive(Subcommand)]
+enum DeletionsCommand {
+    /// Whether server deletions are paused, and how many ran in the last hour.
+    Status(DbArgs),
+    /// Lift a pause: deletions before now no longer count against the hourly budget, and
+    /// `--count N` more may run beyond it (e.g. the rest of a planned mass cancellation).
+    Approve(ApproveArgs),
+}
+
+#[derive(Args)]
+struct ApproveArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Server deletions allowed beyond the hourly budget, used up as they run.
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+}
+
+#[derive(Args)]
 struct SimulatorArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:4000")]
@@ -166,6 +203,8 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         }
         Command::Plan(args) => plan(args).await,
         Command::Status(args) => status(args).await,
+        Command::Retry(args) => retry(args).await,
+        Command::Deletions(command) => deletions(command).await,
         Command::Simulator(args) => serve_simulator(args).await,
     }
 }
@@ -208,6 +247,9 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let config = load_config(&args.controller)?;
     let conn = db::connect(&args.controller.db.database_url).await?;
     db::migrate(&conn).await?;
+    let owner = Owner::new(installation::id(&conn).await?, &config);
+    tracing::info!(installation = %owner.installation, instance = %owner.instance, "resources are owned through label {}={}", vps_controller::reconcile::desired::INSTALLATION_LABEL, owner.installation);
+    retry_after_config_change(&conn, &config).await?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut simulator = None;
@@ -257,6 +299,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         )
     };
 
+    check_plans_at_hetzner(&api, &config).await;
     let metrics = Arc::new(Metrics::new());
     metrics.register_collector(Box::new(HcloudCollector(api.clone())));
     let leadership = leader::Leadership::default();
@@ -265,8 +308,10 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         db: conn.clone(),
         sealer,
         config,
+        owner,
         action_timeout: Duration::from_secs(args.action_timeout_seconds),
         leadership: leadership.clone(),
+        key_checks: Default::default(),
     };
     let controller = Arc::new(Controller::new(
         reconciler,
@@ -399,6 +444,112 @@ async fn status(args: StatusArgs) -> Result<ExitCode> {
     }
     .context("reading the database (a new database needs `vps-controller migrate` first)")?;
     print!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Rows that failed on a config problem (unknown plan, invalid server type, ...) are retried
+/// when the config changes: its fingerprint is kept in the database between starts.
+async fn retry_after_config_change(conn: &sea_orm::DatabaseConnection, config: &Config) -> Result<()> {
+    const KEY: &str = "config_fingerprint";
+    let fingerprint = config.fingerprint();
+    let previous = state::get(conn, KEY).await?;
+    if previous.as_deref() != Some(fingerprint.as_str()) {
+        let retried = subscriptions::retry(conn, None).await?;
+        state::set(conn, KEY, &fingerprint).await?;
+        if previous.is_some() {
+            tracing::info!(retried, "the configuration changed since the last start: failed rows are retried");
+        }
+    }
+    Ok(())
+}
+
+/// Checks each plan's server type, location and image against Hetzner once at start and
+/// reports the bad ones clearly. Rows on such a plan fail with Hetzner's own error and are
+/// retried when the config changes. Hetzner being unreachable here is not fatal.
+async fn check_plans_at_hetzner(api: &Client, config: &Config) {
+    for (name, plan) in &config.plans {
+        let checks = async {
+            let mut problems = Vec::new();
+            if api.server_type_by_name(&plan.server_type).await?.is_none() {
+                problems.push(format!("server_type {:?} does not exist", plan.server_type));
+            }
+            if api.location_by_name(&plan.location).await?.is_none() {
+                problems.push(format!("location {:?} does not exist", plan.location));
+            }
+            if plan.image.parse::<i64>().is_err() && api.image_by_name(&plan.image).await?.is_empty() {
+                problems.push(format!("image {:?} does not exist", plan.image));
+            }
+            Ok::<_, vps_controller::hcloud::Error>(problems)
+        };
+        match checks.await {
+            Ok(problems) if problems.is_empty() => {}
+            Ok(problems) => tracing::error!(
+                plan = %name,
+                "plans.{name}: {}; subscriptions on this plan will fail until the config is fixed",
+                problems.join("; ")
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check the plans against Hetzner; going on");
+                return;
+            }
+        }
+    }
+}
+
+async fn retry(args: RetryArgs) -> Result<ExitCode> {
+    let conn = db::connect(&args.db.database_url).await?;
+    let marked = subscriptions::retry(&conn, args.subscription.as_deref())
+        .await
+        .context("reading the database (a new database needs `vps-controller migrate` first)")?;
+    match (&args.subscription, marked) {
+        (Some(id), 0) => bail!("subscription {id:?} not found"),
+        (Some(id), _) => println!("{id}: will be reconciled again within a second"),
+        (None, n) => println!("{n} failed subscriptions will be reconciled again within a second"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn deletions(command: DeletionsCommand) -> Result<ExitCode> {
+    let (args, approve) = match command {
+        DeletionsCommand::Status(args) => (args, None),
+        DeletionsCommand::Approve(approve) => (approve.db, Some(approve.count)),
+    };
+    let conn = db::connect(&args.database_url).await?;
+    let before = deletion_guard::status(&conn)
+        .await
+        .context("reading the database (a new database needs `vps-controller migrate` first)")?;
+    let status = match approve {
+        Some(count) => {
+            let after = deletion_guard::approve(&conn, count).await?;
+            tracing::warn!(
+                was_paused = before.paused_since.is_some(),
+                extra = count,
+                "server deletions approved by an operator"
+            );
+            println!(
+                "server deletions resumed: a new hourly window starts now{}",
+                if count > 0 {
+                    format!(", and {count} more may run beyond the budget")
+                } else {
+                    String::new()
+                }
+            );
+            after
+        }
+        None => before,
+    };
+    match &status.paused_since {
+        Some(since) => println!(
+            "PAUSED since {} ({})",
+            since.to_rfc3339(),
+            status.pause_reason.as_deref().unwrap_or("over budget")
+        ),
+        None => println!("not paused"),
+    }
+    println!(
+        "deleted in the last hour: {}; counted against the budget since the last approval: {}; extra allowance left: {}",
+        status.deleted_last_hour, status.deleted_in_window, status.extra_allowance
+    );
     Ok(ExitCode::SUCCESS)
 }
 

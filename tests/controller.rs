@@ -8,222 +8,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::{ConnectionTrait, DatabaseConnection};
-use serde_json::{Value, json};
+use serde_json::json;
 
+use common::env::{env, env_with, for_each_backend, ids, writes};
 use vps_controller::config::Config;
-use vps_controller::controller::Controller;
-use vps_controller::controller::leader::Leadership;
-use vps_controller::db::{self, entities::subscription, events, subscriptions};
-use vps_controller::hcloud::{
-    ActionPollBackoff, Budget, Client, ClientConfig, RetryBackoff, Token,
-};
-use vps_controller::keys::{KeyAlgorithm, Sealer};
-use vps_controller::reconcile::Reconciler;
-use vps_controller::simulator::{self, RunningSimulator, SimulatorConfig};
-use vps_controller::telemetry::metrics::Metrics;
-
-const TOKEN: &str = "test-token";
-
-struct Env {
-    sim: RunningSimulator,
-    http: reqwest::Client,
-    db: DatabaseConnection,
-    controller: Arc<Controller<Client>>,
-    backend: &'static str,
-}
-
-async fn env(test_db: &common::TestDb) -> Env {
-    env_with(test_db, None, 0.05).await
-}
-
-/// `web_app_table`: SQL creating the web app's own `subscriptions` table before migrating.
-async fn env_with(
-    test_db: &common::TestDb,
-    web_app_table: Option<&str>,
-    action_seconds: f64,
-) -> Env {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let sim = simulator::spawn(
-        SimulatorConfig {
-            token: Some(TOKEN.into()),
-            action_seconds,
-            fault_delay: Duration::from_secs(3),
-            ..SimulatorConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    let db = db::connect(&test_db.url).await.unwrap();
-    if let Some(sql) = web_app_table {
-        db.execute_unprepared(sql).await.unwrap();
-    }
-    db::migrate(&db).await.unwrap();
-    let api = Client::new(ClientConfig {
-        action_poll: ActionPollBackoff {
-            initial: Duration::from_millis(20),
-            max: Duration::from_millis(100),
-            factor: 1.5,
-        },
-        // Fast retries and short pauses: these tests count requests, not seconds.
-        timeout: Duration::from_secs(1),
-        max_retries: 1,
-        retry_backoff: RetryBackoff {
-            base: Duration::from_millis(10),
-            cap: Duration::from_millis(50),
-        },
-        budget: Arc::new(Budget::new(3600).with_max_circuit_pause(Duration::from_millis(100))),
-        ..ClientConfig::new(sim.base_url(), Token::new(TOKEN))
-    })
-    .unwrap();
-    let config = Config {
-        // Key generation speed is not under test here (tests/foundation.rs covers RSA).
-        ssh_key_algorithm: KeyAlgorithm::Ed25519,
-        shutdown_timeout_seconds: 0,
-        ..Config::builtin()
-    };
-    let reconciler = Reconciler {
-        api,
-        db: db.clone(),
-        sealer: Sealer::ephemeral(),
-        config,
-        action_timeout: Duration::from_secs(20),
-        leadership: Leadership::always(),
-    };
-    let controller = Arc::new(Controller::new(reconciler, Arc::new(Metrics::new()), 3600));
-    Env {
-        sim,
-        http: reqwest::Client::new(),
-        db,
-        controller,
-        backend: test_db.backend,
-    }
-}
-
-impl Env {
-    async fn sql(&self, statement: &str) {
-        self.db.execute_unprepared(statement).await.unwrap();
-    }
-
-    async fn insert(&self, id: &str, status: &str, plan: &str) {
-        self.sql(&format!(
-            "INSERT INTO subscriptions (id, user_id, status, plan) VALUES ('{id}', 'user-{id}', '{status}', '{plan}')"
-        ))
-        .await;
-    }
-
-    async fn set_status(&self, id: &str, status: &str) {
-        self.sql(&format!(
-            "UPDATE subscriptions SET status = '{status}' WHERE id = '{id}'"
-        ))
-        .await;
-    }
-
-    async fn row(&self, id: &str) -> subscription::Model {
-        subscriptions::get(&self.db, id).await.unwrap().unwrap()
-    }
-
-    /// A raw call to the simulator, as any Hetzner user would make it.
-    async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("{}{path}", self.sim.base_url());
-        let mut request = self
-            .http
-            .request(method.parse().unwrap(), url)
-            .bearer_auth(TOKEN);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-
-    async fn list(&self, kind: &str) -> Vec<Value> {
-        let mut all = Vec::new();
-        let mut page = 1;
-        loop {
-            let (status, body) = self
-                .api("GET", &format!("/{kind}?per_page=50&page={page}"), None)
-                .await;
-            assert_eq!(status, 200, "{body}");
-            all.extend(body[kind].as_array().unwrap().iter().cloned());
-            match body["meta"]["pagination"]["next_page"].as_i64() {
-                Some(next) => page = next,
-                None => return all,
-            }
-        }
-    }
-
-    async fn stats(&self) -> Value {
-        let url = format!("http://{}/__simulator/stats", self.sim.addr());
-        self.http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    async fn reset_stats(&self) {
-        let url = format!("http://{}/__simulator/reset", self.sim.addr());
-        let response = self.http.post(url).send().await.unwrap();
-        assert!(response.status().is_success());
-    }
-
-    async fn resync(&self) {
-        let report = self.controller.resync().await.unwrap();
-        assert_eq!(
-            report.failed, 0,
-            "[{}] resync had failures: {report:?}",
-            self.backend
-        );
-    }
-
-    async fn process_changes(&self) {
-        self.controller.process_changes().await.unwrap();
-    }
-
-    /// Labels of the resource whose `vps-controller/subscription` label is `key`.
-    async fn owned_by(&self, kind: &str, key: &str) -> Vec<Value> {
-        self.list(kind)
-            .await
-            .into_iter()
-            .filter(|r| r["labels"]["vps-controller/subscription"] == key)
-            .collect()
-    }
-}
-
-fn ids(values: &[Value]) -> Vec<i64> {
-    values.iter().map(|v| v["id"].as_i64().unwrap()).collect()
-}
-
-/// Write-only endpoints called, with counts (everything but GETs).
-fn writes(stats: &Value) -> BTreeMap<String, u64> {
-    stats["by_endpoint"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(endpoint, _)| !endpoint.starts_with("GET "))
-        .map(|(endpoint, n)| (endpoint.clone(), n.as_u64().unwrap()))
-        .filter(|(_, n)| *n > 0)
-        .collect()
-}
-
-async fn for_each_backend<F, Fut>(test: F)
-where
-    F: Fn(Env) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    for test_db in common::test_databases().await {
-        let env = env(&test_db).await;
-        test(env).await;
-        test_db.cleanup().await;
-    }
-}
+use vps_controller::db::entities::subscription;
+use vps_controller::db::{events, subscriptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_rows_converge_canceled_ones_stay_empty_and_steady_state_only_lists() {
@@ -471,7 +261,7 @@ async fn orphans_are_deleted_and_foreign_resources_are_untouched() {
     for_each_backend(|env| async move {
         // An orphan: our labels, no row.
         let (status, body) = env
-            .api("POST", "/servers", Some(json!({"name": "vps-ghost", "server_type": "cx23", "image": "ubuntu-24.04", "labels": {"vps-controller/instance": "default", "vps-controller/subscription": "ghost"}})))
+            .api("POST", "/servers", Some(json!({"name": "vps-ghost", "server_type": "cx23", "image": "ubuntu-24.04", "labels": {"vps-controller/installation": env.installation, "vps-controller/instance": "default", "vps-controller/subscription": "ghost"}})))
             .await;
         assert_eq!(status, 201, "{body}");
         // Someone else's server holding the name a new subscription would use.
@@ -544,7 +334,7 @@ async fn a_crash_between_create_and_persist_ends_with_one_adopted_server() {
         let (status, _) = env.api("DELETE", &format!("/servers/{original}"), None).await;
         assert_eq!(status, 200);
         let (status, body) = env
-            .api("POST", "/servers", Some(json!({"name": "vps-crash", "server_type": "cx23", "image": "ubuntu-24.04", "labels": {"vps-controller/instance": "default"}})))
+            .api("POST", "/servers", Some(json!({"name": "vps-crash", "server_type": "cx23", "image": "ubuntu-24.04", "labels": {"vps-controller/installation": env.installation, "vps-controller/instance": "default"}})))
             .await;
         assert_eq!(status, 201, "{body}");
         let crashed = body["server"]["id"].as_i64().unwrap();
@@ -689,7 +479,16 @@ async fn null_columns_of_an_upgraded_web_app_table_fail_one_row_not_all() {
             no_plan.provisioning_error.as_deref(),
             Some("plan: missing (NULL)")
         );
-        assert_eq!(env.row("no-status").await.provisioning_status, "pending");
+        // A NULL status is held: nothing created, nothing deleted, the row says why.
+        let no_status = env.row("no-status").await;
+        assert_eq!(no_status.provisioning_status, "held");
+        assert!(
+            no_status
+                .provisioning_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("status: NULL")),
+            "{no_status:?}"
+        );
         assert_eq!(
             env.row("fine").await.provisioning_status,
             "ready",

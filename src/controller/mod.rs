@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::db::entities::subscription;
 use crate::db::{deletion_guard, subscriptions};
 use crate::hcloud::{self, HcloudApi};
 use crate::reconcile::desired::{self, PRE_DELETE_SNAPSHOT, SNAPSHOT_LABEL};

@@ -311,8 +311,9 @@ impl<A: HcloudApi> Reconciler<A> {
     ) -> Result<(), ReconcileError> {
         let term = self.leadership.term().ok_or(ReconcileError::LostLease)?;
         let desired = desired::desired_for_missing_row(&self.config, key, key);
-        let plan = plan::plan(&desired, &RowState::default(), observed);
-        let work = self.execute(&term, &desired, &RowState::default(), observed, &plan);
+        let row = RowState::default();
+        let plan = plan::plan(&desired, &row, observed);
+        let work = self.execute(&term, &desired, &row, observed, &plan);
         tokio::select! {
             biased;
             _ = self.leadership.ended(&term) => Err(ReconcileError::LostLease),

@@ -1,7 +1,7 @@
 //! The planner: desired state + what exists -> the operations that close the gap.
 //! PURE: no I/O, no clock, no randomness. Everything it decides is covered by table tests.
 
-use crate::hcloud::{Firewall, Labels, Server, ServerStatus, SshKey};
+use crate::hcloud::{Firewall, Labels, Server, ServerStatus};
 
 use super::desired::{Desired, VpsSpec, Want, canonical_rules};
 use super::observe::{Observed, Resource};

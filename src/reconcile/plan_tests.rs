@@ -6,7 +6,7 @@ use crate::hcloud::{
     FirewallResource, LocationRef, ServerFirewall, ServerFirewallStatus, ServerIpv4,
     ServerProtection, ServerPublicNet, ServerTypeRef, SshKey,
 };
-use crate::reconcile::desired::{self, Desired};
+use crate::reconcile::desired::{self, Desired, Owner};
 
 const ID: &str = "sub-1";
 const NAME: &str = "vps-sub-1";
@@ -18,15 +18,20 @@ fn config() -> Config {
     Config::builtin()
 }
 
+fn owner() -> Owner {
+    Owner::new("0123456789abcdef", &config())
+}
+
 fn spec() -> VpsSpec {
     let config = config();
     let plan = config.plans["starter"].clone();
     VpsSpec {
         name: NAME.into(),
-        labels: desired::owned_labels(&config, ID, Some("starter")),
+        labels: owner().labels(ID, Some("starter")),
         plan_name: "starter".into(),
         firewall_rules: desired::plan_firewall_rules(&plan),
         plan,
+        suspended: false,
     }
 }
 
@@ -36,6 +41,32 @@ fn want_vps() -> Desired {
         key: ID.into(),
         version: Some(1),
         want: Want::Vps(Box::new(spec())),
+        snapshot_before_delete: false,
+        recheck_after: None,
+    }
+}
+
+fn want_suspended() -> Desired {
+    Desired {
+        want: Want::Vps(Box::new(VpsSpec {
+            suspended: true,
+            ..spec()
+        })),
+        ..want_vps()
+    }
+}
+
+fn want_nothing_with_snapshot() -> Desired {
+    Desired {
+        snapshot_before_delete: true,
+        ..want_nothing()
+    }
+}
+
+fn held() -> Desired {
+    Desired {
+        want: Want::Hold("status: \"Active\" is not mapped".into()),
+        ..want_vps()
     }
 }
 
@@ -128,8 +159,14 @@ fn row() -> RowState {
         firewall_id: Some(FIREWALL),
         public_key: Some("ssh-ed25519 AAAA".into()),
         has_private_key: true,
-        public_key_fingerprint: Some("00:11".into()),
+        key: sealed(),
         terminal_error: None,
+    }
+}
+
+fn sealed() -> KeyState {
+    KeyState::Sealed {
+        fingerprint: "00:11".into(),
     }
 }
 
@@ -145,6 +182,21 @@ fn everything() -> Observed {
         servers: vec![server(SERVER, ServerStatus::Running)],
         ssh_keys: vec![ssh_key(KEY)],
         firewalls: vec![firewall(FIREWALL)],
+        adopting: false,
+    }
+}
+
+/// A server the web app created: no labels of ours, no firewall of ours, its own key object.
+fn web_app_server() -> Observed {
+    let mut server = server(SERVER, ServerStatus::Running);
+    server.labels = foreign_labels();
+    server.name = "customer-box".into();
+    server.public_net.firewalls.clear();
+    Observed {
+        servers: vec![server],
+        ssh_keys: vec![],
+        firewalls: vec![],
+        adopting: true,
     }
 }
 
@@ -194,6 +246,7 @@ fn cases() -> Vec<Case> {
             row: RowState {
                 public_key: Some("ssh-ed25519 AAAA".into()),
                 has_private_key: true,
+                key: sealed(),
                 ..fresh_row()
             },
             observed: Observed::default(),
@@ -297,27 +350,223 @@ fn cases() -> Vec<Case> {
             outcome: Outcome::Ready,
         },
         Case {
-            name: "ssh key at Hetzner is not the stored pair's: replaced",
+            name: "ssh key at Hetzner is not the stored pair's, server exists: fail, touch nothing",
             desired: want_vps(),
             row: row(),
             observed: with(|o| o.ssh_keys[0].fingerprint = "ff:ff".into()),
-            ops: vec![Op::DeleteSshKey { id: KEY }, Op::CreateSshKey],
+            ops: vec![],
+            outcome: Outcome::Failed(format!(
+                "ssh key {KEY} at Hetzner has fingerprint ff:ff, but the stored key pair's is 00:11; \
+                 server {SERVER} was created with one of them and the stored private key may not open it. \
+                 Nothing was changed; see README \"Recovering a lost key pair\""
+            )),
+        },
+        Case {
+            name: "ssh key at Hetzner is not the stored pair's, no server yet: replaced",
+            desired: want_vps(),
+            row: row(),
+            observed: with(|o| {
+                o.ssh_keys[0].fingerprint = "ff:ff".into();
+                o.servers.clear();
+            }),
+            ops: vec![
+                Op::DeleteSshKey { id: KEY },
+                Op::CreateSshKey,
+                Op::CreateServer,
+            ],
             outcome: Outcome::Ready,
         },
         Case {
-            name: "private key lost from the row: new pair, key replaced",
+            name: "private key lost while the server exists: fail, never a silent new pair",
             desired: want_vps(),
             row: RowState {
                 has_private_key: false,
+                key: KeyState::Missing,
                 ..row()
             },
             observed: everything(),
+            ops: vec![],
+            outcome: Outcome::Failed(format!(
+                "no key pair is stored on the row but server {SERVER} exists: a new key would open \
+                 nothing (Hetzner injects keys only at create). Nothing was changed; see README \
+                 \"Recovering a lost key pair\""
+            )),
+        },
+        Case {
+            name: "sealed key cannot be opened: fail, even before any server exists",
+            desired: want_vps(),
+            row: RowState {
+                key: KeyState::Unusable("ssh_private_key cannot be opened".into()),
+                ..fresh_row()
+            },
+            observed: Observed::default(),
+            ops: vec![],
+            outcome: Outcome::Failed("ssh_private_key cannot be opened".into()),
+        },
+        Case {
+            name: "private key lost and no server: a new pair replaces the stale key object",
+            desired: want_vps(),
+            row: RowState {
+                has_private_key: false,
+                key: KeyState::Missing,
+                ..row()
+            },
+            observed: with(|o| o.servers.clear()),
             ops: vec![
                 Op::DeleteSshKey { id: KEY },
                 Op::GenerateKeyPair,
                 Op::CreateSshKey,
+                Op::CreateServer,
             ],
             outcome: Outcome::Ready,
+        },
+        Case {
+            name: "adopting a web-app server with its external key: labels, our firewall, no new server or key",
+            desired: want_vps(),
+            row: RowState {
+                key: KeyState::External,
+                firewall_id: None,
+                ..row()
+            },
+            observed: web_app_server(),
+            ops: vec![
+                Op::CreateFirewall,
+                Op::UpdateLabels {
+                    kind: Kind::Server,
+                    id: SERVER,
+                    labels: with_foreign.clone(),
+                },
+                Op::ApplyFirewall { server_id: SERVER },
+            ],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "adopting a web-app server without any stored key: adopted as it is",
+            desired: want_vps(),
+            row: RowState {
+                key: KeyState::Missing,
+                has_private_key: false,
+                public_key: None,
+                firewall_id: None,
+                ..row()
+            },
+            observed: web_app_server(),
+            ops: vec![
+                Op::CreateFirewall,
+                Op::UpdateLabels {
+                    kind: Kind::Server,
+                    id: SERVER,
+                    labels: with_foreign.clone(),
+                },
+                Op::ApplyFirewall { server_id: SERVER },
+            ],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "external key, server gone, no key object: fail, the key is never overwritten",
+            desired: want_vps(),
+            row: RowState {
+                key: KeyState::External,
+                ..row()
+            },
+            observed: Observed::default(),
+            ops: vec![],
+            outcome: Outcome::Failed(
+                "ssh_private_key was not written by this controller (it cannot open it) and \
+                 no SSH key object of the row exists at Hetzner: a new server could not be \
+                 opened with the stored key. The controller never overwrites such a key; \
+                 clear ssh_private_key to let it generate a new pair"
+                    .into(),
+            ),
+        },
+        Case {
+            name: "external key, server gone, key object kept: server created with that key",
+            desired: want_vps(),
+            row: RowState {
+                key: KeyState::External,
+                ..row()
+            },
+            observed: with(|o| o.servers.clear()),
+            ops: vec![Op::CreateServer],
+            outcome: Outcome::Ready,
+        },
+        Case {
+            name: "suspended: running server powered off, nothing else",
+            desired: want_suspended(),
+            row: row(),
+            observed: everything(),
+            ops: vec![Op::PowerOff { server_id: SERVER }],
+            outcome: Outcome::Suspended { settled: true },
+        },
+        Case {
+            name: "suspended and off: nothing to do",
+            desired: want_suspended(),
+            row: row(),
+            observed: with(|o| o.servers[0].status = ServerStatus::Off),
+            ops: vec![],
+            outcome: Outcome::Suspended { settled: true },
+        },
+        Case {
+            name: "suspended while stopping: wait",
+            desired: want_suspended(),
+            row: row(),
+            observed: with(|o| o.servers[0].status = ServerStatus::Stopping),
+            ops: vec![],
+            outcome: Outcome::Suspended { settled: false },
+        },
+        Case {
+            name: "suspended never creates what is missing, nor deletes duplicates",
+            desired: want_suspended(),
+            row: fresh_row(),
+            observed: with(|o| {
+                o.servers.clear();
+                o.firewalls.push(firewall(FIREWALL + 1));
+            }),
+            ops: vec![],
+            outcome: Outcome::Suspended { settled: true },
+        },
+        Case {
+            name: "suspended ignores a key problem: powering off must not wait for it",
+            desired: want_suspended(),
+            row: RowState {
+                key: KeyState::Unusable("cannot open".into()),
+                ..row()
+            },
+            observed: everything(),
+            ops: vec![Op::PowerOff { server_id: SERVER }],
+            outcome: Outcome::Suspended { settled: true },
+        },
+        Case {
+            name: "held status: nothing at all, whatever exists",
+            desired: held(),
+            row: row(),
+            observed: everything(),
+            ops: vec![],
+            outcome: Outcome::Held("status: \"Active\" is not mapped".into()),
+        },
+        Case {
+            name: "held status with nothing provisioned: nothing created",
+            desired: held(),
+            row: fresh_row(),
+            observed: Observed::default(),
+            ops: vec![],
+            outcome: Outcome::Held("status: \"Active\" is not mapped".into()),
+        },
+        Case {
+            name: "canceled with snapshot_before_delete: snapshot, then delete",
+            desired: want_nothing_with_snapshot(),
+            row: row(),
+            observed: everything(),
+            ops: vec![
+                Op::SnapshotServer { server_id: SERVER },
+                Op::DeleteServer { id: SERVER },
+                Op::DeleteFirewall {
+                    id: FIREWALL,
+                    attached_servers: vec![SERVER],
+                },
+                Op::DeleteSshKey { id: KEY },
+            ],
+            outcome: Outcome::Deprovisioned,
         },
         Case {
             name: "terminal failure of this version: nothing until the row changes",

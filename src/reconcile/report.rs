@@ -4,11 +4,13 @@ use std::fmt::Write as _;
 
 use sea_orm::DatabaseConnection;
 
+use chrono::Utc;
+
 use crate::config::Config;
-use crate::db::{events, subscriptions};
+use crate::db::{deletion_guard, events, installation, subscriptions};
 use crate::hcloud::HcloudApi;
 
-use super::desired::{self, Want};
+use super::desired::{self, Owner, Want};
 use super::plan::{self, Outcome, Plan};
 use super::{ReconcileError, observe, row_state};
 
@@ -65,6 +67,8 @@ fn outcome_text(outcome: &Outcome) -> String {
         Outcome::Ready => "ready".into(),
         Outcome::Provisioning => "provisioning (waiting for Hetzner)".into(),
         Outcome::Deprovisioned => "deprovisioned".into(),
+        Outcome::Suspended { .. } => "suspended (powered off, kept)".into(),
+        Outcome::Held(reason) => format!("held: {reason}"),
         Outcome::Unchanged => "unchanged".into(),
         Outcome::Failed(message) => format!("failed: {message}"),
     }
@@ -77,14 +81,34 @@ pub async fn plan_all<A: HcloudApi>(
     config: &Config,
 ) -> Result<PlanReport, ReconcileError> {
     // The database first: an unmigrated one is the likelier mistake than an API problem.
-    let rows = subscriptions::all(db).await?.rows;
-    let snapshot = observe::observe(api, &desired::instance_selector(config)).await?;
+    let table = subscriptions::all(db).await?;
+    let owner = Owner::new(installation::id(db).await?, config);
+    let snapshot = observe::observe(api, &owner.selector()).await?;
+    let rows = table.rows;
+    let now = Utc::now();
     let mut entries = Vec::new();
     for row in &rows {
-        let desired = desired::desired_for_row(config, row);
-        let observed =
-            snapshot.for_subscription(&desired.key, &desired::resource_name(config, &row.id));
-        let plan = plan::plan(&desired, &row_state(row), &observed);
+        let desired = desired::desired_for_row(config, &owner, row, now);
+        let observed = snapshot.for_subscription(
+            &desired.key,
+            &desired::resource_name(config, &row.id),
+            &super::recorded_ids(Some(row)),
+        );
+        // The key pair is not opened here (no encryption key needed for `plan`): a stored
+        // pair is assumed to match its public key.
+        let mut state = row_state(row);
+        state.key = match (&row.ssh_private_key, &row.ssh_public_key) {
+            (Some(private), _) if !crate::keys::Sealer::looks_sealed(private) => {
+                plan::KeyState::External
+            }
+            (Some(_), Some(public)) => match crate::keys::md5_fingerprint(public) {
+                Ok(fingerprint) => plan::KeyState::Sealed { fingerprint },
+                Err(e) => plan::KeyState::Unusable(format!("ssh_public_key: {e}")),
+            },
+            (Some(_), None) => plan::KeyState::Unusable("ssh_public_key is missing".into()),
+            (None, _) => plan::KeyState::Missing,
+        };
+        let plan = plan::plan(&desired, &state, &observed);
         let status_pending = row.desired_version != row.observed_version
             && !matches!(desired.want, Want::Invalid(_) if row.provisioning_status == "failed");
         entries.push(PlanEntry {
@@ -93,8 +117,14 @@ pub async fn plan_all<A: HcloudApi>(
             status_pending,
         });
     }
-    for (key, observed) in super::unwanted(config, &snapshot, &rows) {
-        let desired = desired::desired_for_missing_row(&key, &key);
+    let ids: Vec<&str> = rows
+        .iter()
+        .map(|r| r.id.as_str())
+        .chain(table.bad.iter().filter_map(|b| b.id.as_deref()))
+        .collect();
+    let recorded: Vec<_> = rows.iter().map(|r| super::recorded_ids(Some(r))).collect();
+    for (key, observed) in super::unwanted(config, &snapshot, &ids, &recorded) {
+        let desired = desired::desired_for_missing_row(config, &key, &key);
         entries.push(PlanEntry {
             subscription_id: format!("{key} (no subscription wants these)"),
             plan: plan::plan(&desired, &Default::default(), &observed),
@@ -106,7 +136,36 @@ pub async fn plan_all<A: HcloudApi>(
 
 /// The subscriptions table as operators want to see it.
 pub async fn status_table(db: &DatabaseConnection) -> Result<String, ReconcileError> {
-    let rows = subscriptions::all(db).await?.rows;
+    let all = subscriptions::all(db).await?;
+    let guard = deletion_guard::status(db).await?;
+    let mut out = format!("installation: {}\n", installation::id(db).await?);
+    match &guard.paused_since {
+        Some(since) => {
+            let _ = writeln!(
+                out,
+                "server deletions: PAUSED since {} ({}); resume with `vps-controller deletions approve`",
+                since.to_rfc3339(),
+                guard.pause_reason.as_deref().unwrap_or("over budget")
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "server deletions: allowed ({} in the last hour)",
+                guard.deleted_last_hour
+            );
+        }
+    }
+    for bad in &all.bad {
+        let _ = writeln!(
+            out,
+            "unreadable row {}: {}",
+            bad.id.as_deref().unwrap_or("<NULL id>"),
+            shorten(&bad.problem, 120)
+        );
+    }
+    out.push('\n');
+    let rows = all.rows;
     let mut table = vec![[
         "ID".to_string(),
         "STATUS".into(),
@@ -131,7 +190,8 @@ pub async fn status_table(db: &DatabaseConnection) -> Result<String, ReconcileEr
                 .unwrap_or_else(|| "-".into()),
         ]);
     }
-    Ok(render_table(&table))
+    out.push_str(&render_table(&table));
+    Ok(out)
 }
 
 /// The recent events of one subscription, newest last.

@@ -12,6 +12,8 @@
 //! with a loud warning, except under CI (`CI` set and not `false`/`0`), where they panic.
 #![allow(dead_code)]
 
+pub mod env;
+
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
