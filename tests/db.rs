@@ -653,10 +653,10 @@ async fn lease_is_exclusive_until_it_expires_or_is_released() {
             "[{backend}]"
         );
         assert!(
-            !leases::try_acquire(&db, "leader", "b", long)
+            leases::try_acquire(&db, "leader", "b", long)
                 .await
                 .unwrap()
-                .is_some(),
+                .is_none(),
             "[{backend}]"
         );
         assert!(
@@ -668,10 +668,10 @@ async fn lease_is_exclusive_until_it_expires_or_is_released() {
         );
         leases::release(&db, "leader", "b").await.unwrap();
         assert!(
-            !leases::try_acquire(&db, "leader", "b", long)
+            leases::try_acquire(&db, "leader", "b", long)
                 .await
                 .unwrap()
-                .is_some(),
+                .is_none(),
             "[{backend}] only the holder can release"
         );
         leases::release(&db, "leader", "a").await.unwrap();
@@ -700,10 +700,10 @@ async fn lease_is_exclusive_until_it_expires_or_is_released() {
             "[{backend}]"
         );
         assert!(
-            !leases::try_acquire(&db, "short", "b", long)
+            leases::try_acquire(&db, "short", "b", long)
                 .await
                 .unwrap()
-                .is_some(),
+                .is_none(),
             "[{backend}]"
         );
         let taken_over = eventually(Duration::from_secs(10), || async {
@@ -715,10 +715,10 @@ async fn lease_is_exclusive_until_it_expires_or_is_released() {
         .await;
         assert!(taken_over, "[{backend}] expired lease taken over");
         assert!(
-            !leases::try_acquire(&db, "short", "a", short)
+            leases::try_acquire(&db, "short", "a", short)
                 .await
                 .unwrap()
-                .is_some(),
+                .is_none(),
             "[{backend}]"
         );
 
@@ -1618,4 +1618,32 @@ async fn concurrent_reservations_never_exceed_the_budget() {
         );
         test_db.cleanup().await;
     }
+}
+
+#[tokio::test]
+async fn sqlite_without_rowid_web_app_table_gets_working_triggers() {
+    let test_db = common::sqlite_db();
+    let db = db::connect(&test_db.url).await.unwrap();
+    exec(
+        &db,
+        "CREATE TABLE subscriptions (id TEXT PRIMARY KEY NOT NULL, user_id TEXT NOT NULL, \
+         status TEXT NOT NULL, plan TEXT NOT NULL) WITHOUT ROWID",
+    )
+    .await;
+    db::migrate(&db).await.unwrap();
+    insert_plain(&db, "a").await;
+    let inserted = status_changed_at(&db, "a").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    exec(
+        &db,
+        "UPDATE subscriptions SET status = 'canceled' WHERE id = 'a'",
+    )
+    .await;
+    assert!(status_changed_at(&db, "a").await > inserted);
+    assert_eq!(desired_version(&db, "a").await, 2);
+    exec(&db, "DELETE FROM subscriptions WHERE id = 'a'").await;
+    assert_eq!(
+        subscriptions::take_deletions(&db).await.unwrap(),
+        vec!["a".to_owned()]
+    );
 }
