@@ -653,10 +653,10 @@ async fn lease_is_exclusive_until_it_expires_or_is_released() {
             "[{backend}]"
         );
         assert!(
-            !leases::try_acquire(&db, "leader", "b", long)
+            leases::try_acquire(&db, "leader", "b", long)
                 .await
                 .unwrap()
-                .is_some(),
+                .is_none(),
             "[{backend}]"
         );
         assert!(
@@ -668,10 +668,10 @@ async fn lease_is_exclusive_until_it_expires_or_is_released() {
         );
         leases::release(&db, "leader", "b").await.unwrap();
         assert!(
-            !leases::try_acquire(&db, "leader", "b", long)
+            leases::try_acquire(&db, "leader", "b", long)
                 .await
                 .unwrap()
-                .is_some(),
+                .is_none(),
             "[{backend}] only the holder can release"
         );
         leases::release(&db, "leader", "a").await.unwrap();
@@ -700,10 +700,10 @@ async fn lease_is_exclusive_until_it_expires_or_is_released() {
             "[{backend}]"
         );
         assert!(
-            !leases::try_acquire(&db, "short", "b", long)
+            leases::try_acquire(&db, "short", "b", long)
                 .await
                 .unwrap()
-                .is_some(),
+                .is_none(),
             "[{backend}]"
         );
         let taken_over = eventually(Duration::from_secs(10), || async {
@@ -715,10 +715,10 @@ async fn lease_is_exclusive_until_it_expires_or_is_released() {
         .await;
         assert!(taken_over, "[{backend}] expired lease taken over");
         assert!(
-            !leases::try_acquire(&db, "short", "a", short)
+            leases::try_acquire(&db, "short", "a", short)
                 .await
                 .unwrap()
-                .is_some(),
+                .is_none(),
             "[{backend}]"
         );
 
@@ -897,5 +897,753 @@ fn debug_output_never_shows_the_sealed_private_key() {
     assert!(
         printed.contains("<sealed>") && printed.contains("ssh-ed25519 AAAA"),
         "{printed}"
+    );
+}
+
+async fn status_changed_at(db: &DatabaseConnection, id: &str) -> chrono::DateTime<chrono::Utc> {
+    subscriptions::get(db, id)
+        .await
+        .unwrap()
+        .unwrap()
+        .status_changed_at
+        .expect("status_changed_at is set")
+}
+
+#[tokio::test]
+async fn status_changed_at_follows_status_changes_only() {
+    for test_db in test_databases().await {
+        let backend = test_db.backend;
+        let db = migrated(&test_db).await;
+        let before_insert = chrono::Utc::now() - chrono::Duration::seconds(5);
+        insert_plain(&db, "a").await;
+        // Written by the trigger and decoded into DateTimeUtc (SQLite text from strftime).
+        let inserted = status_changed_at(&db, "a").await;
+        assert!(inserted >= before_insert, "[{backend}] {inserted}");
+        assert_eq!(desired_version(&db, "a").await, 1, "[{backend}]");
+
+        // Neither other spec columns, an unchanged status, nor status writes move it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for set in ["plan = 'pro'", "status = 'active'", "user_id = 'other'"] {
+            exec(
+                &db,
+                &format!("UPDATE subscriptions SET {set} WHERE id = 'a'"),
+            )
+            .await;
+        }
+        let write = StatusUpdate {
+            provisioning_status: Some("ready".into()),
+            ..StatusUpdate::default()
+        };
+        subscriptions::write_status(&db, None, "a", &write)
+            .await
+            .unwrap();
+        assert_eq!(status_changed_at(&db, "a").await, inserted, "[{backend}]");
+        assert_eq!(desired_version(&db, "a").await, 3, "[{backend}]");
+
+        // A status change moves it, and bumps desired_version exactly once.
+        exec(
+            &db,
+            "UPDATE subscriptions SET status = 'canceled' WHERE id = 'a'",
+        )
+        .await;
+        let canceled = status_changed_at(&db, "a").await;
+        assert!(canceled > inserted, "[{backend}] {canceled} > {inserted}");
+        assert_eq!(desired_version(&db, "a").await, 4, "[{backend}]");
+        // Back to an earlier status counts too.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        exec(
+            &db,
+            "UPDATE subscriptions SET status = 'active' WHERE id = 'a'",
+        )
+        .await;
+        let reactivated = status_changed_at(&db, "a").await;
+        assert!(reactivated > canceled, "[{backend}]");
+        assert_eq!(desired_version(&db, "a").await, 5, "[{backend}]");
+
+        // An explicit value on INSERT is kept.
+        exec(
+            &db,
+            "INSERT INTO subscriptions (id, user_id, status, plan, status_changed_at) \
+             VALUES ('b', 'u', 'active', 'pro', '2026-01-02 03:04:05')",
+        )
+        .await;
+        assert_eq!(
+            status_changed_at(&db, "b").await.to_rfc3339(),
+            "2026-01-02T03:04:05+00:00",
+            "[{backend}]"
+        );
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn upgrade_backfills_status_changed_at_and_keeps_rows_quiet() {
+    for test_db in test_databases().await {
+        let backend = test_db.backend;
+        let db = db::connect(&test_db.url).await.unwrap();
+        exec(
+            &db,
+            "CREATE TABLE subscriptions (id text PRIMARY KEY NOT NULL, user_id text NOT NULL, \
+             status text NOT NULL, plan text NOT NULL)",
+        )
+        .await;
+        exec(
+            &db,
+            "INSERT INTO subscriptions VALUES ('old', 'u', 'active', 'pro')",
+        )
+        .await;
+        db::migrate(&db).await.unwrap();
+        let row = subscriptions::get(&db, "old").await.unwrap().unwrap();
+        assert!(row.status_changed_at.is_some(), "[{backend}] {row:?}");
+        assert_eq!(row.ssh_key_origin, None, "[{backend}]");
+        assert_eq!(
+            row.desired_version, 1,
+            "[{backend}] backfill is no spec change"
+        );
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn ssh_key_origin_is_written_and_cleared() {
+    for test_db in test_databases().await {
+        let backend = test_db.backend;
+        let db = migrated(&test_db).await;
+        insert_plain(&db, "a").await;
+        let external = StatusUpdate {
+            ssh_key_origin: Some(Some("external".into())),
+            ..StatusUpdate::default()
+        };
+        subscriptions::write_status(&db, None, "a", &external)
+            .await
+            .unwrap();
+        let row = subscriptions::get(&db, "a").await.unwrap().unwrap();
+        assert_eq!(
+            row.ssh_key_origin.as_deref(),
+            Some("external"),
+            "[{backend}]"
+        );
+        assert_eq!(row.desired_version, 1, "[{backend}] not a spec column");
+        assert!(format!("{row:?}").contains("external"), "[{backend}]");
+        let clear = StatusUpdate {
+            ssh_key_origin: Some(None),
+            ..StatusUpdate::default()
+        };
+        subscriptions::write_status(&db, None, "a", &clear)
+            .await
+            .unwrap();
+        let row = subscriptions::get(&db, "a").await.unwrap().unwrap();
+        assert_eq!(row.ssh_key_origin, None, "[{backend}]");
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn installation_id_is_a_label_value_made_once() {
+    let mut seen = Vec::new();
+    for test_db in test_databases().await {
+        let backend = test_db.backend;
+        let db = db::connect(&test_db.url).await.unwrap();
+        let err = db::installation::id(&db).await.unwrap_err();
+        assert!(
+            err.to_string().contains("run `vps-controller migrate`"),
+            "[{backend}] {err}"
+        );
+
+        db::migrate(&db).await.unwrap();
+        let id = db::installation::id(&db).await.unwrap();
+        assert_eq!(id.len(), 16, "[{backend}] {id}");
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            "[{backend}] {id}"
+        );
+
+        // Running the migration bodies again never replaces it.
+        exec(&db, "DELETE FROM vps_controller_migrations").await;
+        db::migrate(&db).await.unwrap();
+        assert_eq!(db::installation::id(&db).await.unwrap(), id, "[{backend}]");
+        assert!(!seen.contains(&id), "[{backend}] {id} repeats {seen:?}");
+        seen.push(id);
+
+        exec(
+            &db,
+            "UPDATE vps_controller_installation SET installation_id = 'Not A Label'",
+        )
+        .await;
+        let err = db::installation::id(&db).await.unwrap_err().to_string();
+        assert!(
+            err.contains("installation") && err.contains("16 lowercase hex"),
+            "[{backend}] {err}"
+        );
+        exec(&db, "DELETE FROM vps_controller_installation").await;
+        let err = db::installation::id(&db).await.unwrap_err().to_string();
+        assert!(err.contains("vps-controller migrate"), "[{backend}] {err}");
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn lease_epoch_stays_on_renewal_and_grows_on_every_new_tenure() {
+    for test_db in test_databases().await {
+        let backend = test_db.backend;
+        let db = migrated(&test_db).await;
+        let long = Duration::from_secs(30);
+        let acquire = async |holder: &str, ttl| {
+            leases::try_acquire(&db, leases::LEASE_NAME, holder, ttl)
+                .await
+                .unwrap()
+        };
+        let fence = |holder: &str, epoch| {
+            Some(leases::Fence {
+                holder: holder.into(),
+                epoch,
+            })
+        };
+
+        assert_eq!(acquire("a", long).await, fence("a", 1), "[{backend}]");
+        assert_eq!(
+            acquire("a", long).await,
+            fence("a", 1),
+            "[{backend}] renewal"
+        );
+        assert_eq!(acquire("b", long).await, None, "[{backend}]");
+        leases::release(&db, leases::LEASE_NAME, "a").await.unwrap();
+        assert_eq!(acquire("b", long).await, fence("b", 2), "[{backend}]");
+        assert_eq!(acquire("a", long).await, None, "[{backend}]");
+        // The holder coming back after its own release starts a new tenure.
+        leases::release(&db, leases::LEASE_NAME, "b").await.unwrap();
+        assert_eq!(acquire("b", long).await, fence("b", 3), "[{backend}]");
+
+        // Expiry: the same holder renewing after a lapse gets a new epoch too.
+        leases::release(&db, leases::LEASE_NAME, "b").await.unwrap();
+        assert_eq!(
+            acquire("b", Duration::from_secs(1)).await,
+            fence("b", 4),
+            "[{backend}]"
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(acquire("b", long).await, fence("b", 5), "[{backend}]");
+        let row = lease::Entity::find_by_id(leases::LEASE_NAME.to_owned())
+            .one(&db)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((row.holder.as_str(), row.epoch), ("b", 5), "[{backend}]");
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn fenced_writes_are_refused_once_the_lease_is_lost() {
+    for test_db in test_databases().await {
+        let backend = test_db.backend;
+        let db = migrated(&test_db).await;
+        for id in ["a", "b", "c"] {
+            insert_plain(&db, id).await;
+        }
+        let long = Duration::from_secs(30);
+        let old = leases::try_acquire(&db, leases::LEASE_NAME, "old", long)
+            .await
+            .unwrap()
+            .unwrap();
+        let update = |status: &str| StatusUpdate {
+            provisioning_status: Some(status.into()),
+            ..StatusUpdate::default()
+        };
+        subscriptions::write_status(&db, Some(&old), "a", &update("provisioning"))
+            .await
+            .unwrap();
+        let err = subscriptions::write_status(&db, Some(&old), "gone", &update("ready"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, DbError::SubscriptionNotFound { id } if id == "gone"),
+            "[{backend}] {err}"
+        );
+
+        // Another replica takes over: the old fence no longer writes, the new one does.
+        leases::release(&db, leases::LEASE_NAME, "old")
+            .await
+            .unwrap();
+        let new = leases::try_acquire(&db, leases::LEASE_NAME, "new", long)
+            .await
+            .unwrap()
+            .unwrap();
+        let err = subscriptions::write_status(&db, Some(&old), "a", &update("failed"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DbError::LeaseLost), "[{backend}] {err}");
+        assert_eq!(err.metric_label(), "lease_lost");
+        assert!(err.to_string().contains("lease"), "[{backend}] {err}");
+        let row = subscriptions::get(&db, "a").await.unwrap().unwrap();
+        assert_eq!(row.provisioning_status, "provisioning", "[{backend}]");
+        subscriptions::write_status(&db, Some(&new), "a", &update("ready"))
+            .await
+            .unwrap();
+        // Even the same holder name with an old epoch is refused.
+        let stale = leases::Fence {
+            holder: "new".into(),
+            epoch: new.epoch - 1,
+        };
+        let err = subscriptions::write_status(&db, Some(&stale), "a", &update("failed"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DbError::LeaseLost), "[{backend}] {err}");
+
+        // The bulk error write: only waiting rows whose error differs, fenced the same way.
+        // a is ready; b and c are pending.
+        exec(
+            &db,
+            "UPDATE subscriptions SET provisioning_status = 'provisioning' WHERE id = 'c'",
+        )
+        .await;
+        let message = "Hetzner rejected the API token (unauthorized)";
+        let err = subscriptions::write_error_on_waiting(&db, Some(&old), message)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DbError::LeaseLost), "[{backend}] {err}");
+        assert_eq!(
+            query_i64(
+                &db,
+                "SELECT count(*) FROM subscriptions WHERE provisioning_error IS NOT NULL"
+            )
+            .await,
+            0,
+            "[{backend}] nothing written with a lost lease"
+        );
+        assert_eq!(
+            subscriptions::write_error_on_waiting(&db, Some(&new), message)
+                .await
+                .unwrap(),
+            2,
+            "[{backend}]"
+        );
+        assert_eq!(
+            subscriptions::write_error_on_waiting(&db, Some(&new), message)
+                .await
+                .unwrap(),
+            0,
+            "[{backend}] unchanged rows are not rewritten"
+        );
+        assert_eq!(
+            subscriptions::write_error_on_waiting(&db, None, "unreachable")
+                .await
+                .unwrap(),
+            2,
+            "[{backend}]"
+        );
+        let a = subscriptions::get(&db, "a").await.unwrap().unwrap();
+        let b = subscriptions::get(&db, "b").await.unwrap().unwrap();
+        assert_eq!(
+            a.provisioning_error, None,
+            "[{backend}] ready row untouched"
+        );
+        assert_eq!(
+            b.provisioning_error.as_deref(),
+            Some("unreachable"),
+            "[{backend}]"
+        );
+        assert_eq!(b.desired_version, 1, "[{backend}] no spec change");
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn a_bad_row_never_stops_a_pass() {
+    for test_db in test_databases().await {
+        let backend = test_db.backend;
+        let db = db::connect(&test_db.url).await.unwrap();
+        // A web-app table that lets id be NULL (SQLite allows NULL in a non-INTEGER primary
+        // key; on PostgreSQL id is simply not the key).
+        let create = if test_db.is_sqlite() {
+            "CREATE TABLE subscriptions (id TEXT PRIMARY KEY, user_id TEXT, status TEXT, \
+             plan TEXT)"
+        } else {
+            "CREATE TABLE subscriptions (id TEXT, user_id TEXT, status TEXT, plan TEXT)"
+        };
+        exec(&db, create).await;
+        db::migrate(&db).await.unwrap();
+        insert_plain(&db, "good_1").await;
+        insert_plain(&db, "good_2").await;
+        exec(
+            &db,
+            "INSERT INTO subscriptions (id, user_id, status, plan) VALUES (NULL, 'u', 'active', 'pro')",
+        )
+        .await;
+        exec(
+            &db,
+            "INSERT INTO subscriptions (id, user_id, status, plan) VALUES ('nulls', NULL, NULL, NULL)",
+        )
+        .await;
+        let mut expected_bad = vec![(None, "column id is NULL")];
+        if test_db.is_sqlite() {
+            exec(
+                &db,
+                "INSERT INTO subscriptions (id, user_id, status, plan) \
+                 VALUES ('blob', 'u', X'00FF', 'pro')",
+            )
+            .await;
+            exec(
+                &db,
+                &format!(
+                    "INSERT INTO subscriptions (id, user_id, status, plan, provisioned_at) \
+                     VALUES ('long', 'u', 'active', 'pro', '{}')",
+                    "x".repeat(2000)
+                ),
+            )
+            .await;
+            expected_bad.push((Some("blob"), "column status"));
+            expected_bad.push((Some("long"), "column provisioned_at"));
+        }
+
+        let all = subscriptions::all(&db).await.unwrap();
+        let good: Vec<_> = all.rows.iter().map(|row| row.id.as_str()).collect();
+        assert_eq!(good, vec!["good_1", "good_2", "nulls"], "[{backend}]");
+        let nulls = &all.rows[2];
+        assert_eq!(
+            (&nulls.user_id, &nulls.status, &nulls.plan),
+            (&None, &None, &None),
+            "[{backend}]"
+        );
+        assert_eq!(
+            all.bad.len(),
+            expected_bad.len(),
+            "[{backend}] {:?}",
+            all.bad
+        );
+        for (id, problem) in expected_bad {
+            let bad = all
+                .bad
+                .iter()
+                .find(|bad| bad.id.as_deref() == id)
+                .unwrap_or_else(|| panic!("[{backend}] {id:?} in {:?}", all.bad));
+            assert!(bad.problem.contains(problem), "[{backend}] {bad:?}");
+            assert!(
+                bad.problem.chars().count() <= subscriptions::MAX_PROBLEM_CHARS,
+                "[{backend}] {bad:?}"
+            );
+        }
+
+        // changed() leaves out the row without an id; get() names the bad column.
+        let changed: Vec<_> = subscriptions::changed(&db)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let expected: &[&str] = if test_db.is_sqlite() {
+            &["blob", "good_1", "good_2", "long", "nulls"]
+        } else {
+            &["good_1", "good_2", "nulls"]
+        };
+        assert_eq!(changed, expected, "[{backend}]");
+        if test_db.is_sqlite() {
+            let err = subscriptions::get(&db, "blob").await.unwrap_err();
+            assert_eq!(err.metric_label(), "decode", "[{backend}]");
+            let message = err.to_string();
+            assert!(
+                message.contains("\"blob\"") && message.contains("column status"),
+                "[{backend}] {message}"
+            );
+        }
+        assert!(subscriptions::get(&db, "good_1").await.unwrap().is_some());
+
+        // Deleting the row without an id works and records nothing.
+        exec(&db, "DELETE FROM subscriptions WHERE id IS NULL").await;
+        exec(&db, "DELETE FROM subscriptions WHERE id = 'good_2'").await;
+        assert_eq!(
+            subscriptions::take_deletions(&db).await.unwrap(),
+            vec!["good_2".to_owned()],
+            "[{backend}]"
+        );
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn retry_marks_one_row_or_every_failed_row() {
+    for test_db in test_databases().await {
+        let backend = test_db.backend;
+        let db = migrated(&test_db).await;
+        for id in ["a", "b", "c"] {
+            insert_plain(&db, id).await;
+            let done = StatusUpdate {
+                provisioning_status: Some(if id == "a" { "ready" } else { "failed" }.into()),
+                observed_version: Some(1),
+                ..StatusUpdate::default()
+            };
+            subscriptions::write_status(&db, None, id, &done)
+                .await
+                .unwrap();
+        }
+        assert!(
+            subscriptions::changed(&db).await.unwrap().is_empty(),
+            "[{backend}]"
+        );
+
+        assert_eq!(
+            subscriptions::retry(&db, Some("a")).await.unwrap(),
+            1,
+            "[{backend}]"
+        );
+        assert_eq!(
+            subscriptions::changed(&db).await.unwrap(),
+            vec![("a".to_owned(), 1)],
+            "[{backend}]"
+        );
+        assert_eq!(
+            subscriptions::retry(&db, Some("gone")).await.unwrap(),
+            0,
+            "[{backend}]"
+        );
+        assert_eq!(
+            subscriptions::retry(&db, None).await.unwrap(),
+            2,
+            "[{backend}]"
+        );
+        assert_eq!(
+            subscriptions::changed(&db).await.unwrap(),
+            vec![
+                ("a".to_owned(), 1),
+                ("b".to_owned(), 1),
+                ("c".to_owned(), 1)
+            ],
+            "[{backend}]"
+        );
+        assert_eq!(
+            desired_version(&db, "b").await,
+            1,
+            "[{backend}] no spec change"
+        );
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn state_values_are_stored_and_replaced() {
+    for test_db in test_databases().await {
+        let backend = test_db.backend;
+        let db = migrated(&test_db).await;
+        assert_eq!(
+            db::state::get(&db, "config_fingerprint").await.unwrap(),
+            None
+        );
+        db::state::set(&db, "config_fingerprint", "abc")
+            .await
+            .unwrap();
+        db::state::set(&db, "config_fingerprint", "def")
+            .await
+            .unwrap();
+        db::state::set(&db, "other", "x").await.unwrap();
+        assert_eq!(
+            db::state::get(&db, "config_fingerprint")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("def"),
+            "[{backend}]"
+        );
+        assert!(db::state::set(&db, "", "x").await.is_err(), "[{backend}]");
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn deletion_budget_pauses_until_approved() {
+    use db::deletion_guard::{self, Reservation};
+    for test_db in test_databases().await {
+        let backend = test_db.backend;
+        let db = migrated(&test_db).await;
+        let reserve = async |server: i64| {
+            deletion_guard::reserve(&db, None, server, &format!("sub_{server}"), 3)
+                .await
+                .unwrap()
+        };
+        for server in 1..=3 {
+            assert_eq!(reserve(server).await, Reservation::Granted, "[{backend}]");
+        }
+        let paused = |newly| Reservation::Paused {
+            newly,
+            deleted_in_window: 3,
+            budget: 3,
+        };
+        assert_eq!(reserve(4).await, paused(true), "[{backend}] trips once");
+        assert_eq!(reserve(5).await, paused(false), "[{backend}]");
+        assert_eq!(reserve(6).await, paused(false), "[{backend}]");
+
+        // Durable: a fresh connection (a restarted or failed-over controller) sees the pause.
+        let other = db::connect(&test_db.url).await.unwrap();
+        let status = deletion_guard::status(&other).await.unwrap();
+        assert!(status.paused_since.is_some(), "[{backend}] {status:?}");
+        let reason = status.pause_reason.clone().unwrap_or_default();
+        assert!(
+            reason.contains('3') && reason.contains("approve"),
+            "[{backend}] {reason}"
+        );
+        assert_eq!(
+            (
+                status.deleted_last_hour,
+                status.deleted_in_window,
+                status.extra_allowance
+            ),
+            (3, 3, 0),
+            "[{backend}]"
+        );
+        assert_eq!(status.window_start, None, "[{backend}]");
+
+        // Approval: a fresh window, plus one extra deletion on top of the budget.
+        let approved = deletion_guard::approve(&other, 1).await.unwrap();
+        assert_eq!(approved.paused_since, None, "[{backend}]");
+        assert_eq!(approved.pause_reason, None, "[{backend}]");
+        assert!(approved.window_start.is_some(), "[{backend}]");
+        assert_eq!(
+            (
+                approved.deleted_last_hour,
+                approved.deleted_in_window,
+                approved.extra_allowance
+            ),
+            (3, 0, 1),
+            "[{backend}]"
+        );
+        for server in 10..=13 {
+            assert_eq!(
+                reserve(server).await,
+                Reservation::Granted,
+                "[{backend}] {server}"
+            );
+        }
+        let status = deletion_guard::status(&db).await.unwrap();
+        assert_eq!(
+            (status.deleted_in_window, status.extra_allowance),
+            (4, 0),
+            "[{backend}] extra used"
+        );
+        assert_eq!(
+            reserve(14).await,
+            Reservation::Paused {
+                newly: true,
+                deleted_in_window: 4,
+                budget: 3
+            },
+            "[{backend}]"
+        );
+
+        // A reservation with a lost fence is refused before anything is recorded.
+        deletion_guard::approve(&db, 0).await.unwrap();
+        let stale = leases::Fence {
+            holder: "nobody".into(),
+            epoch: 7,
+        };
+        let err = deletion_guard::reserve(&db, Some(&stale), 20, "sub_20", 3)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DbError::LeaseLost), "[{backend}] {err}");
+        let fence = leases::try_acquire(&db, leases::LEASE_NAME, "me", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            deletion_guard::reserve(&db, Some(&fence), 20, "sub_20", 3)
+                .await
+                .unwrap(),
+            Reservation::Granted,
+            "[{backend}]"
+        );
+        assert_eq!(
+            deletion_guard::status(&db).await.unwrap().deleted_in_window,
+            1,
+            "[{backend}]"
+        );
+
+        // managed_servers counts rows with a server.
+        insert_plain(&db, "x").await;
+        insert_plain(&db, "y").await;
+        let with_server = StatusUpdate {
+            hetzner_server_id: Some(Some(5)),
+            ..StatusUpdate::default()
+        };
+        subscriptions::write_status(&db, None, "x", &with_server)
+            .await
+            .unwrap();
+        assert_eq!(
+            deletion_guard::managed_servers(&db).await.unwrap(),
+            1,
+            "[{backend}]"
+        );
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_reservations_never_exceed_the_budget() {
+    use db::deletion_guard::{self, Reservation};
+    for test_db in test_databases().await {
+        let backend = test_db.backend;
+        // Two pools, like two replicas racing after a failover.
+        let first = migrated(&test_db).await;
+        let second = db::connect(&test_db.url).await.unwrap();
+        let attempts = (0..20).map(|i| {
+            let db = if i % 2 == 0 {
+                first.clone()
+            } else {
+                second.clone()
+            };
+            tokio::spawn(async move {
+                deletion_guard::reserve(&db, None, i, &format!("sub_{i}"), 5).await
+            })
+        });
+        let outcomes: Vec<Reservation> = futures::future::join_all(attempts)
+            .await
+            .into_iter()
+            .map(|joined| joined.unwrap().unwrap())
+            .collect();
+        let granted = outcomes
+            .iter()
+            .filter(|outcome| **outcome == Reservation::Granted)
+            .count();
+        let newly = outcomes
+            .iter()
+            .filter(|outcome| matches!(outcome, Reservation::Paused { newly: true, .. }))
+            .count();
+        assert_eq!((granted, newly), (5, 1), "[{backend}] {outcomes:?}");
+        assert_eq!(
+            query_i64(
+                &first,
+                "SELECT count(*) FROM vps_controller_server_deletions"
+            )
+            .await,
+            5,
+            "[{backend}]"
+        );
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn sqlite_without_rowid_web_app_table_gets_working_triggers() {
+    let test_db = common::sqlite_db();
+    let db = db::connect(&test_db.url).await.unwrap();
+    exec(
+        &db,
+        "CREATE TABLE subscriptions (id TEXT PRIMARY KEY NOT NULL, user_id TEXT NOT NULL, \
+         status TEXT NOT NULL, plan TEXT NOT NULL) WITHOUT ROWID",
+    )
+    .await;
+    db::migrate(&db).await.unwrap();
+    insert_plain(&db, "a").await;
+    let inserted = status_changed_at(&db, "a").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    exec(
+        &db,
+        "UPDATE subscriptions SET status = 'canceled' WHERE id = 'a'",
+    )
+    .await;
+    assert!(status_changed_at(&db, "a").await > inserted);
+    assert_eq!(desired_version(&db, "a").await, 2);
+    exec(&db, "DELETE FROM subscriptions WHERE id = 'a'").await;
+    assert_eq!(
+        subscriptions::take_deletions(&db).await.unwrap(),
+        vec!["a".to_owned()]
     );
 }

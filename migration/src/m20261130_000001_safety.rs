@@ -278,12 +278,17 @@ async fn existing_columns<C: ConnectionTrait>(
 
 /// Whether the web app declared `subscriptions` WITHOUT ROWID (then triggers cannot use rowid).
 async fn sqlite_without_rowid<C: ConnectionTrait>(db: &C) -> Result<bool, DbErr> {
-    let row = db
+    // pragma_table_list needs SQLite 3.37; an older SQLite has no error to roll back here
+    // (a failed statement does not abort a SQLite transaction), so assume a rowid table.
+    let Ok(row) = db
         .query_one_raw(Statement::from_string(
             DbBackend::Sqlite,
             "SELECT wr FROM pragma_table_list('subscriptions') WHERE schema = 'main'",
         ))
-        .await?;
+        .await
+    else {
+        return Ok(false);
+    };
     match row {
         Some(row) => Ok(row.try_get::<i64>("", "wr")? != 0),
         None => Ok(false),

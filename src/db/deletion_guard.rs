@@ -74,7 +74,7 @@ fn counts_sql(backend: DbBackend) -> String {
              (SELECT count(*) FROM vps_controller_server_deletions
                WHERE deleted_at > {hour_ago}
                  AND (g.window_start IS NULL OR deleted_at >= g.window_start)) AS in_window,
-             CASE WHEN g.paused_at IS NULL THEN 0 ELSE 1 END AS paused,
+             CAST(CASE WHEN g.paused_at IS NULL THEN 0 ELSE 1 END AS BIGINT) AS paused,
              g.paused_at, g.pause_reason, g.window_start, g.extra_allowance
          FROM vps_controller_deletion_guard g WHERE g.id = 1"
     )

@@ -134,8 +134,15 @@ fn decode(row: &QueryResult) -> Result<subscription::Model, String> {
 }
 
 fn column<T: TryGetable>(row: &QueryResult, name: &str) -> Result<T, String> {
-    row.try_get::<T>("", name)
-        .map_err(|err| bounded(format!("column {name}: {err}")))
+    row.try_get::<T>("", name).map_err(|err| {
+        // sqlx says "error occurred while decoding column \"x\": <why>"; keep the why.
+        let text = err.to_string();
+        let marker = format!("decoding column \"{name}\": ");
+        let why = text
+            .split_once(&marker)
+            .map_or(text.as_str(), |(_, why)| why);
+        bounded(format!("column {name}: {why}"))
+    })
 }
 
 fn required<T: TryGetable>(row: &QueryResult, name: &str) -> Result<T, String> {
