@@ -510,7 +510,10 @@ impl Config {
         if self.deletion_budget.fleet_percent > 100 {
             p.add(
                 "deletion_budget.fleet_percent",
-                format!("{} is out of range 0-100", self.deletion_budget.fleet_percent),
+                format!(
+                    "{} is out of range 0-100",
+                    self.deletion_budget.fleet_percent
+                ),
             );
         }
         if !(1..=MAX_RESYNC_SECONDS).contains(&self.resync_seconds) {
@@ -612,16 +615,23 @@ fn lifecycle_problems(p: &mut Problems, lifecycle: &Lifecycle) {
                 );
             } else if list[..i].contains(status) {
                 p.add(field, format!("{status:?} is listed twice"));
-            } else if let Some((other, _)) = lists[..index].iter().find(|(_, l)| l.contains(status)) {
+            } else if let Some((other, _)) = lists[..index].iter().find(|(_, l)| l.contains(status))
+            {
                 p.add(
                     field,
-                    format!("{status:?} is already listed in lifecycle.{other}; a status has one policy"),
+                    format!(
+                        "{status:?} is already listed in lifecycle.{other}; a status has one policy"
+                    ),
                 );
             }
         }
     }
     for (field, value, max) in [
-        ("lifecycle.grace_period_hours", lifecycle.grace_period_hours, MAX_GRACE_PERIOD_HOURS),
+        (
+            "lifecycle.grace_period_hours",
+            lifecycle.grace_period_hours,
+            MAX_GRACE_PERIOD_HOURS,
+        ),
         (
             "lifecycle.deletion_delay_hours",
             lifecycle.deletion_delay_hours,

@@ -632,12 +632,20 @@ mod tests {
             let pair = generate_blocking(alg, "c").unwrap();
             let other = generate_blocking(KeyAlgorithm::Ed25519, "c").unwrap();
             let blob = public_blob_of_private(pair.private_pem()).unwrap();
-            assert_eq!(Some(blob.as_str()), pair.public_openssh.split_whitespace().nth(1));
-            assert_ne!(Some(blob.as_str()), other.public_openssh.split_whitespace().nth(1));
+            assert_eq!(
+                Some(blob.as_str()),
+                pair.public_openssh.split_whitespace().nth(1)
+            );
+            assert_ne!(
+                Some(blob.as_str()),
+                other.public_openssh.split_whitespace().nth(1)
+            );
         }
-        let error = public_blob_of_private("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
-            .unwrap_err()
-            .to_string();
+        let error = public_blob_of_private(
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(error.contains("does not parse"), "{error}");
     }
 

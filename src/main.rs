@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use vps_controller::config::Config;
 use vps_controller::controller::{Controller, leader, triggers};
-use vps_controller::db::{self, deletion_guard, installation, state, subscriptions};
+use vps_controller::db::{self, deletion_guard, installation, subscriptions};
 use vps_controller::hcloud::{Budget, Client, ClientConfig, HcloudApi, Token};
 use vps_controller::keys::Sealer;
 use vps_controller::reconcile::Reconciler;
@@ -249,7 +249,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     db::migrate(&conn).await?;
     let owner = Owner::new(installation::id(&conn).await?, &config);
     tracing::info!(installation = %owner.installation, instance = %owner.instance, "resources are owned through label {}={}", vps_controller::reconcile::desired::INSTALLATION_LABEL, owner.installation);
-    retry_after_config_change(&conn, &config).await?;
+    vps_controller::controller::retry_after_config_change(&conn, &config).await?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut simulator = None;
@@ -447,22 +447,6 @@ async fn status(args: StatusArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Rows that failed on a config problem (unknown plan, invalid server type, ...) are retried
-/// when the config changes: its fingerprint is kept in the database between starts.
-async fn retry_after_config_change(conn: &sea_orm::DatabaseConnection, config: &Config) -> Result<()> {
-    const KEY: &str = "config_fingerprint";
-    let fingerprint = config.fingerprint();
-    let previous = state::get(conn, KEY).await?;
-    if previous.as_deref() != Some(fingerprint.as_str()) {
-        let retried = subscriptions::retry(conn, None).await?;
-        state::set(conn, KEY, &fingerprint).await?;
-        if previous.is_some() {
-            tracing::info!(retried, "the configuration changed since the last start: failed rows are retried");
-        }
-    }
-    Ok(())
-}
-
 /// Checks each plan's server type, location and image against Hetzner once at start and
 /// reports the bad ones clearly. Rows on such a plan fail with Hetzner's own error and are
 /// retried when the config changes. Hetzner being unreachable here is not fatal.
@@ -476,7 +460,9 @@ async fn check_plans_at_hetzner(api: &Client, config: &Config) {
             if api.location_by_name(&plan.location).await?.is_none() {
                 problems.push(format!("location {:?} does not exist", plan.location));
             }
-            if plan.image.parse::<i64>().is_err() && api.image_by_name(&plan.image).await?.is_empty() {
+            if plan.image.parse::<i64>().is_err()
+                && api.image_by_name(&plan.image).await?.is_empty()
+            {
                 problems.push(format!("image {:?} does not exist", plan.image));
             }
             Ok::<_, vps_controller::hcloud::Error>(problems)

@@ -294,9 +294,21 @@ fn migrate_without_database_url_creates_the_sqlite_file_and_can_run_again() {
     // The schema is there: `status` reads the (empty) table.
     let status = run_cli(dir.path(), &["status"], &[]);
     status.assert_code(0);
+    let lines: Vec<&str> = status.stdout.lines().collect();
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with("installation: ") && l.len() == 30),
+        "{}",
+        status.describe()
+    );
     assert_eq!(
-        status.stdout.lines().collect::<Vec<_>>(),
-        ["ID  STATUS  PLAN  PROVISIONING  SERVER  IP  LAST ERROR"],
+        lines[1..],
+        [
+            "server deletions: allowed (0 in the last hour)",
+            "",
+            "ID  STATUS  PLAN  PROVISIONING  SERVER  IP  LAST ERROR"
+        ],
         "{}",
         status.describe()
     );
@@ -373,7 +385,11 @@ async fn status_shows_rows_with_their_errors_and_one_subscriptions_events() {
         let table = run_cli(dir.path(), &["status"], &env);
         table.assert_code(0);
         let context = format!("{backend}: {}", table.describe());
-        let header = table.stdout.lines().next().unwrap_or_default();
+        let header = table
+            .stdout
+            .lines()
+            .find(|line| line.starts_with("ID "))
+            .unwrap_or_default();
         for column in ["ID", "STATUS", "PLAN", "PROVISIONING", "LAST ERROR"] {
             assert!(header.contains(column), "{context}");
         }

@@ -32,6 +32,33 @@ pub const CHANGE_POLL: Duration = Duration::from_secs(1);
 /// Resync listing may use at most this share of the API budget; the interval stretches.
 const RESYNC_BUDGET_SHARE: f64 = 0.25;
 
+/// Rows that failed on a config problem (unknown plan, invalid server type, ...) are retried
+/// when the config changes: its fingerprint is kept in the database between starts. Returns
+/// how many failed rows were marked for a retry (none on the first start).
+pub async fn retry_after_config_change(
+    db: &sea_orm::DatabaseConnection,
+    config: &crate::config::Config,
+) -> Result<u64, crate::db::DbError> {
+    const KEY: &str = "config_fingerprint";
+    let fingerprint = config.fingerprint();
+    let previous = crate::db::state::get(db, KEY).await?;
+    if previous.as_deref() == Some(fingerprint.as_str()) {
+        return Ok(0);
+    }
+    let retried = match previous {
+        Some(_) => subscriptions::retry(db, None).await?,
+        None => 0,
+    };
+    crate::db::state::set(db, KEY, &fingerprint).await?;
+    if retried > 0 {
+        tracing::info!(
+            retried,
+            "the configuration changed since the last start: failed rows are retried"
+        );
+    }
+    Ok(retried)
+}
+
 pub struct Controller<A: HcloudApi> {
     pub reconciler: Arc<Reconciler<A>>,
     pub metrics: Arc<Metrics>,
@@ -227,14 +254,14 @@ impl<A: HcloudApi + 'static> Controller<A> {
         let started = Instant::now();
         let reconciler = &self.reconciler;
         let config = &reconciler.config;
-        let mut snapshot = match observe::observe(&reconciler.api, &reconciler.owner.selector()).await
-        {
-            Ok(snapshot) => snapshot,
-            Err(error) => {
-                self.report_project_wide(&error).await;
-                return Err(error.into());
-            }
-        };
+        let mut snapshot =
+            match observe::observe(&reconciler.api, &reconciler.owner.selector()).await {
+                Ok(snapshot) => snapshot,
+                Err(error) => {
+                    self.report_project_wide(&error).await;
+                    return Err(error.into());
+                }
+            };
         let table = subscriptions::all(&reconciler.db).await?;
         self.report_bad_rows(&table.bad).await;
         let rows = table.rows;
@@ -266,10 +293,12 @@ impl<A: HcloudApi + 'static> Controller<A> {
         self.metrics.set_subscriptions(&by_status);
         self.metrics.set_invalid_rows(table.bad.len());
         match deletion_guard::status(&reconciler.db).await {
-            Ok(guard) => self.metrics.set_deletions_paused(guard.paused_since.is_some()),
+            Ok(guard) => self
+                .metrics
+                .set_deletions_paused(guard.paused_since.is_some()),
             Err(e) => tracing::warn!(error = %e, "cannot read the deletion guard"),
         }
-        if let Err(e) = self.sweep_snapshots().await {
+        if let Err(e) = self.sweep_snapshots(chrono::Utc::now()).await {
             tracing::warn!(error = %e, "snapshot retention sweep failed; retried next resync");
         }
 
@@ -345,8 +374,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
         let total = legacy.resources.servers.len()
             + legacy.resources.ssh_keys.len()
             + legacy.resources.firewalls.len();
-        let adopted =
-            claimed.servers.len() + claimed.ssh_keys.len() + claimed.firewalls.len();
+        let adopted = claimed.servers.len() + claimed.ssh_keys.len() + claimed.firewalls.len();
         if total > 0 {
             tracing::warn!(
                 adopted,
@@ -359,13 +387,17 @@ impl<A: HcloudApi + 'static> Controller<A> {
         Ok(())
     }
 
-    /// Snapshots taken before deletions are deleted after `snapshot_retention_days`. Runs
-    /// while `snapshot_before_delete` is on (one listing per resync).
-    async fn sweep_snapshots(&self) -> Result<(), ReconcileError> {
+    /// Snapshots taken before deletions are deleted after `snapshot_retention_days`, as of
+    /// `now`. Runs while `snapshot_before_delete` is on (one listing per resync). Returns how
+    /// many were deleted.
+    pub async fn sweep_snapshots(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize, ReconcileError> {
         let reconciler = &self.reconciler;
         let lifecycle = &reconciler.config.lifecycle;
         if !lifecycle.snapshot_before_delete {
-            return Ok(());
+            return Ok(0);
         }
         let selector = format!(
             "{},{SNAPSHOT_LABEL}={PRE_DELETE_SNAPSHOT}",
@@ -374,7 +406,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
         let retention = chrono::Duration::days(
             i64::try_from(lifecycle.snapshot_retention_days).unwrap_or(i64::MAX / 86_400_000),
         );
-        let now = chrono::Utc::now();
+        let mut deleted = 0;
         for image in reconciler.api.list_snapshots(&selector).await? {
             if image.created + retention > now {
                 continue;
@@ -383,7 +415,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 return Err(ReconcileError::LostLease);
             }
             match reconciler.api.delete_image(image.id).await {
-                Ok(()) => {}
+                Ok(()) => deleted += 1,
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e.into()),
             }
@@ -394,7 +426,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 "deleted a pre-deletion snapshot past its retention"
             );
         }
-        Ok(())
+        Ok(deleted)
     }
 
     /// A listing that failed for a reason that hits every subscription (the token is

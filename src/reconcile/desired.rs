@@ -127,9 +127,12 @@ pub fn resource_key(subscription_id: &str) -> String {
 fn is_clean_key(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_KEY_LEN
-        && id
-            .split('-')
-            .all(|group| !group.is_empty() && group.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+        && id.split('-').all(|group| {
+            !group.is_empty()
+                && group
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
 }
 
 /// Name of every resource (server, SSH key, firewall) of one subscription.
@@ -374,7 +377,11 @@ mod tests {
     fn a_changed_id_never_takes_the_key_of_a_clean_id() {
         let changed = resource_key("CaseDup");
         assert!(changed.contains("--"), "{changed}");
-        assert_ne!(changed, resource_key(&changed), "the key itself is not a clean id");
+        assert_ne!(
+            changed,
+            resource_key(&changed),
+            "the key itself is not a clean id"
+        );
         for clean in ["casedup-c9aee856", "a-b-c", "x", &"a".repeat(42)] {
             assert_eq!(resource_key(clean), clean);
             assert!(!resource_key(clean).contains("--"));
@@ -421,7 +428,10 @@ mod tests {
     fn names_are_valid_distinct_and_deterministic() {
         let config = Config::builtin();
         assert_eq!(resource_name(&config, "sub-42"), "vps-sub-42");
-        assert_eq!(resource_name(&config, "Sub-42"), format!("vps-sub-42--{}", &resource_key("Sub-42")[8..]));
+        assert_eq!(
+            resource_name(&config, "Sub-42"),
+            format!("vps-sub-42--{}", &resource_key("Sub-42")[8..])
+        );
         let ids = [
             "sub_1MowQVLkdIwHu7ixeRlqHVzs",
             "sub_1mowqvlkdiwhu7ixerlqhvzs",

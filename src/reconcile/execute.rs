@@ -438,7 +438,11 @@ impl<A: HcloudApi> Executor<'_, A> {
     /// Takes a snapshot of the server before it is deleted, labelled as ours with its
     /// subscription so the retention sweep finds it. A snapshot of this server that already
     /// exists (a retry after a crash) is used instead of taking another.
-    async fn snapshot(&self, server_id: i64, progress: &mut Progress) -> Result<(), ReconcileError> {
+    async fn snapshot(
+        &self,
+        server_id: i64,
+        progress: &mut Progress,
+    ) -> Result<(), ReconcileError> {
         let selector = format!(
             "{},{SNAPSHOT_LABEL}={PRE_DELETE_SNAPSHOT},{SUBSCRIPTION_LABEL}={}",
             self.owner.selector(),
@@ -449,7 +453,12 @@ impl<A: HcloudApi> Executor<'_, A> {
             .list_snapshots(&selector)
             .await?
             .into_iter()
-            .find(|image| image.created_from.as_ref().is_some_and(|from| from.id == server_id));
+            .find(|image| {
+                image
+                    .created_from
+                    .as_ref()
+                    .is_some_and(|from| from.id == server_id)
+            });
         if let Some(image) = existing {
             if image.status == ImageStatus::Available {
                 return Ok(());
@@ -505,7 +514,12 @@ impl<A: HcloudApi> Executor<'_, A> {
                      `vps-controller deletions approve` (or raise deletion_budget)"
                 );
                 if newly {
-                    tracing::error!(server_id = id, deleted_in_window, budget, "DELETIONS PAUSED: {message}");
+                    tracing::error!(
+                        server_id = id,
+                        deleted_in_window,
+                        budget,
+                        "DELETIONS PAUSED: {message}"
+                    );
                 }
                 Err(ReconcileError::DeletionsPaused(message))
             }

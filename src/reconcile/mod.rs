@@ -164,7 +164,10 @@ impl<A: HcloudApi> Reconciler<A> {
 
         // 2. What exists (not needed, and not asked, for a row that is held or cannot be
         //    acted on). A failure to observe is recorded on the row like any other.
-        let observed = match self.observe(&desired, &row_state, row.as_ref(), snapshot).await {
+        let observed = match self
+            .observe(&desired, &row_state, row.as_ref(), snapshot)
+            .await
+        {
             Ok(observed) => observed,
             Err(error) => return self.failed(term, &desired, row.as_ref(), error).await,
         };
@@ -259,7 +262,11 @@ impl<A: HcloudApi> Reconciler<A> {
                         "server {server_id} recorded on the row belongs to another installation \
                          (label {}={}); this controller never changes it",
                         desired::INSTALLATION_LABEL,
-                        server.labels.get(desired::INSTALLATION_LABEL).cloned().unwrap_or_default()
+                        server
+                            .labels
+                            .get(desired::INSTALLATION_LABEL)
+                            .cloned()
+                            .unwrap_or_default()
                     )));
                 }
                 Ok(server) => {
@@ -472,7 +479,9 @@ impl<A: HcloudApi> Reconciler<A> {
                 update.vps_ip_address = Some(None);
                 update.vps_hostname = Some(None);
                 // Only a key pair we sealed is ours to remove; an external one stays.
-                if row_state.key != KeyState::External && row.ssh_key_origin.as_deref() != Some("external") {
+                if row_state.key != KeyState::External
+                    && row.ssh_key_origin.as_deref() != Some("external")
+                {
                     update.ssh_private_key = Some(None);
                     update.ssh_public_key = Some(None);
                 }
@@ -491,7 +500,8 @@ impl<A: HcloudApi> Reconciler<A> {
         // Adopting a server whose key pair the controller cannot open (or has none): the key
         // is the web app's, kept as it is and never replaced.
         if matches!(plan.outcome, Outcome::Ready | Outcome::Suspended { .. })
-            && (row_state.key == KeyState::External || (adopting && row_state.key == KeyState::Missing))
+            && (row_state.key == KeyState::External
+                || (adopting && row_state.key == KeyState::Missing))
         {
             update.ssh_key_origin = Some(Some("external".into()));
         }
@@ -530,8 +540,12 @@ impl<A: HcloudApi> Reconciler<A> {
                     _ => "all resources deleted".to_string(),
                 };
                 match kind {
-                    EventKind::Normal => tracing::info!(subscription = %row.id, reason, "{message}"),
-                    EventKind::Warning => tracing::warn!(subscription = %row.id, reason, "{message}"),
+                    EventKind::Normal => {
+                        tracing::info!(subscription = %row.id, reason, "{message}")
+                    }
+                    EventKind::Warning => {
+                        tracing::warn!(subscription = %row.id, reason, "{message}")
+                    }
                 }
                 events::record(&self.db, &row.id, kind, reason, &message).await?;
             }
@@ -634,8 +648,7 @@ pub fn unwanted(
         .iter()
         .map(|id| desired::resource_name(config, id))
         .collect();
-    let is_recorded =
-        |kind: plan::Kind, id: i64| recorded.iter().any(|r| r.get(kind) == Some(id));
+    let is_recorded = |kind: plan::Kind, id: i64| recorded.iter().any(|r| r.get(kind) == Some(id));
     let mut groups: Vec<(String, Observed)> = snapshot
         .subscription_keys()
         .into_iter()

@@ -134,15 +134,14 @@ impl Snapshot {
     /// id the row records also belongs to it while it carries no installation label yet
     /// (labelled by the scheme before installation ids, possibly under an older key).
     pub fn for_subscription(&self, key: &str, name: &str, recorded: &RecordedIds) -> Observed {
-        self.resources
-            .filter(|kind, id, labels, resource_name| {
-                let legacy = !labels.contains_key(INSTALLATION_LABEL);
-                (legacy && recorded.get(kind) == Some(id))
-                    || match labels.get(SUBSCRIPTION_LABEL) {
-                        Some(value) => value == key,
-                        None => resource_name == name,
-                    }
-            })
+        self.resources.filter(|kind, id, labels, resource_name| {
+            let legacy = !labels.contains_key(INSTALLATION_LABEL);
+            (legacy && recorded.get(kind) == Some(id))
+                || match labels.get(SUBSCRIPTION_LABEL) {
+                    Some(value) => value == key,
+                    None => resource_name == name,
+                }
+        })
     }
 
     /// Subscription keys named by the labels of the resources in this snapshot.

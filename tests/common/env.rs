@@ -21,7 +21,7 @@ use vps_controller::reconcile::desired::Owner;
 use vps_controller::simulator::{self, RunningSimulator, SimulatorConfig};
 use vps_controller::telemetry::metrics::Metrics;
 
-const TOKEN: &str = "test-token";
+pub const TOKEN: &str = "test-token";
 
 pub struct Env {
     pub sim: Arc<RunningSimulator>,
@@ -63,6 +63,8 @@ pub struct Options {
     pub sim: Option<Arc<RunningSimulator>>,
     /// The controller's config (ed25519 keys and no shutdown wait by default).
     pub config: Config,
+    /// The token the controller sends (the simulator accepts only [`TOKEN`]).
+    pub token: String,
 }
 
 impl Default for Options {
@@ -77,6 +79,7 @@ impl Default for Options {
                 shutdown_timeout_seconds: 0,
                 ..Config::builtin()
             },
+            token: TOKEN.into(),
         }
     }
 }
@@ -118,7 +121,7 @@ pub async fn env_custom(test_db: &super::TestDb, options: Options) -> Env {
             cap: Duration::from_millis(50),
         },
         budget: Arc::new(Budget::new(3600).with_max_circuit_pause(Duration::from_millis(100))),
-        ..ClientConfig::new(sim.base_url(), Token::new(TOKEN))
+        ..ClientConfig::new(sim.base_url(), Token::new(options.token.clone()))
     })
     .unwrap();
     let config = options.config;
@@ -227,6 +230,11 @@ impl Env {
         );
     }
 
+    /// A resync whose reconciles may fail (e.g. deletions refused by the deletion guard).
+    pub async fn resync_allowing_failures(&self) {
+        let _ = self.controller.resync().await;
+    }
+
     pub async fn process_changes(&self) {
         self.controller.process_changes().await.unwrap();
     }
@@ -268,4 +276,3 @@ where
         test_db.cleanup().await;
     }
 }
-
