@@ -732,3 +732,253 @@ fn simulator_rejects_a_fault_rate_above_one() {
     )
     .assert_fails_naming("fault_rate");
 }
+
+/// The text of `GET {base_url}/metrics`, or empty while it does not answer.
+async fn metrics(http: &reqwest::Client, base_url: &str) -> String {
+    match http.get(format!("{base_url}/metrics")).send().await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// The value of the sample line starting with `name ` (e.g. a gauge without labels).
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+fn signal(child: &ChildGuard, signal: &str) {
+    let sent = Command::new("kill")
+        .args([signal, &child.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "kill {signal} failed: {sent}");
+}
+
+/// Requests that change something at the simulated Hetzner (everything but GETs).
+async fn simulator_writes(http: &reqwest::Client, sim_url: &str) -> u64 {
+    let stats: Value = http
+        .get(format!("{sim_url}/__simulator/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    stats["by_endpoint"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(endpoint, _)| !endpoint.starts_with("GET "))
+        .map(|(_, n)| n.as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Issue 7: a leader SIGSTOPped right after rows were activated, for longer than its lease,
+/// wakes up after another replica took over and provisioned them. It must make no Hetzner
+/// call and write no row (key pairs included): every stored private key keeps matching the
+/// key its server was created with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_its_lease_neither_calls_hetzner_nor_writes_after_waking() {
+    let test_db = match common::postgres_db().await {
+        Ok(test_db) => test_db,
+        Err(reason)
+            if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0") =>
+        {
+            panic!("PostgreSQL is required in CI: {reason}")
+        }
+        Err(reason) => {
+            eprintln!("skipping: two replicas need PostgreSQL ({reason})");
+            return;
+        }
+    };
+    let http = http_client();
+    let sim_dir = tempfile::tempdir().unwrap();
+    let (_simulator, sim_url) = spawn_listening(
+        |port| {
+            let listen = format!("127.0.0.1:{port}");
+            command(
+                sim_dir.path(),
+                &[
+                    "simulator",
+                    "--listen",
+                    &listen,
+                    "--token",
+                    SECRET_TOKEN,
+                    "--action-seconds",
+                    "0.2",
+                ],
+                &[],
+            )
+        },
+        "/__simulator/stats",
+    )
+    .await;
+    let endpoint = format!("{sim_url}/v1");
+    let dir = tempfile::tempdir().unwrap();
+    let key = encryption_key();
+    let env = [
+        ("DATABASE_URL", test_db.url.as_str()),
+        ("HCLOUD_ENDPOINT", endpoint.as_str()),
+        ("HCLOUD_TOKEN", SECRET_TOKEN),
+        ("VPS_CONTROLLER_ENCRYPTION_KEY", key.as_str()),
+        ("VPS_CONTROLLER_RESYNC_SECONDS", "3"),
+    ];
+    run_cli(dir.path(), &["migrate"], &env).assert_code(0);
+    let conn = db::connect(&test_db.url).await.unwrap();
+    let replica = |port: u16| {
+        let listen = format!("127.0.0.1:{port}");
+        command(dir.path(), &["run", "--listen", &listen], &env)
+    };
+    let leads = |base_url: String| {
+        let http = http.clone();
+        async move { sample(&metrics(&http, &base_url).await, "vps_controller_leader") == Some(1.0) }
+    };
+
+    let (first, first_url) = spawn_listening(replica, "/healthz").await;
+    assert!(
+        common::eventually(DEADLINE, || leads(first_url.clone())).await,
+        "{}",
+        first.output()
+    );
+    let (second, second_url) = spawn_listening(replica, "/healthz").await;
+
+    for i in 0..8 {
+        insert_subscription(&conn, &format!("r{i}"), "active", "starter").await;
+    }
+    // The leader is at work (RSA-4096 key pairs being generated) when it is frozen.
+    let at_work = common::eventually(DEADLINE, || async {
+        events::recent(&conn, None, 50)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.reason == "KeyPairGenerated")
+    })
+    .await;
+    assert!(at_work, "{}", first.output());
+    signal(&first, "-STOP");
+
+    // The other replica takes over once the lease expired and provisions every row.
+    let converged = common::eventually(DEADLINE, || async {
+        let rows = vps_controller::db::subscriptions::all(&conn)
+            .await
+            .unwrap()
+            .rows;
+        rows.len() == 8 && rows.iter().all(|r| r.provisioning_status == "ready")
+    })
+    .await;
+    assert!(converged, "{}", second.output());
+    assert!(leads(second_url.clone()).await);
+    let rows_before = vps_controller::db::subscriptions::all(&conn)
+        .await
+        .unwrap()
+        .rows;
+    let writes_before = simulator_writes(&http, &sim_url).await;
+
+    signal(&first, "-CONT");
+    // Awake: it reports that it no longer leads, and the new leader finishes two more
+    // resyncs meanwhile (time for any stale work of the old leader to show).
+    let resyncs = |base_url: String| {
+        let http = http.clone();
+        async move {
+            sample(
+                &metrics(&http, &base_url).await,
+                "vps_controller_pass_duration_seconds_count{pass=\"resync\"}",
+            )
+            .unwrap_or(0.0)
+        }
+    };
+    let first_url_ = first_url.clone();
+    let awake = common::eventually(DEADLINE, || {
+        let http = http.clone();
+        let url = first_url_.clone();
+        async move { sample(&metrics(&http, &url).await, "vps_controller_leader") == Some(0.0) }
+    })
+    .await;
+    assert!(awake, "{}", first.output());
+    let start = resyncs(second_url.clone()).await;
+    assert!(
+        common::eventually(DEADLINE, || async {
+            resyncs(second_url.clone()).await >= start + 2.0
+        })
+        .await,
+        "{}",
+        second.output()
+    );
+
+    assert_eq!(
+        simulator_writes(&http, &sim_url).await,
+        writes_before,
+        "no Hetzner call changed anything after the old leader woke\n{}",
+        first.output()
+    );
+    let rows_after = vps_controller::db::subscriptions::all(&conn)
+        .await
+        .unwrap()
+        .rows;
+    assert_eq!(rows_after.len(), 8);
+    for (before, after) in rows_before.iter().zip(&rows_after) {
+        assert_eq!(
+            before.ssh_private_key, after.ssh_private_key,
+            "{}: key pair clobbered",
+            after.id
+        );
+        assert_eq!(before.ssh_public_key, after.ssh_public_key, "{}", after.id);
+        assert_eq!(
+            before, after,
+            "{}: row written after the lease was lost",
+            after.id
+        );
+    }
+    // Exactly one server, key and firewall per row, and every stored private key is the
+    // pair of the key object its server was created with.
+    let sealer = vps_controller::keys::Sealer::from_base64(&key, &[]).unwrap();
+    let list = |kind: &'static str| {
+        let http = http.clone();
+        let endpoint = endpoint.clone();
+        async move {
+            let body: Value = http
+                .get(format!("{endpoint}/{kind}?per_page=50"))
+                .bearer_auth(SECRET_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body[kind].as_array().unwrap().clone()
+        }
+    };
+    let keys_at_hetzner = list("ssh_keys").await;
+    assert_eq!(list("servers").await.len(), 8, "no duplicate server");
+    assert_eq!(keys_at_hetzner.len(), 8, "no duplicate key");
+    assert_eq!(list("firewalls").await.len(), 8, "no duplicate firewall");
+    for row in &rows_after {
+        let private = sealer
+            .open(row.ssh_private_key.as_deref().unwrap(), &row.id)
+            .unwrap();
+        let blob = vps_controller::keys::public_blob_of_private(&private).unwrap();
+        let at_hetzner = keys_at_hetzner
+            .iter()
+            .find(|k| k["id"].as_i64() == row.hetzner_ssh_key_id)
+            .unwrap_or_else(|| panic!("{}: its key object is gone", row.id));
+        assert_eq!(
+            at_hetzner["public_key"]
+                .as_str()
+                .and_then(|k| k.split_whitespace().nth(1)),
+            Some(blob.as_str()),
+            "{}: the stored private key does not open its server",
+            row.id
+        );
+    }
+    first.assert_no_secret();
+    second.assert_no_secret();
+    drop(first);
+    drop(second);
+    test_db.cleanup().await;
+}
