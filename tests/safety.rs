@@ -736,3 +736,92 @@ fn the_lifecycle_defaults_are_the_documented_ones() {
     assert_eq!(lifecycle.delete, ["canceled", "incomplete_expired"]);
     assert_eq!(DeletionBudget::default().per_hour(100), 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_labelled_before_installation_ids_are_adopted_in_place() {
+    for test_db in common::test_databases().await {
+        let env = common::env::env(&test_db).await;
+        let backend = env.backend;
+        env.insert("old", "active", "starter").await;
+        env.resync().await;
+        let row = env.row("old").await;
+        // What an earlier version left: the instance label only.
+        let legacy = |labels: &Value| {
+            let mut labels = labels.as_object().unwrap().clone();
+            labels.remove("vps-controller/installation");
+            Value::Object(labels)
+        };
+        for (kind, id) in [
+            ("servers", row.hetzner_server_id.unwrap()),
+            ("ssh_keys", row.hetzner_ssh_key_id.unwrap()),
+            ("firewalls", row.hetzner_firewall_id.unwrap()),
+        ] {
+            let singular = &kind[..kind.len() - 1];
+            let (_, body) = env.api("GET", &format!("/{kind}/{id}"), None).await;
+            let labels = legacy(&body[singular]["labels"]);
+            let (status, _) = env
+                .api(
+                    "PUT",
+                    &format!("/{kind}/{id}"),
+                    Some(json!({"labels": labels})),
+                )
+                .await;
+            assert_eq!(status, 200);
+        }
+        // Another database's resource of the same era: no row here records it.
+        let (status, stranger) = env
+            .api("POST", "/servers", Some(json!({"name": "vps-stranger", "server_type": "cx23", "image": "ubuntu-24.04", "labels": {"vps-controller/instance": "default", "vps-controller/subscription": "stranger"}})))
+            .await;
+        assert_eq!(status, 201);
+        let stranger_id = stranger["server"]["id"].as_i64().unwrap();
+
+        // The upgraded controller starts (same database, same encryption key).
+        let upgraded = env_custom(
+            &test_db,
+            Options {
+                sim: Some(Arc::clone(&env.sim)),
+                ..Options::default()
+            },
+        )
+        .await;
+        upgraded.reset_stats().await;
+        upgraded.resync().await;
+        let after = upgraded.row("old").await;
+        assert_eq!(after.provisioning_status, "ready", "[{backend}]");
+        assert_eq!(
+            (
+                after.hetzner_server_id,
+                after.hetzner_ssh_key_id,
+                after.hetzner_firewall_id
+            ),
+            (
+                row.hetzner_server_id,
+                row.hetzner_ssh_key_id,
+                row.hetzner_firewall_id
+            ),
+            "[{backend}] adopted in place, nothing recreated"
+        );
+        for kind in ["servers", "ssh_keys", "firewalls"] {
+            let owned = upgraded.owned_by(kind, "old").await;
+            assert_eq!(owned.len(), 1, "[{backend}] {kind}");
+            assert_eq!(
+                owned[0]["labels"]["vps-controller/installation"],
+                upgraded.installation.as_str()
+            );
+        }
+        let writes = common::env::writes(&upgraded.stats().await);
+        assert!(
+            writes.keys().all(|endpoint| endpoint.starts_with("PUT ")),
+            "[{backend}] only label updates: {writes:?}"
+        );
+        let (_, stranger) = env
+            .api("GET", &format!("/servers/{stranger_id}"), None)
+            .await;
+        assert_eq!(
+            stranger["server"]["labels"],
+            json!({"vps-controller/instance": "default", "vps-controller/subscription": "stranger"}),
+            "[{backend}] a legacy resource no row records is never changed"
+        );
+        test_db.cleanup().await;
+    }
+}

@@ -356,6 +356,104 @@ fn canonical_cidrs(cidrs: &[String]) -> Vec<String> {
 mod tests {
     use super::*;
 
+    fn row(
+        status: Option<&str>,
+        hours_in_status: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> subscription::Model {
+        subscription::Model {
+            id: "sub-1".into(),
+            user_id: Some("u".into()),
+            stripe_subscription_id: None,
+            status: status.map(str::to_owned),
+            plan: Some("starter".into()),
+            hetzner_server_id: None,
+            hetzner_ssh_key_id: None,
+            hetzner_firewall_id: None,
+            vps_ip_address: None,
+            vps_hostname: None,
+            provisioning_status: "ready".into(),
+            provisioning_error: None,
+            provisioned_at: None,
+            deprovisioned_at: None,
+            ssh_private_key: None,
+            ssh_public_key: None,
+            desired_version: 1,
+            observed_version: 1,
+            last_reconciled_at: None,
+            status_changed_at: hours_in_status.map(|h| now - chrono::Duration::hours(h)),
+            ssh_key_origin: None,
+        }
+    }
+
+    /// What a status wants, and for how long, at the boundaries of the grace period and the
+    /// deletion delay.
+    #[test]
+    fn lifecycle_decision_table() {
+        #[derive(Debug, PartialEq)]
+        enum Got {
+            Running,
+            Suspended,
+            Deleted,
+            Held,
+        }
+        let mut config = Config::builtin();
+        config.lifecycle.deletion_delay_hours = 24;
+        let owner = Owner::new("0123456789abcdef", &config);
+        let now = Utc::now();
+        let cases: [(Option<&str>, Option<i64>, Got, Option<u64>); 16] = [
+            (Some("active"), Some(1000), Got::Running, None),
+            (Some("trialing"), None, Got::Running, None),
+            (Some("past_due"), Some(0), Got::Running, Some(72)),
+            (Some("past_due"), Some(71), Got::Running, Some(1)),
+            (Some("past_due"), Some(72), Got::Suspended, None),
+            (Some("past_due"), Some(500), Got::Suspended, None),
+            // Unknown entry time counts from now: the longer wait, never the shorter.
+            (Some("past_due"), None, Got::Running, Some(72)),
+            (Some("paused"), Some(0), Got::Suspended, None),
+            (Some("unpaid"), Some(0), Got::Suspended, None),
+            (Some("canceled"), Some(0), Got::Suspended, Some(24)),
+            (Some("canceled"), Some(23), Got::Suspended, Some(1)),
+            (Some("canceled"), Some(24), Got::Deleted, None),
+            (Some("incomplete_expired"), Some(100), Got::Deleted, None),
+            (Some("incomplete"), Some(100), Got::Held, None),
+            (Some("Active"), Some(0), Got::Held, None),
+            (None, Some(0), Got::Held, None),
+        ];
+        for (status, hours, expected, recheck_hours) in cases {
+            let desired = desired_for_row(&config, &owner, &row(status, hours, now), now);
+            let got = match &desired.want {
+                Want::Vps(spec) if spec.suspended => Got::Suspended,
+                Want::Vps(_) => Got::Running,
+                Want::Nothing => Got::Deleted,
+                Want::Hold(_) => Got::Held,
+                Want::Invalid(e) => panic!("{status:?}: invalid {e}"),
+            };
+            assert_eq!(got, expected, "{status:?} for {hours:?} h");
+            assert_eq!(
+                desired.recheck_after.map(|d| d.as_secs().div_ceil(3600)),
+                recheck_hours,
+                "{status:?} for {hours:?} h"
+            );
+        }
+        // Held rows say why, naming the status and the policy.
+        let held = desired_for_row(&config, &owner, &row(Some("Active"), None, now), now);
+        let Want::Hold(reason) = held.want else {
+            panic!("held")
+        };
+        assert!(
+            reason.contains("\"Active\"") && reason.contains("run: active, trialing"),
+            "{reason}"
+        );
+        // A 100 kB status is not copied whole into the row.
+        let huge = "x".repeat(100_000);
+        let held = desired_for_row(&config, &owner, &row(Some(&huge), None, now), now);
+        let Want::Hold(reason) = held.want else {
+            panic!("held")
+        };
+        assert!(reason.len() < 1_000, "{}", reason.len());
+    }
+
     #[test]
     fn safe_ids_are_used_verbatim() {
         assert_eq!(resource_key("sub-42"), "sub-42");

@@ -22,6 +22,9 @@ use vps_controller::simulator::{self, RunningSimulator, SimulatorConfig};
 use vps_controller::telemetry::metrics::Metrics;
 
 pub const TOKEN: &str = "test-token";
+/// The encryption key of every test controller, so a second controller on the same database
+/// (a restart, a replica) opens the key pairs the first one sealed.
+pub const ENCRYPTION_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 pub struct Env {
     pub sim: Arc<RunningSimulator>,
@@ -130,7 +133,7 @@ pub async fn env_custom(test_db: &super::TestDb, options: Options) -> Env {
     let reconciler = Reconciler {
         api,
         db: db.clone(),
-        sealer: Sealer::ephemeral(),
+        sealer: Sealer::from_base64(ENCRYPTION_KEY, &[]).unwrap(),
         config,
         owner,
         action_timeout: Duration::from_secs(20),
