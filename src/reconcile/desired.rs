@@ -401,7 +401,9 @@ mod tests {
         config.lifecycle.deletion_delay_hours = 24;
         let owner = Owner::new("0123456789abcdef", &config);
         let now = Utc::now();
-        let cases: [(Option<&str>, Option<i64>, Got, Option<u64>); 16] = [
+        // (status, hours in that status, what it wants, hours until that changes)
+        type Case = (Option<&'static str>, Option<i64>, Got, Option<u64>);
+        let cases: [Case; 16] = [
             (Some("active"), Some(1000), Got::Running, None),
             (Some("trialing"), None, Got::Running, None),
             (Some("past_due"), Some(0), Got::Running, Some(72)),
