@@ -585,7 +585,9 @@ impl Sealer {
             .find(|k| k.id == id)
     }
 
-    fn configured_ids(&self) -> String {
+    /// The ids of every configured key (current first), comma-separated. Ids are not secret:
+    /// they are part of every sealed value.
+    pub fn configured_ids(&self) -> String {
         std::iter::once(&self.current)
             .chain(&self.previous)
             .map(|k| k.id.as_str())

@@ -249,11 +249,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     db::migrate(&conn).await?;
     let owner = Owner::new(installation::id(&conn).await?, &config);
     tracing::info!(installation = %owner.installation, instance = %owner.instance, "resources are owned through label {}={}", vps_controller::reconcile::desired::INSTALLATION_LABEL, owner.installation);
-    vps_controller::controller::retry_after_config_change(&conn, &config).await?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut simulator = None;
-    let (api, sealer) = if args.simulate {
+    let mut ephemeral_key = false;
+    let (api, sealer, token_fingerprint) = if args.simulate {
         tracing::warn!("==============================================================");
         tracing::warn!("SIMULATION MODE: no request reaches Hetzner. Servers, keys and");
         tracing::warn!("firewalls exist only in this process and vanish when it stops.");
@@ -268,9 +268,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         .await
         .context("starting the in-process simulator")?;
         tracing::warn!(endpoint = %running.base_url(), "simulator listening");
+        let token = Token::new("simulated");
+        let token_fingerprint = token.fingerprint();
         let api = client(
             &running.base_url(),
-            Token::new("simulated"),
+            token,
             args.controller.hcloud_rate_limit,
         )?;
         simulator = Some(running);
@@ -280,15 +282,17 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
                 tracing::warn!(
                     "no VPS_CONTROLLER_ENCRYPTION_KEY: private keys are sealed with an ephemeral key that dies with this process"
                 );
+                ephemeral_key = true;
                 Sealer::ephemeral()
             }
         };
-        (api, sealer)
+        (api, sealer, token_fingerprint)
     } else {
         let sealer = Sealer::from_env()?.context(
             "no encryption key: set VPS_CONTROLLER_ENCRYPTION_KEY (32 bytes, base64) or VPS_CONTROLLER_ENCRYPTION_KEY_FILE; e.g. `openssl rand -base64 32`",
         )?;
         let token = read_token(&args.controller)?;
+        let token_fingerprint = token.fingerprint();
         (
             client(
                 &args.controller.hcloud_endpoint,
@@ -296,9 +300,18 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
                 args.controller.hcloud_rate_limit,
             )?,
             sealer,
+            token_fingerprint,
         )
     };
+    // An ephemeral demo key never opens an earlier run's keys; that is expected there.
+    if !ephemeral_key {
+        vps_controller::reconcile::keycheck::check_sealer_opens_stored_keys(&conn, &sealer)
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
 
+    let inputs =
+        vps_controller::controller::inputs_fingerprint(&config, &sealer, &token_fingerprint);
     check_plans_at_hetzner(&api, &config).await;
     let metrics = Arc::new(Metrics::new());
     metrics.register_collector(Box::new(HcloudCollector(api.clone())));
@@ -313,11 +326,13 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         leadership: leadership.clone(),
         key_checks: Default::default(),
     };
-    let controller = Arc::new(Controller::new(
+    let mut controller = Controller::new(
         reconciler,
         metrics.clone(),
         args.controller.hcloud_rate_limit,
-    ));
+    );
+    controller.inputs_fingerprint = Some(inputs);
+    let controller = Arc::new(controller);
 
     let listener = telemetry::server::bind(args.listen)
         .await

@@ -518,7 +518,10 @@ async fn deletions_are_recorded_and_handed_out_once() {
             insert_plain(&db, id).await;
         }
         assert!(
-            subscriptions::take_deletions(&db).await.unwrap().is_empty(),
+            subscriptions::take_deletions(&db, None)
+                .await
+                .unwrap()
+                .is_empty(),
             "[{backend}]"
         );
 
@@ -533,17 +536,20 @@ async fn deletions_are_recorded_and_handed_out_once() {
             "[{backend}] deleted_at decodes: {recorded:?}"
         );
         assert_eq!(
-            subscriptions::take_deletions(&db).await.unwrap(),
+            subscriptions::take_deletions(&db, None).await.unwrap(),
             vec!["a".to_owned(), "c".to_owned()],
             "[{backend}]"
         );
         assert!(
-            subscriptions::take_deletions(&db).await.unwrap().is_empty(),
+            subscriptions::take_deletions(&db, None)
+                .await
+                .unwrap()
+                .is_empty(),
             "[{backend}] taken once"
         );
         exec(&db, "DELETE FROM subscriptions WHERE id = 'b'").await;
         assert_eq!(
-            subscriptions::take_deletions(&db).await.unwrap(),
+            subscriptions::take_deletions(&db, None).await.unwrap(),
             vec!["b".to_owned()],
             "[{backend}]"
         );
@@ -1353,7 +1359,7 @@ async fn a_bad_row_never_stops_a_pass() {
         exec(&db, "DELETE FROM subscriptions WHERE id IS NULL").await;
         exec(&db, "DELETE FROM subscriptions WHERE id = 'good_2'").await;
         assert_eq!(
-            subscriptions::take_deletions(&db).await.unwrap(),
+            subscriptions::take_deletions(&db, None).await.unwrap(),
             vec!["good_2".to_owned()],
             "[{backend}]"
         );
@@ -1463,6 +1469,13 @@ async fn deletion_budget_pauses_until_approved() {
         for server in 1..=3 {
             assert_eq!(reserve(server).await, Reservation::Granted, "[{backend}]");
         }
+        // A retried deletion of a server already granted costs nothing more, even at the
+        // budget's edge.
+        assert_eq!(
+            reserve(2).await,
+            Reservation::Granted,
+            "[{backend}] retry of server 2"
+        );
         let paused = |newly| Reservation::Paused {
             newly,
             deleted_in_window: 3,
@@ -1643,7 +1656,7 @@ async fn sqlite_without_rowid_web_app_table_gets_working_triggers() {
     assert_eq!(desired_version(&db, "a").await, 2);
     exec(&db, "DELETE FROM subscriptions WHERE id = 'a'").await;
     assert_eq!(
-        subscriptions::take_deletions(&db).await.unwrap(),
+        subscriptions::take_deletions(&db, None).await.unwrap(),
         vec!["a".to_owned()]
     );
 }

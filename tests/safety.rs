@@ -522,7 +522,7 @@ async fn a_config_fix_retries_failed_rows_retry_works_and_a_wrong_token_shows_on
         let env = common::env::env(&test_db).await;
         let backend = env.backend;
         let before = env.controller.reconciler.config.clone();
-        vps_controller::controller::retry_after_config_change(&env.db, &before)
+        vps_controller::controller::retry_after_config_change(&env.db, &before.fingerprint())
             .await
             .unwrap();
         env.insert("gold-1", "active", "gold").await;
@@ -535,17 +535,19 @@ async fn a_config_fix_retries_failed_rows_retry_works_and_a_wrong_token_shows_on
         );
 
         // The same config again retries nothing; a config with the plan retries both.
-        let retried = vps_controller::controller::retry_after_config_change(&env.db, &before)
-            .await
-            .unwrap();
+        let retried =
+            vps_controller::controller::retry_after_config_change(&env.db, &before.fingerprint())
+                .await
+                .unwrap();
         assert_eq!(retried, 0);
         let fixed = config(|c| {
             let starter = c.plans["starter"].clone();
             c.plans.insert("gold".into(), starter);
         });
-        let retried = vps_controller::controller::retry_after_config_change(&env.db, &fixed)
-            .await
-            .unwrap();
+        let retried =
+            vps_controller::controller::retry_after_config_change(&env.db, &fixed.fingerprint())
+                .await
+                .unwrap();
         assert_eq!(retried, 2, "[{backend}]");
         let restarted = env_custom(
             &test_db,
@@ -822,6 +824,163 @@ async fn resources_labelled_before_installation_ids_are_adopted_in_place() {
             json!({"vps-controller/instance": "default", "vps-controller/subscription": "stranger"}),
             "[{backend}] a legacy resource no row records is never changed"
         );
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_recorded_on_two_rows_or_never_adopted_is_never_taken_or_deleted() {
+    for test_db in common::test_databases().await {
+        let env = env_custom(
+            &test_db,
+            Options {
+                web_app_table: Some(nullable_table(test_db.is_postgres())),
+                ..Options::default()
+            },
+        )
+        .await;
+        let backend = env.backend;
+        let web_app_server = |name: &'static str| {
+            let env = &env;
+            async move {
+                let (status, body) = env
+                    .api("POST", "/servers", Some(json!({"name": name, "server_type": "cx23", "image": "ubuntu-24.04", "labels": {"app": "web"}})))
+                    .await;
+                assert_eq!(status, 201, "{body}");
+                body["server"]["id"].as_i64().unwrap()
+            }
+        };
+        // The web app copied one row's server id into another row.
+        let shared = web_app_server("shared-box").await;
+        for id in ["first", "copy"] {
+            env.sql(&format!(
+                "INSERT INTO subscriptions (id, user_id, status, plan, hetzner_server_id) VALUES ('{id}', 'u', 'active', 'starter', {shared})"
+            ))
+            .await;
+        }
+        // A canceled row points at a server this controller never adopted.
+        let stranger = web_app_server("never-adopted").await;
+        env.sql(&format!(
+            "INSERT INTO subscriptions (id, user_id, status, plan, hetzner_server_id) VALUES ('gone', 'u', 'canceled', 'starter', {stranger})"
+        ))
+        .await;
+        env.process_changes().await;
+
+        for (id, other) in [("first", "copy"), ("copy", "first")] {
+            let row = env.row(id).await;
+            assert_eq!(row.provisioning_status, "failed", "[{backend}] {id}");
+            let error = row.provisioning_error.unwrap_or_default();
+            assert!(
+                error.contains("also recorded on subscription") && error.contains(other),
+                "{error}"
+            );
+        }
+        let gone = env.row("gone").await;
+        assert_eq!(gone.provisioning_status, "failed", "[{backend}]");
+        assert!(
+            gone.provisioning_error
+                .unwrap_or_default()
+                .contains("never adopted")
+        );
+
+        // Canceling one of the two sharing rows deletes nothing either.
+        env.set_status("first", "canceled").await;
+        env.process_changes().await;
+        env.resync_allowing_failures().await;
+        let left = ids(&env.list("servers").await);
+        assert!(
+            left.contains(&shared) && left.contains(&stranger),
+            "[{backend}] {left:?}"
+        );
+        assert_eq!(
+            left.len(),
+            2,
+            "[{backend}] and no server was created for the sharing rows"
+        );
+        let (_, box_) = env.api("GET", &format!("/servers/{shared}"), None).await;
+        assert_eq!(
+            box_["server"]["labels"],
+            json!({"app": "web"}),
+            "[{backend}] not even relabelled"
+        );
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_server_stays_ready_and_its_external_key_survives_deprovisioning() {
+    for test_db in common::test_databases().await {
+        let env = env_custom(
+            &test_db,
+            Options {
+                web_app_table: Some(nullable_table(test_db.is_postgres())),
+                ..Options::default()
+            },
+        )
+        .await;
+        let backend = env.backend;
+        let (status, body) = env
+            .api(
+                "POST",
+                "/servers",
+                Some(json!({"name": "keyless", "server_type": "cx23", "image": "ubuntu-24.04"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let keyless = body["server"]["id"].as_i64().unwrap();
+        let (status, body) = env
+            .api(
+                "POST",
+                "/servers",
+                Some(json!({"name": "with-key", "server_type": "cx23", "image": "ubuntu-24.04"})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let with_key = body["server"]["id"].as_i64().unwrap();
+        env.sql(&format!(
+            "INSERT INTO subscriptions (id, user_id, status, plan, hetzner_server_id) VALUES ('keyless', 'u', 'active', 'starter', {keyless})"
+        ))
+        .await;
+        env.sql(&format!(
+            "INSERT INTO subscriptions (id, user_id, status, plan, hetzner_server_id, ssh_private_key) VALUES ('with-key', 'u', 'active', 'starter', {with_key}, 'enc:web-app')"
+        ))
+        .await;
+        common::eventually(std::time::Duration::from_secs(10), || async {
+            let (_, s) = env.api("GET", &format!("/servers/{keyless}"), None).await;
+            let (_, t) = env.api("GET", &format!("/servers/{with_key}"), None).await;
+            s["server"]["status"] == "running" && t["server"]["status"] == "running"
+        })
+        .await;
+        // Adopted in one pass, still ready in every later one.
+        env.process_changes().await;
+        for _ in 0..2 {
+            env.resync().await;
+            for id in ["keyless", "with-key"] {
+                let row = env.row(id).await;
+                assert_eq!(
+                    row.provisioning_status, "ready",
+                    "[{backend}] {id}: {row:?}"
+                );
+                assert_eq!(row.ssh_key_origin.as_deref(), Some("external"));
+            }
+        }
+        assert_eq!(
+            env.list("servers").await.len(),
+            2,
+            "[{backend}] no second server"
+        );
+
+        // Canceled: the adopted server goes (it is ours now), the web app's key stays.
+        env.set_status("with-key", "canceled").await;
+        env.process_changes().await;
+        let row = env.row("with-key").await;
+        assert_eq!(row.provisioning_status, "deprovisioned", "[{backend}]");
+        assert_eq!(
+            row.ssh_private_key.as_deref(),
+            Some("enc:web-app"),
+            "[{backend}]"
+        );
+        assert_eq!(ids(&env.list("servers").await), vec![keyless]);
         test_db.cleanup().await;
     }
 }

@@ -19,6 +19,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{deletion_guard, subscriptions};
+use crate::fencing::Term;
 use crate::hcloud::{self, HcloudApi};
 use crate::reconcile::desired::{self, PRE_DELETE_SNAPSHOT, SNAPSHOT_LABEL};
 use crate::reconcile::observe::{self, Observed, RecordedIds, Snapshot};
@@ -32,31 +33,50 @@ pub const CHANGE_POLL: Duration = Duration::from_secs(1);
 /// Resync listing may use at most this share of the API budget; the interval stretches.
 const RESYNC_BUDGET_SHARE: f64 = 0.25;
 
-/// Rows that failed on a config problem (unknown plan, invalid server type, ...) are retried
-/// when the config changes: its fingerprint is kept in the database between starts. Returns
-/// how many failed rows were marked for a retry (none on the first start).
+/// Rows that failed on something an operator fixes outside the rows (a plan's server type,
+/// a missing encryption key, a rejected token) are retried when that changes. `fingerprint`
+/// identifies those inputs (see `inputs_fingerprint`); it is kept in the database between
+/// terms. Returns how many failed rows were marked for a retry (none the first time).
 pub async fn retry_after_config_change(
     db: &sea_orm::DatabaseConnection,
-    config: &crate::config::Config,
+    fingerprint: &str,
 ) -> Result<u64, crate::db::DbError> {
-    const KEY: &str = "config_fingerprint";
-    let fingerprint = config.fingerprint();
+    const KEY: &str = "inputs_fingerprint";
     let previous = crate::db::state::get(db, KEY).await?;
-    if previous.as_deref() == Some(fingerprint.as_str()) {
+    if previous.as_deref() == Some(fingerprint) {
         return Ok(0);
     }
     let retried = match previous {
         Some(_) => subscriptions::retry(db, None).await?,
         None => 0,
     };
-    crate::db::state::set(db, KEY, &fingerprint).await?;
+    crate::db::state::set(db, KEY, fingerprint).await?;
     if retried > 0 {
         tracing::info!(
             retried,
-            "the configuration changed since the last start: failed rows are retried"
+            "the configuration, encryption keys or token changed: failed rows are retried"
         );
     }
     Ok(retried)
+}
+
+/// A fingerprint of what decides whether a failed row could succeed now: the config, the
+/// encryption key ids and `Token::fingerprint` of the API token (never the token itself).
+pub fn inputs_fingerprint(
+    config: &crate::config::Config,
+    sealer: &crate::keys::Sealer,
+    token_fingerprint: &str,
+) -> String {
+    let text = format!(
+        "{}|{}|{token_fingerprint}",
+        config.fingerprint(),
+        sealer.configured_ids(),
+    );
+    let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 pub struct Controller<A: HcloudApi> {
@@ -76,6 +96,9 @@ pub struct Controller<A: HcloudApi> {
     /// Resources labelled by the scheme before installation ids were looked for once since
     /// start (they only exist from before the upgrade).
     legacy_checked: AtomicBool,
+    /// `inputs_fingerprint` of this process: each new leadership term retries the failed
+    /// rows when it differs from the one stored (so only the leader does it).
+    pub inputs_fingerprint: Option<String>,
 }
 
 /// Reconciles started by a pass.
@@ -84,7 +107,8 @@ struct Dispatched {
     handles: Vec<tokio::task::JoinHandle<bool>>,
 }
 
-/// What a claimed entry is for.
+/// What a claimed entry is for. Every job runs in the leadership term of the pass that
+/// decided it, or not at all.
 enum Job {
     /// Reconcile the subscription (against `snapshot` when it is fresh enough).
     Reconcile {
@@ -136,12 +160,14 @@ impl<A: HcloudApi + 'static> Controller<A> {
             stopping: CancellationToken::new(),
             last_listing_size: Default::default(),
             legacy_checked: AtomicBool::new(false),
+            inputs_fingerprint: None,
         }
     }
 
     /// Runs both passes until `shutdown` flips to true; the pass in flight finishes first.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut next_resync = Instant::now();
+        let mut last_term = None;
         let mut change_tick = tokio::time::interval(CHANGE_POLL);
         change_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -155,8 +181,18 @@ impl<A: HcloudApi + 'static> Controller<A> {
             }
             self.metrics
                 .set_leader(self.reconciler.leadership.is_leader());
-            if !self.reconciler.leadership.is_leader() {
+            let Some(term) = self.reconciler.leadership.term() else {
                 continue;
+            };
+            if last_term.as_ref() != Some(&term) {
+                // A new term: what changed since the last leader looked is this leader's to act on.
+                if let Some(fingerprint) = &self.inputs_fingerprint
+                    && let Err(e) =
+                        retry_after_config_change(&self.reconciler.db, fingerprint).await
+                {
+                    tracing::warn!(error = %e, "could not check whether failed rows need a retry");
+                }
+                last_term = Some(term);
             }
             self.metrics.set_backoff(self.work.in_backoff());
             // Passes start reconciles and return; the reconciles run on their own.
@@ -191,10 +227,11 @@ impl<A: HcloudApi + 'static> Controller<A> {
     }
 
     async fn start_changes(&self) -> Result<Dispatched, ReconcileError> {
+        let term = self.term()?;
         let db = &self.reconciler.db;
         let now = Instant::now();
         // A deletion notice is consumed here; the work set keeps it until it was served.
-        for id in subscriptions::take_deletions(db).await? {
+        for id in subscriptions::take_deletions(db, term.fence.as_ref()).await? {
             self.work.request(&desired::resource_key(&id), &id, now);
         }
         let mut wanted: BTreeMap<String, (String, Option<i64>)> = BTreeMap::new();
@@ -236,7 +273,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 )
             })
             .collect();
-        let dispatched = self.spawn(jobs, offered);
+        let dispatched = self.spawn(&term, jobs, offered);
         if !dispatched.handles.is_empty() {
             self.metrics.pass_finished("changes", started.elapsed());
         }
@@ -251,6 +288,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
     }
 
     async fn start_resync(&self) -> Result<Dispatched, ReconcileError> {
+        let term = self.term()?;
         let started = Instant::now();
         let reconciler = &self.reconciler;
         let config = &reconciler.config;
@@ -258,12 +296,12 @@ impl<A: HcloudApi + 'static> Controller<A> {
             match observe::observe(&reconciler.api, &reconciler.owner.selector()).await {
                 Ok(snapshot) => snapshot,
                 Err(error) => {
-                    self.report_project_wide(&error).await;
+                    self.report_project_wide(&term, &error).await;
                     return Err(error.into());
                 }
             };
         let table = subscriptions::all(&reconciler.db).await?;
-        self.report_bad_rows(&table.bad).await;
+        self.report_bad_rows(&term, &table.bad).await;
         let rows = table.rows;
         let recorded: Vec<RecordedIds> = rows
             .iter()
@@ -298,7 +336,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 .set_deletions_paused(guard.paused_since.is_some()),
             Err(e) => tracing::warn!(error = %e, "cannot read the deletion guard"),
         }
-        if let Err(e) = self.sweep_snapshots(chrono::Utc::now()).await {
+        if let Err(e) = self.sweep_snapshots_in(&term, chrono::Utc::now()).await {
             tracing::warn!(error = %e, "snapshot retention sweep failed; retried next resync");
         }
 
@@ -318,15 +356,21 @@ impl<A: HcloudApi + 'static> Controller<A> {
             );
             unwanted.clear();
         }
-        let mut work: BTreeMap<String, (String, Option<i64>)> = rows
-            .iter()
-            .map(|r| {
-                (
-                    desired::resource_key(&r.id),
-                    (r.id.clone(), Some(r.desired_version)),
-                )
-            })
-            .collect();
+        let mut work: BTreeMap<String, (String, Option<i64>)> = BTreeMap::new();
+        for row in &rows {
+            let key = desired::resource_key(&row.id);
+            if let Some((first, _)) = work.get(&key) {
+                // Resource keys are injective up to a 64-bit hash: never two rows on one key.
+                let problem = format!(
+                    "id: resource key {key:?} is also the key of subscription {:?}; this row is not acted on",
+                    desired::bounded(first, 64)
+                );
+                tracing::error!(subscription = %desired::bounded(&row.id, 64), "{problem}");
+                self.record_skipped(&term, &row.id, &problem).await;
+                continue;
+            }
+            work.insert(key, (row.id.clone(), Some(row.desired_version)));
+        }
         let mut orphans = BTreeMap::new();
         for (key, observed) in unwanted {
             work.entry(key.clone())
@@ -351,7 +395,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 (claim, job)
             })
             .collect();
-        let dispatched = self.spawn(jobs, offered);
+        let dispatched = self.spawn(&term, jobs, offered);
         self.metrics.pass_finished("resync", started.elapsed());
         Ok(dispatched)
     }
@@ -394,6 +438,15 @@ impl<A: HcloudApi + 'static> Controller<A> {
         &self,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<usize, ReconcileError> {
+        let term = self.term()?;
+        self.sweep_snapshots_in(&term, now).await
+    }
+
+    async fn sweep_snapshots_in(
+        &self,
+        term: &Term,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize, ReconcileError> {
         let reconciler = &self.reconciler;
         let lifecycle = &reconciler.config.lifecycle;
         if !lifecycle.snapshot_before_delete {
@@ -411,7 +464,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
             if image.created + retention > now {
                 continue;
             }
-            if !reconciler.leadership.is_leader() {
+            if !reconciler.leadership.holds(term) {
                 return Err(ReconcileError::LostLease);
             }
             match reconciler.api.delete_image(image.id).await {
@@ -432,21 +485,19 @@ impl<A: HcloudApi + 'static> Controller<A> {
     /// A listing that failed for a reason that hits every subscription (the token is
     /// rejected, Hetzner cannot be reached) is written onto the rows that wait, so the
     /// operator sees it where they look.
-    async fn report_project_wide(&self, error: &hcloud::Error) {
+    async fn report_project_wide(&self, term: &Term, error: &hcloud::Error) {
         if !error.is_project_wide() {
             tracing::warn!(error = %error, "resync listing failed; nothing was changed on its account");
             return;
         }
         let message = desired::bounded(&format!("Hetzner API: {error}"), 1000);
         tracing::warn!(error = %error, "Hetzner API fails for every subscription; recorded on the rows that wait");
-        let fence = self
-            .reconciler
-            .leadership
-            .term()
-            .and_then(|term| term.fence);
-        if let Err(e) =
-            subscriptions::write_error_on_waiting(&self.reconciler.db, fence.as_ref(), &message)
-                .await
+        if let Err(e) = subscriptions::write_error_on_waiting(
+            &self.reconciler.db,
+            term.fence.as_ref(),
+            &message,
+        )
+        .await
         {
             tracing::warn!(error = %e, "could not record the API failure on the rows");
         }
@@ -454,18 +505,23 @@ impl<A: HcloudApi + 'static> Controller<A> {
 
     /// Rows that cannot be decoded are skipped, each reported alone (a NULL id, a BLOB where
     /// text belongs, ...); every other row goes on.
-    async fn report_bad_rows(&self, bad: &[subscriptions::BadRow]) {
+    async fn report_bad_rows(&self, term: &Term, bad: &[subscriptions::BadRow]) {
         let mut reported = BTreeSet::new();
         for row in bad.iter().take(20) {
+            let shown = row
+                .id
+                .as_deref()
+                .map_or_else(|| "<NULL id>".to_string(), |id| desired::bounded(id, 64));
             tracing::warn!(
-                subscription = row.id.as_deref().unwrap_or("<NULL id>"),
+                subscription = %shown,
                 problem = %row.problem,
                 "skipping a subscription row that cannot be read"
             );
             if let Some(id) = &row.id
                 && reported.insert(id.clone())
             {
-                self.record_unreadable(id, &row.problem).await;
+                let message = format!("row cannot be read: {}", row.problem);
+                self.record_skipped(term, id, &message).await;
             }
         }
         if bad.len() > 20 {
@@ -476,18 +532,12 @@ impl<A: HcloudApi + 'static> Controller<A> {
         }
     }
 
-    async fn record_unreadable(&self, id: &str, problem: &str) {
-        let fence = self
-            .reconciler
-            .leadership
-            .term()
-            .and_then(|term| term.fence);
+    /// Marks a row the pass skips as `failed` with `message` (best effort, fenced).
+    async fn record_skipped(&self, term: &Term, id: &str, message: &str) {
+        let fence = term.fence.clone();
         let update = subscriptions::StatusUpdate {
             provisioning_status: Some("failed".into()),
-            provisioning_error: Some(Some(desired::bounded(
-                &format!("row cannot be read: {problem}"),
-                1000,
-            ))),
+            provisioning_error: Some(Some(desired::bounded(message, 1000))),
             ..Default::default()
         };
         if let Err(e) =
@@ -495,6 +545,14 @@ impl<A: HcloudApi + 'static> Controller<A> {
         {
             tracing::debug!(subscription = id, error = %e, "could not record the unreadable row");
         }
+    }
+
+    /// The leadership term a pass runs in: its jobs run in it or not at all.
+    fn term(&self) -> Result<Term, ReconcileError> {
+        self.reconciler
+            .leadership
+            .term()
+            .ok_or(ReconcileError::LostLease)
     }
 
     /// Claims every entry that is free (not in flight, not waiting); the rest come back when
@@ -516,9 +574,10 @@ impl<A: HcloudApi + 'static> Controller<A> {
 
     /// Runs each job as a task and returns at once. At most `concurrency` jobs run at a
     /// time, across passes: a slow create never stalls the loop or other subscriptions.
-    fn spawn(&self, jobs: Vec<(Claim, Job)>, offered: usize) -> Dispatched {
+    fn spawn(&self, term: &Term, jobs: Vec<(Claim, Job)>, offered: usize) -> Dispatched {
         let mut handles = Vec::with_capacity(jobs.len());
         for (claim, job) in jobs {
+            let term = term.clone();
             let reconciler = Arc::clone(&self.reconciler);
             let metrics = Arc::clone(&self.metrics);
             let slots = Arc::clone(&self.slots);
@@ -529,7 +588,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 };
                 // Shutting down, or the lease is gone: start nothing new. Dropping the claim
                 // brings the subscription back later (or to the next leader).
-                if stopping.is_cancelled() || !reconciler.leadership.is_leader() {
+                if stopping.is_cancelled() || !reconciler.leadership.holds(&term) {
                     return true;
                 }
                 let started = Instant::now();
@@ -544,7 +603,9 @@ impl<A: HcloudApi + 'static> Controller<A> {
                         let fresh = snapshot.filter(|s| {
                             claim.last_done().is_none_or(|done| done < s.taken_at)
                         });
-                        reconciler.reconcile(claim.id(), fresh.as_deref()).await
+                        reconciler
+                            .reconcile(&term, claim.id(), fresh.as_deref())
+                            .await
                     }
                     Job::DeleteUnwanted(observed) => {
                         tracing::info!(
@@ -554,7 +615,9 @@ impl<A: HcloudApi + 'static> Controller<A> {
                             firewalls = observed.firewalls.len(),
                             "deleting resources with our instance label that no subscription wants"
                         );
-                        let result = reconciler.delete_orphans(claim.key(), &observed).await;
+                        let result = reconciler
+                            .delete_orphans(&term, claim.key(), &observed)
+                            .await;
                         result.map(|()| Done::Settled)
                     }
                 };
@@ -563,6 +626,11 @@ impl<A: HcloudApi + 'static> Controller<A> {
                     Ok(Done::Settled) => {
                         metrics.reconcile_finished("settled", None, took);
                         claim.finish(Finish::Success);
+                        true
+                    }
+                    Ok(Done::Recheck(after)) => {
+                        metrics.reconcile_finished("settled", None, took);
+                        claim.finish(Finish::Recheck(after));
                         true
                     }
                     Ok(Done::Requeue(delay)) => {

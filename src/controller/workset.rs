@@ -52,8 +52,13 @@ pub struct Claim {
 /// How a reconcile ended, as the work set sees it.
 pub enum Finish {
     Success,
+    /// Converged, but the wish changes by itself after this long (a grace period or a
+    /// deletion delay ends): look again then, however long that is.
+    Recheck(Duration),
     RetryAfter(Duration),
-    Failure { version: Option<i64> },
+    Failure {
+        version: Option<i64>,
+    },
 }
 
 impl WorkSet {
@@ -154,6 +159,15 @@ impl WorkSet {
                     ..KeyState::default()
                 };
             }
+            Some(Finish::Recheck(delay)) => {
+                *state = KeyState {
+                    id: std::mem::take(&mut state.id),
+                    rerun: state.rerun,
+                    last_done: Some(now),
+                    not_before: now.checked_add(delay),
+                    ..KeyState::default()
+                };
+            }
             Some(Finish::RetryAfter(delay)) => {
                 state.failures = 0;
                 state.failed_version = None;
@@ -222,6 +236,17 @@ pub fn backoff(failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recheck_comes_due_after_its_delay_however_long() {
+        let set = Arc::new(WorkSet::default());
+        let now = Instant::now();
+        let claim = set.try_claim("a", "a", Some(1), now, false).unwrap();
+        claim.finish(Finish::Recheck(Duration::from_secs(3 * 3600)));
+        assert!(set.due(now + Duration::from_secs(3600)).is_empty());
+        assert_eq!(set.due(now + Duration::from_secs(3 * 3600 + 60)).len(), 1);
+        assert_eq!(set.in_backoff(), 0, "a recheck is no failure");
+    }
 
     #[test]
     fn one_claim_per_key_at_a_time() {

@@ -116,7 +116,7 @@ async fn reserve_in(
     budget_per_hour: u64,
 ) -> Result<Reservation, DbError> {
     let backend = txn.get_database_backend();
-    let (now, _, keep_after) = clock(backend);
+    let (now, hour_ago, keep_after) = clock(backend);
     let exec = |sql: String, values: Vec<sea_orm::Value>| {
         txn.execute_raw(Statement::from_sql_and_values(backend, sql, values))
     };
@@ -159,6 +159,22 @@ async fn reserve_in(
         if held.is_none() {
             return Err(DbError::LeaseLost);
         }
+    }
+
+    // A retry of a deletion already granted (the shutdown timed out, Hetzner failed, the
+    // lease moved) is not counted twice: one server costs the budget once.
+    let granted_before = txn
+        .query_one_raw(Statement::from_sql_and_values(
+            backend,
+            format!(
+                "SELECT 1 AS granted FROM vps_controller_server_deletions \
+                 WHERE server_id = $1 AND deleted_at > {hour_ago}"
+            ),
+            [server_id.into()],
+        ))
+        .await?;
+    if granted_before.is_some() {
+        return Ok(Reservation::Granted);
     }
 
     let row = txn

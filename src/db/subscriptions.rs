@@ -160,7 +160,9 @@ fn raw_id(row: &QueryResult) -> Option<String> {
             .flatten()
             .map(|id| id.to_string()),
     };
-    id.map(bounded)
+    // Kept whole: the id names the row's resources; a shortened one would make them
+    // look like orphans. Shorten it only for display.
+    id
 }
 
 /// Cuts `text` to [`MAX_PROBLEM_CHARS`] characters, ending with `…` when cut.
@@ -392,15 +394,71 @@ pub async fn retry(db: &impl ConnectionTrait, id: Option<&str>) -> Result<u64, D
     Ok(db.execute_raw(statement).await?.rows_affected())
 }
 
+/// Which Hetzner id column [`recorded_elsewhere`] looks in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordedColumn {
+    Server,
+    SshKey,
+    Firewall,
+}
+
+/// Ids of the rows other than `except_id` that record `resource_id` in `column`: a resource
+/// recorded on two rows belongs to neither until an operator decides (two customers must
+/// never share a server). Uses the index on `hetzner_server_id` for servers.
+pub async fn recorded_elsewhere(
+    db: &impl ConnectionTrait,
+    column: RecordedColumn,
+    resource_id: i64,
+    except_id: &str,
+) -> Result<Vec<String>, DbError> {
+    let column = match column {
+        RecordedColumn::Server => "hetzner_server_id",
+        RecordedColumn::SshKey => "hetzner_ssh_key_id",
+        RecordedColumn::Firewall => "hetzner_firewall_id",
+    };
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            format!(
+                "SELECT id FROM subscriptions WHERE {column} = $1 AND id IS NOT NULL AND id <> $2 \
+                 ORDER BY id LIMIT 10"
+            ),
+            [resource_id.into(), except_id.into()],
+        ))
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| row.try_get::<String>("", "id").ok())
+        .collect())
+}
+
 /// Ids of subscription rows deleted since the last call, removed as they are returned (each id
 /// is handed out once). An id may belong to a row that was deleted and inserted again; treat it
 /// as a hint to look at that id.
-pub async fn take_deletions(db: &impl ConnectionTrait) -> Result<Vec<String>, DbError> {
+///
+/// With a fence, only while it still holds the lease (checked in the same statement): a
+/// replica that lost it never takes the new leader's notices.
+pub async fn take_deletions(
+    db: &impl ConnectionTrait,
+    fence: Option<&Fence>,
+) -> Result<Vec<String>, DbError> {
     // DELETE .. RETURNING is atomic on both backends: two takers never get the same id.
-    let sql = "DELETE FROM subscription_deletions RETURNING subscription_id";
-    let rows = db
-        .query_all_raw(Statement::from_string(db.get_database_backend(), sql))
-        .await?;
+    let backend = db.get_database_backend();
+    let statement = match fence {
+        None => Statement::from_string(
+            backend,
+            "DELETE FROM subscription_deletions RETURNING subscription_id",
+        ),
+        Some(fence) => Statement::from_sql_and_values(
+            backend,
+            format!(
+                "DELETE FROM subscription_deletions WHERE {} RETURNING subscription_id",
+                leases::fence_sql(backend, 1)
+            ),
+            leases::fence_values(fence),
+        ),
+    };
+    let rows = db.query_all_raw(statement).await?;
     let mut ids = rows
         .iter()
         .map(|row| row.try_get::<String>("", "subscription_id"))

@@ -46,6 +46,15 @@ impl Token {
     fn expose(&self) -> &str {
         &self.0
     }
+
+    /// Tells tokens apart without revealing them: 8 bytes of the token's SHA-256, in hex.
+    pub fn fingerprint(&self) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, self.0.as_bytes());
+        digest.as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 impl fmt::Debug for Token {
@@ -878,6 +887,10 @@ impl HcloudApi for Client {
 
     async fn get_ssh_key(&self, id: i64) -> Result<SshKey, Error> {
         Client::get_ssh_key(self, id).await
+    }
+
+    async fn get_firewall(&self, id: i64) -> Result<Firewall, Error> {
+        Client::get_firewall(self, id).await
     }
 
     async fn create_snapshot(

@@ -174,6 +174,8 @@ pub trait HcloudApi: Send + Sync {
     fn get_server(&self, id: i64) -> impl Future<Output = Result<Server, Error>> + Send;
     /// `GET /ssh_keys/{id}`: one SSH key (adopting the key object the row records).
     fn get_ssh_key(&self, id: i64) -> impl Future<Output = Result<SshKey, Error>> + Send;
+    /// `GET /firewalls/{id}`: one firewall (adopting the firewall the row records).
+    fn get_firewall(&self, id: i64) -> impl Future<Output = Result<Firewall, Error>> + Send;
 
     /// `POST /servers/{id}/actions/create_image` with type `snapshot`: the image is `creating`
     /// until the returned action finishes (the server is locked meanwhile), then `available`.

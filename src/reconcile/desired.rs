@@ -27,8 +27,9 @@ pub const PRE_DELETE_SNAPSHOT: &str = "pre-delete";
 
 /// Longest resource key; with a prefix of at most 20 chars and the dash the name stays <= 63.
 const MAX_KEY_LEN: usize = 42;
-/// Hex digits of the hash suffix of a changed id (40 bits).
-const HASH_LEN: usize = 10;
+/// Hex digits of the hash suffix of a changed id (64 bits: two of a million changed ids
+/// share one with odds of about 3 in 100 million; the resync still checks).
+const HASH_LEN: usize = 16;
 
 /// Who owns a resource: this database (its installation id, made by `migrate`) and, for
 /// readability, the configured instance name.

@@ -54,6 +54,9 @@ pub struct Progress {
     pub pending_actions: Vec<i64>,
     /// The server was adopted in whatever state it had: look at it again before `ready`.
     pub needs_another_look: bool,
+    /// When the row entered its status: a snapshot taken before that belongs to an earlier
+    /// cancellation and is not this deletion's backup.
+    pub status_since: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl<A: HcloudApi> Executor<'_, A> {
@@ -458,6 +461,9 @@ impl<A: HcloudApi> Executor<'_, A> {
                     .created_from
                     .as_ref()
                     .is_some_and(|from| from.id == server_id)
+                    && progress
+                        .status_since
+                        .is_none_or(|since| image.created >= since)
             });
         if let Some(image) = existing {
             if image.status == ImageStatus::Available {
@@ -511,7 +517,7 @@ impl<A: HcloudApi> Executor<'_, A> {
                 let message = format!(
                     "server deletion paused by the deletion guard: {deleted_in_window} servers deleted \
                      in the last hour, budget {budget}; server {id} is kept. Approve with \
-                     `vps-controller deletions approve` (or raise deletion_budget)"
+                     `vps-controller deletions approve`"
                 );
                 if newly {
                     tracing::error!(
@@ -527,6 +533,20 @@ impl<A: HcloudApi> Executor<'_, A> {
     }
 
     async fn delete_server(&self, id: i64, progress: &mut Progress) -> Result<(), ReconcileError> {
+        // The last look before a disk is lost: a server another row records is that row's.
+        let others = subscriptions::recorded_elsewhere(
+            self.db,
+            subscriptions::RecordedColumn::Server,
+            id,
+            &progress.subscription_id,
+        )
+        .await?;
+        if !others.is_empty() {
+            return Err(ReconcileError::ForeignResource(format!(
+                "server {id} is recorded on subscription {:?}; not deleting it",
+                others[0]
+            )));
+        }
         self.reserve_deletion(id, progress).await?;
         self.ensure_leader()?;
         let grace = Duration::from_secs(self.config.shutdown_timeout_seconds);

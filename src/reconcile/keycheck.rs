@@ -22,6 +22,10 @@ pub struct KeyChecks(Mutex<HashMap<String, (u64, KeyState)>>);
 impl KeyChecks {
     /// The state of `row`'s key pair. `fresh` ignores a cached result.
     pub fn check(&self, sealer: &Sealer, row: &subscription::Model, fresh: bool) -> KeyState {
+        // Adopted with the web app's key (or none): never opened, never replaced.
+        if row.ssh_key_origin.as_deref() == Some("external") {
+            return KeyState::External;
+        }
         let Some(private) = row.ssh_private_key.as_deref() else {
             return KeyState::Missing;
         };
@@ -84,4 +88,58 @@ fn digest(row: &subscription::Model) -> u64 {
     row.ssh_private_key.hash(&mut hasher);
     row.ssh_public_key.hash(&mut hasher);
     hasher.finish()
+}
+
+/// How many sealed keys the start-up check tries to open.
+const STARTUP_SAMPLE: u64 = 20;
+
+/// Refuses to start when the configured encryption keys open none of the sealed keys
+/// stored: a wrong `VPS_CONTROLLER_ENCRYPTION_KEY` would otherwise fail every row of the
+/// fleet. A database without sealed keys (a new one) passes.
+pub async fn check_sealer_opens_stored_keys(
+    db: &sea_orm::DatabaseConnection,
+    sealer: &Sealer,
+) -> Result<(), String> {
+    use sea_orm::{ConnectionTrait, Statement};
+    let rows = db
+        .query_all_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            "SELECT id, ssh_private_key FROM subscriptions \
+             WHERE id IS NOT NULL AND ssh_private_key LIKE 'v1:%' ORDER BY id LIMIT $1",
+            [STARTUP_SAMPLE.into()],
+        ))
+        .await
+        .map_err(|e| format!("reading sealed keys: {e}"))?;
+    let sealed: Vec<(String, String)> = rows
+        .iter()
+        .filter_map(|row| {
+            Some((
+                row.try_get::<String>("", "id").ok()?,
+                row.try_get::<String>("", "ssh_private_key").ok()?,
+            ))
+        })
+        .filter(|(_, value)| Sealer::looks_sealed(value))
+        .collect();
+    if sealed.is_empty()
+        || sealed
+            .iter()
+            .any(|(id, value)| sealer.open(value, id).is_ok())
+    {
+        return Ok(());
+    }
+    let mut seen: Vec<&str> = sealed
+        .iter()
+        .filter_map(|(_, value)| value.split(':').nth(1))
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    Err(format!(
+        "the encryption keys configured (key ids {}) open none of the {} sealed private keys \
+         sampled (sealed with key ids {}): refusing to start, since every subscription would \
+         fail. Set VPS_CONTROLLER_ENCRYPTION_KEY to the key in use, or list the old one in \
+         VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS",
+        sealer.configured_ids(),
+        sealed.len(),
+        seen.join(", ")
+    ))
 }

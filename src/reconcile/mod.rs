@@ -28,7 +28,7 @@ use desired::{Desired, Owner, Want};
 use execute::{Executor, Progress};
 use keycheck::KeyChecks;
 use observe::{Observed, RecordedIds, Snapshot};
-use plan::{KeyState, Op, Outcome, Plan, RowState};
+use plan::{KeyState, Kind, Op, Outcome, Plan, RowState};
 
 /// Why a reconcile did not complete. Knows whether retrying can help and its metric label.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +69,9 @@ impl ReconcileError {
     /// Terminal errors are written to the row and not retried until the row changes.
     pub fn is_terminal(&self) -> bool {
         match self {
-            ReconcileError::Api(e) => e.is_terminal(),
+            // A rejected token or an unreachable API is not this row's fault: shown on the
+            // row, retried with backoff, cured by fixing the token without touching rows.
+            ReconcileError::Api(e) => e.is_terminal() && !e.is_project_wide(),
             ReconcileError::CloudInit(_) | ReconcileError::ForeignResource(_) => true,
             ReconcileError::Seal(_) => true,
             ReconcileError::Db(_)
@@ -118,6 +120,9 @@ pub enum Done {
     Settled,
     /// Hetzner is still busy with it: look again after this delay.
     Requeue(Duration),
+    /// Converged; the wish changes by itself after this long (a grace period or a deletion
+    /// delay ends): look again then.
+    Recheck(Duration),
 }
 
 /// How soon to look again at a subscription whose server is still starting.
@@ -133,14 +138,17 @@ impl<A: HcloudApi> Reconciler<A> {
     /// current leadership term and stops at once (no further call, no write) when it ends.
     pub async fn reconcile(
         &self,
+        term: &Term,
         subscription_id: &str,
         snapshot: Option<&Snapshot>,
     ) -> Result<Done, ReconcileError> {
-        let term = self.leadership.term().ok_or(ReconcileError::LostLease)?;
+        if !self.leadership.holds(term) {
+            return Err(ReconcileError::LostLease);
+        }
         tokio::select! {
             biased;
-            _ = self.leadership.ended(&term) => Err(ReconcileError::LostLease),
-            done = self.reconcile_in(&term, subscription_id, snapshot) => done,
+            _ = self.leadership.ended(term) => Err(ReconcileError::LostLease),
+            done = self.reconcile_in(term, subscription_id, snapshot) => done,
         }
     }
 
@@ -208,6 +216,7 @@ impl<A: HcloudApi> Reconciler<A> {
         };
         match result {
             Ok(progress) => {
+                let recheck = desired.recheck_after;
                 let context = Settle {
                     term,
                     desired: &desired,
@@ -216,15 +225,18 @@ impl<A: HcloudApi> Reconciler<A> {
                     plan: &plan,
                     adopting: observed.adopting,
                 };
-                self.settle(context, row.as_ref(), progress).await
+                match (self.settle(context, row.as_ref(), progress).await?, recheck) {
+                    (Done::Settled, Some(after)) => Ok(Done::Recheck(after)),
+                    (done, _) => Ok(done),
+                }
             }
             Err(error) => self.failed(term, &desired, row.as_ref(), error).await,
         }
     }
 
-    /// What exists for `desired`: from the snapshot, or listed by its labels; plus the
-    /// server (and, for an external key, the SSH key) whose ids the row records when they
-    /// do not carry our labels yet (adoption of what the web app created).
+    /// What exists for `desired`: from the snapshot, or listed by its labels; plus what the
+    /// row records by id when that does not carry our labels (adoption of what the web app
+    /// created, resources labelled before installation ids).
     async fn observe(
         &self,
         desired: &Desired,
@@ -234,8 +246,7 @@ impl<A: HcloudApi> Reconciler<A> {
     ) -> Result<Observed, ReconcileError> {
         let acts = match &desired.want {
             Want::Invalid(_) | Want::Hold(_) => false,
-            Want::Vps(_) => row_state.terminal_error.is_none(),
-            Want::Nothing => true,
+            Want::Vps(_) | Want::Nothing => row_state.terminal_error.is_none(),
         };
         if !acts {
             return Ok(Observed::default());
@@ -253,30 +264,25 @@ impl<A: HcloudApi> Reconciler<A> {
                     .for_subscription(&desired.key, &name, &recorded)
             }
         };
-        if let Some(server_id) = recorded.server
-            && !observed.servers.iter().any(|s| s.id == server_id)
+        // What the row records but the listing did not show (labels of an earlier scheme,
+        // created by the web app, or deleted at Hetzner) is fetched by id and judged.
+        if let Some(id) = recorded.server
+            && !observed.servers.iter().any(|s| s.id == id)
         {
-            match self.api.get_server(server_id).await {
-                Ok(server) if self.owner.foreign(&server.labels) => {
-                    return Err(ReconcileError::ForeignResource(format!(
-                        "server {server_id} recorded on the row belongs to another installation \
-                         (label {}={}); this controller never changes it",
-                        desired::INSTALLATION_LABEL,
-                        server
-                            .labels
-                            .get(desired::INSTALLATION_LABEL)
-                            .cloned()
-                            .unwrap_or_default()
-                    )));
-                }
+            match self.api.get_server(id).await {
                 Ok(server) => {
-                    observed.adopting |= !self.owner.owns(&server.labels);
-                    observed.servers.push(server);
+                    if self
+                        .judge_recorded(desired, Kind::Server, id, &server.labels)
+                        .await?
+                    {
+                        observed.adopting |= !self.owner.owns(&server.labels);
+                        observed.servers.push(server);
+                    }
                 }
                 Err(e) if e.is_not_found() => {
                     if matches!(desired.want, Want::Vps(_)) && desired.version.is_some() {
                         let message = format!(
-                            "server {server_id} recorded on the row does not exist at Hetzner; provisioning a new one"
+                            "server {id} recorded on the row does not exist at Hetzner; provisioning a new one"
                         );
                         tracing::warn!(subscription = %desired.subscription_id, "{message}");
                         events::record(
@@ -292,16 +298,34 @@ impl<A: HcloudApi> Reconciler<A> {
                 Err(e) => return Err(e.into()),
             }
         }
-        let external_key = row
-            .and_then(|r| r.ssh_private_key.as_deref())
-            .is_some_and(|key| !Sealer::looks_sealed(key));
-        if let Some(key_id) = recorded.ssh_key
-            && external_key
-            && !observed.ssh_keys.iter().any(|k| k.id == key_id)
+        if let Some(id) = recorded.ssh_key
+            && !observed.ssh_keys.iter().any(|k| k.id == id)
         {
-            match self.api.get_ssh_key(key_id).await {
-                Ok(key) if !self.owner.foreign(&key.labels) => observed.ssh_keys.push(key),
-                Ok(_) => {}
+            match self.api.get_ssh_key(id).await {
+                Ok(key) => {
+                    if self
+                        .judge_recorded(desired, Kind::SshKey, id, &key.labels)
+                        .await?
+                    {
+                        observed.ssh_keys.push(key);
+                    }
+                }
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Some(id) = recorded.firewall
+            && !observed.firewalls.iter().any(|f| f.id == id)
+        {
+            match self.api.get_firewall(id).await {
+                Ok(firewall) => {
+                    if self
+                        .judge_recorded(desired, Kind::Firewall, id, &firewall.labels)
+                        .await?
+                    {
+                        observed.firewalls.push(firewall);
+                    }
+                }
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e.into()),
             }
@@ -309,21 +333,90 @@ impl<A: HcloudApi> Reconciler<A> {
         Ok(observed)
     }
 
+    /// Whether a resource the row records (fetched by id, not found by our labels) belongs to
+    /// this subscription. Another installation's, another subscription's, or one that two rows
+    /// record is never taken: the row fails and says whose it is. One without any label of
+    /// ours (created by the web app) is adopted while the row wants a server, but never
+    /// deleted: only what this installation adopted or created is ever deleted.
+    async fn judge_recorded(
+        &self,
+        desired: &Desired,
+        kind: Kind,
+        id: i64,
+        labels: &crate::hcloud::Labels,
+    ) -> Result<bool, ReconcileError> {
+        let what = format!("{} {id} recorded on the row", kind.as_str());
+        if self.owner.foreign(labels) {
+            return Err(ReconcileError::ForeignResource(format!(
+                "{what} belongs to another installation (label {}={}); this controller never changes it",
+                desired::INSTALLATION_LABEL,
+                desired::bounded(
+                    labels
+                        .get(desired::INSTALLATION_LABEL)
+                        .map_or("", String::as_str),
+                    64
+                )
+            )));
+        }
+        if self.owner.owns(labels) {
+            return match labels.get(desired::SUBSCRIPTION_LABEL) {
+                Some(key) if *key != desired.key => Err(ReconcileError::ForeignResource(format!(
+                    "{what} belongs to subscription key {:?} of this installation; two subscriptions never share a resource",
+                    desired::bounded(key, 64)
+                ))),
+                _ => Ok(true),
+            };
+        }
+        let column = match kind {
+            Kind::Server => subscriptions::RecordedColumn::Server,
+            Kind::SshKey => subscriptions::RecordedColumn::SshKey,
+            Kind::Firewall => subscriptions::RecordedColumn::Firewall,
+        };
+        let others =
+            subscriptions::recorded_elsewhere(&self.db, column, id, &desired.subscription_id)
+                .await?;
+        if !others.is_empty() {
+            return Err(ReconcileError::ForeignResource(format!(
+                "{what} is also recorded on subscription {}; two subscriptions never share a resource: clear the id on the row that does not own it",
+                others
+                    .iter()
+                    .map(|o| format!("{:?}", desired::bounded(o, 64)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let legacy = labels.get(desired::INSTANCE_LABEL) == Some(&self.owner.instance);
+        match (&desired.want, kind) {
+            (Want::Vps(_), _) => Ok(true),
+            // Labelled by this controller before installation ids, and recorded on this row
+            // alone: ours to tear down.
+            (_, _) if legacy => Ok(true),
+            (_, Kind::Server) => Err(ReconcileError::ForeignResource(format!(
+                "{what} was never adopted by this controller (it carries no label of this installation), so it is not deleted; delete it in the Hetzner console, or give the row a `run` status first to adopt it"
+            ))),
+            // The web app's key object or firewall: left as it is.
+            _ => Ok(false),
+        }
+    }
+
     /// Same as `reconcile` for a subscription known only from resource labels (an orphan
     /// whose id cannot be recovered from its key) or unlabelled strays: delete them.
     pub async fn delete_orphans(
         &self,
+        term: &Term,
         key: &str,
         observed: &Observed,
     ) -> Result<(), ReconcileError> {
-        let term = self.leadership.term().ok_or(ReconcileError::LostLease)?;
+        if !self.leadership.holds(term) {
+            return Err(ReconcileError::LostLease);
+        }
         let desired = desired::desired_for_missing_row(&self.config, key, key);
         let row = RowState::default();
         let plan = plan::plan(&desired, &row, observed);
-        let work = self.execute(&term, &desired, &row, observed, &plan);
+        let work = self.execute(term, &desired, &row, observed, &plan);
         tokio::select! {
             biased;
-            _ = self.leadership.ended(&term) => Err(ReconcileError::LostLease),
+            _ = self.leadership.ended(term) => Err(ReconcileError::LostLease),
             result = work => result.map(drop),
         }
     }
@@ -359,6 +452,7 @@ impl<A: HcloudApi> Reconciler<A> {
                 .keep
                 .server
                 .and_then(|id| observed.servers.iter().find(|s| s.id == id).cloned()),
+            status_since: row.status_since,
             ..Default::default()
         };
         if plan.ops.is_empty() {
@@ -479,9 +573,12 @@ impl<A: HcloudApi> Reconciler<A> {
                 update.vps_ip_address = Some(None);
                 update.vps_hostname = Some(None);
                 // Only a key pair we sealed is ours to remove; an external one stays.
-                if row_state.key != KeyState::External
-                    && row.ssh_key_origin.as_deref() != Some("external")
-                {
+                let external = row.ssh_key_origin.as_deref() == Some("external")
+                    || row
+                        .ssh_private_key
+                        .as_deref()
+                        .is_some_and(|key| !Sealer::looks_sealed(key));
+                if !external {
                     update.ssh_private_key = Some(None);
                     update.ssh_public_key = Some(None);
                 }
@@ -632,6 +729,10 @@ pub fn recorded_ids(row: Option<&subscription::Model>) -> RecordedIds {
     .unwrap_or_default()
 }
 
+/// The work key of resources we own that carry no subscription label: it cannot be a
+/// resource key (which never starts with a dash), so it never stands for a row.
+pub const UNATTRIBUTED: &str = "-unattributed";
+
 /// Resources we own that no row wants: one group per subscription key without a row, plus
 /// one group ("unattributed") of resources with our installation label but neither a
 /// subscription label nor the name of any row. `ids` are every row's id (also of rows that
@@ -665,7 +766,7 @@ pub fn unwanted(
         .unattributed(&known_names)
         .filter(|kind, id, _, _| !is_recorded(kind, id));
     if !stray.is_empty() {
-        groups.push(("unattributed".to_string(), stray));
+        groups.push((UNATTRIBUTED.to_string(), stray));
     }
     groups
 }
@@ -680,6 +781,7 @@ pub fn row_state(row: &subscription::Model) -> RowState {
         has_private_key: row.ssh_private_key.is_some(),
         // Filled in by the reconcile, which opens the key (see `keycheck`).
         key: KeyState::Missing,
+        status_since: row.status_changed_at,
         terminal_error: (row.provisioning_status == "failed"
             && row.observed_version == row.desired_version)
             .then(|| row.provisioning_error.clone().unwrap_or_default()),

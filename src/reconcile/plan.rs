@@ -19,6 +19,8 @@ pub struct RowState {
     pub has_private_key: bool,
     /// What the stored key pair is worth, as checked by opening it.
     pub key: KeyState,
+    /// When the row entered its current status.
+    pub status_since: Option<chrono::DateTime<chrono::Utc>>,
     /// The error of a terminal failure recorded for the row's current version: it is not
     /// retried until the row changes.
     pub terminal_error: Option<String>,
@@ -227,13 +229,14 @@ pub fn plan(desired: &Desired, row: &RowState, observed: &Observed) -> Plan {
             outcome: Outcome::Held(reason.clone()),
             keep: Kept::default(),
         },
-        Want::Nothing => plan_teardown(desired, row, observed),
-        // Recorded as terminal for this version: wait for the row to change.
-        Want::Vps(_) if row.terminal_error.is_some() => Plan {
+        // Recorded as terminal for this version (a teardown too: a protected or foreign
+        // server is not retried every minute): wait for the row to change or a `retry`.
+        Want::Vps(_) | Want::Nothing if row.terminal_error.is_some() => Plan {
             ops: vec![],
             outcome: Outcome::Failed(row.terminal_error.clone().unwrap_or_default()),
             keep: Kept::default(),
         },
+        Want::Nothing => plan_teardown(desired, row, observed),
         Want::Vps(spec) => plan_vps(spec, row, observed),
     }
 }

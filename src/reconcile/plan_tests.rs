@@ -160,6 +160,7 @@ fn row() -> RowState {
         public_key: Some("ssh-ed25519 AAAA".into()),
         has_private_key: true,
         key: sealed(),
+        status_since: None,
         terminal_error: None,
     }
 }
@@ -580,22 +581,15 @@ fn cases() -> Vec<Case> {
             outcome: Outcome::Failed("server name taken".into()),
         },
         Case {
-            name: "terminal failure does not block a cancel",
+            name: "terminal failure of a teardown: not retried until the row changes",
             desired: want_nothing(),
             row: RowState {
-                terminal_error: Some("server name taken".into()),
+                terminal_error: Some("server 100 is protected".into()),
                 ..row()
             },
             observed: everything(),
-            ops: vec![
-                Op::DeleteServer { id: SERVER },
-                Op::DeleteFirewall {
-                    id: FIREWALL,
-                    attached_servers: vec![SERVER],
-                },
-                Op::DeleteSshKey { id: KEY },
-            ],
-            outcome: Outcome::Deprovisioned,
+            ops: vec![],
+            outcome: Outcome::Failed("server 100 is protected".into()),
         },
         Case {
             name: "teardown never detaches the firewall from foreign servers",
