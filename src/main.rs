@@ -54,6 +54,9 @@ enum Command {
     /// Show or lift the deletion guard's pause of server deletions.
     #[command(subcommand)]
     Deletions(DeletionsCommand),
+    /// Show this database's installation id, or decide about a database that moved.
+    #[command(subcommand)]
+    Installation(InstallationCommand),
     /// Serve the built-in Hetzner Cloud API simulator under /v1.
     Simulator(SimulatorArgs),
 }
@@ -140,6 +143,17 @@ enum DeletionsCommand {
     Approve(ApproveArgs),
 }
 
+#[derive(Subcommand)]
+enum InstallationCommand {
+    /// The installation id, the label value every owned resource carries.
+    Show(DbArgs),
+    /// This database was moved or restored in place of itself: keep the id, bind it here.
+    Keep(DbArgs),
+    /// This database is a copy (staging, a laptop): give it a new id, so it owns nothing of
+    /// the original's resources.
+    Renew(DbArgs),
+}
+
 #[derive(Args)]
 struct ApproveArgs {
     #[command(flatten)]
@@ -205,6 +219,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Status(args) => status(args).await,
         Command::Retry(args) => retry(args).await,
         Command::Deletions(command) => deletions(command).await,
+        Command::Installation(command) => installation_command(command).await,
         Command::Simulator(args) => serve_simulator(args).await,
     }
 }
@@ -247,6 +262,18 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let config = load_config(&args.controller)?;
     let conn = db::connect(&args.controller.db.database_url).await?;
     db::migrate(&conn).await?;
+    if let installation::Binding::Moved { bound_to, here } =
+        installation::check_binding(&conn).await?
+    {
+        bail!(
+            "this database holds installation {} made in another database ({bound_to}; this one \
+             is {here}): it looks like a copy or a restore, and a copy must never manage the \
+             original's servers. If it is a copy, run `vps-controller installation renew` (it \
+             then owns nothing of the original's). If the original database was moved here, run \
+             `vps-controller installation keep`",
+            installation::id(&conn).await?
+        );
+    }
     let owner = Owner::new(installation::id(&conn).await?, &config);
     tracing::info!(installation = %owner.installation, instance = %owner.instance, "resources are owned through label {}={}", vps_controller::reconcile::desired::INSTALLATION_LABEL, owner.installation);
 
@@ -551,6 +578,43 @@ async fn deletions(command: DeletionsCommand) -> Result<ExitCode> {
         "deleted in the last hour: {}; counted against the budget since the last approval: {}; extra allowance left: {}",
         status.deleted_last_hour, status.deleted_in_window, status.extra_allowance
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn installation_command(command: InstallationCommand) -> Result<ExitCode> {
+    let (args, action) = match command {
+        InstallationCommand::Show(args) => (args, "show"),
+        InstallationCommand::Keep(args) => (args, "keep"),
+        InstallationCommand::Renew(args) => (args, "renew"),
+    };
+    let conn = db::connect(&args.database_url).await?;
+    let context = "reading the database (a new database needs `vps-controller migrate` first)";
+    match action {
+        "keep" => {
+            let id = installation::keep(&conn).await.context(context)?;
+            tracing::warn!(installation = %id, "installation kept and bound to this database by an operator");
+            println!("installation {id} is now bound to this database");
+        }
+        "renew" => {
+            let old = installation::id(&conn).await.context(context)?;
+            let id = installation::renew(&conn).await?;
+            tracing::warn!(old = %old, new = %id, "installation renewed by an operator: resources labelled with the old id are no longer this database's");
+            println!(
+                "installation {id} (was {old}): resources labelled {}={old} are never touched from this database",
+                vps_controller::reconcile::desired::INSTALLATION_LABEL
+            );
+        }
+        _ => {
+            let id = installation::id(&conn).await.context(context)?;
+            let binding = match installation::check_binding(&conn).await? {
+                installation::Binding::Here => "bound to this database".to_string(),
+                installation::Binding::Moved { bound_to, .. } => format!(
+                    "MADE IN ANOTHER DATABASE ({bound_to}): `run` refuses until `installation keep` or `installation renew`"
+                ),
+            };
+            println!("{id} ({binding})");
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -982,3 +982,80 @@ async fn a_leader_paused_past_its_lease_neither_calls_hetzner_nor_writes_after_w
     drop(second);
     test_db.cleanup().await;
 }
+
+/// A copied database (a laptop with a copy of production's SQLite file) refuses to run until
+/// an operator renews its installation id; `retry` and `deletions` work on a fresh database.
+#[test]
+fn a_copied_database_refuses_to_run_until_renewed_and_the_operator_commands_work() {
+    let original = tempfile::tempdir().unwrap();
+    run_cli(original.path(), &["migrate"], &[]).assert_code(0);
+    let shown = run_cli(original.path(), &["installation", "show"], &[]);
+    shown.assert_code(0);
+    assert!(
+        shown.stdout.contains("bound to this database"),
+        "{}",
+        shown.describe()
+    );
+    let id = shown.stdout.split_whitespace().next().unwrap().to_string();
+
+    let laptop = tempfile::tempdir().unwrap();
+    // The whole database: the file and its write-ahead log.
+    for file in [
+        "vps-controller.db",
+        "vps-controller.db-wal",
+        "vps-controller.db-shm",
+    ] {
+        let from = original.path().join(file);
+        if from.exists() {
+            std::fs::copy(&from, laptop.path().join(file)).unwrap();
+        }
+    }
+    let key = encryption_key();
+    let env = [
+        ("HCLOUD_TOKEN", SECRET_TOKEN),
+        ("VPS_CONTROLLER_ENCRYPTION_KEY", key.as_str()),
+        ("HCLOUD_ENDPOINT", "http://127.0.0.1:9/v1"),
+    ];
+    let refused = run_cli(laptop.path(), &["run", "--listen", "127.0.0.1:0"], &env);
+    refused.assert_fails_naming("installation renew");
+    assert!(refused.stderr.contains(&id), "{}", refused.describe());
+    let renewed = run_cli(laptop.path(), &["installation", "renew"], &[]);
+    renewed.assert_code(0);
+    assert!(
+        renewed.stdout.contains(&format!("was {id}")),
+        "{}",
+        renewed.describe()
+    );
+    let shown = run_cli(laptop.path(), &["installation", "show"], &[]);
+    assert!(!shown.stdout.contains(&id) && shown.stdout.contains("bound to this database"));
+
+    // The operator commands on the original.
+    let status = run_cli(original.path(), &["deletions", "status"], &[]);
+    status.assert_code(0);
+    assert!(
+        status.stdout.contains("not paused"),
+        "{}",
+        status.describe()
+    );
+    let approved = run_cli(
+        original.path(),
+        &["deletions", "approve", "--count", "5"],
+        &[],
+    );
+    approved.assert_code(0);
+    assert!(
+        approved.stdout.contains("5 more may run"),
+        "{}",
+        approved.describe()
+    );
+    run_cli(original.path(), &["retry", "nobody"], &[]).assert_fails_naming("\"nobody\" not found");
+    let retried = run_cli(original.path(), &["retry", "--failed"], &[]);
+    retried.assert_code(0);
+    assert!(
+        retried.stdout.contains("0 failed subscriptions"),
+        "{}",
+        retried.describe()
+    );
+    // Neither an id nor --failed: a usage error, not a silent no-op.
+    run_cli(original.path(), &["retry"], &[]).assert_code(2);
+}

@@ -1660,3 +1660,87 @@ async fn sqlite_without_rowid_web_app_table_gets_working_triggers() {
         vec!["a".to_owned()]
     );
 }
+
+/// A copy of the database carries its installation id along; the binding tells the copy
+/// apart, and `renew` gives it an id of its own while `keep` accepts a move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_database_is_told_apart_from_the_original() {
+    use db::installation::{self, Binding};
+    for test_db in test_databases().await {
+        let backend = test_db.backend;
+        let original = migrated(&test_db).await;
+        let id = installation::id(&original).await.unwrap();
+        assert_eq!(
+            installation::check_binding(&original).await.unwrap(),
+            Binding::Here,
+            "[{backend}]"
+        );
+
+        // The copy: a SQLite file copied elsewhere, a PostgreSQL database cloned from it.
+        original.close().await.unwrap();
+        let admin_url = {
+            let mut url = url::Url::parse(&test_db.url).unwrap();
+            url.set_path("/postgres");
+            url.to_string()
+        };
+        let source = test_db.url.rsplit('/').next().unwrap().to_string();
+        let copy_name = format!("{source}_copy");
+        let (copy_url, _dir): (String, Option<tempfile::TempDir>) = if test_db.is_postgres() {
+            let server = db::connect(&admin_url).await.unwrap();
+            server
+                .execute_unprepared(&format!(
+                    "CREATE DATABASE \"{copy_name}\" TEMPLATE \"{source}\""
+                ))
+                .await
+                .unwrap();
+            server.close().await.unwrap();
+            let mut copy = url::Url::parse(&test_db.url).unwrap();
+            copy.set_path(&format!("/{copy_name}"));
+            (copy.to_string(), None)
+        } else {
+            let dir = tempfile::tempdir().unwrap();
+            let target = dir.path().join("copy.db");
+            std::fs::copy(test_db.dir().unwrap().join("test.db"), &target).unwrap();
+            (format!("sqlite://{}?mode=rwc", target.display()), Some(dir))
+        };
+        let copy = db::connect(&copy_url).await.unwrap();
+        assert_eq!(
+            installation::id(&copy).await.unwrap(),
+            id,
+            "[{backend}] the id travels along"
+        );
+        db::migrate(&copy).await.unwrap(); // never rebinds a moved database
+        assert!(
+            matches!(
+                installation::check_binding(&copy).await.unwrap(),
+                Binding::Moved { .. }
+            ),
+            "[{backend}] the copy is told apart"
+        );
+        let renewed = installation::renew(&copy).await.unwrap();
+        assert_ne!(renewed, id, "[{backend}]");
+        assert_eq!(
+            installation::check_binding(&copy).await.unwrap(),
+            Binding::Here
+        );
+        assert_eq!(installation::id(&copy).await.unwrap(), renewed);
+
+        // `keep`: the same installation, moved here.
+        installation::keep(&copy).await.unwrap();
+        assert_eq!(
+            installation::check_binding(&copy).await.unwrap(),
+            Binding::Here
+        );
+        copy.close().await.unwrap();
+        if test_db.is_postgres() {
+            let server = db::connect(&admin_url).await.unwrap();
+            server
+                .execute_unprepared(&format!(
+                    "DROP DATABASE IF EXISTS \"{copy_name}\" WITH (FORCE)"
+                ))
+                .await
+                .unwrap();
+        }
+        test_db.cleanup().await;
+    }
+}

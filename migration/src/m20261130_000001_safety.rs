@@ -99,6 +99,7 @@ const SQLITE_STATEMENTS: &[&str] = &[
         "CREATE TABLE IF NOT EXISTS vps_controller_installation (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         installation_id TEXT NOT NULL,
+        bound_to TEXT,
         created_at TIMESTAMP NOT NULL DEFAULT (",
         sqlite_now!(),
         "))"
@@ -166,6 +167,7 @@ const PG_STATEMENTS: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS vps_controller_installation (
         id INTEGER PRIMARY KEY CHECK (id = 1),
         installation_id TEXT NOT NULL,
+        bound_to TEXT,
         created_at TIMESTAMPTZ NOT NULL DEFAULT now()
     )",
     // 16 lowercase hex characters (md5 output is lowercase hex): a valid Hetzner label value.

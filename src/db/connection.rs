@@ -95,7 +95,11 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbError> {
         .map_err(DbError::Migrate)?;
     }
     Migrator::up(&txn, None).await.map_err(DbError::Migrate)?;
-    txn.commit().await.map_err(DbError::Migrate)
+    txn.commit().await.map_err(DbError::Migrate)?;
+    // Bind a new installation id to this database at once, so a copy made before the
+    // first `run` is told apart too. A database bound elsewhere is left for `run` to refuse.
+    super::installation::check_binding(db).await?;
+    Ok(())
 }
 
 fn classify(url: &str) -> Result<Backend, DbError> {
