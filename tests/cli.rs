@@ -1059,3 +1059,65 @@ fn a_copied_database_refuses_to_run_until_renewed_and_the_operator_commands_work
     // Neither an id nor --failed: a usage error, not a silent no-op.
     run_cli(original.path(), &["retry"], &[]).assert_code(2);
 }
+
+/// At start, each plan's server type, location and image are looked up at Hetzner; a bad
+/// one is reported once, naming the plan and the field, and the controller keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_reports_plans_that_hetzner_does_not_know_once_at_start() {
+    let sim_dir = tempfile::tempdir().unwrap();
+    let (_simulator, sim_url) = spawn_listening(
+        |port| {
+            let listen = format!("127.0.0.1:{port}");
+            command(
+                sim_dir.path(),
+                &["simulator", "--listen", &listen, "--token", SECRET_TOKEN],
+                &[],
+            )
+        },
+        "/__simulator/stats",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "plans:\n  gold:\n    server_type: cx999\n    image: ubuntu-24.04\n    location: fsn9\n    firewall_rules: []\n  \
+         fine:\n    server_type: cx23\n    image: ubuntu-24.04\n    location: fsn1\n    firewall_rules: []\n",
+    )
+    .unwrap();
+    let endpoint = format!("{sim_url}/v1");
+    let key = encryption_key();
+    let database = sqlite_url(dir.path());
+    let config_path = config.display().to_string();
+    let (mut controller, _url) = spawn_listening(
+        |port| {
+            let listen = format!("127.0.0.1:{port}");
+            command(
+                dir.path(),
+                &["run", "--listen", &listen],
+                &[
+                    ("DATABASE_URL", database.as_str()),
+                    ("HCLOUD_ENDPOINT", endpoint.as_str()),
+                    ("HCLOUD_TOKEN", SECRET_TOKEN),
+                    ("VPS_CONTROLLER_ENCRYPTION_KEY", key.as_str()),
+                    ("VPS_CONTROLLER_CONFIG", config_path.as_str()),
+                ],
+            )
+        },
+        "/healthz",
+    )
+    .await;
+    let wanted =
+        "plans.gold: server_type \"cx999\" does not exist; location \"fsn9\" does not exist";
+    let reported =
+        common::eventually(DEADLINE, || async { controller.stderr().contains(wanted) }).await;
+    assert!(reported, "{}", controller.output());
+    assert_eq!(
+        controller.stderr().matches("does not exist").count(),
+        2,
+        "once, and nothing about plan fine"
+    );
+    controller.terminate();
+    assert!(controller.wait_exit(DEADLINE).await.success());
+    controller.assert_no_secret();
+}

@@ -984,3 +984,71 @@ async fn an_adopted_server_stays_ready_and_its_external_key_survives_deprovision
         test_db.cleanup().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_deletion_budget_in_the_config_lifts_a_pause() {
+    for test_db in common::test_databases().await {
+        let tight = |min_per_hour| {
+            config(|c| {
+                c.deletion_budget = DeletionBudget {
+                    min_per_hour,
+                    fleet_percent: 0,
+                }
+            })
+        };
+        let env = env_custom(
+            &test_db,
+            Options {
+                config: tight(2),
+                ..Options::default()
+            },
+        )
+        .await;
+        let backend = env.backend;
+        for i in 0..4 {
+            env.insert(&format!("c{i}"), "active", "starter").await;
+        }
+        env.resync().await;
+        env.sql("UPDATE subscriptions SET status = 'canceled'")
+            .await;
+        env.resync_allowing_failures().await;
+        assert_eq!(
+            env.list("servers").await.len(),
+            2,
+            "[{backend}] the budget of 2"
+        );
+        assert!(
+            deletion_guard::status(&env.db)
+                .await
+                .unwrap()
+                .paused_since
+                .is_some()
+        );
+        // The same config again: still paused.
+        env.resync_allowing_failures().await;
+        assert_eq!(env.list("servers").await.len(), 2, "[{backend}]");
+
+        let raised = env_custom(
+            &test_db,
+            Options {
+                sim: Some(Arc::clone(&env.sim)),
+                config: tight(10),
+                ..Options::default()
+            },
+        )
+        .await;
+        raised.resync().await;
+        assert!(
+            raised.list("servers").await.is_empty(),
+            "[{backend}] resumed under the new budget"
+        );
+        assert!(
+            deletion_guard::status(&env.db)
+                .await
+                .unwrap()
+                .paused_since
+                .is_none()
+        );
+        test_db.cleanup().await;
+    }
+}

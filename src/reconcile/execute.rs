@@ -9,6 +9,7 @@ use crate::cloud_init;
 use crate::config::Config;
 use crate::db::deletion_guard::{self, Reservation};
 use crate::db::events::{self, EventKind};
+use crate::db::state;
 use crate::db::subscriptions::{self, StatusUpdate};
 use crate::fencing::{Leadership, Term};
 use crate::hcloud::{
@@ -503,33 +504,63 @@ impl<A: HcloudApi> Executor<'_, A> {
     /// Asks the deletion guard for one server deletion. Past the hourly budget, deletions
     /// pause until an operator approves; the refusal is loud and creating goes on.
     async fn reserve_deletion(&self, id: i64, progress: &Progress) -> Result<(), ReconcileError> {
-        let managed = deletion_guard::managed_servers(self.db).await?;
-        let budget = self.config.deletion_budget.per_hour(managed);
-        match deletion_guard::reserve(self.db, self.term.fence.as_ref(), id, &progress.key, budget)
-            .await?
-        {
-            Reservation::Granted => Ok(()),
-            Reservation::Paused {
+        /// The `deletion_budget` in force when deletions paused: changing it in the config is
+        /// the other way (besides `deletions approve`) an operator resumes.
+        const BUDGET_AT_PAUSE: &str = "deletion_budget_at_pause";
+        let configured = {
+            let budget = &self.config.deletion_budget;
+            format!("{}/{}%", budget.min_per_hour, budget.fleet_percent)
+        };
+        for attempt in 0..2 {
+            let managed = deletion_guard::managed_servers(self.db).await?;
+            let budget = self.config.deletion_budget.per_hour(managed);
+            let reservation = deletion_guard::reserve(
+                self.db,
+                self.term.fence.as_ref(),
+                id,
+                &progress.key,
+                budget,
+            )
+            .await?;
+            let Reservation::Paused {
                 newly,
                 deleted_in_window,
                 budget,
-            } => {
-                let message = format!(
-                    "server deletion paused by the deletion guard: {deleted_in_window} servers deleted \
-                     in the last hour, budget {budget}; server {id} is kept. Approve with \
-                     `vps-controller deletions approve`"
+            } = reservation
+            else {
+                return Ok(());
+            };
+            let at_pause = state::get(self.db, BUDGET_AT_PAUSE).await?;
+            if newly || at_pause.is_none() {
+                state::set(self.db, BUDGET_AT_PAUSE, &configured).await?;
+            } else if attempt == 0 && at_pause.as_deref() != Some(configured.as_str()) {
+                deletion_guard::approve(self.db, 0).await?;
+                state::set(self.db, BUDGET_AT_PAUSE, &configured).await?;
+                tracing::warn!(
+                    was = at_pause.as_deref().unwrap_or_default(),
+                    now = %configured,
+                    "deletion_budget changed in the config: the deletion pause is lifted, a new hourly window starts"
                 );
-                if newly {
-                    tracing::error!(
-                        server_id = id,
-                        deleted_in_window,
-                        budget,
-                        "DELETIONS PAUSED: {message}"
-                    );
-                }
-                Err(ReconcileError::DeletionsPaused(message))
+                continue;
             }
+            let message = format!(
+                "server deletion paused by the deletion guard: {deleted_in_window} servers deleted \
+                 in the last hour, budget {budget}; server {id} is kept. Approve with \
+                 `vps-controller deletions approve` (or change deletion_budget in the config)"
+            );
+            if newly {
+                tracing::error!(
+                    server_id = id,
+                    deleted_in_window,
+                    budget,
+                    "DELETIONS PAUSED: {message}"
+                );
+            }
+            return Err(ReconcileError::DeletionsPaused(message));
         }
+        Err(ReconcileError::Internal(
+            "the deletion guard paused again right after a config change lifted it".into(),
+        ))
     }
 
     async fn delete_server(&self, id: i64, progress: &mut Progress) -> Result<(), ReconcileError> {
