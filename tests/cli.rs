@@ -248,6 +248,20 @@ async fn spawn_listening(make: impl Fn(u16) -> Command, probe: &str) -> (ChildGu
     panic!("no free port after {PORT_ATTEMPTS} attempts");
 }
 
+/// `vps-controller simulator` on a free port, requiring [`SECRET_TOKEN`]; its base URL.
+async fn spawn_simulator(dir: &Path, extra: &[&str]) -> (ChildGuard, String) {
+    spawn_listening(
+        |port| {
+            let listen = format!("127.0.0.1:{port}");
+            let mut args = vec!["simulator", "--listen", &listen, "--token", SECRET_TOKEN];
+            args.extend_from_slice(extra);
+            command(dir, &args, &[])
+        },
+        "/__simulator/stats",
+    )
+    .await
+}
+
 /// A valid VPS_CONTROLLER_ENCRYPTION_KEY: 32 bytes, base64.
 fn encryption_key() -> String {
     base64::engine::general_purpose::STANDARD.encode([7u8; 32])
@@ -437,18 +451,7 @@ async fn status_shows_rows_with_their_errors_and_one_subscriptions_events() {
 #[tokio::test]
 async fn plan_against_the_simulator_exits_2_when_changes_are_pending_and_changes_nothing() {
     let sim_dir = tempfile::tempdir().unwrap();
-    let (simulator, sim_url) = spawn_listening(
-        |port| {
-            let listen = format!("127.0.0.1:{port}");
-            command(
-                sim_dir.path(),
-                &["simulator", "--listen", &listen, "--token", SECRET_TOKEN],
-                &[],
-            )
-        },
-        "/__simulator/stats",
-    )
-    .await;
+    let (simulator, sim_url) = spawn_simulator(sim_dir.path(), &[]).await;
     let endpoint = format!("{sim_url}/v1");
 
     for test_db in common::test_databases().await {
@@ -799,26 +802,7 @@ async fn a_leader_paused_past_its_lease_neither_calls_hetzner_nor_writes_after_w
     };
     let http = http_client();
     let sim_dir = tempfile::tempdir().unwrap();
-    let (_simulator, sim_url) = spawn_listening(
-        |port| {
-            let listen = format!("127.0.0.1:{port}");
-            command(
-                sim_dir.path(),
-                &[
-                    "simulator",
-                    "--listen",
-                    &listen,
-                    "--token",
-                    SECRET_TOKEN,
-                    "--action-seconds",
-                    "0.2",
-                ],
-                &[],
-            )
-        },
-        "/__simulator/stats",
-    )
-    .await;
+    let (_simulator, sim_url) = spawn_simulator(sim_dir.path(), &["--action-seconds", "0.2"]).await;
     let endpoint = format!("{sim_url}/v1");
     let dir = tempfile::tempdir().unwrap();
     let key = encryption_key();
@@ -1065,18 +1049,7 @@ fn a_copied_database_refuses_to_run_until_renewed_and_the_operator_commands_work
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_reports_plans_that_hetzner_does_not_know_once_at_start() {
     let sim_dir = tempfile::tempdir().unwrap();
-    let (_simulator, sim_url) = spawn_listening(
-        |port| {
-            let listen = format!("127.0.0.1:{port}");
-            command(
-                sim_dir.path(),
-                &["simulator", "--listen", &listen, "--token", SECRET_TOKEN],
-                &[],
-            )
-        },
-        "/__simulator/stats",
-    )
-    .await;
+    let (_simulator, sim_url) = spawn_simulator(sim_dir.path(), &[]).await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.yaml");
     std::fs::write(

@@ -31,6 +31,32 @@ fn nullable_table(postgres: bool) -> String {
     )
 }
 
+/// A controller on a database whose `subscriptions` table the web app created without NOT
+/// NULL constraints.
+async fn web_app_env(test_db: &common::TestDb) -> Env {
+    env_custom(
+        test_db,
+        Options {
+            web_app_table: Some(nullable_table(test_db.is_postgres())),
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+/// A server created straight at Hetzner (as the web app did), with `labels`; its id.
+async fn server_made_by_hand(env: &Env, name: &str, labels: Value) -> i64 {
+    let (status, body) = env
+        .api(
+            "POST",
+            "/servers",
+            Some(json!({"name": name, "server_type": "cx23", "image": "ubuntu-24.04", "labels": labels})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["server"]["id"].as_i64().unwrap()
+}
+
 /// The status of the server recorded on the row, as Hetzner reports it.
 async fn server_status(env: &Env, id: &str) -> Option<String> {
     let server = env.row(id).await.hetzner_server_id?;
@@ -407,14 +433,7 @@ async fn a_second_database_on_the_same_project_changes_nothing_of_the_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_the_web_app_created_are_adopted_never_duplicated() {
     for test_db in common::test_databases().await {
-        let env = env_custom(
-            &test_db,
-            Options {
-                web_app_table: Some(nullable_table(test_db.is_postgres())),
-                ..Options::default()
-            },
-        )
-        .await;
+        let env = web_app_env(&test_db).await;
         let backend = env.backend;
         // What the seed web app did before the controller existed: its own key and server.
         let pair = vps_controller::keys::generate(KeyAlgorithm::Ed25519, "web-app")
@@ -771,11 +790,12 @@ async fn resources_labelled_before_installation_ids_are_adopted_in_place() {
             assert_eq!(status, 200);
         }
         // Another database's resource of the same era: no row here records it.
-        let (status, stranger) = env
-            .api("POST", "/servers", Some(json!({"name": "vps-stranger", "server_type": "cx23", "image": "ubuntu-24.04", "labels": {"vps-controller/instance": "default", "vps-controller/subscription": "stranger"}})))
-            .await;
-        assert_eq!(status, 201);
-        let stranger_id = stranger["server"]["id"].as_i64().unwrap();
+        let stranger_id = server_made_by_hand(
+            &env,
+            "vps-stranger",
+            json!({"vps-controller/instance": "default", "vps-controller/subscription": "stranger"}),
+        )
+        .await;
 
         // The upgraded controller starts (same database, same encryption key).
         let upgraded = env_custom(
@@ -831,25 +851,9 @@ async fn resources_labelled_before_installation_ids_are_adopted_in_place() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_recorded_on_two_rows_or_never_adopted_is_never_taken_or_deleted() {
     for test_db in common::test_databases().await {
-        let env = env_custom(
-            &test_db,
-            Options {
-                web_app_table: Some(nullable_table(test_db.is_postgres())),
-                ..Options::default()
-            },
-        )
-        .await;
+        let env = web_app_env(&test_db).await;
         let backend = env.backend;
-        let web_app_server = |name: &'static str| {
-            let env = &env;
-            async move {
-                let (status, body) = env
-                    .api("POST", "/servers", Some(json!({"name": name, "server_type": "cx23", "image": "ubuntu-24.04", "labels": {"app": "web"}})))
-                    .await;
-                assert_eq!(status, 201, "{body}");
-                body["server"]["id"].as_i64().unwrap()
-            }
-        };
+        let web_app_server = |name| server_made_by_hand(&env, name, json!({"app": "web"}));
         // The web app copied one row's server id into another row.
         let shared = web_app_server("shared-box").await;
         for id in ["first", "copy"] {
@@ -910,14 +914,7 @@ async fn a_server_recorded_on_two_rows_or_never_adopted_is_never_taken_or_delete
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_adopted_server_stays_ready_and_its_external_key_survives_deprovisioning() {
     for test_db in common::test_databases().await {
-        let env = env_custom(
-            &test_db,
-            Options {
-                web_app_table: Some(nullable_table(test_db.is_postgres())),
-                ..Options::default()
-            },
-        )
-        .await;
+        let env = web_app_env(&test_db).await;
         let backend = env.backend;
         let (status, body) = env
             .api(
