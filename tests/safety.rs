@@ -314,6 +314,11 @@ async fn a_mass_cancellation_deletes_only_the_budget_then_pauses_until_approved(
             .await
             .unwrap();
         assert!(status.contains("server deletions: PAUSED"), "{status}");
+        let metrics = env.controller.metrics.render();
+        assert!(
+            metrics.contains("vps_controller_deletions_paused 1"),
+            "{metrics}"
+        );
 
         // Creating goes on while deletions wait.
         env.insert("newcomer", "active", "starter").await;
