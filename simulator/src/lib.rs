@@ -2,7 +2,8 @@
 //! covering servers, SSH keys, firewalls, actions, snapshot images and the catalog (server types,
 //! system images, locations), with validation, uniqueness, asynchronous actions, rate limiting, authentication
 //! and seeded fault injection. It follows `shared/hcloud/API-NOTES.md` and the official OpenAPI
-//! spec and deliberately shares no code with the client in `crate::hcloud`.
+//! spec and deliberately shares no code with the controller's client (`vps_controller::hcloud`):
+//! it is a crate of its own that does not depend on the controller.
 //!
 //! Endpoints (under `/v1`): `servers` (list/get/create/update/delete, actions poweron, poweroff,
 //! shutdown, reboot, reset, rebuild, change_type, create_image, action lists), `ssh_keys`,
@@ -43,6 +44,7 @@
 
 mod api;
 mod catalog;
+pub mod cli;
 mod control;
 mod error;
 mod labels;

@@ -8,27 +8,29 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use hcloud_simulator::{RunningSimulator, SimulatorConfig, spawn};
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use vps_controller::simulator::{RunningSimulator, SimulatorConfig, spawn};
 
 // -------------------------------------------------------------------------------------------------
 // Spec contract
 
-/// The official spec, from `<repo>/../shared/hcloud/openapi.json`.
+/// The official spec: `$HCLOUD_OPENAPI`, else `shared/hcloud/openapi.json` beside the repository
+/// clone (`<crate>/../../shared/...`).
 fn spec() -> &'static Value {
     static SPEC: OnceLock<Value> = OnceLock::new();
     SPEC.get_or_init(|| {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join("shared")
-            .join("hcloud")
-            .join("openapi.json");
+        let path = std::env::var_os("HCLOUD_OPENAPI")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../shared/hcloud/openapi.json")
+            });
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
                 "the Hetzner OpenAPI spec is needed for the contract tests but {} cannot be read \
-                 ({e}); put a copy of shared/ beside the repository clone",
+                 ({e}); put a copy of shared/ beside the repository clone or set HCLOUD_OPENAPI",
                 path.display()
             )
         });

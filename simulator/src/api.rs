@@ -4,20 +4,20 @@
 use axum::http::StatusCode;
 use serde_json::{Map, Value, json};
 
-use super::catalog::{IMAGES, LOCATIONS, SERVER_TYPES, catalog_created};
-use super::error::ApiError;
-use super::labels::Selector;
-use super::list::{PageRequest, Pagination, SortKey, parse_sort, sort_by_keys};
-use super::request::{Body, IdOrName, Query};
-use super::routes::{Endpoint, FirewallVerb, ServerVerb};
-use super::state::{
+use crate::catalog::{IMAGES, LOCATIONS, SERVER_TYPES, catalog_created};
+use crate::error::ApiError;
+use crate::labels::Selector;
+use crate::list::{PageRequest, Pagination, SortKey, parse_sort, sort_by_keys};
+use crate::request::{Body, IdOrName, Query};
+use crate::routes::{Endpoint, FirewallVerb, ServerVerb};
+use crate::state::{
     Action, Application, Clock, Effect, Firewall, Server, ServerStatus, Snapshot, SshKey, Target,
     World,
 };
-use super::validate::{
+use crate::validate::{
     MAX_FIREWALL_NAME, MAX_USER_DATA_BYTES, firewall_rules, hostname_problem, ssh_fingerprint,
 };
-use super::wire::{ActionOut, ResourceRef};
+use crate::wire::{ActionOut, ResourceRef};
 
 /// A successful answer.
 pub(crate) struct Reply {
@@ -1517,7 +1517,7 @@ fn firewall_action(
 
 /// Replaces the rules; one `set_firewall_rules` action plus one `apply_firewall` per server the
 /// firewall currently covers (as in the spec's example).
-fn set_rules(world: &mut World, ctx: &Ctx, id: i64, rules: Vec<super::wire::RuleOut>) -> Vec<i64> {
+fn set_rules(world: &mut World, ctx: &Ctx, id: i64, rules: Vec<crate::wire::RuleOut>) -> Vec<i64> {
     let covered: Vec<i64> = match world.firewalls.get(&id) {
         Some(fw) => world
             .servers
