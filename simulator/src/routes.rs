@@ -1,7 +1,20 @@
-//! Path matching under `/v1`, by hand: we need the path template for statistics, a JSON 404/405,
-//! and to know before running a handler whether it creates actions (fault injection).
+//! The `/v1` route table, served by axum's `Router`.
+//!
+//! Each path template is one axum route; its handler picks the [`Endpoint`] for the method and
+//! hands the request to the pipeline in `lib.rs` (count → rate limit → auth → 404/405 → fault →
+//! handler), so even unroutable requests are counted, rate limited and authenticated first. The
+//! template, without `/v1`, is also the statistics key (`GET /servers/{id}`).
+//!
+//! Methods are matched here rather than by axum's `MethodRouter`, which would answer `HEAD` with
+//! the `GET` handler and add an `Allow` header: the simulator answers any method a route does not
+//! list with Hetzner's JSON 405 `method_not_allowed`, as it always has.
 
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
 use axum::http::Method;
+use axum::routing::any;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ServerVerb {
@@ -90,6 +103,31 @@ pub(crate) enum Routed {
     NotFound,
 }
 
+/// The raw (still percent-encoded) path segments a route matched, by template parameter name.
+pub(crate) struct Segments<'p> {
+    template: &'static str,
+    path: &'p str,
+}
+
+impl Segments<'_> {
+    fn raw(&self, name: &str) -> &str {
+        self.template
+            .split('/')
+            .zip(self.path.split('/'))
+            .find(|(t, _)| t.strip_prefix('{').and_then(|t| t.strip_suffix('}')) == Some(name))
+            .map_or("", |(_, segment)| segment)
+    }
+
+    /// `{id}`; not a positive number → 0, which never exists (→ 404 `not_found`).
+    fn id(&self) -> i64 {
+        id(self.raw("id"))
+    }
+
+    fn action_id(&self) -> i64 {
+        id(self.raw("action_id"))
+    }
+}
+
 fn id(segment: &str) -> i64 {
     match segment.parse::<i64>() {
         Ok(n) if n >= 1 => n,
@@ -101,196 +139,311 @@ fn is_number(segment: &str) -> bool {
     !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit())
 }
 
-fn server_verb(verb: &str) -> Option<(&'static str, ServerVerb)> {
-    Some(match verb {
-        "poweron" => ("/servers/{id}/actions/poweron", ServerVerb::PowerOn),
-        "poweroff" => ("/servers/{id}/actions/poweroff", ServerVerb::PowerOff),
-        "shutdown" => ("/servers/{id}/actions/shutdown", ServerVerb::Shutdown),
-        "reboot" => ("/servers/{id}/actions/reboot", ServerVerb::Reboot),
-        "reset" => ("/servers/{id}/actions/reset", ServerVerb::Reset),
-        "rebuild" => ("/servers/{id}/actions/rebuild", ServerVerb::Rebuild),
-        "change_type" => ("/servers/{id}/actions/change_type", ServerVerb::ChangeType),
-        _ => return None,
-    })
+type Make = fn(&Segments) -> Endpoint;
+
+/// One path template and the endpoint behind each method it accepts.
+struct Route {
+    template: &'static str,
+    methods: &'static [(Method, Make)],
+    /// A parameter that must be all digits, else the path is not a route (404): where a word
+    /// there would name an action the simulator does not have (`/servers/1/actions/enable_rescue`).
+    number: Option<&'static str>,
 }
 
-fn firewall_verb(verb: &str) -> Option<(&'static str, FirewallVerb)> {
-    Some(match verb {
-        "set_rules" => ("/firewalls/{id}/actions/set_rules", FirewallVerb::SetRules),
-        "apply_to_resources" => (
-            "/firewalls/{id}/actions/apply_to_resources",
-            FirewallVerb::ApplyToResources,
-        ),
-        "remove_from_resources" => (
-            "/firewalls/{id}/actions/remove_from_resources",
-            FirewallVerb::RemoveFromResources,
-        ),
-        _ => return None,
-    })
+const fn route(template: &'static str, methods: &'static [(Method, Make)]) -> Route {
+    Route {
+        template,
+        methods,
+        number: None,
+    }
 }
 
-/// Matches `path` (which starts with `/v1`).
-pub(crate) fn route(method: &Method, path: &str) -> Routed {
-    let Some(rest) = path.strip_prefix("/v1/") else {
-        return Routed::NotFound;
-    };
-    let segments: Vec<&str> = rest.split('/').collect();
-    use Endpoint as E;
-    let get = Method::GET;
-    let post = Method::POST;
-    let put = Method::PUT;
-    let delete = Method::DELETE;
-    let (template, options): (&'static str, Vec<(Method, Endpoint)>) = match segments.as_slice() {
-        ["servers"] => (
-            "/servers",
-            vec![(get, E::ListServers), (post, E::CreateServer)],
-        ),
-        ["servers", "actions"] => ("/servers/actions", vec![(get, E::ListAllServerActions)]),
-        ["servers", "actions", a] if is_number(a) => (
-            "/servers/actions/{id}",
-            vec![(get, E::GetAnyServerAction(id(a)))],
-        ),
-        ["servers", s] => (
-            "/servers/{id}",
-            vec![
-                (get, E::GetServer(id(s))),
-                (put, E::UpdateServer(id(s))),
-                (delete, E::DeleteServer(id(s))),
-            ],
-        ),
-        ["servers", s, "actions"] => (
-            "/servers/{id}/actions",
-            vec![(get, E::ListServerActions(id(s)))],
-        ),
-        ["servers", s, "actions", "create_image"] => (
-            "/servers/{id}/actions/create_image",
-            vec![(post, E::CreateImage(id(s)))],
-        ),
-        ["servers", s, "actions", verb] => match server_verb(verb) {
-            Some((template, verb)) => (template, vec![(post, E::ServerAction(id(s), verb))]),
-            None if is_number(verb) => (
-                "/servers/{id}/actions/{action_id}",
-                vec![(get, E::GetServerAction(id(s), id(verb)))],
-            ),
-            None => return Routed::NotFound,
-        },
-        ["ssh_keys"] => (
-            "/ssh_keys",
-            vec![(get, E::ListSshKeys), (post, E::CreateSshKey)],
-        ),
-        ["ssh_keys", k] => (
-            "/ssh_keys/{id}",
-            vec![
-                (get, E::GetSshKey(id(k))),
-                (put, E::UpdateSshKey(id(k))),
-                (delete, E::DeleteSshKey(id(k))),
-            ],
-        ),
-        ["firewalls"] => (
-            "/firewalls",
-            vec![(get, E::ListFirewalls), (post, E::CreateFirewall)],
-        ),
-        ["firewalls", "actions"] => ("/firewalls/actions", vec![(get, E::ListAllFirewallActions)]),
-        ["firewalls", "actions", a] if is_number(a) => (
-            "/firewalls/actions/{id}",
-            vec![(get, E::GetAnyFirewallAction(id(a)))],
-        ),
-        ["firewalls", f] => (
-            "/firewalls/{id}",
-            vec![
-                (get, E::GetFirewall(id(f))),
-                (put, E::UpdateFirewall(id(f))),
-                (delete, E::DeleteFirewall(id(f))),
-            ],
-        ),
-        ["firewalls", f, "actions"] => (
-            "/firewalls/{id}/actions",
-            vec![(get, E::ListFirewallActions(id(f)))],
-        ),
-        ["firewalls", f, "actions", verb] => match firewall_verb(verb) {
-            Some((template, verb)) => (template, vec![(post, E::FirewallAction(id(f), verb))]),
-            None if is_number(verb) => (
-                "/firewalls/{id}/actions/{action_id}",
-                vec![(get, E::GetFirewallAction(id(f), id(verb)))],
-            ),
-            None => return Routed::NotFound,
-        },
-        ["actions"] => ("/actions", vec![(get, E::GetActions)]),
-        ["actions", a] => ("/actions/{id}", vec![(get, E::GetAction(id(a)))]),
-        ["server_types"] => ("/server_types", vec![(get, E::ListServerTypes)]),
-        ["server_types", t] => ("/server_types/{id}", vec![(get, E::GetServerType(id(t)))]),
-        ["images"] => ("/images", vec![(get, E::ListImages)]),
-        ["images", i] => (
-            "/images/{id}",
-            vec![
-                (get, E::GetImage(id(i))),
-                (put, E::UpdateImage(id(i))),
-                (delete, E::DeleteImage(id(i))),
-            ],
-        ),
-        ["locations"] => ("/locations", vec![(get, E::ListLocations)]),
-        ["locations", l] => ("/locations/{id}", vec![(get, E::GetLocation(id(l)))]),
-        _ => return Routed::NotFound,
-    };
-    // Empty segments ("/servers//actions") are not routes.
-    if segments.iter().any(|s| s.is_empty()) {
-        return Routed::NotFound;
+/// A route whose parameter `number` must be all digits.
+const fn numeric(
+    template: &'static str,
+    number: &'static str,
+    methods: &'static [(Method, Make)],
+) -> Route {
+    Route {
+        template,
+        methods,
+        number: Some(number),
     }
-    match options.into_iter().find(|(m, _)| m == method) {
-        Some((_, endpoint)) => Routed::Found { template, endpoint },
-        None => Routed::WrongMethod { template },
+}
+
+use Endpoint as E;
+use FirewallVerb as FV;
+use ServerVerb as SV;
+
+const GET: Method = Method::GET;
+const POST: Method = Method::POST;
+const PUT: Method = Method::PUT;
+const DELETE: Method = Method::DELETE;
+
+const ROUTES: &[Route] = &[
+    route(
+        "/servers",
+        &[(GET, |_| E::ListServers), (POST, |_| E::CreateServer)],
+    ),
+    route("/servers/actions", &[(GET, |_| E::ListAllServerActions)]),
+    numeric(
+        "/servers/actions/{id}",
+        "id",
+        &[(GET, |s| E::GetAnyServerAction(s.id()))],
+    ),
+    route(
+        "/servers/{id}",
+        &[
+            (GET, |s| E::GetServer(s.id())),
+            (PUT, |s| E::UpdateServer(s.id())),
+            (DELETE, |s| E::DeleteServer(s.id())),
+        ],
+    ),
+    route(
+        "/servers/{id}/actions",
+        &[(GET, |s| E::ListServerActions(s.id()))],
+    ),
+    numeric(
+        "/servers/{id}/actions/{action_id}",
+        "action_id",
+        &[(GET, |s| E::GetServerAction(s.id(), s.action_id()))],
+    ),
+    route(
+        "/servers/{id}/actions/create_image",
+        &[(POST, |s| E::CreateImage(s.id()))],
+    ),
+    route(
+        "/servers/{id}/actions/poweron",
+        &[(POST, |s| E::ServerAction(s.id(), SV::PowerOn))],
+    ),
+    route(
+        "/servers/{id}/actions/poweroff",
+        &[(POST, |s| E::ServerAction(s.id(), SV::PowerOff))],
+    ),
+    route(
+        "/servers/{id}/actions/shutdown",
+        &[(POST, |s| E::ServerAction(s.id(), SV::Shutdown))],
+    ),
+    route(
+        "/servers/{id}/actions/reboot",
+        &[(POST, |s| E::ServerAction(s.id(), SV::Reboot))],
+    ),
+    route(
+        "/servers/{id}/actions/reset",
+        &[(POST, |s| E::ServerAction(s.id(), SV::Reset))],
+    ),
+    route(
+        "/servers/{id}/actions/rebuild",
+        &[(POST, |s| E::ServerAction(s.id(), SV::Rebuild))],
+    ),
+    route(
+        "/servers/{id}/actions/change_type",
+        &[(POST, |s| E::ServerAction(s.id(), SV::ChangeType))],
+    ),
+    route(
+        "/ssh_keys",
+        &[(GET, |_| E::ListSshKeys), (POST, |_| E::CreateSshKey)],
+    ),
+    route(
+        "/ssh_keys/{id}",
+        &[
+            (GET, |s| E::GetSshKey(s.id())),
+            (PUT, |s| E::UpdateSshKey(s.id())),
+            (DELETE, |s| E::DeleteSshKey(s.id())),
+        ],
+    ),
+    route(
+        "/firewalls",
+        &[(GET, |_| E::ListFirewalls), (POST, |_| E::CreateFirewall)],
+    ),
+    route(
+        "/firewalls/actions",
+        &[(GET, |_| E::ListAllFirewallActions)],
+    ),
+    numeric(
+        "/firewalls/actions/{id}",
+        "id",
+        &[(GET, |s| E::GetAnyFirewallAction(s.id()))],
+    ),
+    route(
+        "/firewalls/{id}",
+        &[
+            (GET, |s| E::GetFirewall(s.id())),
+            (PUT, |s| E::UpdateFirewall(s.id())),
+            (DELETE, |s| E::DeleteFirewall(s.id())),
+        ],
+    ),
+    route(
+        "/firewalls/{id}/actions",
+        &[(GET, |s| E::ListFirewallActions(s.id()))],
+    ),
+    numeric(
+        "/firewalls/{id}/actions/{action_id}",
+        "action_id",
+        &[(GET, |s| E::GetFirewallAction(s.id(), s.action_id()))],
+    ),
+    route(
+        "/firewalls/{id}/actions/set_rules",
+        &[(POST, |s| E::FirewallAction(s.id(), FV::SetRules))],
+    ),
+    route(
+        "/firewalls/{id}/actions/apply_to_resources",
+        &[(POST, |s| E::FirewallAction(s.id(), FV::ApplyToResources))],
+    ),
+    route(
+        "/firewalls/{id}/actions/remove_from_resources",
+        &[(POST, |s| E::FirewallAction(s.id(), FV::RemoveFromResources))],
+    ),
+    route("/actions", &[(GET, |_| E::GetActions)]),
+    route("/actions/{id}", &[(GET, |s| E::GetAction(s.id()))]),
+    route("/server_types", &[(GET, |_| E::ListServerTypes)]),
+    route("/server_types/{id}", &[(GET, |s| E::GetServerType(s.id()))]),
+    route("/images", &[(GET, |_| E::ListImages)]),
+    route(
+        "/images/{id}",
+        &[
+            (GET, |s| E::GetImage(s.id())),
+            (PUT, |s| E::UpdateImage(s.id())),
+            (DELETE, |s| E::DeleteImage(s.id())),
+        ],
+    ),
+    route("/locations", &[(GET, |_| E::ListLocations)]),
+    route("/locations/{id}", &[(GET, |s| E::GetLocation(s.id()))]),
+];
+
+impl Route {
+    /// What a request whose path this route matched asks for. `path` is the whole path (`/v1/…`).
+    fn resolve(&self, method: &Method, path: &str) -> Routed {
+        let segments = Segments {
+            template: self.template,
+            path: path.strip_prefix("/v1").unwrap_or(path),
+        };
+        // Empty segments ("/servers//actions") are not routes.
+        if segments.path.split('/').skip(1).any(str::is_empty)
+            || self
+                .number
+                .is_some_and(|name| !is_number(segments.raw(name)))
+        {
+            return Routed::NotFound;
+        }
+        match self.methods.iter().find(|(m, _)| m == method) {
+            Some((_, make)) => Routed::Found {
+                template: self.template,
+                endpoint: make(&segments),
+            },
+            None => Routed::WrongMethod {
+                template: self.template,
+            },
+        }
     }
+}
+
+/// Every `/v1` route. Requests that match none are left to the fallback in `lib.rs`.
+pub(crate) fn router() -> Router<Arc<crate::Shared>> {
+    ROUTES.iter().fold(Router::new(), |router, route| {
+        router.route(
+            &format!("/v1{}", route.template),
+            any(
+                move |State(shared): State<Arc<crate::Shared>>, request: Request| async move {
+                    let routed = route.resolve(request.method(), request.uri().path());
+                    crate::api_request(shared, routed, request).await
+                },
+            ),
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn template(method: Method, path: &str) -> Option<&'static str> {
-        match route(&method, path) {
-            Routed::Found { template, .. } => Some(template),
-            _ => None,
-        }
+    /// `path` resolved by the route with this template (axum's router picks the route; see
+    /// `tests/simulator.rs` for requests through it).
+    fn resolve(template: &str, method: Method, path: &str) -> Routed {
+        let route = ROUTES.iter().find(|r| r.template == template);
+        route.map_or(Routed::NotFound, |r| r.resolve(&method, path))
     }
 
     #[test]
-    fn templates() {
-        assert_eq!(template(Method::GET, "/v1/servers"), Some("/servers"));
-        assert_eq!(
-            template(Method::POST, "/v1/servers/7/actions/poweron"),
-            Some("/servers/{id}/actions/poweron")
-        );
-        assert_eq!(
-            template(Method::GET, "/v1/servers/7/actions/9"),
-            Some("/servers/{id}/actions/{action_id}")
-        );
-        assert_eq!(
-            template(Method::POST, "/v1/servers/7/actions/create_image"),
-            Some("/servers/{id}/actions/create_image")
-        );
-        assert_eq!(
-            template(Method::DELETE, "/v1/images/4"),
-            Some("/images/{id}")
-        );
+    fn segments_methods_and_numbers() {
         assert!(matches!(
-            route(&Method::PATCH, "/v1/servers/7"),
+            resolve(
+                "/servers/{id}/actions/{action_id}",
+                Method::GET,
+                "/v1/servers/7/actions/9"
+            ),
+            Routed::Found {
+                template: "/servers/{id}/actions/{action_id}",
+                endpoint: Endpoint::GetServerAction(7, 9)
+            }
+        ));
+        assert!(matches!(
+            resolve(
+                "/servers/{id}/actions/{action_id}",
+                Method::POST,
+                "/v1/servers/7/actions/enable_rescue"
+            ),
+            Routed::NotFound
+        ));
+        assert!(matches!(
+            resolve("/servers/{id}", Method::GET, "/v1/servers/x"),
+            Routed::Found {
+                endpoint: Endpoint::GetServer(0),
+                ..
+            }
+        ));
+        assert!(matches!(
+            resolve(
+                "/servers/{id}",
+                Method::DELETE,
+                "/v1/servers/99999999999999999999"
+            ),
+            Routed::Found {
+                endpoint: Endpoint::DeleteServer(0),
+                ..
+            }
+        ));
+        assert!(matches!(
+            resolve("/images/{id}", Method::PUT, "/v1/images/4"),
+            Routed::Found {
+                endpoint: Endpoint::UpdateImage(4),
+                ..
+            }
+        ));
+        assert!(matches!(
+            resolve("/servers/{id}", Method::PATCH, "/v1/servers/7"),
+            Routed::WrongMethod {
+                template: "/servers/{id}"
+            }
+        ));
+        // axum would send HEAD to the GET handler; Hetzner's API answers 405.
+        assert!(matches!(
+            resolve("/servers", Method::HEAD, "/v1/servers"),
+            Routed::WrongMethod {
+                template: "/servers"
+            }
+        ));
+        assert!(matches!(
+            resolve(
+                "/servers/{id}/actions/poweron",
+                Method::GET,
+                "/v1/servers/7/actions/poweron"
+            ),
             Routed::WrongMethod { .. }
         ));
         assert!(matches!(
-            route(&Method::GET, "/v1/servers/7/actions/poweron"),
-            Routed::WrongMethod { .. }
-        ));
-        assert!(matches!(
-            route(&Method::GET, "/v1/volumes"),
+            resolve(
+                "/servers/actions/{id}",
+                Method::GET,
+                "/v1/servers/actions/x"
+            ),
             Routed::NotFound
         ));
-        assert!(matches!(
-            route(&Method::GET, "/v1/servers/"),
-            Routed::NotFound
-        ));
-        assert!(matches!(
-            route(&Method::POST, "/v1/servers/1/actions/enable_rescue"),
-            Routed::NotFound
-        ));
+    }
+
+    /// axum accepts every template (valid syntax, no two alike); it panics otherwise.
+    #[test]
+    fn router_builds() {
+        let _ = router();
     }
 }

@@ -1388,6 +1388,49 @@ async fn unknown_routes_and_methods_get_json_errors() {
     sim.sim.shutdown().await;
 }
 
+/// Routing details that must not change with the router: HEAD is not GET (405, no `Allow`
+/// header), a word where an action id belongs is no route, empty segments are no route, and all
+/// of these are counted (unroutable ones as `METHOD <unmatched>`).
+#[tokio::test]
+async fn routing_answers_odd_requests_as_before() {
+    let sim = Sim::instant().await;
+    let head = sim
+        .http
+        .head(format!("{}/v1/servers", sim.root()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(head.headers().get("allow").is_none());
+    let r = sim
+        .call(Method::POST, "/v1/servers/1/actions/enable_rescue", None)
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+    for path in ["/v1", "/v1/", "/v1/servers/", "/v1/servers/actions/x"] {
+        let r = sim.get(path).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::NOT_FOUND, "not_found"),
+            "{path}"
+        );
+    }
+    let r = sim.get("/v1/servers/x").await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+    let stats = sim.stats().await;
+    let expected: BTreeMap<String, u64> = [
+        ("HEAD /servers", 1),
+        ("POST <unmatched>", 1),
+        ("GET <unmatched>", 4),
+        ("GET /servers/{id}", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let got: BTreeMap<String, u64> = serde_json::from_value(stats["by_endpoint"].clone()).unwrap();
+    assert_eq!(got, expected);
+    sim.sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn stats_count_requests_by_path_template() {
     let sim = Sim::instant().await;
