@@ -124,12 +124,7 @@ fn firewall_targets(b: &mut Body, field: &str, required: bool) -> Vec<Target> {
 }
 
 /// Starts `apply_firewall` for each target and records the (pending) application.
-fn apply_targets(
-    world: &mut World,
-    ctx: &Ctx,
-    firewall: i64,
-    targets: Vec<Target>,
-) -> Vec<i64> {
+fn apply_targets(world: &mut World, ctx: &Ctx, firewall: i64, targets: Vec<Target>) -> Vec<i64> {
     let mut actions = Vec::new();
     for target in targets {
         let mut resources = vec![firewall_ref(firewall)];
@@ -296,12 +291,7 @@ pub(super) fn firewall_action(
 
 /// Replaces the rules; one `set_firewall_rules` action plus one `apply_firewall` per server the
 /// firewall currently covers (as in the spec's example).
-fn set_rules(
-    world: &mut World,
-    ctx: &Ctx,
-    id: i64,
-    rules: Vec<crate::wire::RuleOut>,
-) -> Vec<i64> {
+fn set_rules(world: &mut World, ctx: &Ctx, id: i64, rules: Vec<crate::wire::RuleOut>) -> Vec<i64> {
     let covered: Vec<i64> = match world.firewalls.get(&id) {
         Some(fw) => world
             .servers

@@ -72,10 +72,7 @@ fn find_server_type(reference: &IdOrName) -> Option<usize> {
 }
 
 /// An image by ID, or by name for the given architecture (names repeat across architectures).
-fn find_image(
-    reference: &IdOrName,
-    architecture: Option<&str>,
-) -> Result<usize, String> {
+fn find_image(reference: &IdOrName, architecture: Option<&str>) -> Result<usize, String> {
     let candidates: Vec<usize> = IMAGES
         .iter()
         .enumerate()
@@ -94,11 +91,7 @@ fn find_image(
         .ok_or_else(|| format!("image {reference} is not available for architecture {arch}"))
 }
 
-fn resolve_image(
-    body: &mut Body,
-    reference: Option<IdOrName>,
-    st: Option<usize>,
-) -> Option<usize> {
+fn resolve_image(body: &mut Body, reference: Option<IdOrName>, st: Option<usize>) -> Option<usize> {
     let reference = reference?;
     let arch = st.map(|t| SERVER_TYPES[t].architecture);
     match find_image(&reference, arch) {
