@@ -58,7 +58,7 @@ enum Command {
     #[command(subcommand)]
     Installation(InstallationCommand),
     /// Serve the built-in Hetzner Cloud API simulator under /v1.
-    Simulator(SimulatorArgs),
+    Simulator(simulator::cli::ServeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -161,28 +161,6 @@ struct ApproveArgs {
     /// Server deletions allowed beyond the hourly budget, used up as they run.
     #[arg(long, default_value_t = 0)]
     count: u64,
-}
-
-#[derive(Args)]
-struct SimulatorArgs {
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:4000")]
-    listen: SocketAddr,
-    /// Require `Authorization: Bearer TOKEN` on every /v1 request.
-    #[arg(long, env = "SIMULATOR_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-    /// Seconds every action runs before it succeeds (fractions allowed).
-    #[arg(long, default_value_t = 1.0)]
-    action_seconds: f64,
-    /// Requests per hour before 429 rate_limit_exceeded.
-    #[arg(long, default_value_t = 3600)]
-    rate_limit: u32,
-    /// Share of /v1 requests answered with an injected fault (0..1).
-    #[arg(long, default_value_t = 0.0)]
-    fault_rate: f64,
-    /// Seed for fault injection (reproducible).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
 }
 
 fn main() -> ExitCode {
@@ -618,19 +596,7 @@ async fn installation_command(command: InstallationCommand) -> Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve_simulator(args: SimulatorArgs) -> Result<ExitCode> {
-    let config = SimulatorConfig {
-        token: args.token,
-        action_seconds: args.action_seconds,
-        rate_limit: args.rate_limit,
-        fault_rate: args.fault_rate,
-        seed: args.seed,
-        ..SimulatorConfig::default()
-    };
-    config.validate().map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
-    simulator::serve(config, listener, shutdown_signal()).await?;
+async fn serve_simulator(args: simulator::cli::ServeArgs) -> Result<ExitCode> {
+    simulator::cli::serve(&args, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -4,8 +4,8 @@ use std::cmp::Ordering;
 
 use serde::Serialize;
 
-use super::error::ApiError;
-use super::request::Query;
+use crate::error::ApiError;
+use crate::request::Query;
 
 /// Largest `per_page` the API documents. Larger requests are clamped to it (the real behaviour is
 /// undocumented; clamping keeps clients that ask for more working, and the answer's

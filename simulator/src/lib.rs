@@ -2,7 +2,8 @@
 //! covering servers, SSH keys, firewalls, actions, snapshot images and the catalog (server types,
 //! system images, locations), with validation, uniqueness, asynchronous actions, rate limiting, authentication
 //! and seeded fault injection. It follows `shared/hcloud/API-NOTES.md` and the official OpenAPI
-//! spec and deliberately shares no code with the client in `crate::hcloud`.
+//! spec and deliberately shares no code with the controller's client (`vps_controller::hcloud`):
+//! it is a crate of its own that does not depend on the controller.
 //!
 //! Endpoints (under `/v1`): `servers` (list/get/create/update/delete, actions poweron, poweroff,
 //! shutdown, reboot, reset, rebuild, change_type, create_image, action lists), `ssh_keys`,
@@ -43,6 +44,7 @@
 
 mod api;
 mod catalog;
+pub mod cli;
 mod control;
 mod error;
 mod labels;
@@ -59,7 +61,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::Router;
 use axum::body::Body as HttpBody;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -254,7 +255,7 @@ pub async fn serve(
         stopping: stopping_rx,
         correlation: AtomicU64::new(1),
     });
-    let app = Router::new()
+    let app = routes::router()
         .route("/__simulator/stats", get(stats_hook))
         .route("/__simulator/reset", post(reset_hook))
         .route("/__simulator/faults", post(faults_hook))
@@ -335,10 +336,12 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
         .is_some_and(|v| same_secret(v.as_bytes(), expected.as_bytes()))
 }
 
+/// Requests no route matched: under `/v1` they go through the pipeline (counted as
+/// `METHOD <unmatched>`, rate limited, authenticated, then 404); elsewhere a plain 404.
 async fn entry(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let path = request.uri().path();
     if path == "/v1" || path.starts_with("/v1/") {
-        api_request(shared, request).await
+        api_request(shared, Routed::NotFound, request).await
     } else {
         error_response(&ApiError::not_found("route"))
     }
@@ -347,13 +350,12 @@ async fn entry(State(shared): State<Arc<Shared>>, request: Request) -> Response 
 const HTML_502: &str = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n\
 <center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
 
-/// One `/v1` request: count → rate limit → auth → route → fault → handler.
-async fn api_request(shared: Arc<Shared>, request: Request) -> Response {
+/// One `/v1` request, already routed (by `routes::router` or the fallback): count → rate limit →
+/// auth → 404/405 → fault → handler.
+async fn api_request(shared: Arc<Shared>, routed: Routed, request: Request) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
-    let path = request.uri().path().to_string();
     let query = Query::parse(request.uri().query());
-    let routed = routes::route(&method, &path);
     let key = match &routed {
         Routed::Found { template, .. } | Routed::WrongMethod { template } => {
             format!("{method} {template}")

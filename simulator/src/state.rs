@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use super::catalog::{IMAGES, LOCATIONS, SERVER_TYPES};
-use super::control::SplitMix64;
-use super::labels::{Labels, Selector};
-use super::wire::{
+use crate::catalog::{IMAGES, LOCATIONS, SERVER_TYPES};
+use crate::control::SplitMix64;
+use crate::labels::{Labels, Selector};
+use crate::wire::{
     ActionErrorOut, ActionOut, AppliedResourceOut, AppliedToOut, CreatedFromOut, FirewallOut,
     ImageOut, ImageProtection, Ipv4Out, Ipv6Out, PublicNetOut, ResourceRef, RuleOut, SelectorOut,
     ServerFirewallOut, ServerIdOut, ServerOut, ServerProtection, SshKeyOut,

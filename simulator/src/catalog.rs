@@ -1,7 +1,7 @@
 //! The fixed catalog: server types, images and locations (a plausible subset of Hetzner's).
 
-use super::labels::Labels;
-use super::wire::{
+use crate::labels::Labels;
+use crate::wire::{
     ImageOut, ImageProtection, LocationOut, Price, ServerTypeLocation, ServerTypeOut,
     ServerTypePrice,
 };

@@ -3,8 +3,8 @@
 
 use serde_json::{Map, Value};
 
-use super::error::{ApiError, FieldError};
-use super::labels::{Labels, label_problems};
+use crate::error::{ApiError, FieldError};
+use crate::labels::{Labels, label_problems};
 
 /// A JSON object body being taken apart; problems accumulate until [`Body::finish`].
 pub(crate) struct Body {

@@ -1,9 +1,9 @@
 //! Response shapes as the official spec describes them. Written independently of the client in
-//! `crate::hcloud` on purpose: a misreading of the spec on one side must not hide in the other.
+//! `vps_controller::hcloud` on purpose: a misreading of the spec on one side must not hide in the other.
 
 use serde::Serialize;
 
-use super::labels::Labels;
+use crate::labels::Labels;
 
 #[derive(Clone, Debug, Serialize)]
 pub(crate) struct ActionOut {

@@ -8,27 +8,29 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use hcloud_simulator::{RunningSimulator, SimulatorConfig, spawn};
 use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use vps_controller::simulator::{RunningSimulator, SimulatorConfig, spawn};
 
 // -------------------------------------------------------------------------------------------------
 // Spec contract
 
-/// The official spec, from `<repo>/../shared/hcloud/openapi.json`.
+/// The official spec: `$HCLOUD_OPENAPI`, else `shared/hcloud/openapi.json` beside the repository
+/// clone (`<crate>/../../shared/...`).
 fn spec() -> &'static Value {
     static SPEC: OnceLock<Value> = OnceLock::new();
     SPEC.get_or_init(|| {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join("shared")
-            .join("hcloud")
-            .join("openapi.json");
+        let path = std::env::var_os("HCLOUD_OPENAPI")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../shared/hcloud/openapi.json")
+            });
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
                 "the Hetzner OpenAPI spec is needed for the contract tests but {} cannot be read \
-                 ({e}); put a copy of shared/ beside the repository clone",
+                 ({e}); put a copy of shared/ beside the repository clone or set HCLOUD_OPENAPI",
                 path.display()
             )
         });
@@ -1383,6 +1385,49 @@ async fn unknown_routes_and_methods_get_json_errors() {
     let r = sim.get("/v2/servers").await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.code(), "not_found");
+    sim.sim.shutdown().await;
+}
+
+/// Routing details that must not change with the router: HEAD is not GET (405, no `Allow`
+/// header), a word where an action id belongs is no route, empty segments are no route, and all
+/// of these are counted (unroutable ones as `METHOD <unmatched>`).
+#[tokio::test]
+async fn routing_answers_odd_requests_as_before() {
+    let sim = Sim::instant().await;
+    let head = sim
+        .http
+        .head(format!("{}/v1/servers", sim.root()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert!(head.headers().get("allow").is_none());
+    let r = sim
+        .call(Method::POST, "/v1/servers/1/actions/enable_rescue", None)
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+    for path in ["/v1", "/v1/", "/v1/servers/", "/v1/servers/actions/x"] {
+        let r = sim.get(path).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::NOT_FOUND, "not_found"),
+            "{path}"
+        );
+    }
+    let r = sim.get("/v1/servers/x").await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+    let stats = sim.stats().await;
+    let expected: BTreeMap<String, u64> = [
+        ("HEAD /servers", 1),
+        ("POST <unmatched>", 1),
+        ("GET <unmatched>", 4),
+        ("GET /servers/{id}", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let got: BTreeMap<String, u64> = serde_json::from_value(stats["by_endpoint"].clone()).unwrap();
+    assert_eq!(got, expected);
     sim.sim.shutdown().await;
 }
 

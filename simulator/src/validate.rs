@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use md5::{Digest, Md5};
 use serde_json::Value;
 
-use super::request::Body;
-use super::wire::RuleOut;
+use crate::request::Body;
+use crate::wire::RuleOut;
 
 /// Hetzner limits `user_data` to 32 KiB; taken as bytes of the string (API-NOTES §4, UNVERIFIED).
 pub(crate) const MAX_USER_DATA_BYTES: usize = 32 * 1024;

@@ -1,0 +1,89 @@
+//! The flags of `hcloud-simulator` and of `vps-controller simulator`: defined once here so the
+//! two command lines cannot drift apart.
+
+use std::net::SocketAddr;
+
+use crate::SimulatorConfig;
+
+/// Serve the Hetzner Cloud API simulator under /v1.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:4000")]
+    pub listen: SocketAddr,
+    /// Require `Authorization: Bearer TOKEN` on every /v1 request.
+    #[arg(long, env = "SIMULATOR_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Seconds every action runs before it succeeds (fractions allowed).
+    #[arg(long, default_value_t = 1.0)]
+    pub action_seconds: f64,
+    /// Requests per hour before 429 rate_limit_exceeded.
+    #[arg(long, default_value_t = 3600)]
+    pub rate_limit: u32,
+    /// Share of /v1 requests answered with an injected fault (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    pub fault_rate: f64,
+    /// Seed for fault injection (reproducible).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl ServeArgs {
+    /// The simulator configuration these flags describe (not yet validated).
+    pub fn config(&self) -> SimulatorConfig {
+        SimulatorConfig {
+            token: self.token.clone(),
+            action_seconds: self.action_seconds,
+            rate_limit: self.rate_limit,
+            fault_rate: self.fault_rate,
+            seed: self.seed,
+            ..SimulatorConfig::default()
+        }
+    }
+}
+
+/// Validates the flags, binds `--listen` and serves until `shutdown` completes.
+pub async fn serve(
+    args: &ServeArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let config = args.config();
+    config.validate().map_err(ServeError::Config)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            listen: args.listen,
+            source,
+        })?;
+    crate::serve(config, listener, shutdown)
+        .await
+        .map_err(ServeError::Serve)
+}
+
+/// Why [`serve`] stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(crate::SimulatorConfigError),
+    #[error("--listen {listen}: cannot bind: {source}")]
+    Bind {
+        listen: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("serving: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
