@@ -815,22 +815,16 @@ pub fn canonical_cidr(cidr: &str) -> Result<String, String> {
             *p <= max_prefix && !prefix.is_empty() && prefix.bytes().all(|b| b.is_ascii_digit())
         })
         .ok_or_else(|| format!("{cidr:?} is not a CIDR: prefix length must be 0-{max_prefix}"))?;
-    let network = match address {
-        IpAddr::V4(a) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V4((u32::from(a) & mask).into())
-        }
-        IpAddr::V6(a) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V6((u128::from(a) & mask).into())
-        }
-    };
-    if network != address {
+    let network = ipnet::IpNet::new(address, prefix)
+        .map_err(|_| format!("{cidr:?} is not a CIDR: prefix length must be 0-{max_prefix}"))?
+        .trunc();
+    if network.addr() != address {
         return Err(format!(
-            "{cidr:?} has host bits set (did you mean \"{network}/{prefix}\"?)"
+            "{cidr:?} has host bits set (did you mean \"{network}\"?)"
         ));
     }
-    Ok(format!("{network}/{prefix}"))
+    // IpNet prints IPv6 in RFC 5952 form, as the Hetzner API answers.
+    Ok(network.to_string())
 }
 
 /// Whether `value` is a non-empty Hetzner label value: 1-63 characters, letters, digits, `-`,
