@@ -603,7 +603,8 @@ impl<A: HcloudApi> Executor<'_, A> {
         .await
     }
 
-    /// Graceful ACPI shutdown, bounded by `grace`; a server that ignores it is deleted anyway.
+    /// Graceful ACPI shutdown, bounded by `grace`; a server that ignores it is then powered
+    /// off or deleted anyway by the caller.
     async fn shut_down(&self, id: i64, grace: Duration) -> Result<(), ReconcileError> {
         let Some(server) = ignore_not_found(self.api.get_server(id).await)? else {
             return Ok(());
@@ -631,7 +632,8 @@ impl<A: HcloudApi> Executor<'_, A> {
             if !poll.wait().await {
                 tracing::info!(
                     server_id = id,
-                    "server did not shut down in time; deleting it anyway"
+                    grace_seconds = grace.as_secs(),
+                    "server did not shut down within the grace period; going on without it"
                 );
                 return Ok(());
             }
