@@ -638,6 +638,12 @@ impl<A: HcloudApi + 'static> Controller<A> {
                         claim.finish(Finish::RetryAfter(delay));
                         true
                     }
+                    // Not this subscription's failure: whoever leads next looks at it at once.
+                    Err(ReconcileError::LostLease) => {
+                        metrics.reconcile_finished("error", Some("lost_lease"), took);
+                        claim.finish(Finish::RetryAfter(Duration::ZERO));
+                        false
+                    }
                     Err(error) => {
                         tracing::debug!(key = claim.key(), error = %error, "reconcile failed; backing off");
                         metrics.reconcile_finished("error", Some(error.metric_label()), took);
