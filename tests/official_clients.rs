@@ -1,9 +1,14 @@
-//! Hetzner's official Python client (hcloud-python) against the built-in simulator, unchanged:
-//! runs `tests/official_clients/hcloud_python_smoke.py` against an in-process simulator.
+//! Hetzner's official clients against the built-in simulator, unchanged, each against its own
+//! in-process simulator:
+//! - hcloud-python: `tests/official_clients/hcloud_python_smoke.py`. Needs `python3` with
+//!   `hcloud>=2.23,<3` (`python3 -m pip install 'hcloud>=2.23,<3'`; another interpreter can be
+//!   named in `PYTHON`).
+//! - the `hcloud` CLI (Debian's hcloud-cli 1.30, on hcloud-go 1.35):
+//!   `tests/official_clients/hcloud_cli_scenario.sh`. Needs `hcloud` on the PATH
+//!   (`apt-get install hcloud-cli`; another binary can be named in `HCLOUD_CLI`) and `bash`.
 //!
-//! Needs `python3` with `hcloud>=2.23,<3` (`python3 -m pip install 'hcloud>=2.23,<3'`; another
-//! interpreter can be named in `PYTHON`). Without them the test is skipped with a warning, unless
-//! `CI` is set, where it fails.
+//! A missing client skips its test with a loud warning, unless `CI` is set (and not `false`/`0`),
+//! where the test fails.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,7 +16,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::process::Command;
-use vps_controller::simulator::{SimulatorConfig, spawn};
+use vps_controller::simulator::{RunningSimulator, SimulatorConfig, spawn};
 
 const INSTALL_HINT: &str = "install it with: python3 -m pip install 'hcloud>=2.23,<3' \
      (or point PYTHON at an interpreter that has it)";
@@ -28,6 +33,47 @@ fn python() -> String {
 
 fn on_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// A client is missing: fail under CI, else warn loudly and let the caller return.
+fn skip_or_fail(test: &str, client: &str, reason: &str, hint: &str) {
+    if on_ci() {
+        panic!("{test} needs {client}: {reason}; {hint}");
+    }
+    // Written to the real stderr: libtest captures eprintln! output of passing tests.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+         !!! SKIPPED {test}: {reason}\n\
+         !!! {hint}\n\
+         !!! (with CI set, this test fails instead of skipping)\n\
+         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+    );
+}
+
+/// A simulator for one client run: its own token, short actions.
+async fn simulator(token: &str) -> RunningSimulator {
+    spawn(
+        SimulatorConfig {
+            token: Some(token.to_string()),
+            action_seconds: 0.1,
+            ..SimulatorConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+fn script(name: &str) -> PathBuf {
+    [
+        env!("CARGO_MANIFEST_DIR"),
+        "tests",
+        "official_clients",
+        name,
+    ]
+    .iter()
+    .collect()
 }
 
 /// Why the official client cannot run here, if it cannot.
@@ -66,41 +112,18 @@ async fn python_client_missing(python: &str) -> Option<String> {
 async fn official_python_client_works_against_the_simulator() {
     let python = python();
     if let Some(reason) = python_client_missing(&python).await {
-        if on_ci() {
-            panic!("the official-client test needs hcloud-python: {reason}; {INSTALL_HINT}");
-        }
-        // Written to the real stderr: libtest captures eprintln! output of passing tests.
-        let _ = writeln!(
-            std::io::stderr(),
-            "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-             !!! SKIPPED official_python_client_works_against_the_simulator: {reason}\n\
-             !!! {INSTALL_HINT}\n\
-             !!! (with CI set, this test fails instead of skipping)\n\
-             !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+        skip_or_fail(
+            "official_python_client_works_against_the_simulator",
+            "hcloud-python",
+            &reason,
+            INSTALL_HINT,
         );
         return;
     }
 
     let token = "official-client-test-token";
-    let simulator = spawn(
-        SimulatorConfig {
-            token: Some(token.to_string()),
-            action_seconds: 0.1,
-            ..SimulatorConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-
-    let script: PathBuf = [
-        env!("CARGO_MANIFEST_DIR"),
-        "tests",
-        "official_clients",
-        "hcloud_python_smoke.py",
-    ]
-    .iter()
-    .collect();
+    let simulator = simulator(token).await;
+    let script = script("hcloud_python_smoke.py");
     // The simulator runs on this test's runtime: the child is awaited, never waited on blocking.
     let child = Command::new(&python)
         .arg(&script)
@@ -122,6 +145,87 @@ async fn official_python_client_works_against_the_simulator() {
     assert!(
         output.status.success(),
         "hcloud-python against the simulator failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        output.status
+    );
+    // The script's own summary line, so a run that silently checked nothing cannot pass.
+    let summary = stdout
+        .lines()
+        .find(|l| l.contains("checks passed, 0 failed"))
+        .unwrap_or_else(|| panic!("no summary line in the script output:\n{stdout}"));
+    println!("{summary}");
+}
+
+const CLI_INSTALL_HINT: &str = "install it with: apt-get install hcloud-cli \
+     (or point HCLOUD_CLI at an hcloud binary)";
+
+fn hcloud_cli() -> String {
+    std::env::var("HCLOUD_CLI")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "hcloud".to_string())
+}
+
+/// Why the CLI cannot run here, if it cannot.
+async fn cli_missing(hcloud: &str) -> Option<String> {
+    for (program, args) in [(hcloud, ["version"]), ("bash", ["--version"])] {
+        match Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+        {
+            Err(e) => return Some(format!("`{program}` cannot be started: {e}")),
+            Ok(out) if !out.status.success() => {
+                return Some(format!("`{program} {}` failed: {}", args[0], out.status));
+            }
+            Ok(_) => {}
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn official_hcloud_cli_works_against_the_simulator() {
+    let hcloud = hcloud_cli();
+    if let Some(reason) = cli_missing(&hcloud).await {
+        skip_or_fail(
+            "official_hcloud_cli_works_against_the_simulator",
+            "the hcloud CLI",
+            &reason,
+            CLI_INSTALL_HINT,
+        );
+        return;
+    }
+
+    let token = "official-cli-test-token";
+    let simulator = simulator(token).await;
+    let script = script("hcloud_cli_scenario.sh");
+    // A fresh HOME: no ~/.config/hcloud/cli.toml (contexts, tokens) leaks in or gets written.
+    let home = tempfile::tempdir().unwrap();
+    let child = Command::new("bash")
+        .arg(&script)
+        .env("HOME", home.path())
+        .env("HCLOUD_CLI", &hcloud)
+        .env("HCLOUD_ENDPOINT", simulator.base_url())
+        // The token goes through the environment, not the (world-readable) command line.
+        .env("HCLOUD_TOKEN", token)
+        .env_remove("HCLOUD_CONFIG")
+        .env_remove("HCLOUD_CONTEXT")
+        .env_remove("HCLOUD_DEBUG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(SCRIPT_TIMEOUT, child)
+        .await
+        .unwrap_or_else(|_| panic!("{} did not finish in {SCRIPT_TIMEOUT:?}", script.display()))
+        .unwrap_or_else(|e| panic!("cannot run bash {}: {e}", script.display()));
+    simulator.shutdown().await;
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the hcloud CLI against the simulator failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         output.status
     );
     // The script's own summary line, so a run that silently checked nothing cannot pass.

@@ -1,4 +1,47 @@
-//! The fixed catalog: server types, images and locations (a plausible subset of Hetzner's).
+//! The fixed catalog: server types, images and locations (a subset of Hetzner's, with Hetzner's
+//! ids where a public source gives them).
+//!
+//! # Facts and their sources
+//!
+//! Image names are not unique (since the Arm64 launch, 2023-04-12):
+//! - System images come once per architecture under the same name (`debian-12` x86 and arm, …).
+//!   `GET /images?name=N` without `architecture` returns **all** of them: clients that demanded a
+//!   single match broke on that ("more than one Image found for name debian-11",
+//!   <https://github.com/hetznercloud/terraform-provider-hcloud/issues/666>; "getByName() on images
+//!   now fails and reports that there are several architectures",
+//!   <https://github.com/LKDevelopment/hetzner-cloud-php-sdk/issues/104>).
+//! - The `architecture` query filter ("The response will only contain the resources with the
+//!   specified cpu architecture") is in the spec [spec `GET /images`]; hcloud-go added it together
+//!   with `GetByNameAndArchitecture`/`GetForArchitecture` and deprecated `GetByName`/`Get` (which
+//!   take the first element of the unfiltered list) in "feat: add support for ARM APIs"
+//!   (hcloud-go ce9859f, 2023-04-12, <https://github.com/hetznercloud/hcloud-go/pull/249>). Debian's
+//!   hcloud-cli 1.30.3 (hcloud-go 1.35.3) predates that: `server create --image NAME` calls
+//!   `Image().Get(NAME)` and uses the first match (cli v1.30.3 `internal/cmd/server/create.go`).
+//! - Order without `sort`: the x86 image comes first — "getByName() … always returns the first
+//!   value which is usually the x86 image"
+//!   (<https://github.com/LKDevelopment/hetzner-cloud-php-sdk/issues/110>, 2023-12). x86 images
+//!   also have the lower id (each arm image was created after its x86 twin: a pasted
+//!   `hcloud image list` shows `114690387 debian-12 x86 … 09:00:02` and
+//!   `114690389 debian-12 arm … 09:00:03`), so the default order by id that the simulator uses
+//!   (API-NOTES §2, itself **UNVERIFIED** as Hetzner's documented default) gives x86 first. The
+//!   unit test `first_match_by_name_is_x86` keeps the catalog that way.
+//! - `POST /servers` with an image *name* picks the image of the server type's architecture
+//!   ("The hetzner cloud-api will select the right one by architecture of the server", issue 666
+//!   above; the spec's `image` is "ID or name of the Image the Server is created from").
+//!
+//! Ids (see each entry; **UNVERIFIED** ones are plausible, not observed):
+//! - `ubuntu-22.04` x86 = 67794396: `hcloud image describe ubuntu-22.04` output in
+//!   <https://github.com/ansible-collections/hetzner.hcloud/pull/215>.
+//! - `debian-12` x86 = 114690387, arm = 114690389: Pulumi's `hcloud.getImage` example
+//!   (<https://www.pulumi.com/docs/reference/pkg/hcloud/getimage>, id 114690387 with
+//!   name `debian-12`) and the pasted `hcloud image list` above.
+//! - `ubuntu-24.04` x86 = 161547269: `hcloud server create --image ubuntu-24.04` logs
+//!   ("Waiting for create_server (… image: 161547269)") in public repositories; arm = 161547270
+//!   from public configs that pair it with the x86 id (third-party, **UNVERIFIED** by Hetzner).
+//! - Locations fsn1=1, nbg1=2: the spec's examples (`"id": 1, "name": "fsn1"`,
+//!   `"id": 2, "name": "nbg1"`); hel1=3, ash=4, hil=5, sin=6 **UNVERIFIED**.
+//! - Server type ids, prices and the remaining image ids (debian-13, fedora-42, rocky-9, alma-9):
+//!   **UNVERIFIED**.
 
 use crate::labels::Labels;
 use crate::wire::{
@@ -212,7 +255,7 @@ pub(crate) const IMAGES: &[Image] = &[
         architecture: "x86",
     },
     Image {
-        id: 103908070,
+        id: 161547270,
         name: "ubuntu-24.04",
         description: "Ubuntu 24.04",
         os_flavor: "ubuntu",
@@ -371,5 +414,37 @@ impl Image {
             labels: Labels::new(),
             architecture: self.architecture,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Clients that take the first image of `GET /images?name=N` (hcloud-go's deprecated
+    /// `Image.Get`, Debian's hcloud-cli 1.30) must get the x86 image, as against Hetzner: with the
+    /// list ordered by id, every name's lowest id is its x86 image.
+    #[test]
+    fn first_match_by_name_is_x86() {
+        for image in IMAGES {
+            let first = IMAGES
+                .iter()
+                .filter(|i| i.name == image.name)
+                .min_by_key(|i| i.id)
+                .map(|i| i.architecture);
+            assert_eq!(first, Some("x86"), "first {} by id", image.name);
+        }
+    }
+
+    #[test]
+    fn ids_are_unique() {
+        let mut ids: Vec<i64> = IMAGES.iter().map(|i| i.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), IMAGES.len(), "image ids");
+        let mut ids: Vec<i64> = SERVER_TYPES.iter().map(|t| t.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), SERVER_TYPES.len(), "server type ids");
     }
 }

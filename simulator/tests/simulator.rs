@@ -665,6 +665,63 @@ async fn every_endpoint_answers_as_the_spec_says() {
 // -------------------------------------------------------------------------------------------------
 // Pagination and sorting
 
+/// `GET /images?name=N` without `architecture` lists every architecture's image, x86 first, as at
+/// Hetzner (sources in `catalog.rs`): clients that take the first match (hcloud-go's `Image.Get`,
+/// Debian's hcloud-cli 1.30) get the x86 image. Creating by name picks the server type's one.
+#[tokio::test]
+async fn image_name_lookup_lists_x86_first_and_create_picks_the_architecture() {
+    let sim = Sim::instant().await;
+    let all = sim.get("/v1/images?name=ubuntu-24.04").await;
+    assert_eq!(all.status, StatusCode::OK);
+    let found: Vec<(i64, &str)> = all.body["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["id"].as_i64().unwrap(),
+                i["architecture"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(found, [(161547269, "x86"), (161547270, "arm")]);
+    let x86 = sim
+        .get("/v1/images?name=ubuntu-24.04&architecture=x86")
+        .await;
+    assert_eq!(x86.body["images"][0]["id"], 161547269);
+
+    for (name, server_type, image) in [
+        ("on-x86", "cx23", 161547269),
+        ("on-arm", "cax11", 161547270),
+    ] {
+        let created = sim
+            .post(
+                "/v1/servers",
+                json!({"name": name, "server_type": server_type, "image": "ubuntu-24.04",
+                       "location": "fsn1"}),
+            )
+            .await;
+        assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+        assert_eq!(
+            created.body["server"]["image"]["id"], image,
+            "{server_type}"
+        );
+    }
+    // An image id of the wrong architecture is refused.
+    let wrong = sim
+        .post(
+            "/v1/servers",
+            json!({"name": "mismatch", "server_type": "cax11", "image": 161547269}),
+        )
+        .await;
+    assert_eq!(
+        wrong.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        wrong.body
+    );
+}
+
 #[tokio::test]
 async fn pagination_walks_120_servers() {
     let sim = Sim::instant().await;
