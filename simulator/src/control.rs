@@ -1,4 +1,64 @@
-//! Request accounting around the API: rate limit bucket, statistics, fault injection.
+//! Request accounting around the API (rate limit bucket, statistics, fault injection) and the
+//! reference for the test hooks under `/__simulator` (no auth, not rate limited, not counted,
+//! never faulted, and they keep answering while the black hole is on).
+//!
+//! # `GET /__simulator/stats`
+//!
+//! `{"total", "by_endpoint": {"GET /servers/{id}": n, …}, "rate_limited", "faults": {KIND: n,
+//! …}, "list_sorts": {"GET /servers sort=id:asc": n, "GET /images unsorted": n, …}}`.
+//! Endpoints are keyed `"METHOD /template"` (unroutable paths as `"METHOD <unmatched>"`);
+//! `faults` counts injected faults by kind, `"black_hole"` included.
+//! `POST /__simulator/reset` zeroes the counters (resources and faults stay).
+//!
+//! # `POST /__simulator/faults`
+//!
+//! ```json
+//! {"rate": 0.1,
+//!  "faults": [{"kind": "http_502_html", "endpoints": ["POST /servers"], "count": 2},
+//!             {"kind": "action_error", "endpoints": ["POST /servers/{id}/actions/poweron"]}],
+//!  "black_hole": false}
+//! ```
+//!
+//! Every key is optional, at least one is required, unknown keys are refused (422
+//! `invalid_input`, as is an unknown kind or endpoint, `count: 0` or `endpoints: []`). A key left
+//! out keeps its current value; `faults` **replaces** the armed list (`[]` clears it).
+//! - `rate`: share in [0, 1] of `/v1` requests that get a fault drawn from a generator seeded
+//!   with `SimulatorConfig::seed` (kinds `http_500`, `http_503`, `http_429`, `http_502_html`,
+//!   `timeout`, and `action_error` for requests that start actions).
+//! - `faults[].kind`: see below. `endpoints`: stats keys (`"METHOD /template"`, templates
+//!   without `/v1`); absent = every `/v1` endpoint. `count`: how many requests it hits; absent =
+//!   until cleared.
+//! - `black_hole: true`: every `/v1` request is accepted, counted, and never answered (the
+//!   client times out; nothing changes). Only shutdown ends a swallowed request; switching the
+//!   black hole off affects new requests.
+//!
+//! The answer (and `GET /__simulator/faults`) is the armed state:
+//! `{"rate": F, "black_hole": B, "faults": [{"kind", "endpoints": [..]|null, "count": N|null,
+//! "hits": H, "remaining": R|null}]}`. Exhausted faults stay listed with `remaining: 0` until
+//! the list is replaced or cleared. `DELETE /__simulator/faults` clears everything (targeted
+//! faults, black hole, `rate` back to 0) and answers the same shape.
+//!
+//! # Order and kinds
+//!
+//! Pipeline per `/v1` request: count → black hole → rate limit (real 429) → auth (401) →
+//! route (404/405) → fault → handler. At the fault step the first armed targeted fault that
+//! matches the endpoint, has hits left and applies to it is used (its hit counted); otherwise the
+//! seeded share draws (so armed faults do not consume the generator). Faulted answers carry
+//! `x-simulator-fault: KIND` (the real API has no such header).
+//!
+//! | kind | answer | does the change happen? |
+//! |---|---|---|
+//! | `http_500` | 500 `server_error` | no |
+//! | `http_502_html` | 502, `text/html` nginx page (like a proxy; official clients retry it) | no |
+//! | `http_503` | 503 `unavailable` | no |
+//! | `http_429` | 429 `rate_limit_exceeded`; aimed ones carry `RateLimit-Remaining: 0` and `RateLimit-Reset` = now + the time to refill (an empty bucket); drawn ones keep the bucket's real headers | no |
+//! | `timeout` | the normal answer, held back for `SimulatorConfig::fault_delay` (30 s by default) | **yes**, before the wait |
+//! | `truncated_json` | the normal status and headers, body cut to half its length (a 204 stays empty) | **yes** |
+//! | `action_error` | the normal answer; the actions it starts end in `error` with `{"code": "action_failed", "message": "simulated failure of COMMAND"}`. A failed create leaves the server `off`, a failed DELETE keeps it | the request yes, its actions fail |
+//! | `server_stuck_starting` | the normal answer; the `create_server`/`start_server` actions keep running (server `locked`, `initializing` after a create, `starting` after a poweron) until the faults are cleared by DELETE or a POST with `faults`, then finish at once | yes, but never finishes until cleared |
+//!
+//! `action_error` only applies to (and is only used up by) requests that start actions;
+//! `server_stuck_starting` only to `POST /servers` and `POST /servers/{id}/actions/poweron`.
 
 use std::collections::BTreeMap;
 use std::time::Instant;

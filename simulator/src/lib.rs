@@ -12,25 +12,34 @@
 //! images plus snapshots: list/get, and update/delete for snapshots), and read-only
 //! `server_types` and `locations`.
 //!
-//! Test hooks outside `/v1` (no auth, not rate limited, not counted):
-//! `GET /__simulator/stats` → `{"total", "by_endpoint": {"GET /servers/{id}": n, …},
-//! "rate_limited", "faults", "list_sorts": {"GET /servers sort=id:asc": n, "GET /images unsorted":
-//! n, …}}` (unroutable paths count as `"METHOD <unmatched>"`),
-//! `POST /__simulator/reset` (zeroes the counters, keeps the resources),
-//! `POST /__simulator/faults` with `{"rate": F}`.
+//! Test hooks outside `/v1` (no auth, not rate limited, not counted; full reference in the
+//! [`control`] module): `GET /__simulator/stats`, `POST /__simulator/reset`, and
+//! `GET`/`POST`/`DELETE /__simulator/faults` (a seeded share `{"rate": F}`, targeted faults
+//! `{"faults": [{"kind", "endpoints"?, "count"?}]}`, `{"black_hole": true}`).
 //!
-//! Order for each `/v1` request: count it → take a rate-limit token (429 when empty) → check the
-//! token (401) → route (404/405) → draw a fault → run. Only requests reaching the draw consume
-//! the fault generator, so a seed and a request sequence fix the faults. Faulted answers carry
-//! `x-simulator-fault: <kind>` (for tests and debugging; the real API has no such header).
+//! Order for each `/v1` request: count it → black hole → take a rate-limit token (429 when
+//! empty) → check the token (401) → route (404/405) → targeted fault, else draw from the seeded
+//! share → run. Only requests reaching the draw consume the fault generator, so a seed and a
+//! request sequence fix the drawn faults. Faulted answers carry `x-simulator-fault: <kind>` (for
+//! tests and debugging; the real API has no such header).
+//!
+//! Limits: a server takes at most 5 firewalls, label-selector matches included [spec: apply_to_
+//! resources]; a 6th (create with `firewalls`, create firewall with `apply_to`,
+//! `apply_to_resources`) is 403 `resource_limit_exceeded` with `details.limits[{name:
+//! "firewalls_per_server"}]` (the code and name are UNVERIFIED: the spec states the limit, not
+//! the error; label changes that make a selector match a 6th are not refused). Creating a server
+//! beyond `SimulatorConfig::server_limit` is 403 `resource_limit_exceeded`, `details.limits[{name:
+//! "project_limit"}]` (the spec's example for the code).
 //!
 //! Choices where the real API is undocumented:
 //! - `per_page` above 50 is clamped to 50 (the answer's `meta.pagination.per_page` says so);
 //!   `page`/`per_page` below 1 or not a number → 422 `invalid_input`.
 //! - Without `sort`, lists are ordered by ID.
-//! - A server is `locked` (and its power/rebuild/create_image actions get 423 `locked`) while one
-//!   of its server actions runs (create_image included); firewall actions do not lock it; DELETE
-//!   is always allowed.
+//! - A server is `locked` (and its power, rebuild, change_type and create_image actions get 423
+//!   `locked`, checked after input validation) while one of its server actions runs
+//!   (create_image included); firewall actions do not lock it, and PUT (name, labels), DELETE
+//!   and firewall apply/remove are allowed while it is locked (UNVERIFIED which actions Hetzner
+//!   refuses; API-NOTES §10).
 //! - Snapshots: `create_image` with `type: backup` is `invalid_input` (servers have no backup
 //!   option here); a snapshot whose action fails stays as `unavailable`; PUT/DELETE of a system
 //!   image is 403 `forbidden`; deleting a server keeps its snapshots. `GET /server_types` has no
@@ -39,13 +48,13 @@
 //!   requests) and ignored elsewhere, except `datacenter` (removed from the API) and features the
 //!   simulator does not model (volumes, networks, placement groups, primary IPs), which are
 //!   rejected with `invalid_input`.
-//! - A "delayed answer" fault performs the request, then holds the answer back for
-//!   `fault_delay`: the change happened although the client timed out.
+//! - A `timeout` fault performs the request, then holds the answer back for `fault_delay`: the
+//!   change happened although the client timed out.
 
 mod api;
 mod catalog;
 pub mod cli;
-mod control;
+pub mod control;
 mod error;
 mod labels;
 mod list;
