@@ -26,6 +26,9 @@ pub struct ServeArgs {
     /// Seed for fault injection (reproducible).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The project's server quota: creating more fails with 403 resource_limit_exceeded.
+    #[arg(long, default_value_t = crate::DEFAULT_SERVER_LIMIT)]
+    pub server_limit: u32,
 }
 
 impl ServeArgs {
@@ -37,6 +40,7 @@ impl ServeArgs {
             rate_limit: self.rate_limit,
             fault_rate: self.fault_rate,
             seed: self.seed,
+            server_limit: self.server_limit,
             ..SimulatorConfig::default()
         }
     }

@@ -1,9 +1,73 @@
-//! Request accounting around the API: rate limit bucket, statistics, fault injection.
+//! Request accounting around the API (rate limit bucket, statistics, fault injection) and the
+//! reference for the test hooks under `/__simulator` (no auth, not rate limited, not counted,
+//! never faulted, and they keep answering while the black hole is on).
+//!
+//! # `GET /__simulator/stats`
+//!
+//! `{"total", "by_endpoint": {"GET /servers/{id}": n, …}, "rate_limited", "faults": {KIND: n,
+//! …}, "list_sorts": {"GET /servers sort=id:asc": n, "GET /images unsorted": n, …}}`.
+//! Endpoints are keyed `"METHOD /template"` (unroutable paths as `"METHOD <unmatched>"`);
+//! `faults` counts injected faults by kind, `"black_hole"` included.
+//! `POST /__simulator/reset` zeroes the counters (resources and faults stay).
+//!
+//! # `POST /__simulator/faults`
+//!
+//! ```json
+//! {"rate": 0.1,
+//!  "faults": [{"kind": "http_502_html", "endpoints": ["POST /servers"], "count": 2},
+//!             {"kind": "action_error", "endpoints": ["POST /servers/{id}/actions/poweron"]}],
+//!  "black_hole": false}
+//! ```
+//!
+//! Every key is optional, at least one is required, unknown keys are refused (422
+//! `invalid_input`, as is an unknown kind or endpoint, `count: 0` or `endpoints: []`). A key left
+//! out keeps its current value; `faults` **replaces** the armed list (`[]` clears it).
+//! - `rate`: share in [0, 1] of `/v1` requests that get a fault drawn from a generator seeded
+//!   with `SimulatorConfig::seed` (kinds `http_500`, `http_503`, `http_429`, `http_502_html`,
+//!   `timeout`, and `action_error` for requests that start actions).
+//! - `faults[].kind`: see below. `endpoints`: stats keys (`"METHOD /template"`, templates
+//!   without `/v1`); absent = every `/v1` endpoint. `count`: how many requests it hits; absent =
+//!   until cleared.
+//! - `black_hole: true`: every `/v1` request is accepted, counted, and never answered (the
+//!   client times out; nothing changes). Only shutdown ends a swallowed request; switching the
+//!   black hole off affects new requests.
+//!
+//! The answer (and `GET /__simulator/faults`) is the armed state:
+//! `{"rate": F, "black_hole": B, "faults": [{"kind", "endpoints": [..]|null, "count": N|null,
+//! "hits": H, "remaining": R|null}]}`. Exhausted faults stay listed with `remaining: 0` until
+//! the list is replaced or cleared. `DELETE /__simulator/faults` clears everything (targeted
+//! faults, black hole, `rate` back to 0) and answers the same shape.
+//!
+//! # Order and kinds
+//!
+//! Pipeline per `/v1` request: count → black hole → rate limit (real 429) → auth (401) →
+//! route (404/405) → fault → handler. At the fault step the first armed targeted fault that
+//! matches the endpoint, has hits left and applies to it is used (its hit counted); otherwise the
+//! seeded share draws (so armed faults do not consume the generator). Faulted answers carry
+//! `x-simulator-fault: KIND` (the real API has no such header).
+//!
+//! | kind | answer | does the change happen? |
+//! |---|---|---|
+//! | `http_500` | 500 `server_error` | no |
+//! | `http_502_html` | 502, `text/html` nginx page (like a proxy; official clients retry it) | no |
+//! | `http_503` | 503 `unavailable` | no |
+//! | `http_429` | 429 `rate_limit_exceeded`; aimed ones carry `RateLimit-Remaining: 0` and `RateLimit-Reset` = now + the time to refill (an empty bucket); drawn ones keep the bucket's real headers | no |
+//! | `timeout` | the normal answer, held back for `SimulatorConfig::fault_delay` (30 s by default) | **yes**, before the wait |
+//! | `truncated_json` | the normal status and headers, body cut to half its length (a 204 stays empty) | **yes** |
+//! | `action_error` | the normal answer; the actions it starts end in `error` with `{"code": "action_failed", "message": "simulated failure of COMMAND"}`. A failed create leaves the server `off`, a failed DELETE keeps it | the request yes, its actions fail |
+//! | `server_stuck_starting` | the normal answer; the `create_server`/`start_server` actions keep running (server `locked`, `initializing` after a create, `starting` after a poweron) until the faults are cleared by DELETE or a POST with `faults`, then finish at once | yes, but never finishes until cleared |
+//!
+//! `action_error` only applies to (and is only used up by) requests that start actions;
+//! `server_stuck_starting` only to `POST /servers` and `POST /servers/{id}/actions/poweron`.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::error::{ApiError, FieldError};
+use crate::routes::{Endpoint, ServerVerb};
 
 /// SplitMix64: tiny, seedable and stable across crate versions, so a seed reproduces the same
 /// fault sequence forever.
@@ -87,8 +151,8 @@ pub(crate) struct Stats {
     pub total: u64,
     pub by_endpoint: BTreeMap<String, u64>,
     pub rate_limited: u64,
-    /// Requests that got an injected fault (not part of the documented shape; extra key).
-    pub faults: u64,
+    /// Injected faults by kind (`"http_502_html": 3`, `"black_hole": 1`; extra key).
+    pub faults: BTreeMap<&'static str, u64>,
     /// List requests by endpoint and `sort` parameters: `"GET /servers sort=id:asc"`, or
     /// `"GET /servers unsorted"` without `sort` (extra key).
     pub list_sorts: BTreeMap<String, u64>,
@@ -98,6 +162,10 @@ impl Stats {
     pub(crate) fn count(&mut self, key: String) {
         self.total += 1;
         *self.by_endpoint.entry(key).or_insert(0) += 1;
+    }
+
+    pub(crate) fn count_fault(&mut self, kind: &'static str) {
+        *self.faults.entry(kind).or_insert(0) += 1;
     }
 
     /// Counts a list request (`key` is `"GET <template>"`) by its `sort` values, in order.
@@ -111,49 +179,116 @@ impl Stats {
     }
 }
 
-/// The kinds of injected trouble.
+/// The kinds of injected trouble (their names are the `kind` values of the faults hook, the
+/// `x-simulator-fault` header and the keys of `stats.faults`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Fault {
-    /// 500 `server_error`.
-    ServerError,
-    /// 503 `unavailable`.
-    Unavailable,
-    /// 429 `rate_limit_exceeded` although the bucket is not empty.
-    RateLimited,
-    /// 502 with an HTML body, like a proxy in front of the API.
-    BadGatewayHtml,
-    /// Served normally but answered only after `fault_delay`.
-    Delay,
+    /// 500 `server_error`; nothing happens.
+    Http500,
+    /// 502 with an HTML body, like a proxy in front of the API; nothing happens.
+    Http502Html,
+    /// 503 `unavailable`; nothing happens.
+    Http503,
+    /// 429 `rate_limit_exceeded` although the bucket is not empty; nothing happens.
+    Http429,
+    /// Served normally (the change happens), answered only after `fault_delay`.
+    Timeout,
+    /// Served normally (the change happens), but the body is cut in half.
+    TruncatedJson,
     /// Served normally, but the created actions end in `error`.
     ActionError,
+    /// Served normally, but the server's create/start actions keep running until the fault is
+    /// cleared: the server stays `initializing` (created) or `starting` (powered on).
+    ServerStuckStarting,
 }
 
 impl Fault {
-    const GENERAL: [Fault; 5] = [
-        Fault::ServerError,
-        Fault::Unavailable,
-        Fault::RateLimited,
-        Fault::BadGatewayHtml,
-        Fault::Delay,
+    /// What the seeded share draws from, in this order (a seed's sequence is stable).
+    const RANDOM: [Fault; 5] = [
+        Fault::Http500,
+        Fault::Http503,
+        Fault::Http429,
+        Fault::Http502Html,
+        Fault::Timeout,
+    ];
+
+    const ALL: [Fault; 8] = [
+        Fault::Http500,
+        Fault::Http502Html,
+        Fault::Http503,
+        Fault::Http429,
+        Fault::Timeout,
+        Fault::TruncatedJson,
+        Fault::ActionError,
+        Fault::ServerStuckStarting,
     ];
 
     pub(crate) fn name(self) -> &'static str {
         match self {
-            Fault::ServerError => "server_error",
-            Fault::Unavailable => "unavailable",
-            Fault::RateLimited => "rate_limited",
-            Fault::BadGatewayHtml => "bad_gateway_html",
-            Fault::Delay => "delay",
+            Fault::Http500 => "http_500",
+            Fault::Http502Html => "http_502_html",
+            Fault::Http503 => "http_503",
+            Fault::Http429 => "http_429",
+            Fault::Timeout => "timeout",
+            Fault::TruncatedJson => "truncated_json",
             Fault::ActionError => "action_error",
+            Fault::ServerStuckStarting => "server_stuck_starting",
+        }
+    }
+
+    pub(crate) fn parse(name: &str) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Whether this kind can do anything to a request for `endpoint`; a fault is only used up
+    /// by requests it applies to.
+    pub(crate) fn applies_to(self, endpoint: Endpoint) -> bool {
+        match self {
+            Fault::ActionError => endpoint.creates_actions(),
+            Fault::ServerStuckStarting => matches!(
+                endpoint,
+                Endpoint::CreateServer | Endpoint::ServerAction(_, ServerVerb::PowerOn)
+            ),
+            _ => true,
         }
     }
 }
 
-/// Decides faults from a seeded generator: one draw per request that reaches this point, a
-/// second one for the kind, so a fixed seed and request sequence give the same faults.
+/// One armed, targeted fault.
+#[derive(Clone, Debug)]
+pub(crate) struct TargetedFault {
+    pub kind: Fault,
+    /// `"METHOD /template"` keys; `None` = every `/v1` endpoint.
+    pub endpoints: Option<Vec<String>>,
+    /// How many requests it hits; `None` = until cleared.
+    pub count: Option<u64>,
+    pub hits: u64,
+}
+
+impl TargetedFault {
+    fn remaining(&self) -> Option<u64> {
+        self.count.map(|c| c.saturating_sub(self.hits))
+    }
+
+    fn matches(&self, key: &str, endpoint: Endpoint) -> bool {
+        self.remaining() != Some(0)
+            && self.kind.applies_to(endpoint)
+            && self
+                .endpoints
+                .as_ref()
+                .is_none_or(|list| list.iter().any(|e| e == key))
+    }
+}
+
+/// Decides faults. Targeted faults are tried first, in the order they were armed; when none
+/// matches, the seeded share draws: one draw per request that reaches it, a second one for the
+/// kind, so a fixed seed and request sequence give the same faults.
 #[derive(Clone, Debug)]
 pub(crate) struct FaultPlan {
     pub rate: f64,
+    pub targeted: Vec<TargetedFault>,
+    /// `/v1` requests are accepted and never answered.
+    pub black_hole: bool,
     rng: SplitMix64,
 }
 
@@ -161,22 +296,145 @@ impl FaultPlan {
     pub(crate) fn new(rate: f64, seed: u64) -> FaultPlan {
         FaultPlan {
             rate,
+            targeted: Vec::new(),
+            black_hole: false,
             rng: SplitMix64::new(seed),
         }
     }
 
-    pub(crate) fn draw(&mut self, creates_actions: bool) -> Option<Fault> {
+    /// The fault for a request to `endpoint` (stats key `key`), if any, and whether it was a
+    /// targeted one (else drawn by the seeded share).
+    pub(crate) fn draw(&mut self, key: &str, endpoint: Endpoint) -> Option<(Fault, bool)> {
+        if let Some(armed) = self.targeted.iter_mut().find(|t| t.matches(key, endpoint)) {
+            armed.hits += 1;
+            return Some((armed.kind, true));
+        }
+        self.draw_random(endpoint.creates_actions())
+            .map(|fault| (fault, false))
+    }
+
+    fn draw_random(&mut self, creates_actions: bool) -> Option<Fault> {
         if self.rng.next_f64() >= self.rate {
             return None;
         }
         let kinds = if creates_actions { 6 } else { 5 };
         let pick = (self.rng.next_u64() % kinds) as usize;
         Some(
-            Fault::GENERAL
+            Fault::RANDOM
                 .get(pick)
                 .copied()
                 .unwrap_or(Fault::ActionError),
         )
+    }
+
+    /// What `GET /__simulator/faults` shows.
+    pub(crate) fn describe(&self) -> Value {
+        let faults: Vec<Value> = self
+            .targeted
+            .iter()
+            .map(|t| {
+                json!({
+                    "kind": t.kind.name(),
+                    "endpoints": t.endpoints,
+                    "count": t.count,
+                    "hits": t.hits,
+                    "remaining": t.remaining(),
+                })
+            })
+            .collect();
+        json!({"rate": self.rate, "black_hole": self.black_hole, "faults": faults})
+    }
+}
+
+/// The body of `POST /__simulator/faults`; every key is optional, at least one is required.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FaultsRequest {
+    pub rate: Option<f64>,
+    pub faults: Option<Vec<FaultSpec>>,
+    pub black_hole: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FaultSpec {
+    pub kind: String,
+    pub endpoints: Option<Vec<String>>,
+    pub count: Option<u64>,
+}
+
+impl FaultsRequest {
+    /// Parses and checks a request body; `known` tells whether `"METHOD /template"` is an
+    /// endpoint. Returns the new targeted list (when `faults` was given).
+    pub(crate) fn parse(
+        body: &[u8],
+        known: impl Fn(&str) -> bool,
+    ) -> Result<(FaultsRequest, Option<Vec<TargetedFault>>), ApiError> {
+        let request: FaultsRequest = serde_json::from_slice(body).map_err(|e| {
+            ApiError::invalid_field(
+                "body",
+                format!(
+                    "{e}; expected {{\"rate\": F, \"faults\": [{{\"kind\", \"endpoints\", \
+                     \"count\"}}], \"black_hole\": bool}} (each optional, at least one)"
+                ),
+            )
+        })?;
+        if request.rate.is_none() && request.faults.is_none() && request.black_hole.is_none() {
+            return Err(ApiError::invalid_field(
+                "body",
+                "give at least one of rate, faults, black_hole",
+            ));
+        }
+        if let Some(rate) = request.rate
+            && !(0.0..=1.0).contains(&rate)
+        {
+            return Err(ApiError::invalid_field("rate", "must be between 0 and 1"));
+        }
+        let mut errors = Vec::new();
+        let mut targeted = Vec::new();
+        for (i, spec) in request.faults.iter().flatten().enumerate() {
+            let kind = Fault::parse(&spec.kind);
+            if kind.is_none() {
+                let names: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+                errors.push(FieldError::new(
+                    format!("faults[{i}].kind"),
+                    format!("'{}' is not one of {}", spec.kind, names.join(", ")),
+                ));
+            }
+            if spec.count == Some(0) {
+                errors.push(FieldError::new(
+                    format!("faults[{i}].count"),
+                    "must be at least 1 (leave it out for \"until cleared\")",
+                ));
+            }
+            if let Some(endpoints) = &spec.endpoints {
+                if endpoints.is_empty() {
+                    errors.push(FieldError::new(
+                        format!("faults[{i}].endpoints"),
+                        "must not be empty (leave it out for every endpoint)",
+                    ));
+                }
+                for e in endpoints.iter().filter(|e| !known(e)) {
+                    errors.push(FieldError::new(
+                        format!("faults[{i}].endpoints"),
+                        format!("'{e}' is not an endpoint (\"METHOD /template\", as in stats)"),
+                    ));
+                }
+            }
+            if let Some(kind) = kind {
+                targeted.push(TargetedFault {
+                    kind,
+                    endpoints: spec.endpoints.clone(),
+                    count: spec.count,
+                    hits: 0,
+                });
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ApiError::invalid_input(errors));
+        }
+        let targeted = request.faults.is_some().then_some(targeted);
+        Ok((request, targeted))
     }
 }
 
@@ -203,7 +461,9 @@ mod tests {
     fn faults_are_reproducible() {
         let seq = |seed| {
             let mut plan = FaultPlan::new(0.5, seed);
-            (0..64).map(|i| plan.draw(i % 2 == 0)).collect::<Vec<_>>()
+            (0..64)
+                .map(|i| plan.draw_random(i % 2 == 0))
+                .collect::<Vec<_>>()
         };
         assert_eq!(seq(7), seq(7));
         assert_ne!(seq(7), seq(8));
@@ -215,12 +475,12 @@ mod tests {
     #[test]
     fn rate_zero_and_one() {
         let mut never = FaultPlan::new(0.0, 1);
-        assert!((0..1000).all(|_| never.draw(true).is_none()));
+        assert!((0..1000).all(|_| never.draw_random(true).is_none()));
         let mut always = FaultPlan::new(1.0, 1);
-        let kinds: Vec<Fault> = (0..1000).filter_map(|_| always.draw(true)).collect();
+        let kinds: Vec<Fault> = (0..1000).filter_map(|_| always.draw_random(true)).collect();
         assert_eq!(kinds.len(), 1000);
         assert!(kinds.contains(&Fault::ActionError));
         let mut general = FaultPlan::new(1.0, 1);
-        assert!((0..1000).all(|_| general.draw(false) != Some(Fault::ActionError)));
+        assert!((0..1000).all(|_| general.draw_random(false) != Some(Fault::ActionError)));
     }
 }

@@ -95,6 +95,16 @@ impl ApiError {
         )
     }
 
+    /// 403 `resource_limit_exceeded` with `details.limits[{name}]` (spec overview, Errors).
+    pub(crate) fn resource_limit(limit: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "resource_limit_exceeded",
+            message: message.into(),
+            details: Some(json!({"limits": [{"name": limit}]})),
+        }
+    }
+
     pub(crate) fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
     }

@@ -12,25 +12,34 @@
 //! images plus snapshots: list/get, and update/delete for snapshots), and read-only
 //! `server_types` and `locations`.
 //!
-//! Test hooks outside `/v1` (no auth, not rate limited, not counted):
-//! `GET /__simulator/stats` → `{"total", "by_endpoint": {"GET /servers/{id}": n, …},
-//! "rate_limited", "faults", "list_sorts": {"GET /servers sort=id:asc": n, "GET /images unsorted":
-//! n, …}}` (unroutable paths count as `"METHOD <unmatched>"`),
-//! `POST /__simulator/reset` (zeroes the counters, keeps the resources),
-//! `POST /__simulator/faults` with `{"rate": F}`.
+//! Test hooks outside `/v1` (no auth, not rate limited, not counted; full reference in the
+//! [`control`] module): `GET /__simulator/stats`, `POST /__simulator/reset`, and
+//! `GET`/`POST`/`DELETE /__simulator/faults` (a seeded share `{"rate": F}`, targeted faults
+//! `{"faults": [{"kind", "endpoints"?, "count"?}]}`, `{"black_hole": true}`).
 //!
-//! Order for each `/v1` request: count it → take a rate-limit token (429 when empty) → check the
-//! token (401) → route (404/405) → draw a fault → run. Only requests reaching the draw consume
-//! the fault generator, so a seed and a request sequence fix the faults. Faulted answers carry
-//! `x-simulator-fault: <kind>` (for tests and debugging; the real API has no such header).
+//! Order for each `/v1` request: count it → black hole → take a rate-limit token (429 when
+//! empty) → check the token (401) → route (404/405) → targeted fault, else draw from the seeded
+//! share → run. Only requests reaching the draw consume the fault generator, so a seed and a
+//! request sequence fix the drawn faults. Faulted answers carry `x-simulator-fault: <kind>` (for
+//! tests and debugging; the real API has no such header).
+//!
+//! Limits: a server takes at most 5 firewalls, label-selector matches included [spec: apply_to_
+//! resources]; a 6th (create with `firewalls`, create firewall with `apply_to`,
+//! `apply_to_resources`) is 403 `resource_limit_exceeded` with `details.limits[{name:
+//! "firewalls_per_server"}]` (the code and name are UNVERIFIED: the spec states the limit, not
+//! the error; label changes that make a selector match a 6th are not refused). Creating a server
+//! beyond `SimulatorConfig::server_limit` is 403 `resource_limit_exceeded`, `details.limits[{name:
+//! "project_limit"}]` (the spec's example for the code).
 //!
 //! Choices where the real API is undocumented:
 //! - `per_page` above 50 is clamped to 50 (the answer's `meta.pagination.per_page` says so);
 //!   `page`/`per_page` below 1 or not a number → 422 `invalid_input`.
 //! - Without `sort`, lists are ordered by ID.
-//! - A server is `locked` (and its power/rebuild/create_image actions get 423 `locked`) while one
-//!   of its server actions runs (create_image included); firewall actions do not lock it; DELETE
-//!   is always allowed.
+//! - A server is `locked` (and its power, rebuild, change_type and create_image actions get 423
+//!   `locked`, checked after input validation) while one of its server actions runs
+//!   (create_image included); firewall actions do not lock it, and PUT (name, labels), DELETE
+//!   and firewall apply/remove are allowed while it is locked (UNVERIFIED which actions Hetzner
+//!   refuses; API-NOTES §10).
 //! - Snapshots: `create_image` with `type: backup` is `invalid_input` (servers have no backup
 //!   option here); a snapshot whose action fails stays as `unavailable`; PUT/DELETE of a system
 //!   image is 403 `forbidden`; deleting a server keeps its snapshots. `GET /server_types` has no
@@ -39,13 +48,13 @@
 //!   requests) and ignored elsewhere, except `datacenter` (removed from the API) and features the
 //!   simulator does not model (volumes, networks, placement groups, primary IPs), which are
 //!   rejected with `invalid_input`.
-//! - A "delayed answer" fault performs the request, then holds the answer back for
-//!   `fault_delay`: the change happened although the client timed out.
+//! - A `timeout` fault performs the request, then holds the answer back for `fault_delay`: the
+//!   change happened although the client timed out.
 
 mod api;
 mod catalog;
 pub mod cli;
-mod control;
+pub mod control;
 mod error;
 mod labels;
 mod list;
@@ -69,13 +78,16 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
 
-use control::{Bucket, Fault, FaultPlan, RateLimitHeaders, Stats};
+use control::{Bucket, Fault, FaultPlan, FaultsRequest, RateLimitHeaders, Stats};
 use error::ApiError;
 use request::Query;
 use routes::Routed;
 use state::{Clock, World};
 
 const MAX_ACTION_SECONDS: f64 = 86_400.0;
+
+/// Default server quota: far above any test or benchmark (the IPv4 pool holds ~130,000).
+pub const DEFAULT_SERVER_LIMIT: u32 = 100_000;
 
 /// Largest request body accepted (user_data is at most 32 KiB; rules add a little).
 const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -93,8 +105,10 @@ pub struct SimulatorConfig {
     pub fault_rate: f64,
     /// Seed for fault injection (and generated root passwords).
     pub seed: u64,
-    /// How long the "delayed answer" fault holds a response back.
+    /// How long the `timeout` fault holds a response back.
     pub fault_delay: Duration,
+    /// The project's server quota: creating one more fails with 403 `resource_limit_exceeded`.
+    pub server_limit: u32,
 }
 
 impl Default for SimulatorConfig {
@@ -106,6 +120,7 @@ impl Default for SimulatorConfig {
             fault_rate: 0.0,
             seed: 0,
             fault_delay: Duration::from_secs(30),
+            server_limit: DEFAULT_SERVER_LIMIT,
         }
     }
 }
@@ -119,6 +134,7 @@ impl std::fmt::Debug for SimulatorConfig {
             .field("fault_rate", &self.fault_rate)
             .field("seed", &self.seed)
             .field("fault_delay", &self.fault_delay)
+            .field("server_limit", &self.server_limit)
             .finish()
     }
 }
@@ -240,13 +256,12 @@ pub async fn serve(
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let (stopping_tx, stopping_rx) = watch::channel(false);
     let now = Instant::now();
+    let mut world = World::new(Duration::from_secs_f64(config.action_seconds), config.seed);
+    world.server_limit = config.server_limit;
     let shared = Arc::new(Shared {
         token: config.token.clone(),
         fault_delay: config.fault_delay,
-        world: Mutex::new(World::new(
-            Duration::from_secs_f64(config.action_seconds),
-            config.seed,
-        )),
+        world: Mutex::new(world),
         control: Mutex::new(Control {
             bucket: Bucket::new(config.rate_limit, now),
             stats: Stats::default(),
@@ -258,7 +273,12 @@ pub async fn serve(
     let app = routes::router()
         .route("/__simulator/stats", get(stats_hook))
         .route("/__simulator/reset", post(reset_hook))
-        .route("/__simulator/faults", post(faults_hook))
+        .route(
+            "/__simulator/faults",
+            get(faults_get_hook)
+                .post(faults_hook)
+                .delete(faults_clear_hook),
+        )
         .fallback(entry)
         .with_state(shared);
     tracing::info!(addr = ?listener.local_addr().ok(), config = ?config, "Hetzner Cloud API simulator listening");
@@ -280,20 +300,52 @@ async fn reset_hook(State(shared): State<Arc<Shared>>) -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
+async fn faults_get_hook(State(shared): State<Arc<Shared>>) -> Response {
+    let state = lock(&shared.control).faults.describe();
+    json_response(StatusCode::OK, &state)
+}
+
+/// Sets the seeded share, the targeted faults (replacing the armed list) and/or the black hole;
+/// keys left out stay as they are. See the `control` module for the shape.
 async fn faults_hook(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
-    let rate = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v.get("rate").and_then(Value::as_f64));
-    match rate {
-        Some(rate) if (0.0..=1.0).contains(&rate) => {
-            lock(&shared.control).faults.rate = rate;
-            json_response(StatusCode::OK, &json!({ "rate": rate }))
+    let (request, targeted) = match FaultsRequest::parse(&body, routes::is_endpoint_key) {
+        Ok(parsed) => parsed,
+        Err(error) => return error_response(&error),
+    };
+    let replaced = targeted.is_some();
+    let state = {
+        let mut control = lock(&shared.control);
+        let plan = &mut control.faults;
+        if let Some(rate) = request.rate {
+            plan.rate = rate;
         }
-        _ => error_response(&ApiError::invalid_field(
-            "rate",
-            "body must be {\"rate\": F} with F between 0 and 1",
-        )),
+        if let Some(black_hole) = request.black_hole {
+            plan.black_hole = black_hole;
+        }
+        if let Some(targeted) = targeted {
+            plan.targeted = targeted;
+        }
+        plan.describe()
+    };
+    if replaced {
+        // Replacing the list clears `server_stuck_starting`: stuck servers carry on.
+        lock(&shared.world).release_held(Instant::now());
     }
+    json_response(StatusCode::OK, &state)
+}
+
+/// Clears everything: targeted faults, the black hole and the seeded share (rate 0).
+async fn faults_clear_hook(State(shared): State<Arc<Shared>>) -> Response {
+    let state = {
+        let mut control = lock(&shared.control);
+        let plan = &mut control.faults;
+        plan.rate = 0.0;
+        plan.black_hole = false;
+        plan.targeted.clear();
+        plan.describe()
+    };
+    lock(&shared.world).release_held(Instant::now());
+    json_response(StatusCode::OK, &state)
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response {
@@ -363,7 +415,7 @@ async fn api_request(shared: Arc<Shared>, routed: Routed, request: Request) -> R
         Routed::NotFound => format!("{method} <unmatched>"),
     };
 
-    let (allowed, limits) = {
+    let (allowed, mut limits, black_hole) = {
         let mut control = lock(&shared.control);
         control.stats.count(key.clone());
         if let Routed::Found { template, .. } = &routed
@@ -372,12 +424,29 @@ async fn api_request(shared: Arc<Shared>, routed: Routed, request: Request) -> R
         {
             control.stats.count_sort(&key, &query.all("sort"));
         }
-        let allowed = control.bucket.try_take(started);
-        if !allowed {
-            control.stats.rate_limited += 1;
-        }
-        (allowed, control.bucket.headers(unix_now()))
+        let black_hole = control.faults.black_hole;
+        let allowed = if black_hole {
+            control.stats.count_fault("black_hole");
+            true
+        } else {
+            let allowed = control.bucket.try_take(started);
+            if !allowed {
+                control.stats.rate_limited += 1;
+            }
+            allowed
+        };
+        (allowed, control.bucket.headers(unix_now()), black_hole)
     };
+    if black_hole {
+        // Accepted, never answered: the client times out. Only shutdown ends the wait.
+        let mut stopping = shared.stopping.clone();
+        let _ = stopping.wait_for(|stop| *stop).await;
+        return error_response(&ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "simulator shutting down",
+        ));
+    }
 
     let (mut response, fault) = if !allowed {
         (
@@ -409,48 +478,64 @@ async fn api_request(shared: Arc<Shared>, routed: Routed, request: Request) -> R
                 None,
             ),
             Routed::Found { endpoint, .. } => {
-                let fault = {
+                let drawn = {
                     let mut control = lock(&shared.control);
-                    let fault = control.faults.draw(endpoint.creates_actions());
-                    if fault.is_some() {
-                        control.stats.faults += 1;
+                    let drawn = control.faults.draw(&key, endpoint);
+                    if let Some((fault, _)) = drawn {
+                        control.stats.count_fault(fault.name());
                     }
-                    fault
+                    drawn
                 };
+                let fault = drawn.map(|(fault, _)| fault);
+                if let Some((Fault::Http429, true)) = drawn {
+                    // Aimed 429s look like an empty bucket (the seeded share keeps the
+                    // bucket's real headers, as it always did).
+                    limits.remaining = 0;
+                    limits.reset = unix_now() + 3600;
+                }
                 let response = match fault {
-                    Some(Fault::ServerError) => error_response(&ApiError::new(
+                    Some(Fault::Http500) => error_response(&ApiError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "server_error",
                         "simulated internal error",
                     )),
-                    Some(Fault::Unavailable) => error_response(&ApiError::new(
+                    Some(Fault::Http503) => error_response(&ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "unavailable",
                         "simulated: service temporarily unavailable",
                     )),
-                    Some(Fault::RateLimited) => error_response(&ApiError::new(
+                    Some(Fault::Http429) => error_response(&ApiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         "rate_limit_exceeded",
                         "rate limit exceeded",
                     )),
-                    Some(Fault::BadGatewayHtml) => {
+                    Some(Fault::Http502Html) => {
                         let mut r = (StatusCode::BAD_GATEWAY, HTML_502).into_response();
                         r.headers_mut()
                             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
                         r
                     }
-                    Some(Fault::Delay | Fault::ActionError) | None => {
-                        let fail_actions = fault == Some(Fault::ActionError);
+                    Some(
+                        Fault::Timeout
+                        | Fault::TruncatedJson
+                        | Fault::ActionError
+                        | Fault::ServerStuckStarting,
+                    )
+                    | None => {
                         let response =
-                            run_endpoint(&shared, endpoint, &query, request, fail_actions).await;
-                        if fault == Some(Fault::Delay) {
-                            let mut stopping = shared.stopping.clone();
-                            tokio::select! {
-                                () = tokio::time::sleep(shared.fault_delay) => {}
-                                _ = stopping.wait_for(|stop| *stop) => {}
+                            run_endpoint(&shared, endpoint, &query, request, fault).await;
+                        match fault {
+                            Some(Fault::Timeout) => {
+                                let mut stopping = shared.stopping.clone();
+                                tokio::select! {
+                                    () = tokio::time::sleep(shared.fault_delay) => {}
+                                    _ = stopping.wait_for(|stop| *stop) => {}
+                                }
+                                response
                             }
+                            Some(Fault::TruncatedJson) => truncate_body(response).await,
+                            _ => response,
                         }
-                        response
                     }
                 };
                 (response, fault)
@@ -479,12 +564,24 @@ async fn api_request(shared: Arc<Shared>, routed: Routed, request: Request) -> R
     response
 }
 
+/// The `truncated_json` fault: the same answer with its body cut in half (at least one byte
+/// shorter), so it is no longer valid JSON.
+async fn truncate_body(response: Response) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    let cut = bytes.slice(..bytes.len() / 2);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, HttpBody::from(cut))
+}
+
 async fn run_endpoint(
     shared: &Shared,
     endpoint: routes::Endpoint,
     query: &Query,
     request: Request,
-    fail_actions: bool,
+    fault: Option<Fault>,
 ) -> Response {
     let host = request
         .headers()
@@ -510,7 +607,8 @@ async fn run_endpoint(
             },
             query,
             body: &body,
-            fail_actions,
+            fail_actions: fault == Some(Fault::ActionError),
+            hold_server_start: fault == Some(Fault::ServerStuckStarting),
         };
         api::handle(&mut world, endpoint, &ctx)
     };

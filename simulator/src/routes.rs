@@ -338,6 +338,16 @@ impl Route {
     }
 }
 
+/// Whether `key` is the `"METHOD /template"` (stats key) of a route, e.g. `"POST /servers"`.
+pub(crate) fn is_endpoint_key(key: &str) -> bool {
+    let Some((method, template)) = key.split_once(' ') else {
+        return false;
+    };
+    ROUTES
+        .iter()
+        .any(|r| r.template == template && r.methods.iter().any(|(m, _)| m.as_str() == method))
+}
+
 /// Every `/v1` route. Requests that match none are left to the fallback in `lib.rs`.
 pub(crate) fn router() -> Router<Arc<crate::Shared>> {
     ROUTES.iter().fold(Router::new(), |router, route| {

@@ -272,6 +272,10 @@ pub(crate) struct World {
     pub actions: BTreeMap<i64, Action>,
     /// Actions whose effects have not been applied yet.
     pending: BTreeSet<i64>,
+    /// Running actions held by the `server_stuck_starting` fault until [`World::release_held`].
+    held: BTreeSet<i64>,
+    /// The server quota (`SimulatorConfig::server_limit`).
+    pub server_limit: u32,
     next_server_id: i64,
     next_ssh_key_id: i64,
     next_firewall_id: i64,
@@ -282,6 +286,9 @@ pub(crate) struct World {
     next_ipv6: u32,
     passwords: SplitMix64,
 }
+
+/// How long a held action "runs": until released, in practice.
+const HELD_FOR: Duration = Duration::from_secs(365 * 86_400);
 
 /// Simulated IPv4 space: 198.18.0.0/15 (RFC 2544 benchmarking range).
 const IPV4_BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
@@ -297,6 +304,8 @@ impl World {
             snapshots: BTreeMap::new(),
             actions: BTreeMap::new(),
             pending: BTreeSet::new(),
+            held: BTreeSet::new(),
+            server_limit: u32::MAX,
             // Distinct ID ranges per kind, so a client mixing up IDs hits `not_found`.
             next_server_id: 100_001,
             next_ssh_key_id: 200_001,
@@ -405,6 +414,41 @@ impl World {
         );
         self.pending.insert(id);
         id
+    }
+
+    /// Keeps a running action running (and its server locked) until [`World::release_held`].
+    pub(crate) fn hold_action(&mut self, id: i64) {
+        if let Some(action) = self.actions.get_mut(&id) {
+            action.duration = HELD_FOR;
+            self.held.insert(id);
+        }
+    }
+
+    /// Lets every held action finish now (its effects apply at the next request).
+    pub(crate) fn release_held(&mut self, now: Instant) {
+        for id in std::mem::take(&mut self.held) {
+            if let Some(action) = self.actions.get_mut(&id) {
+                action.duration = now.saturating_duration_since(action.started_at);
+            }
+        }
+    }
+
+    /// Distinct firewalls applied to a server, directly or through a label selector, counting
+    /// applications still pending (Hetzner's limit of 5 counts both).
+    pub(crate) fn firewalls_of(&self, server: i64) -> BTreeSet<i64> {
+        let Some(s) = self.servers.get(&server) else {
+            return BTreeSet::new();
+        };
+        self.firewalls
+            .values()
+            .filter(|fw| {
+                fw.applied.iter().any(|a| match &a.target {
+                    Target::Server(id) => *id == server,
+                    Target::Selector { parsed, .. } => parsed.matches(&s.labels),
+                })
+            })
+            .map(|fw| fw.id)
+            .collect()
     }
 
     /// Applies the effects of all actions finished by `now`, in finishing order.

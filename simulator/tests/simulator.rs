@@ -1620,7 +1620,7 @@ async fn faulted_requests_change_nothing_but_failed_actions_do_show() {
         ..SimulatorConfig::default()
     })
     .await;
-    // Every request is faulted: error answers must leave no trace, "delay" and "action_error"
+    // Every request is faulted: error answers must leave no trace, "timeout" and "action_error"
     // create the server, the latter with actions that end in `error`.
     let mut expected_names = Vec::new();
     let mut failed_answers = 0;
@@ -1641,7 +1641,7 @@ async fn faulted_requests_change_nothing_but_failed_actions_do_show() {
                 assert_eq!(r.body["server"]["status"], "off");
                 failed_actions.push(r.body["action"]["id"].as_i64().unwrap());
             } else {
-                assert_eq!(fault, "delay");
+                assert_eq!(fault, "timeout");
                 assert_eq!(r.body["server"]["status"], "running");
             }
             expected_names.push(name);
@@ -1668,7 +1668,10 @@ async fn faulted_requests_change_nothing_but_failed_actions_do_show() {
         assert_eq!(action["status"], "error");
         assert!(action["finished"].is_string());
     }
-    assert_eq!(sim.stats().await["faults"], 30);
+    let by_kind: BTreeMap<String, u64> =
+        serde_json::from_value(sim.stats().await["faults"].clone()).unwrap();
+    assert_eq!(by_kind.values().sum::<u64>(), 30, "{by_kind:?}");
+    assert!(by_kind.contains_key("action_error") && by_kind.contains_key("timeout"));
     sim.sim.shutdown().await;
 }
 
@@ -2191,5 +2194,526 @@ async fn every_list_sorts_by_id_both_ways() {
     );
     sim.get("/v1/servers").await;
     assert_eq!(sim.stats().await["list_sorts"]["GET /servers unsorted"], 1);
+    sim.sim.shutdown().await;
+}
+
+// -------------------------------------------------------------------------------------------------
+// Targeted faults, black hole, limits
+
+impl Sim {
+    /// `METHOD /__simulator/faults` → (status, JSON body).
+    async fn faults_hook(&self, method: Method, body: Option<Value>) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}/__simulator/faults", self.root()));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Arms `faults` (replacing the list); returns the hook's state.
+    async fn arm(&self, faults: Value) -> Value {
+        let (status, state) = self
+            .faults_hook(Method::POST, Some(json!({ "faults": faults })))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{state}");
+        state
+    }
+
+    async fn fault_counts(&self) -> BTreeMap<String, u64> {
+        serde_json::from_value(self.stats().await["faults"].clone()).unwrap()
+    }
+
+    fn impatient(timeout: Duration) -> reqwest::Client {
+        reqwest::Client::builder().timeout(timeout).build().unwrap()
+    }
+}
+
+fn counts(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+#[tokio::test]
+async fn an_aimed_fault_hits_only_its_endpoint_until_its_count_runs_out() {
+    let sim = Sim::instant().await;
+    let state = sim
+        .arm(json!([{"kind": "http_500", "endpoints": ["POST /servers"], "count": 2}]))
+        .await;
+    assert_eq!(
+        state["faults"],
+        json!([{"kind": "http_500", "endpoints": ["POST /servers"], "count": 2, "hits": 0, "remaining": 2}])
+    );
+    // GET /servers is left alone.
+    let list = sim.get("/v1/servers").await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert_eq!(list.header("x-simulator-fault"), None);
+    let body = json!({"name": "aimed", "server_type": "cx22", "image": "debian-12"});
+    for _ in 0..2 {
+        let r = sim.post("/v1/servers", body.clone()).await;
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(r.code(), "server_error");
+        assert_eq!(r.header("x-simulator-fault").as_deref(), Some("http_500"));
+    }
+    // Exhausted: the third create goes through, and the failed ones left no trace.
+    let r = sim.post("/v1/servers", body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(ids(&sim.get("/v1/servers").await.body, "servers").len(), 1);
+    let (status, state) = sim.faults_hook(Method::GET, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(state["faults"][0]["hits"], 2);
+    assert_eq!(state["faults"][0]["remaining"], 0);
+    assert_eq!(state["black_hole"], false);
+    assert_eq!(sim.fault_counts().await, counts(&[("http_500", 2)]));
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn each_error_kind_answers_like_hetzner_or_its_proxy() {
+    let sim = Sim::instant().await;
+    sim.arm(json!([
+        {"kind": "http_500", "count": 1},
+        {"kind": "http_502_html", "count": 1},
+        {"kind": "http_503", "count": 1},
+        {"kind": "http_429", "count": 1},
+    ]))
+    .await;
+    // Armed faults apply in order, one request each.
+    let r = sim.get("/v1/servers").await;
+    assert_eq!((r.status.as_u16(), r.code()), (500, "server_error"));
+    let r = sim.get("/v1/servers").await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert!(r.text.as_deref().unwrap().contains("502 Bad Gateway"));
+    assert_eq!(r.header("content-type").as_deref(), Some("text/html"));
+    let r = sim.get("/v1/servers").await;
+    assert_eq!((r.status.as_u16(), r.code()), (503, "unavailable"));
+    let r = sim.get("/v1/servers").await;
+    assert_eq!((r.status.as_u16(), r.code()), (429, "rate_limit_exceeded"));
+    // An aimed 429 looks like an empty bucket: nothing left, full again in an hour.
+    assert_eq!(r.header("ratelimit-limit").as_deref(), Some("3600"));
+    assert_eq!(r.header("ratelimit-remaining").as_deref(), Some("0"));
+    let reset: u64 = r.header("ratelimit-reset").unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        reset >= now + 3590 && reset <= now + 3610,
+        "{reset} vs {now}"
+    );
+    let r = sim.get("/v1/servers").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        sim.fault_counts().await,
+        counts(&[
+            ("http_429", 1),
+            ("http_500", 1),
+            ("http_502_html", 1),
+            ("http_503", 1)
+        ])
+    );
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_aimed_timeout_holds_the_answer_but_the_change_happens() {
+    let sim = Sim::start(SimulatorConfig {
+        action_seconds: 0.0,
+        fault_delay: Duration::from_secs(30),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    sim.arm(json!([{"kind": "timeout", "endpoints": ["POST /ssh_keys"], "count": 1}]))
+        .await;
+    let sent = Sim::impatient(Duration::from_millis(400))
+        .post(format!("{}/v1/ssh_keys", sim.root()))
+        .json(&json!({"name": "late", "public_key": ED25519_KEY}))
+        .send()
+        .await;
+    assert!(sent.is_err_and(|e| e.is_timeout()));
+    let keys = sim.get("/v1/ssh_keys?name=late").await;
+    assert_eq!(names(&keys.body, "ssh_keys"), ["late"]);
+    assert_eq!(sim.fault_counts().await, counts(&[("timeout", 1)]));
+    let stopping = Instant::now();
+    sim.sim.shutdown().await;
+    assert!(stopping.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test]
+async fn truncated_json_cuts_a_successful_answer_after_the_change() {
+    let sim = Sim::instant().await;
+    sim.arm(json!([{"kind": "truncated_json", "endpoints": ["POST /ssh_keys"]}]))
+        .await;
+    let r = sim
+        .post(
+            "/v1/ssh_keys",
+            json!({"name": "cut", "public_key": ED25519_KEY}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/json")
+    );
+    let text = r.text.expect("the body must not parse as JSON");
+    assert!(text.starts_with("{\"ssh_key\":"), "{text}");
+    // The key was created all the same; other endpoints answer whole.
+    let keys = sim.get("/v1/ssh_keys").await;
+    assert_eq!(keys.status, StatusCode::OK);
+    assert_eq!(names(&keys.body, "ssh_keys"), ["cut"]);
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn action_error_fails_only_the_actions_of_its_endpoint() {
+    let sim = Sim::instant().await;
+    let created = sim.create_server("fails", json!({})).await;
+    let id = created["server"]["id"].as_i64().unwrap();
+    // Without endpoints, action_error waits for a request that creates actions: reads don't
+    // use it up.
+    sim.arm(json!([
+        {"kind": "action_error", "endpoints": ["POST /servers/{id}/actions/poweron"]},
+        {"kind": "action_error", "count": 1, "endpoints": ["DELETE /servers/{id}", "GET /servers"]},
+    ]))
+    .await;
+    assert_eq!(
+        sim.get("/v1/servers").await.header("x-simulator-fault"),
+        None
+    );
+    let off = sim
+        .call(
+            Method::POST,
+            &format!("/v1/servers/{id}/actions/poweroff"),
+            None,
+        )
+        .await;
+    assert_eq!(off.body["action"]["status"], "success");
+    for _ in 0..2 {
+        let on = sim
+            .call(
+                Method::POST,
+                &format!("/v1/servers/{id}/actions/poweron"),
+                None,
+            )
+            .await;
+        assert_eq!(on.status, StatusCode::CREATED);
+        assert_eq!(
+            on.header("x-simulator-fault").as_deref(),
+            Some("action_error")
+        );
+        assert_eq!(on.body["action"]["status"], "error");
+        assert_eq!(on.body["action"]["error"]["code"], "action_failed");
+        assert!(on.body["action"]["error"]["message"].is_string());
+    }
+    assert_eq!(
+        sim.get(&format!("/v1/servers/{id}")).await.body["server"]["status"],
+        "off"
+    );
+    let (_, state) = sim.faults_hook(Method::GET, None).await;
+    assert_eq!(state["faults"][0]["hits"], 2);
+    assert_eq!(state["faults"][0]["remaining"], Value::Null);
+    assert_eq!(state["faults"][1]["remaining"], 1);
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stuck_server_stays_starting_until_the_fault_is_cleared() {
+    let sim = Sim::instant().await;
+    let off = sim
+        .post(
+            "/v1/servers",
+            json!({"name": "later", "server_type": "cx22", "image": "debian-12", "start_after_create": false}),
+        )
+        .await;
+    let off_id = off.body["server"]["id"].as_i64().unwrap();
+    sim.arm(json!([{"kind": "server_stuck_starting"}])).await;
+    let created = sim.create_server("stuck", json!({})).await;
+    let id = created["server"]["id"].as_i64().unwrap();
+    let action = created["action"]["id"].as_i64().unwrap();
+    let on = sim
+        .call(
+            Method::POST,
+            &format!("/v1/servers/{off_id}/actions/poweron"),
+            None,
+        )
+        .await;
+    assert_eq!(on.status, StatusCode::CREATED);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let server = sim.get(&format!("/v1/servers/{id}")).await.body;
+    assert_eq!(server["server"]["status"], "initializing");
+    assert_eq!(server["server"]["locked"], true);
+    assert_eq!(
+        sim.get(&format!("/v1/actions/{action}")).await.body["action"]["status"],
+        "running"
+    );
+    let server = sim.get(&format!("/v1/servers/{off_id}")).await.body;
+    assert_eq!(server["server"]["status"], "starting");
+    assert_eq!(
+        sim.fault_counts().await,
+        counts(&[("server_stuck_starting", 2)])
+    );
+
+    // Clearing lets both carry on.
+    let (status, state) = sim.faults_hook(Method::DELETE, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        state,
+        json!({"rate": 0.0, "black_hole": false, "faults": []})
+    );
+    for server in [id, off_id] {
+        let body = sim.get(&format!("/v1/servers/{server}")).await.body;
+        assert_eq!(body["server"]["status"], "running", "{body}");
+        assert_eq!(body["server"]["locked"], false);
+    }
+    let done = sim.get(&format!("/v1/actions/{action}")).await.body;
+    assert_eq!(done["action"]["status"], "success");
+    assert!(done["action"]["finished"].is_string());
+
+    // `{"faults": []}` clears too.
+    sim.arm(json!([{"kind": "server_stuck_starting", "count": 1}]))
+        .await;
+    let again = sim.create_server("stuck-again", json!({})).await;
+    let again_id = again["server"]["id"].as_i64().unwrap();
+    assert_eq!(again["server"]["status"], "initializing");
+    sim.arm(json!([])).await;
+    assert_eq!(
+        sim.get(&format!("/v1/servers/{again_id}")).await.body["server"]["status"],
+        "running"
+    );
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_black_hole_swallows_api_requests_while_the_hooks_answer() {
+    let sim = Sim::instant().await;
+    let (status, state) = sim
+        .faults_hook(Method::POST, Some(json!({"black_hole": true})))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(state["black_hole"], true);
+    let client = Sim::impatient(Duration::from_millis(300));
+    let started = Instant::now();
+    let sent = client
+        .post(format!("{}/v1/ssh_keys", sim.root()))
+        .json(&json!({"name": "void", "public_key": ED25519_KEY}))
+        .send()
+        .await;
+    assert!(sent.is_err_and(|e| e.is_timeout()));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // The hooks keep answering.
+    let stats = sim.stats().await;
+    assert_eq!(stats["faults"]["black_hole"], 1);
+    assert_eq!(stats["by_endpoint"]["POST /ssh_keys"], 1);
+    let (status, state) = sim.faults_hook(Method::GET, None).await;
+    assert_eq!(
+        (status, &state["black_hole"]),
+        (StatusCode::OK, &json!(true))
+    );
+    // Off again: answers come back, and the swallowed request changed nothing.
+    sim.faults_hook(Method::POST, Some(json!({"black_hole": false})))
+        .await;
+    let answered = client
+        .get(format!("{}/v1/ssh_keys", sim.root()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answered.status(), StatusCode::OK);
+    let keys: Value = answered.json().await.unwrap();
+    assert_eq!(keys["ssh_keys"], json!([]));
+    let stopping = Instant::now();
+    sim.sim.shutdown().await;
+    assert!(stopping.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn the_faults_hook_checks_its_input_and_keeps_the_rate_form() {
+    let sim = Sim::instant().await;
+    for bad in [
+        json!({"faults": [{"kind": "http_418"}]}),
+        json!({"faults": [{"kind": "http_500", "count": 0}]}),
+        json!({"faults": [{"kind": "http_500", "endpoints": []}]}),
+        json!({"faults": [{"kind": "http_500", "endpoints": ["GET /servers/{server_id}"]}]}),
+        json!({"faults": [{"kind": "http_500", "endpoints": ["PATCH /servers"]}]}),
+        json!({"faults": [{"kind": "http_500", "often": true}]}),
+        json!({"faults": {"kind": "http_500"}}),
+        json!({"black_hole": "yes"}),
+        json!({"rate": 0.5, "blackhole": true}),
+    ] {
+        let (status, body) = sim.faults_hook(Method::POST, Some(bad.clone())).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}");
+        assert_eq!(body["error"]["code"], "invalid_input", "{bad}");
+    }
+    // Nothing was armed by the refused requests.
+    let (_, state) = sim.faults_hook(Method::GET, None).await;
+    assert_eq!(
+        state,
+        json!({"rate": 0.0, "black_hole": false, "faults": []})
+    );
+    // The rate form still works, and keys left out stay as they were.
+    let (status, state) = sim
+        .faults_hook(Method::POST, Some(json!({"rate": 0.25})))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(state["rate"], 0.25);
+    let state = sim.arm(json!([{"kind": "http_503"}])).await;
+    assert_eq!(state["rate"], 0.25);
+    assert_eq!(state["faults"][0]["count"], Value::Null);
+    let (_, state) = sim.faults_hook(Method::DELETE, None).await;
+    assert_eq!(
+        state,
+        json!({"rate": 0.0, "black_hole": false, "faults": []})
+    );
+    assert_eq!(sim.get("/v1/servers").await.status, StatusCode::OK);
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_server_takes_at_most_five_firewalls_selectors_included() {
+    let sim = Sim::instant().await;
+    let server = sim.create_server("walled", json!({"role": "web"})).await;
+    let id = server["server"]["id"].as_i64().unwrap();
+    let on_server = json!([{"type": "server", "server": {"id": id}}]);
+    let mut firewalls = Vec::new();
+    for i in 0..4 {
+        let r = sim
+            .post(
+                "/v1/firewalls",
+                json!({"name": format!("fw{i}"), "apply_to": on_server}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        firewalls.push(r.body["firewall"]["id"].as_i64().unwrap());
+    }
+    // The fifth through a label selector.
+    let r = sim
+        .post(
+            "/v1/firewalls",
+            json!({"name": "by-label", "apply_to": [{"type": "label_selector", "label_selector": {"selector": "role=web"}}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let by_label = r.body["firewall"]["id"].as_i64().unwrap();
+    let check_limited = |r: &Answer| {
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+        assert_eq!(r.code(), "resource_limit_exceeded");
+        assert_eq!(
+            r.body["error"]["details"]["limits"][0]["name"],
+            "firewalls_per_server"
+        );
+    };
+    // A sixth: at create, by apply_to_resources, or by a selector matching the server.
+    check_limited(
+        &sim.post(
+            "/v1/firewalls",
+            json!({"name": "sixth", "apply_to": on_server}),
+        )
+        .await,
+    );
+    let sixth = sim.post("/v1/firewalls", json!({"name": "sixth"})).await;
+    let sixth = sixth.body["firewall"]["id"].as_i64().unwrap();
+    let apply = format!("/v1/firewalls/{sixth}/actions/apply_to_resources");
+    check_limited(&sim.post(&apply, json!({"apply_to": on_server})).await);
+    check_limited(
+        &sim.post(
+            &apply,
+            json!({"apply_to": [{"type": "label_selector", "label_selector": {"selector": "role"}}]}),
+        )
+        .await,
+    );
+    // A new server: five direct firewalls plus the selector's is six.
+    let mut five: Vec<Value> = firewalls.iter().map(|f| json!({"firewall": f})).collect();
+    five.push(json!({"firewall": sixth}));
+    check_limited(
+        &sim.post(
+            "/v1/servers",
+            json!({"name": "six", "server_type": "cx22", "image": "debian-12", "labels": {"role": "web"}, "firewalls": five}),
+        )
+        .await,
+    );
+    let ok = sim
+        .post(
+            "/v1/servers",
+            json!({"name": "five", "server_type": "cx22", "image": "debian-12", "firewalls": five[1..]}),
+        )
+        .await;
+    assert_eq!(ok.status, StatusCode::CREATED, "{}", ok.body);
+    // Room again once one comes off.
+    let removed = sim
+        .post(
+            &format!("/v1/firewalls/{by_label}/actions/remove_from_resources"),
+            json!({"remove_from": [{"type": "label_selector", "label_selector": {"selector": "role=web"}}]}),
+        )
+        .await;
+    assert_eq!(removed.status, StatusCode::CREATED, "{}", removed.body);
+    let applied = sim.post(&apply, json!({"apply_to": on_server})).await;
+    assert_eq!(applied.status, StatusCode::CREATED, "{}", applied.body);
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_server_quota_refuses_one_server_too_many() {
+    let sim = Sim::start(SimulatorConfig {
+        action_seconds: 0.0,
+        server_limit: 2,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let first = sim.create_server("q1", json!({})).await;
+    sim.create_server("q2", json!({})).await;
+    let third = sim
+        .post(
+            "/v1/servers",
+            json!({"name": "q3", "server_type": "cx22", "image": "debian-12"}),
+        )
+        .await;
+    assert_eq!(third.status, StatusCode::FORBIDDEN);
+    assert_eq!(third.code(), "resource_limit_exceeded");
+    assert_eq!(
+        third.body["error"]["details"],
+        json!({"limits": [{"name": "project_limit"}]})
+    );
+    assert_eq!(ids(&sim.get("/v1/servers").await.body, "servers").len(), 2);
+    let id = first["server"]["id"].as_i64().unwrap();
+    sim.delete(&format!("/v1/servers/{id}")).await;
+    sim.create_server("q3", json!({})).await;
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn type_changes_rebuilds_and_snapshots_are_locked_while_an_action_runs() {
+    let sim = Sim::start(SimulatorConfig {
+        action_seconds: 60.0,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let created = sim
+        .post(
+            "/v1/servers",
+            json!({"name": "busy", "server_type": "cx22", "image": "debian-12", "start_after_create": false}),
+        )
+        .await;
+    let id = created.body["server"]["id"].as_i64().unwrap();
+    for (verb, body) in [
+        (
+            "change_type",
+            json!({"server_type": "cx32", "upgrade_disk": false}),
+        ),
+        ("rebuild", json!({"image": "debian-12"})),
+        ("create_image", json!({})),
+        ("poweron", json!({})),
+    ] {
+        let r = sim
+            .post(&format!("/v1/servers/{id}/actions/{verb}"), body)
+            .await;
+        assert_eq!(r.status, StatusCode::LOCKED, "{verb}: {}", r.body);
+        assert_eq!(r.code(), "locked", "{verb}");
+    }
+    // Invalid input is still reported before the lock.
+    let r = sim
+        .post(&format!("/v1/servers/{id}/actions/change_type"), json!({}))
+        .await;
+    assert_eq!(r.code(), "invalid_input");
     sim.sim.shutdown().await;
 }

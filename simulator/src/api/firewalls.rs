@@ -45,6 +45,36 @@ pub(super) fn list_firewalls(world: &World, ctx: &Ctx) -> Result<Reply, ApiError
     Ok(Reply::list("firewalls", Value::Array(out), pagination))
 }
 
+/// "A Server can be applied to a maximum of 5 Firewalls", label-selector matches included
+/// [spec: POST /firewalls/{id}/actions/apply_to_resources].
+pub(super) const MAX_FIREWALLS_PER_SERVER: usize = 5;
+
+/// Checks that applying `firewall` to `targets` keeps every affected server within the limit.
+/// The spec states the limit but not the error: 403 `resource_limit_exceeded` (limit name
+/// `firewalls_per_server`) is UNVERIFIED.
+fn check_firewall_limit(world: &World, firewall: i64, targets: &[Target]) -> Result<(), ApiError> {
+    for server in world.servers.values() {
+        let affected = targets.iter().any(|t| match t {
+            Target::Server(id) => *id == server.id,
+            Target::Selector { parsed, .. } => parsed.matches(&server.labels),
+        });
+        if !affected {
+            continue;
+        }
+        let current = world.firewalls_of(server.id);
+        if !current.contains(&firewall) && current.len() >= MAX_FIREWALLS_PER_SERVER {
+            return Err(ApiError::resource_limit(
+                "firewalls_per_server",
+                format!(
+                    "server {} would have more than {MAX_FIREWALLS_PER_SERVER} firewalls",
+                    server.id
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn firewall_name(b: &mut Body, name: Option<&str>) {
     if let Some(n) = name {
         let len = n.chars().count();
@@ -185,6 +215,8 @@ pub(super) fn create_firewall(world: &mut World, ctx: &Ctx) -> Result<Reply, Api
             ));
         }
     }
+    // The new firewall's ID is not in use yet, so it counts as one more everywhere.
+    check_firewall_limit(world, 0, &targets)?;
     let id = world.new_firewall_id();
     world.firewalls.insert(
         id,
@@ -368,6 +400,7 @@ fn apply_to_resources(
             ));
         }
     }
+    check_firewall_limit(world, id, &targets)?;
     Ok(apply_targets(world, ctx, id, targets))
 }
 

@@ -70,6 +70,9 @@ pub(crate) struct Ctx<'a> {
     pub body: &'a [u8],
     /// Fault injection: actions created by this request end in `error`.
     pub fail_actions: bool,
+    /// Fault injection: the server create/start actions of this request keep running until the
+    /// faults are cleared (`server_stuck_starting`).
+    pub hold_server_start: bool,
 }
 
 pub(super) fn to_value<T: serde::Serialize>(value: T) -> Value {

@@ -13,6 +13,7 @@ use crate::state::{Application, Effect, Server, ServerStatus, Target, World};
 use crate::validate::{MAX_USER_DATA_BYTES, hostname_problem};
 
 use super::actions::{action_json, firewall_ref, get_action, list_actions, server_ref};
+use super::firewalls::MAX_FIREWALLS_PER_SERVER;
 use super::{Ctx, Reply, internal, selector_param, to_value};
 
 const SERVER_STATUSES: &[&str] = &[
@@ -236,6 +237,36 @@ pub(super) fn create_server(world: &mut World, ctx: &Ctx) -> Result<Reply, ApiEr
     if world.servers.values().any(|s| s.name == name) {
         return Err(ApiError::uniqueness("name"));
     }
+    if world.servers.len() >= world.server_limit as usize {
+        // The spec's example for this code [spec:ovw Errors]; the exact limit name is UNVERIFIED.
+        return Err(ApiError::resource_limit(
+            "project_limit",
+            format!(
+                "project limit exceeded: at most {} servers",
+                world.server_limit
+            ),
+        ));
+    }
+    // Direct firewalls plus those whose label selectors match the new server's labels.
+    let mut covering: std::collections::BTreeSet<i64> = firewalls.iter().copied().collect();
+    covering.extend(
+        world
+            .firewalls
+            .values()
+            .filter(|fw| {
+                fw.applied.iter().any(|a| match &a.target {
+                    Target::Selector { parsed, .. } => parsed.matches(&labels),
+                    Target::Server(_) => false,
+                })
+            })
+            .map(|fw| fw.id),
+    );
+    if covering.len() > MAX_FIREWALLS_PER_SERVER {
+        return Err(ApiError::resource_limit(
+            "firewalls_per_server",
+            format!("a server can have at most {MAX_FIREWALLS_PER_SERVER} firewalls"),
+        ));
+    }
     let ipv4 = if enable_ipv4 {
         Some(world.allocate_ipv4().ok_or_else(|| {
             ApiError::new(
@@ -303,6 +334,13 @@ pub(super) fn create_server(world: &mut World, ctx: &Ctx) -> Result<Reply, ApiEr
             Some(id),
             fail,
         ));
+    }
+    if ctx.hold_server_start {
+        // Stays `initializing` (create_server still running) until the fault is cleared.
+        world.hold_action(action);
+        for held in &next_actions {
+            world.hold_action(*held);
+        }
     }
     for fw in firewalls {
         let apply = world.start_action(
@@ -438,6 +476,10 @@ pub(super) fn server_action(
         let (Some(new_type), Some(upgrade_disk)) = (new_type, upgrade_disk) else {
             return Err(internal("validation passed without server_type"));
         };
+        // A running action (a poweroff, say) locks the server before its state is judged.
+        if world.server_locked(id) {
+            return Err(ApiError::locked());
+        }
         change_type = Some(check_type_change(
             status,
             image,
@@ -527,6 +569,10 @@ pub(super) fn server_action(
         Some(id),
         ctx.fail_actions,
     );
+    if ctx.hold_server_start && verb == ServerVerb::PowerOn {
+        // Stays `starting` (if it was off) until the fault is cleared.
+        world.hold_action(action);
+    }
     world.settle(ctx.clock.now);
     let mut body = json!({"action": action_json(world, action, ctx)});
     if verb == ServerVerb::Rebuild {
