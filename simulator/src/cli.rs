@@ -26,6 +26,13 @@ pub struct ServeArgs {
     /// Seed for fault injection (reproducible).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Seconds a finished action stays readable before it is `not_found` (running actions are
+    /// always kept).
+    #[arg(long, default_value_t = 1800)]
+    pub action_retention_seconds: u64,
+    /// Most finished actions kept; the oldest finished are dropped first.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_finished_actions: usize,
 }
 
 impl ServeArgs {
@@ -37,6 +44,10 @@ impl ServeArgs {
             rate_limit: self.rate_limit,
             fault_rate: self.fault_rate,
             seed: self.seed,
+            finished_action_retention: std::time::Duration::from_secs(
+                self.action_retention_seconds,
+            ),
+            max_finished_actions: self.max_finished_actions,
             ..SimulatorConfig::default()
         }
     }

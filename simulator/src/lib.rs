@@ -15,7 +15,8 @@
 //! Test hooks outside `/v1` (no auth, not rate limited, not counted):
 //! `GET /__simulator/stats` → `{"total", "by_endpoint": {"GET /servers/{id}": n, …},
 //! "rate_limited", "faults", "list_sorts": {"GET /servers sort=id:asc": n, "GET /images unsorted":
-//! n, …}}` (unroutable paths count as `"METHOD <unmatched>"`),
+//! n, …}, "actions": {"stored", "running"}}` (unroutable paths count as `"METHOD <unmatched>"`;
+//! both maps stop adding keys at a fixed number and count the rest under `"<other>"`),
 //! `POST /__simulator/reset` (zeroes the counters, keeps the resources),
 //! `POST /__simulator/faults` with `{"rate": F}`.
 //!
@@ -39,6 +40,13 @@
 //!   requests) and ignored elsewhere, except `datacenter` (removed from the API) and features the
 //!   simulator does not model (volumes, networks, placement groups, primary IPs), which are
 //!   rejected with `invalid_input`.
+//! - Finished actions are kept for `finished_action_retention` (default 30 minutes) and at most
+//!   `max_finished_actions` of them (default 10,000, oldest finished dropped first); running
+//!   actions are always kept. A dropped action is `not_found` on `GET /actions/{id}`, missing
+//!   from `GET /actions?id=` and from every action list. Hetzner documents no retention period,
+//!   so the figures are a choice, not a fact.
+//! - Public IPv4 addresses come from 198.18.0.0/15; once it is used up, addresses of deleted
+//!   servers are handed out again (oldest first).
 //! - A "delayed answer" fault performs the request, then holds the answer back for
 //!   `fault_delay`: the change happened although the client timed out.
 
@@ -73,7 +81,7 @@ use control::{Bucket, Fault, FaultPlan, RateLimitHeaders, Stats};
 use error::ApiError;
 use request::Query;
 use routes::Routed;
-use state::{Clock, World};
+use state::{Clock, Retention, World};
 
 const MAX_ACTION_SECONDS: f64 = 86_400.0;
 
@@ -95,6 +103,11 @@ pub struct SimulatorConfig {
     pub seed: u64,
     /// How long the "delayed answer" fault holds a response back.
     pub fault_delay: Duration,
+    /// How long a finished action stays readable (`GET /actions/{id}` and every action list);
+    /// after that it is `not_found`. Running actions are always kept.
+    pub finished_action_retention: Duration,
+    /// At most this many finished actions are kept; beyond it the oldest finished go first.
+    pub max_finished_actions: usize,
 }
 
 impl Default for SimulatorConfig {
@@ -106,6 +119,8 @@ impl Default for SimulatorConfig {
             fault_rate: 0.0,
             seed: 0,
             fault_delay: Duration::from_secs(30),
+            finished_action_retention: Retention::default().max_age,
+            max_finished_actions: Retention::default().max_finished,
         }
     }
 }
@@ -119,6 +134,8 @@ impl std::fmt::Debug for SimulatorConfig {
             .field("fault_rate", &self.fault_rate)
             .field("seed", &self.seed)
             .field("fault_delay", &self.fault_delay)
+            .field("finished_action_retention", &self.finished_action_retention)
+            .field("max_finished_actions", &self.max_finished_actions)
             .finish()
     }
 }
@@ -243,10 +260,14 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         token: config.token.clone(),
         fault_delay: config.fault_delay,
-        world: Mutex::new(World::new(
-            Duration::from_secs_f64(config.action_seconds),
-            config.seed,
-        )),
+        world: Mutex::new({
+            let mut world = World::new(Duration::from_secs_f64(config.action_seconds), config.seed);
+            world.retention = Retention {
+                max_age: config.finished_action_retention,
+                max_finished: config.max_finished_actions,
+            };
+            world
+        }),
         control: Mutex::new(Control {
             bucket: Bucket::new(config.rate_limit, now),
             stats: Stats::default(),
@@ -272,7 +293,20 @@ pub async fn serve(
 
 async fn stats_hook(State(shared): State<Arc<Shared>>) -> Response {
     let stats = lock(&shared.control).stats.clone();
-    json_response(StatusCode::OK, &json!(stats))
+    let mut body = json!(stats);
+    body["actions"] = actions_stats(&shared);
+    json_response(StatusCode::OK, &body)
+}
+
+/// `{"stored", "running"}`: how many actions the simulator holds (finished ones are bounded by
+/// the retention settings), after settling those due.
+fn actions_stats(shared: &Shared) -> Value {
+    let mut world = lock(&shared.world);
+    let now = Instant::now();
+    world.settle(now);
+    world.forget_finished(now);
+    let (stored, running) = world.action_counts();
+    json!({ "stored": stored, "running": running })
 }
 
 async fn reset_hook(State(shared): State<Arc<Shared>>) -> Response {
