@@ -195,7 +195,7 @@ impl Load {
 
     async fn create_server(&self, name: String) {
         let group = self.next() as usize % self.groups;
-        let tier = if group % 2 == 0 { "web" } else { "db" };
+        let tier = if group.is_multiple_of(2) { "web" } else { "db" };
         let body = json!({
             "name": name,
             "server_type": "cx23",
@@ -223,7 +223,11 @@ impl Load {
             0..=19 => {
                 let group = self.next() as usize % self.groups;
                 let page = 1 + self.next() % 2;
-                let sort = if pick % 2 == 0 { "&sort=name:desc" } else { "" };
+                let sort = if pick.is_multiple_of(2) {
+                    "&sort=name:desc"
+                } else {
+                    ""
+                };
                 let path = format!(
                     "/servers?label_selector=soak%3D1%2Cgroup%3Dg{group}&per_page=50&page={page}{sort}"
                 );
