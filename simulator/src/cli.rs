@@ -29,6 +29,13 @@ pub struct ServeArgs {
     /// The project's server quota: creating more fails with 403 resource_limit_exceeded.
     #[arg(long, default_value_t = crate::DEFAULT_SERVER_LIMIT)]
     pub server_limit: u32,
+    /// Seconds a finished action stays readable before it is `not_found` (running actions are
+    /// always kept).
+    #[arg(long, default_value_t = 1800)]
+    pub action_retention_seconds: u64,
+    /// Most finished actions kept; the oldest finished are dropped first.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_finished_actions: usize,
 }
 
 impl ServeArgs {
@@ -41,6 +48,10 @@ impl ServeArgs {
             fault_rate: self.fault_rate,
             seed: self.seed,
             server_limit: self.server_limit,
+            finished_action_retention: std::time::Duration::from_secs(
+                self.action_retention_seconds,
+            ),
+            max_finished_actions: self.max_finished_actions,
             ..SimulatorConfig::default()
         }
     }

@@ -158,10 +158,24 @@ pub(crate) struct Stats {
     pub list_sorts: BTreeMap<String, u64>,
 }
 
+/// Distinct keys each statistics map takes; further keys (odd methods, endless `sort`
+/// combinations from clients) are counted under [`OTHER_KEY`], so the maps stay bounded.
+pub(crate) const MAX_STAT_KEYS: usize = 512;
+pub(crate) const OTHER_KEY: &str = "<other>";
+
+fn bump(map: &mut BTreeMap<String, u64>, key: String) {
+    let key = if map.len() >= MAX_STAT_KEYS && !map.contains_key(&key) {
+        OTHER_KEY.to_string()
+    } else {
+        key
+    };
+    *map.entry(key).or_insert(0) += 1;
+}
+
 impl Stats {
     pub(crate) fn count(&mut self, key: String) {
         self.total += 1;
-        *self.by_endpoint.entry(key).or_insert(0) += 1;
+        bump(&mut self.by_endpoint, key);
     }
 
     pub(crate) fn count_fault(&mut self, kind: &'static str) {
@@ -175,7 +189,7 @@ impl Stats {
         } else {
             format!("{key} sort={}", sorts.join(","))
         };
-        *self.list_sorts.entry(key).or_insert(0) += 1;
+        bump(&mut self.list_sorts, key);
     }
 }
 
@@ -455,6 +469,22 @@ mod tests {
         assert_eq!((h.limit, h.remaining, h.reset), (3600, 0, 1000 + 3600));
         assert!(b.try_take(start + Duration::from_millis(1001)));
         assert!(!b.try_take(start + Duration::from_millis(1002)));
+    }
+
+    #[test]
+    fn stats_maps_stay_bounded() {
+        let mut stats = Stats::default();
+        for i in 0..MAX_STAT_KEYS * 3 {
+            stats.count(format!("M{i} <unmatched>"));
+            stats.count_sort("GET /servers", &[&format!("x{i}")]);
+        }
+        assert_eq!(stats.total, (MAX_STAT_KEYS * 3) as u64);
+        assert_eq!(stats.by_endpoint.len(), MAX_STAT_KEYS + 1);
+        assert_eq!(stats.list_sorts.len(), MAX_STAT_KEYS + 1);
+        assert_eq!(stats.by_endpoint[OTHER_KEY], (MAX_STAT_KEYS * 2) as u64);
+        // Keys already present keep counting.
+        stats.count("M0 <unmatched>".to_string());
+        assert_eq!(stats.by_endpoint["M0 <unmatched>"], 2);
     }
 
     #[test]

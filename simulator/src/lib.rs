@@ -13,9 +13,14 @@
 //! `server_types` and `locations`.
 //!
 //! Test hooks outside `/v1` (no auth, not rate limited, not counted; full reference in the
-//! [`control`] module): `GET /__simulator/stats`, `POST /__simulator/reset`, and
-//! `GET`/`POST`/`DELETE /__simulator/faults` (a seeded share `{"rate": F}`, targeted faults
-//! `{"faults": [{"kind", "endpoints"?, "count"?}]}`, `{"black_hole": true}`).
+//! [`control`] module): `GET /__simulator/stats` → `{"total", "by_endpoint": {"GET
+//! /servers/{id}": n, …}, "rate_limited", "faults": {kind: n}, "list_sorts": {"GET /servers
+//! sort=id:asc": n, "GET /images unsorted": n, …}, "actions": {"stored", "running"}}`
+//! (unroutable paths count as `"METHOD <unmatched>"`; both maps stop adding keys at a fixed
+//! number and count the rest under `"<other>"`), `POST /__simulator/reset` (zeroes the
+//! counters, keeps the resources), and `GET`/`POST`/`DELETE /__simulator/faults` (a seeded
+//! share `{"rate": F}`, targeted faults `{"faults": [{"kind", "endpoints"?, "count"?}]}`,
+//! `{"black_hole": true}`).
 //!
 //! Order for each `/v1` request: count it → black hole → take a rate-limit token (429 when
 //! empty) → check the token (401) → route (404/405) → targeted fault, else draw from the seeded
@@ -48,6 +53,13 @@
 //!   requests) and ignored elsewhere, except `datacenter` (removed from the API) and features the
 //!   simulator does not model (volumes, networks, placement groups, primary IPs), which are
 //!   rejected with `invalid_input`.
+//! - Finished actions are kept for `finished_action_retention` (default 30 minutes) and at most
+//!   `max_finished_actions` of them (default 10,000, oldest finished dropped first); running
+//!   actions are always kept. A dropped action is `not_found` on `GET /actions/{id}`, missing
+//!   from `GET /actions?id=` and from every action list. Hetzner documents no retention period,
+//!   so the figures are a choice, not a fact.
+//! - Public IPv4 addresses come from 198.18.0.0/15; once it is used up, addresses of deleted
+//!   servers are handed out again (oldest first).
 //! - A `timeout` fault performs the request, then holds the answer back for `fault_delay`: the
 //!   change happened although the client timed out.
 
@@ -82,7 +94,7 @@ use control::{Bucket, Fault, FaultPlan, FaultsRequest, RateLimitHeaders, Stats};
 use error::ApiError;
 use request::Query;
 use routes::Routed;
-use state::{Clock, World};
+use state::{Clock, Retention, World};
 
 const MAX_ACTION_SECONDS: f64 = 86_400.0;
 
@@ -109,6 +121,11 @@ pub struct SimulatorConfig {
     pub fault_delay: Duration,
     /// The project's server quota: creating one more fails with 403 `resource_limit_exceeded`.
     pub server_limit: u32,
+    /// How long a finished action stays readable (`GET /actions/{id}` and every action list);
+    /// after that it is `not_found`. Running actions are always kept.
+    pub finished_action_retention: Duration,
+    /// At most this many finished actions are kept; beyond it the oldest finished go first.
+    pub max_finished_actions: usize,
 }
 
 impl Default for SimulatorConfig {
@@ -121,6 +138,8 @@ impl Default for SimulatorConfig {
             seed: 0,
             fault_delay: Duration::from_secs(30),
             server_limit: DEFAULT_SERVER_LIMIT,
+            finished_action_retention: Retention::default().max_age,
+            max_finished_actions: Retention::default().max_finished,
         }
     }
 }
@@ -135,6 +154,8 @@ impl std::fmt::Debug for SimulatorConfig {
             .field("seed", &self.seed)
             .field("fault_delay", &self.fault_delay)
             .field("server_limit", &self.server_limit)
+            .field("finished_action_retention", &self.finished_action_retention)
+            .field("max_finished_actions", &self.max_finished_actions)
             .finish()
     }
 }
@@ -258,6 +279,10 @@ pub async fn serve(
     let now = Instant::now();
     let mut world = World::new(Duration::from_secs_f64(config.action_seconds), config.seed);
     world.server_limit = config.server_limit;
+    world.retention = Retention {
+        max_age: config.finished_action_retention,
+        max_finished: config.max_finished_actions,
+    };
     let shared = Arc::new(Shared {
         token: config.token.clone(),
         fault_delay: config.fault_delay,
@@ -292,7 +317,20 @@ pub async fn serve(
 
 async fn stats_hook(State(shared): State<Arc<Shared>>) -> Response {
     let stats = lock(&shared.control).stats.clone();
-    json_response(StatusCode::OK, &json!(stats))
+    let mut body = json!(stats);
+    body["actions"] = actions_stats(&shared);
+    json_response(StatusCode::OK, &body)
+}
+
+/// `{"stored", "running"}`: how many actions the simulator holds (finished ones are bounded by
+/// the retention settings), after settling those due.
+fn actions_stats(shared: &Shared) -> Value {
+    let mut world = lock(&shared.world);
+    let now = Instant::now();
+    world.settle(now);
+    world.forget_finished(now);
+    let (stored, running) = world.action_counts();
+    json!({ "stored": stored, "running": running })
 }
 
 async fn reset_hook(State(shared): State<Arc<Shared>>) -> Response {

@@ -48,22 +48,49 @@ pub(crate) fn parse_sort(query: &Query, allowed: &[&str]) -> Result<Vec<(String,
     Ok(keys)
 }
 
+/// A sort key with its direction, so a derived `Vec` order is the multi-key order.
+#[derive(PartialEq, Eq)]
+struct Directed {
+    key: SortKey,
+    desc: bool,
+}
+
+impl PartialOrd for Directed {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Directed {
+    fn cmp(&self, other: &Self) -> Ordering {
+        let ord = self.key.cmp(&other.key);
+        if self.desc { ord.reverse() } else { ord }
+    }
+}
+
 /// Sorts by the given keys, then by `id` ascending (the default order).
+///
+/// Keys are computed once per item (not twice per comparison: text keys are owned strings), and
+/// without `sort` this is a single pass over input that already comes in ID order.
 pub(crate) fn sort_by_keys<T>(
     items: &mut [T],
     keys: &[(String, bool)],
     key_of: impl Fn(&T, &str) -> SortKey,
     id_of: impl Fn(&T) -> i64,
 ) {
-    items.sort_by(|a, b| {
-        for (field, desc) in keys {
-            let ord = key_of(a, field).cmp(&key_of(b, field));
-            let ord = if *desc { ord.reverse() } else { ord };
-            if ord != Ordering::Equal {
-                return ord;
-            }
-        }
-        id_of(a).cmp(&id_of(b))
+    if keys.is_empty() {
+        items.sort_by_key(|item| id_of(item));
+        return;
+    }
+    items.sort_by_cached_key(|item| {
+        let directed: Vec<Directed> = keys
+            .iter()
+            .map(|(field, desc)| Directed {
+                key: key_of(item, field),
+                desc: *desc,
+            })
+            .collect();
+        (directed, id_of(item))
     });
 }
 
@@ -160,6 +187,28 @@ mod tests {
         assert_eq!(p.next_page, None);
         assert_eq!(p.last_page, Some(3));
         assert_eq!(p.total_entries, Some(120));
+    }
+
+    #[test]
+    fn sorts_by_keys_then_id() {
+        // (id, name, created)
+        let mut items = vec![(3, "b", 1), (1, "a", 2), (2, "b", 2), (4, "a", 1)];
+        let key = |t: &(i64, &str, i64), f: &str| match f {
+            "name" => SortKey::Text(t.1.to_string()),
+            "created" => SortKey::Int(t.2),
+            _ => SortKey::Int(t.0),
+        };
+        let keys = vec![("name".to_string(), true), ("created".to_string(), false)];
+        sort_by_keys(&mut items, &keys, key, |t| t.0);
+        let ids: Vec<i64> = items.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![3, 2, 4, 1]);
+        sort_by_keys(&mut items, &[], key, |t| t.0);
+        let ids: Vec<i64> = items.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 2, 3, 4]);
+        let keys = vec![("id".to_string(), true)];
+        sort_by_keys(&mut items, &keys, key, |t| t.0);
+        let ids: Vec<i64> = items.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![4, 3, 2, 1]);
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //!
 //! Actions are not driven by a background task: each carries its start instant and duration, and
 //! [`World::settle`] (called at the start of every request) applies the effects of every action
-//! that has finished by then, in finishing order.
+//! that has finished by then, in finishing order; [`World::forget_finished`] (also at the start
+//! of every request) then drops finished actions beyond the [`Retention`] bound (running actions
+//! are always kept).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -214,6 +216,11 @@ pub(crate) struct Action {
 }
 
 impl Action {
+    /// When the action finishes; `None` if that is beyond what an `Instant` can hold (never).
+    pub(crate) fn due(&self) -> Option<Instant> {
+        self.started_at.checked_add(self.duration)
+    }
+
     pub(crate) fn is_done(&self, now: Instant) -> bool {
         now.saturating_duration_since(self.started_at) >= self.duration
     }
@@ -263,15 +270,42 @@ pub(crate) struct Clock {
     pub utc: DateTime<Utc>,
 }
 
+/// How long finished actions stay readable. Running actions are never dropped; a finished one
+/// goes once it finished `max_age` ago or once more than `max_finished` finished actions are
+/// kept (oldest finished first). A dropped action is `not_found` everywhere, as if it had never
+/// existed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Retention {
+    pub max_age: Duration,
+    pub max_finished: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: Duration::from_secs(30 * 60),
+            max_finished: 10_000,
+        }
+    }
+}
+
 pub(crate) struct World {
     pub action_duration: Duration,
+    pub retention: Retention,
     pub servers: BTreeMap<i64, Server>,
     pub ssh_keys: BTreeMap<i64, SshKey>,
     pub firewalls: BTreeMap<i64, Firewall>,
     pub snapshots: BTreeMap<i64, Snapshot>,
     pub actions: BTreeMap<i64, Action>,
-    /// Actions whose effects have not been applied yet.
-    pending: BTreeSet<i64>,
+    /// Actions whose effects have not been applied yet, by the instant they finish, so settling
+    /// looks only at the ones due (actions that never finish are in `locks` only).
+    pending: BTreeSet<(Instant, i64)>,
+    /// Servers with running actions that lock them: server ID → how many.
+    locks: BTreeMap<i64, usize>,
+    /// Settled actions, oldest finished first, with the instant each finished.
+    finished: VecDeque<(Instant, i64)>,
+    /// Public IPv4 addresses of deleted servers, reused once the fresh range is exhausted.
+    released_ipv4: VecDeque<Ipv4Addr>,
     /// Running actions held by the `server_stuck_starting` fault until [`World::release_held`].
     held: BTreeSet<i64>,
     /// The server quota (`SimulatorConfig::server_limit`).
@@ -298,12 +332,16 @@ impl World {
     pub(crate) fn new(action_duration: Duration, seed: u64) -> World {
         World {
             action_duration,
+            retention: Retention::default(),
             servers: BTreeMap::new(),
             ssh_keys: BTreeMap::new(),
             firewalls: BTreeMap::new(),
             snapshots: BTreeMap::new(),
             actions: BTreeMap::new(),
             pending: BTreeSet::new(),
+            locks: BTreeMap::new(),
+            finished: VecDeque::new(),
+            released_ipv4: VecDeque::new(),
             held: BTreeSet::new(),
             server_limit: u32::MAX,
             // Distinct ID ranges per kind, so a client mixing up IDs hits `not_found`.
@@ -350,7 +388,8 @@ impl World {
         PrimaryIp { id, addr }
     }
 
-    /// Next unused IPv4 in 198.18.0.0/15, skipping .0 and .255 host parts; `None` when exhausted.
+    /// Next unused IPv4 in 198.18.0.0/15, skipping .0 and .255 host parts; once the range is
+    /// used up, addresses of deleted servers (oldest first); `None` when none is free.
     pub(crate) fn allocate_ipv4(&mut self) -> Option<PrimaryIp<Ipv4Addr>> {
         while self.next_ipv4 < IPV4_SIZE {
             let candidate = self.next_ipv4;
@@ -360,7 +399,8 @@ impl World {
                 return Some(self.new_primary_ip(Ipv4Addr::from(IPV4_BASE + candidate)));
             }
         }
-        None
+        let addr = self.released_ipv4.pop_front()?;
+        Some(self.new_primary_ip(addr))
     }
 
     /// Next unused /64 network: 2001:db8:<hi>:<lo>::/64.
@@ -398,28 +438,38 @@ impl World {
             code: "action_failed".to_string(),
             message: format!("simulated failure of {command}"),
         });
-        self.actions.insert(
+        let action = Action {
             id,
-            Action {
-                id,
-                command,
-                resources,
-                started: clock.utc,
-                started_at: clock.now,
-                duration: self.action_duration,
-                failure,
-                effect,
-                locks_server,
-            },
-        );
-        self.pending.insert(id);
+            command,
+            resources,
+            started: clock.utc,
+            started_at: clock.now,
+            duration: self.action_duration,
+            failure,
+            effect,
+            locks_server,
+        };
+        if let Some(due) = action.due() {
+            self.pending.insert((due, id));
+        }
+        if let Some(server) = locks_server {
+            *self.locks.entry(server).or_insert(0) += 1;
+        }
+        self.actions.insert(id, action);
         id
     }
 
     /// Keeps a running action running (and its server locked) until [`World::release_held`].
     pub(crate) fn hold_action(&mut self, id: i64) {
         if let Some(action) = self.actions.get_mut(&id) {
+            // The pending queue is ordered by finishing time: move the action in it.
+            if let Some(due) = action.due() {
+                self.pending.remove(&(due, id));
+            }
             action.duration = HELD_FOR;
+            if let Some(due) = action.due() {
+                self.pending.insert((due, id));
+            }
             self.held.insert(id);
         }
     }
@@ -428,7 +478,13 @@ impl World {
     pub(crate) fn release_held(&mut self, now: Instant) {
         for id in std::mem::take(&mut self.held) {
             if let Some(action) = self.actions.get_mut(&id) {
+                if let Some(due) = action.due() {
+                    self.pending.remove(&(due, id));
+                }
                 action.duration = now.saturating_duration_since(action.started_at);
+                if let Some(due) = action.due() {
+                    self.pending.insert((due, id));
+                }
             }
         }
     }
@@ -451,21 +507,48 @@ impl World {
             .collect()
     }
 
+    /// How many actions are stored, and how many of those still run.
+    pub(crate) fn action_counts(&self) -> (usize, usize) {
+        (
+            self.actions.len(),
+            self.actions.len().saturating_sub(self.finished.len()),
+        )
+    }
+
+    /// Drops finished actions beyond the retention bound, oldest finished first (call after
+    /// `settle`, before a request runs: handlers settle again after starting actions and must
+    /// still find the actions they answer with).
+    pub(crate) fn forget_finished(&mut self, now: Instant) {
+        while let Some(&(finished_at, id)) = self.finished.front() {
+            let too_many = self.finished.len() > self.retention.max_finished;
+            let too_old = now.saturating_duration_since(finished_at) >= self.retention.max_age;
+            if !too_many && !too_old {
+                break;
+            }
+            self.finished.pop_front();
+            self.actions.remove(&id);
+        }
+    }
+
     /// Applies the effects of all actions finished by `now`, in finishing order.
     pub(crate) fn settle(&mut self, now: Instant) {
-        let mut due: Vec<(Instant, i64)> = self
-            .pending
-            .iter()
-            .filter_map(|id| self.actions.get(id))
-            .filter(|a| a.is_done(now))
-            .map(|a| (a.started_at + a.duration, a.id))
-            .collect();
-        due.sort();
-        for (_, id) in due {
-            self.pending.remove(&id);
+        while let Some(&(due, id)) = self.pending.first() {
+            if due > now {
+                break;
+            }
+            self.pending.pop_first();
             let Some(action) = self.actions.get(&id) else {
                 continue;
             };
+            self.finished.push_back((due, id));
+            if let Some(server) = action.locks_server
+                && let Some(count) = self.locks.get_mut(&server)
+            {
+                *count -= 1;
+                if *count == 0 {
+                    self.locks.remove(&server);
+                }
+            }
             let failed = action.failure.is_some();
             match action.effect {
                 Effect::None => {}
@@ -516,15 +599,16 @@ impl World {
 
     /// A server is locked while one of its server actions runs (call after `settle`).
     pub(crate) fn server_locked(&self, server: i64) -> bool {
-        self.pending
-            .iter()
-            .filter_map(|id| self.actions.get(id))
-            .any(|a| a.locks_server == Some(server))
+        self.locks.contains_key(&server)
     }
 
     /// Removes a server and detaches it from every firewall.
     pub(crate) fn remove_server(&mut self, id: i64) {
-        self.servers.remove(&id);
+        if let Some(server) = self.servers.remove(&id)
+            && let Some(ipv4) = server.ipv4
+        {
+            self.released_ipv4.push_back(ipv4.addr);
+        }
         for fw in self.firewalls.values_mut() {
             fw.applied
                 .retain(|a| !matches!(a.target, Target::Server(s) if s == id));

@@ -2717,3 +2717,124 @@ async fn type_changes_rebuilds_and_snapshots_are_locked_while_an_action_runs() {
     assert_eq!(r.code(), "invalid_input");
     sim.sim.shutdown().await;
 }
+
+// -------------------------------------------------------------------------------------------------
+// Bounded memory: action retention
+
+/// The action IDs an action-triggering answer carries (`action` and `next_actions`).
+fn action_ids(body: &Value) -> Vec<i64> {
+    let mut ids: Vec<i64> = body["action"]["id"].as_i64().into_iter().collect();
+    if let Some(next) = body["next_actions"].as_array() {
+        ids.extend(next.iter().map(|a| a["id"].as_i64().unwrap()));
+    }
+    ids
+}
+
+#[tokio::test]
+async fn only_the_newest_finished_actions_are_kept() {
+    let sim = Sim::start(SimulatorConfig {
+        action_seconds: 0.0,
+        rate_limit: 1_000_000,
+        max_finished_actions: 10,
+        // Far away, so only the count bound applies.
+        finished_action_retention: Duration::from_secs(86_400),
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let created = sim.create_server("bounded", json!({})).await;
+    let server = created["server"]["id"].as_i64().unwrap();
+    let mut actions = action_ids(&created);
+    for i in 0..1000 {
+        let verb = if i % 2 == 0 { "poweroff" } else { "poweron" };
+        let r = sim
+            .call(
+                Method::POST,
+                &format!("/v1/servers/{server}/actions/{verb}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{i}: {}", r.body);
+        actions.extend(action_ids(&r.body));
+    }
+    assert_eq!(actions.len(), 1002);
+    let (old, kept) = actions.split_at(actions.len() - 10);
+
+    // Dropped actions are not_found everywhere, as if they never existed.
+    for id in [old[0], old[1], old[500], old[old.len() - 1]] {
+        let r = sim.get(&format!("/v1/actions/{id}")).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{id}: {}", r.body);
+        assert_eq!(r.code(), "not_found");
+    }
+    let query: Vec<String> = [old[0], kept[0], kept[9]]
+        .iter()
+        .map(|id| format!("id={id}"))
+        .collect();
+    let r = sim.get(&format!("/v1/actions?{}", query.join("&"))).await;
+    assert_eq!(ids(&r.body, "actions"), vec![kept[0], kept[9]]);
+    // The newest ten are all there, finished.
+    for id in kept {
+        let r = sim.get(&format!("/v1/actions/{id}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{id}");
+        assert_eq!(r.body["action"]["status"], "success");
+    }
+    let listed = sim
+        .get(&format!("/v1/servers/{server}/actions?per_page=50"))
+        .await;
+    assert_eq!(ids(&listed.body, "actions"), kept.to_vec());
+    assert_eq!(listed.body["meta"]["pagination"]["total_entries"], 10);
+    let stats = sim.stats().await;
+    assert_eq!(stats["actions"], json!({"stored": 10, "running": 0}));
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn running_actions_are_never_dropped() {
+    let sim = Sim::start(SimulatorConfig {
+        // Nothing finishes during the test.
+        action_seconds: 86_400.0,
+        rate_limit: 1_000_000,
+        max_finished_actions: 0,
+        finished_action_retention: Duration::ZERO,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let mut actions = Vec::new();
+    for i in 0..30 {
+        let created = sim.create_server(&format!("r{i}"), json!({})).await;
+        actions.extend(action_ids(&created));
+    }
+    assert_eq!(actions.len(), 60);
+    for id in &actions {
+        let r = sim.get(&format!("/v1/actions/{id}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{id}");
+        assert_eq!(r.body["action"]["status"], "running");
+    }
+    assert_eq!(
+        sim.stats().await["actions"],
+        json!({"stored": 60, "running": 60})
+    );
+    sim.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_zero_retention_forgets_an_action_once_it_finished() {
+    let sim = Sim::start(SimulatorConfig {
+        action_seconds: 0.0,
+        finished_action_retention: Duration::ZERO,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    // The answer that starts an action still shows it; the next request has forgotten it.
+    let created = sim.create_server("gone", json!({})).await;
+    let id = created["action"]["id"].as_i64().unwrap();
+    assert_eq!(created["action"]["status"], "success");
+    let r = sim.get(&format!("/v1/actions/{id}")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "not_found");
+    // Its effect was applied before it was dropped.
+    let server = created["server"]["id"].as_i64().unwrap();
+    let r = sim.get(&format!("/v1/servers/{server}")).await;
+    assert_eq!(r.body["server"]["status"], "running");
+    assert_eq!(r.body["server"]["locked"], false);
+    sim.sim.shutdown().await;
+}

@@ -119,13 +119,14 @@ pub(super) fn get_actions_by_id(world: &World, ctx: &Ctx) -> Result<Reply, ApiEr
         .filter_map(|id| world.actions.get(id))
         .filter(|a| statuses.is_empty() || statuses.iter().any(|s| s == a.status(ctx.clock.now)))
         .collect();
-    actions.dedup_by_key(|a| a.id);
     sort_by_keys(
         &mut actions,
         &sort,
         |a, f| action_sort_key(a, f, &ctx.clock),
         |a| a.id,
     );
+    // Sorting ends on the ID, so a repeated `id` is adjacent here and shows once.
+    actions.dedup_by_key(|a| a.id);
     let out: Vec<ActionOut> = actions.iter().map(|a| a.out(ctx.clock.now)).collect();
     Ok(Reply::ok(json!({ "actions": out })))
 }

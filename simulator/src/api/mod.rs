@@ -85,6 +85,7 @@ pub(super) fn internal(message: &str) -> ApiError {
 
 pub(crate) fn handle(world: &mut World, endpoint: Endpoint, ctx: &Ctx) -> Result<Reply, ApiError> {
     world.settle(ctx.clock.now);
+    world.forget_finished(ctx.clock.now);
     use Endpoint as E;
     match endpoint {
         E::ListServers => servers::list_servers(world, ctx),
