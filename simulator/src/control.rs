@@ -182,6 +182,13 @@ impl Stats {
         *self.faults.entry(kind).or_insert(0) += 1;
     }
 
+    /// Takes back a count: the fault did not apply after all.
+    pub(crate) fn uncount_fault(&mut self, kind: &'static str) {
+        if let Some(count) = self.faults.get_mut(kind) {
+            *count = count.saturating_sub(1);
+        }
+    }
+
     /// Counts a list request (`key` is `"GET <template>"`) by its `sort` values, in order.
     pub(crate) fn count_sort(&mut self, key: &str, sorts: &[&str]) {
         let key = if sorts.is_empty() {
@@ -285,8 +292,11 @@ impl TargetedFault {
     }
 
     fn matches(&self, key: &str, endpoint: Endpoint) -> bool {
-        self.remaining() != Some(0)
-            && self.kind.applies_to(endpoint)
+        self.remaining() != Some(0) && self.matches_ignoring_count(key, endpoint)
+    }
+
+    fn matches_ignoring_count(&self, key: &str, endpoint: Endpoint) -> bool {
+        self.kind.applies_to(endpoint)
             && self
                 .endpoints
                 .as_ref()
@@ -325,6 +335,18 @@ impl FaultPlan {
         }
         self.draw_random(endpoint.creates_actions())
             .map(|fault| (fault, false))
+    }
+
+    /// Gives back the hit of the aimed fault `draw` chose for this request: it did not apply
+    /// (an action fault on a request that was refused before starting any action).
+    pub(crate) fn refund(&mut self, key: &str, endpoint: Endpoint, kind: Fault) {
+        if let Some(armed) = self
+            .targeted
+            .iter_mut()
+            .find(|t| t.kind == kind && t.hits > 0 && t.matches_ignoring_count(key, endpoint))
+        {
+            armed.hits -= 1;
+        }
     }
 
     fn draw_random(&mut self, creates_actions: bool) -> Option<Fault> {

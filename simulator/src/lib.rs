@@ -54,7 +54,8 @@
 //!   simulator does not model (volumes, networks, placement groups, primary IPs), which are
 //!   rejected with `invalid_input`.
 //! - Finished actions are kept for `finished_action_retention` (default 30 minutes) and at most
-//!   `max_finished_actions` of them (default 10,000, oldest finished dropped first); running
+//!   `max_finished_actions` of them (default 10,000, oldest finished dropped first, but never one
+//!   finished less than `finished_action_min_age`, default 60 s, ago); running
 //!   actions are always kept. A dropped action is `not_found` on `GET /actions/{id}`, missing
 //!   from `GET /actions?id=` and from every action list. Hetzner documents no retention period,
 //!   so the figures are a choice, not a fact.
@@ -126,6 +127,8 @@ pub struct SimulatorConfig {
     pub finished_action_retention: Duration,
     /// At most this many finished actions are kept; beyond it the oldest finished go first.
     pub max_finished_actions: usize,
+    /// `max_finished_actions` never drops an action finished less than this long ago.
+    pub finished_action_min_age: Duration,
 }
 
 impl Default for SimulatorConfig {
@@ -140,6 +143,7 @@ impl Default for SimulatorConfig {
             server_limit: DEFAULT_SERVER_LIMIT,
             finished_action_retention: Retention::default().max_age,
             max_finished_actions: Retention::default().max_finished,
+            finished_action_min_age: Retention::default().min_age,
         }
     }
 }
@@ -156,6 +160,7 @@ impl std::fmt::Debug for SimulatorConfig {
             .field("server_limit", &self.server_limit)
             .field("finished_action_retention", &self.finished_action_retention)
             .field("max_finished_actions", &self.max_finished_actions)
+            .field("finished_action_min_age", &self.finished_action_min_age)
             .finish()
     }
 }
@@ -282,6 +287,7 @@ pub async fn serve(
     world.retention = Retention {
         max_age: config.finished_action_retention,
         max_finished: config.max_finished_actions,
+        min_age: config.finished_action_min_age,
     };
     let shared = Arc::new(Shared {
         token: config.token.clone(),
@@ -531,6 +537,7 @@ async fn api_request(shared: Arc<Shared>, routed: Routed, request: Request) -> R
                     limits.remaining = 0;
                     limits.reset = unix_now() + 3600;
                 }
+                let mut refunded = false;
                 let response = match fault {
                     Some(Fault::Http500) => error_response(&ApiError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -562,6 +569,21 @@ async fn api_request(shared: Arc<Shared>, routed: Routed, request: Request) -> R
                     | None => {
                         let response =
                             run_endpoint(&shared, endpoint, &query, request, fault).await;
+                        // An action fault is spent only on a request that started actions:
+                        // one refused (locked, invalid, not found) gives its hit back.
+                        if let Some((
+                            kind @ (Fault::ActionError | Fault::ServerStuckStarting),
+                            aimed,
+                        )) = drawn
+                            && !response.status().is_success()
+                        {
+                            let mut control = lock(&shared.control);
+                            if aimed {
+                                control.faults.refund(&key, endpoint, kind);
+                            }
+                            control.stats.uncount_fault(kind.name());
+                            refunded = true;
+                        }
                         match fault {
                             Some(Fault::Timeout) => {
                                 let mut stopping = shared.stopping.clone();
@@ -576,7 +598,7 @@ async fn api_request(shared: Arc<Shared>, routed: Routed, request: Request) -> R
                         }
                     }
                 };
-                (response, fault)
+                (response, if refunded { None } else { fault })
             }
         }
     };

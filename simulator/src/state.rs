@@ -278,6 +278,9 @@ pub(crate) struct Clock {
 pub(crate) struct Retention {
     pub max_age: Duration,
     pub max_finished: usize,
+    /// The count bound never drops an action finished less than this long ago: a client
+    /// polling its actions every few seconds must find them, however busy the simulator is.
+    pub min_age: Duration,
 }
 
 impl Default for Retention {
@@ -285,6 +288,7 @@ impl Default for Retention {
         Retention {
             max_age: Duration::from_secs(30 * 60),
             max_finished: 10_000,
+            min_age: Duration::from_secs(60),
         }
     }
 }
@@ -520,8 +524,10 @@ impl World {
     /// still find the actions they answer with).
     pub(crate) fn forget_finished(&mut self, now: Instant) {
         while let Some(&(finished_at, id)) = self.finished.front() {
-            let too_many = self.finished.len() > self.retention.max_finished;
-            let too_old = now.saturating_duration_since(finished_at) >= self.retention.max_age;
+            let age = now.saturating_duration_since(finished_at);
+            let too_many = self.finished.len() > self.retention.max_finished
+                && age >= self.retention.min_age.min(self.retention.max_age);
+            let too_old = age >= self.retention.max_age;
             if !too_many && !too_old {
                 break;
             }

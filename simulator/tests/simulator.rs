@@ -2431,7 +2431,8 @@ async fn a_stuck_server_stays_starting_until_the_fault_is_cleared() {
     sim.arm(json!([{"kind": "server_stuck_starting"}])).await;
     let created = sim.create_server("stuck", json!({})).await;
     let id = created["server"]["id"].as_i64().unwrap();
-    let action = created["action"]["id"].as_i64().unwrap();
+    // The start that follows the create is what is held.
+    let action = created["next_actions"][0]["id"].as_i64().unwrap();
     let on = sim
         .call(
             Method::POST,
@@ -2440,9 +2441,14 @@ async fn a_stuck_server_stays_starting_until_the_fault_is_cleared() {
         )
         .await;
     assert_eq!(on.status, StatusCode::CREATED);
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let server = sim.get(&format!("/v1/servers/{id}")).await.body;
-    assert_eq!(server["server"]["status"], "initializing");
+    assert_eq!(server["server"]["status"], "starting");
+    let create = created["action"]["id"].as_i64().unwrap();
+    assert_eq!(
+        sim.get(&format!("/v1/actions/{create}")).await.body["action"]["status"],
+        "success",
+        "the create itself finishes"
+    );
     assert_eq!(server["server"]["locked"], true);
     assert_eq!(
         sim.get(&format!("/v1/actions/{action}")).await.body["action"]["status"],
@@ -2476,7 +2482,7 @@ async fn a_stuck_server_stays_starting_until_the_fault_is_cleared() {
         .await;
     let again = sim.create_server("stuck-again", json!({})).await;
     let again_id = again["server"]["id"].as_i64().unwrap();
-    assert_eq!(again["server"]["status"], "initializing");
+    assert_eq!(again["server"]["status"], "starting");
     sim.arm(json!([])).await;
     assert_eq!(
         sim.get(&format!("/v1/servers/{again_id}")).await.body["server"]["status"],
@@ -2736,6 +2742,7 @@ async fn only_the_newest_finished_actions_are_kept() {
         action_seconds: 0.0,
         rate_limit: 1_000_000,
         max_finished_actions: 10,
+        finished_action_min_age: Duration::ZERO,
         // Far away, so only the count bound applies.
         finished_action_retention: Duration::from_secs(86_400),
         ..SimulatorConfig::default()
@@ -2794,6 +2801,7 @@ async fn running_actions_are_never_dropped() {
         action_seconds: 86_400.0,
         rate_limit: 1_000_000,
         max_finished_actions: 0,
+        finished_action_min_age: Duration::ZERO,
         finished_action_retention: Duration::ZERO,
         ..SimulatorConfig::default()
     })
@@ -2836,5 +2844,66 @@ async fn a_zero_retention_forgets_an_action_once_it_finished() {
     let r = sim.get(&format!("/v1/servers/{server}")).await;
     assert_eq!(r.body["server"]["status"], "running");
     assert_eq!(r.body["server"]["locked"], false);
+    sim.sim.shutdown().await;
+}
+
+/// The count bound never drops an action that finished moments ago: a client polling its
+/// actions finds them however many others finished meanwhile.
+#[tokio::test]
+async fn the_count_bound_spares_actions_that_just_finished() {
+    let sim = Sim::start(SimulatorConfig {
+        action_seconds: 0.0,
+        rate_limit: 1_000_000,
+        max_finished_actions: 10,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let created = sim.create_server("spared", json!({})).await;
+    let server = created["server"]["id"].as_i64().unwrap();
+    let mut actions = action_ids(&created);
+    for i in 0..100 {
+        let verb = if i % 2 == 0 { "poweroff" } else { "poweron" };
+        let r = sim
+            .call(
+                Method::POST,
+                &format!("/v1/servers/{server}/actions/{verb}"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{i}: {}", r.body);
+        actions.extend(action_ids(&r.body));
+    }
+    let first = sim.get(&format!("/v1/actions/{}", actions[0])).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_eq!(sim.stats().await["actions"]["stored"], actions.len());
+    sim.sim.shutdown().await;
+}
+
+/// An aimed action fault is spent only on a request that starts actions: a refused one (here
+/// a power action on a server that does not exist) gives its hit back.
+#[tokio::test]
+async fn an_action_fault_is_not_spent_on_a_refused_request() {
+    let sim = Sim::instant().await;
+    let created = sim.create_server("target", json!({})).await;
+    let server = created["server"]["id"].as_i64().unwrap();
+    sim.arm(json!([{"kind": "action_error", "endpoints": ["POST /servers/{id}/actions/poweroff"], "count": 1}]))
+        .await;
+    let refused = sim
+        .call(Method::POST, "/v1/servers/999999/actions/poweroff", None)
+        .await;
+    assert_eq!(refused.status, StatusCode::NOT_FOUND);
+    assert_eq!(refused.headers.get("x-simulator-fault"), None);
+    let hit = sim
+        .call(
+            Method::POST,
+            &format!("/v1/servers/{server}/actions/poweroff"),
+            None,
+        )
+        .await;
+    assert_eq!(hit.status, StatusCode::CREATED);
+    let action = hit.body["action"]["id"].as_i64().unwrap();
+    let r = sim.get(&format!("/v1/actions/{action}")).await;
+    assert_eq!(r.body["action"]["status"], "error", "{}", r.body);
+    assert_eq!(sim.fault_counts().await, counts(&[("action_error", 1)]));
     sim.sim.shutdown().await;
 }

@@ -336,8 +336,8 @@ pub(super) fn create_server(world: &mut World, ctx: &Ctx) -> Result<Reply, ApiEr
         ));
     }
     if ctx.hold_server_start {
-        // Stays `initializing` (create_server still running) until the fault is cleared.
-        world.hold_action(action);
+        // create_server finishes (the server is then `starting`, as at Hetzner: initializing
+        // -> starting -> running); start_server runs until the fault is cleared.
         for held in &next_actions {
             world.hold_action(*held);
         }
