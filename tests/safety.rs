@@ -1054,3 +1054,56 @@ async fn changing_the_deletion_budget_in_the_config_lifts_a_pause() {
         test_db.cleanup().await;
     }
 }
+
+/// A snapshot that fails is no backup: the server is kept until one succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_snapshot_keeps_the_server_until_one_succeeds() {
+    for test_db in common::test_databases().await {
+        let env = env_custom(
+            &test_db,
+            Options {
+                config: config(|c| c.lifecycle.snapshot_before_delete = true),
+                ..Options::default()
+            },
+        )
+        .await;
+        let backend = env.backend;
+        env.insert("snap", "active", "starter").await;
+        env.process_changes().await;
+        let server = env.row("snap").await.hetzner_server_id.unwrap();
+        let faults = format!("http://{}/__simulator/faults", env.sim.addr());
+        let armed = env
+            .http
+            .post(&faults)
+            .json(&json!({"faults": [{"kind": "action_error", "endpoints": ["POST /servers/{id}/actions/create_image"], "count": 1}]}))
+            .send()
+            .await
+            .unwrap();
+        assert!(armed.status().is_success());
+        env.set_status("snap", "canceled").await;
+        env.process_changes().await;
+        assert!(
+            ids(&env.list("servers").await).contains(&server),
+            "[{backend}] kept"
+        );
+        let error = env.row("snap").await.provisioning_error.unwrap_or_default();
+        assert!(error.contains("create_image"), "[{backend}] {error}");
+
+        // The next attempt takes a new snapshot (the failed one does not count) and deletes.
+        let gone = common::eventually(std::time::Duration::from_secs(30), || async {
+            env.process_changes().await;
+            env.row("snap").await.provisioning_status == "deprovisioned"
+        })
+        .await;
+        assert!(gone, "[{backend}] {:?}", env.row("snap").await);
+        let (_, images) = env.api("GET", "/images?type=snapshot", None).await;
+        let statuses: Vec<&str> = images["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["status"].as_str().unwrap_or_default())
+            .collect();
+        assert!(statuses.contains(&"available"), "[{backend}] {images}");
+        test_db.cleanup().await;
+    }
+}

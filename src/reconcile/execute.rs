@@ -465,6 +465,8 @@ impl<A: HcloudApi> Executor<'_, A> {
                     && progress
                         .status_since
                         .is_none_or(|since| image.created >= since)
+                    // A snapshot that failed is no backup: take another.
+                    && matches!(image.status, ImageStatus::Available | ImageStatus::Creating)
             });
         if let Some(image) = existing {
             if image.status == ImageStatus::Available {
