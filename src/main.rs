@@ -365,6 +365,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         controller.wake.clone(),
         shutdown_rx.clone(),
     ));
+    tokio::spawn(triggers::watch_sqlite(
+        args.controller.db.database_url.clone(),
+        controller.wake.clone(),
+        shutdown_rx.clone(),
+    ));
     let mut control = tokio::spawn(controller.run(shutdown_rx));
 
     // Any task ending on its own is fatal: a replica that serves probes but no longer
