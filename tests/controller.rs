@@ -5,13 +5,19 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures::FutureExt;
+use sea_orm::sqlx::Connection;
+use sea_orm::sqlx::sqlite::SqliteConnectOptions;
 use serde_json::json;
 
 use common::env::{env, env_with, for_each_backend, ids, writes};
 use vps_controller::config::Config;
+use vps_controller::controller::triggers::{self, WatchCounters};
 use vps_controller::db::entities::subscription;
 use vps_controller::db::{events, subscriptions};
 
@@ -529,6 +535,159 @@ async fn postgres_notifies_wake_the_change_pass() {
         listener.await.unwrap();
         test_db.cleanup().await;
     }
+}
+
+/// `PRAGMA data_version` as a connection of its own sees it.
+async fn data_version(conn: &mut sea_orm::sqlx::SqliteConnection) -> i64 {
+    sea_orm::sqlx::query_scalar::<_, i64>("PRAGMA data_version")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// Runs `watch_sqlite_with` polling every 5 ms into the returned counters.
+fn spawn_sqlite_watch(
+    url: &str,
+    wake: Arc<tokio::sync::Notify>,
+) -> (
+    Arc<WatchCounters>,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let counters = Arc::new(WatchCounters::default());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(triggers::watch_sqlite_with(
+        url.to_owned(),
+        Duration::from_millis(5),
+        counters.clone(),
+        wake,
+        stopped,
+    ));
+    (counters, stop, task)
+}
+
+/// Waits until the watcher has polled `n` more times (a count, not a duration).
+async fn polls_pass(counters: &WatchCounters, n: u64) -> bool {
+    let from = counters.polls.load(Ordering::SeqCst);
+    common::eventually(Duration::from_secs(10), || async {
+        counters.polls.load(Ordering::SeqCst) >= from + n
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_commits_by_another_connection_wake_the_change_pass_once() {
+    let test_db = common::sqlite_db();
+    let env = env(&test_db).await;
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let (counters, stop, watcher) = spawn_sqlite_watch(&test_db.url, wake.clone());
+
+    assert!(polls_pass(&counters, 50).await, "the watcher polls");
+    assert_eq!(
+        counters.pokes.load(Ordering::SeqCst),
+        0,
+        "no commit, no wake-up, however often it looks"
+    );
+
+    // The web app's INSERT, through a connection other than the watcher's.
+    env.insert("wake", "active", "starter").await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            counters.pokes.load(Ordering::SeqCst) >= 1
+        })
+        .await,
+        "a commit by another connection pokes the change pass"
+    );
+    assert!(
+        wake.notified().now_or_never().is_some(),
+        "the poke is waiting for the control loop"
+    );
+    assert!(polls_pass(&counters, 50).await);
+    assert_eq!(
+        counters.pokes.load(Ordering::SeqCst),
+        1,
+        "one commit is one wake-up, not one per poll"
+    );
+
+    stop.send(true).unwrap();
+    watcher.await.unwrap();
+    test_db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_pass_with_nothing_to_do_writes_nothing() {
+    let test_db = common::sqlite_db();
+    let env = env(&test_db).await;
+    let options = SqliteConnectOptions::from_str(&test_db.url).unwrap();
+    let mut watcher = sea_orm::sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
+
+    env.insert("idle", "active", "starter").await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            env.process_changes().await;
+            env.row("idle").await.provisioning_status == "ready"
+        })
+        .await
+    );
+    // Rows waiting for Hetzner come back on their own; wait until none is left.
+    assert!(
+        common::eventually(Duration::from_secs(30), || async {
+            env.controller.process_changes().await.unwrap().reconciled == 0
+        })
+        .await
+    );
+    let before = data_version(&mut watcher).await;
+    for _ in 0..3 {
+        let report = env.controller.process_changes().await.unwrap();
+        assert_eq!(report.reconciled, 0, "{report:?}");
+    }
+    assert_eq!(
+        data_version(&mut watcher).await,
+        before,
+        "taking no deletion notices and finding no changed rows commits nothing, so the \
+         SQLite watcher does not wake the loop again (no busy loop)"
+    );
+    env.set_status("idle", "canceled").await;
+    assert_ne!(
+        data_version(&mut watcher).await,
+        before,
+        "and this connection does see other connections' commits"
+    );
+    test_db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_loop_on_sqlite_goes_quiet_once_converged() {
+    let test_db = common::sqlite_db();
+    let env = Arc::new(env(&test_db).await);
+    let (counters, stop_watch, watcher) =
+        spawn_sqlite_watch(&test_db.url, env.controller.wake.clone());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(env.controller.clone().run(stopped));
+
+    env.insert("quiet", "active", "starter").await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            env.row("quiet").await.provisioning_status == "ready"
+        })
+        .await
+    );
+    // A loop that wrote on every pass would poke itself forever: 200 polls in a row with
+    // no poke only happen once its passes stop writing.
+    let quiet = common::eventually(Duration::from_secs(30), || async {
+        let pokes = counters.pokes.load(Ordering::SeqCst);
+        polls_pass(&counters, 200).await && counters.pokes.load(Ordering::SeqCst) == pokes
+    })
+    .await;
+    assert!(quiet, "still poked after convergence: {counters:?}");
+
+    stop.send(true).unwrap();
+    running.await.unwrap();
+    stop_watch.send(true).unwrap();
+    watcher.await.unwrap();
+    test_db.cleanup().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
