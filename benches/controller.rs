@@ -22,7 +22,8 @@
 //! 4. Toggles: `--toggles` rows, one at a time, `UPDATE … SET status = 'canceled'`; latency is
 //!    from issuing the UPDATE until the simulator has counted the first non-GET request (polled
 //!    every 5 ms from its stats). The next toggle waits until the row is `deprovisioned`, so
-//!    every write in the window belongs to the toggled row.
+//!    every write in the window belongs to the toggled row; a random 0–1 s pause before each
+//!    toggle puts it at a random phase of the 1 s change poll.
 //! 5. Peak RSS (`VmHWM`, reset per case through `/proc/self/clear_refs`) after the controller
 //!    phases: the whole process, so it includes the simulator holding N servers.
 //! 6. Naive baseline (same simulator, other names): per subscription, `GET ?name=` for key,
@@ -526,6 +527,9 @@ async fn run_controller(
     out.toggles = toggles;
     for t in 0..toggles {
         let id = format!("sub-{}", t * n / toggles);
+        // A random phase against the 1 s change poll: the previous toggle ended right after a
+        // tick, so toggling at once would always wait almost a full second.
+        tokio::time::sleep(Duration::from_millis(rand::random_range(0..1000))).await;
         let before = sim.writes().await;
         let started = Instant::now();
         db.execute_unprepared(&format!(
