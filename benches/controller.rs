@@ -469,6 +469,13 @@ async fn run_controller(
         ));
         // Let LISTEN connect before anything is timed.
         tokio::time::sleep(Duration::from_millis(300)).await;
+    } else {
+        // As `run` does: commits by other connections (the toggles) wake the change pass.
+        tokio::spawn(triggers::watch_sqlite(
+            bench_db.url.clone(),
+            controller.wake.clone(),
+            shutdown_rx.clone(),
+        ));
     }
     let cpu = controller_cpu();
     let started = Instant::now();
