@@ -266,71 +266,100 @@ impl<A: HcloudApi> Reconciler<A> {
         };
         // What the row records but the listing did not show (labels of an earlier scheme,
         // created by the web app, or deleted at Hetzner) is fetched by id and judged.
-        if let Some(id) = recorded.server
-            && !observed.servers.iter().any(|s| s.id == id)
+        let get_server = |id| self.api.get_server(id);
+        match self
+            .fetch_recorded(
+                desired,
+                Kind::Server,
+                recorded.server,
+                &observed.servers,
+                get_server,
+            )
+            .await?
         {
-            match self.api.get_server(id).await {
-                Ok(server) => {
-                    if self
-                        .judge_recorded(desired, Kind::Server, id, &server.labels)
-                        .await?
-                    {
-                        observed.adopting |= !self.owner.owns(&server.labels);
-                        observed.servers.push(server);
-                    }
-                }
-                Err(e) if e.is_not_found() => {
-                    if matches!(desired.want, Want::Vps(_)) && desired.version.is_some() {
-                        let message = format!(
-                            "server {id} recorded on the row does not exist at Hetzner; provisioning a new one"
-                        );
-                        tracing::warn!(subscription = %desired.subscription_id, "{message}");
-                        events::record(
-                            &self.db,
-                            &desired.subscription_id,
-                            EventKind::Warning,
-                            "RecordedServerGone",
-                            &message,
-                        )
-                        .await?;
-                    }
-                }
-                Err(e) => return Err(e.into()),
+            Recorded::Taken(server) => {
+                observed.adopting |= !self.owner.owns(&server.labels);
+                observed.servers.push(server);
             }
+            Recorded::Gone(id)
+                if matches!(desired.want, Want::Vps(_)) && desired.version.is_some() =>
+            {
+                let message = format!(
+                    "server {id} recorded on the row does not exist at Hetzner; provisioning a new one"
+                );
+                tracing::warn!(subscription = %desired.subscription_id, "{message}");
+                events::record(
+                    &self.db,
+                    &desired.subscription_id,
+                    EventKind::Warning,
+                    "RecordedServerGone",
+                    &message,
+                )
+                .await?;
+            }
+            _ => {}
         }
-        if let Some(id) = recorded.ssh_key
-            && !observed.ssh_keys.iter().any(|k| k.id == id)
+        let get_key = |id| self.api.get_ssh_key(id);
+        if let Recorded::Taken(key) = self
+            .fetch_recorded(
+                desired,
+                Kind::SshKey,
+                recorded.ssh_key,
+                &observed.ssh_keys,
+                get_key,
+            )
+            .await?
         {
-            match self.api.get_ssh_key(id).await {
-                Ok(key) => {
-                    if self
-                        .judge_recorded(desired, Kind::SshKey, id, &key.labels)
-                        .await?
-                    {
-                        observed.ssh_keys.push(key);
-                    }
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e.into()),
-            }
+            observed.ssh_keys.push(key);
         }
-        if let Some(id) = recorded.firewall
-            && !observed.firewalls.iter().any(|f| f.id == id)
+        let get_firewall = |id| self.api.get_firewall(id);
+        if let Recorded::Taken(firewall) = self
+            .fetch_recorded(
+                desired,
+                Kind::Firewall,
+                recorded.firewall,
+                &observed.firewalls,
+                get_firewall,
+            )
+            .await?
         {
-            match self.api.get_firewall(id).await {
-                Ok(firewall) => {
-                    if self
-                        .judge_recorded(desired, Kind::Firewall, id, &firewall.labels)
-                        .await?
-                    {
-                        observed.firewalls.push(firewall);
-                    }
-                }
-                Err(e) if e.is_not_found() => {}
-                Err(e) => return Err(e.into()),
-            }
+            observed.firewalls.push(firewall);
         }
         Ok(observed)
+    }
+
+    /// Fetches the resource the row records as `id` when the listing did not show it, and
+    /// judges it (`judge_recorded`). Only `not_found` means it is gone.
+    async fn fetch_recorded<T, F, Fut>(
+        &self,
+        desired: &Desired,
+        kind: Kind,
+        id: Option<i64>,
+        seen: &[T],
+        get: F,
+    ) -> Result<Recorded<T>, ReconcileError>
+    where
+        T: observe::Resource,
+        F: FnOnce(i64) -> Fut,
+        Fut: std::future::Future<Output = Result<T, hcloud::Error>>,
+    {
+        let Some(id) = id.filter(|id| !seen.iter().any(|r| r.id() == *id)) else {
+            return Ok(Recorded::Seen);
+        };
+        match get(id).await {
+            Ok(resource) => Ok(
+                if self
+                    .judge_recorded(desired, kind, id, resource.labels())
+                    .await?
+                {
+                    Recorded::Taken(resource)
+                } else {
+                    Recorded::Left
+                },
+            ),
+            Err(e) if e.is_not_found() => Ok(Recorded::Gone(id)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Whether a resource the row records (fetched by id, not found by our labels) belongs to
@@ -707,6 +736,18 @@ impl<A: HcloudApi> Reconciler<A> {
             e => Err(e),
         }
     }
+}
+
+/// What became of a resource the row records, after `fetch_recorded`.
+enum Recorded<T> {
+    /// None recorded, or the listing showed it already.
+    Seen,
+    /// `not_found` at Hetzner.
+    Gone(i64),
+    /// Exists but is not this subscription's to take (the web app's key or firewall).
+    Left,
+    /// Belongs to this subscription: add it to what was observed.
+    Taken(T),
 }
 
 /// What `settle` needs besides the row and the progress.
