@@ -153,14 +153,21 @@ fn firewall_targets(b: &mut Body, field: &str, required: bool) -> Vec<Target> {
     targets
 }
 
+/// The resources an apply or remove action names: the firewall, and the server when the
+/// target is one.
+fn action_resources(firewall: i64, target: &Target) -> Vec<crate::wire::ResourceRef> {
+    let mut resources = vec![firewall_ref(firewall)];
+    if let Target::Server(id) = target {
+        resources.push(server_ref(*id));
+    }
+    resources
+}
+
 /// Starts `apply_firewall` for each target and records the (pending) application.
 fn apply_targets(world: &mut World, ctx: &Ctx, firewall: i64, targets: Vec<Target>) -> Vec<i64> {
     let mut actions = Vec::new();
     for target in targets {
-        let mut resources = vec![firewall_ref(firewall)];
-        if let Target::Server(id) = target {
-            resources.push(server_ref(id));
-        }
+        let resources = action_resources(firewall, &target);
         let action = world.start_action(
             &ctx.clock,
             "apply_firewall",
@@ -442,10 +449,7 @@ fn remove_from_resources(
     }
     let mut actions = Vec::new();
     for target in targets {
-        let mut resources = vec![firewall_ref(id)];
-        if let Target::Server(sid) = target {
-            resources.push(server_ref(sid));
-        }
+        let resources = action_resources(id, &target);
         let action = world.start_action(
             &ctx.clock,
             "remove_firewall",
