@@ -134,25 +134,7 @@ async fn official_python_client_works_against_the_simulator() {
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
-    let output = tokio::time::timeout(SCRIPT_TIMEOUT, child)
-        .await
-        .unwrap_or_else(|_| panic!("{} did not finish in {SCRIPT_TIMEOUT:?}", script.display()))
-        .unwrap_or_else(|e| panic!("cannot run {python} {}: {e}", script.display()));
-    simulator.shutdown().await;
-
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "hcloud-python against the simulator failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        output.status
-    );
-    // The script's own summary line, so a run that silently checked nothing cannot pass.
-    let summary = stdout
-        .lines()
-        .find(|l| l.contains("checks passed, 0 failed"))
-        .unwrap_or_else(|| panic!("no summary line in the script output:\n{stdout}"));
-    println!("{summary}");
+    expect_all_checks_pass("hcloud-python", &script, child, simulator).await;
 }
 
 const CLI_INSTALL_HINT: &str = "install it with: apt-get install hcloud-cli \
@@ -215,20 +197,31 @@ async fn official_hcloud_cli_works_against_the_simulator() {
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
+    expect_all_checks_pass("the hcloud CLI", &script, child, simulator).await;
+}
+
+/// Waits for a client's script (bounded by [`SCRIPT_TIMEOUT`]), stops the simulator, and
+/// fails unless the script succeeded and printed its summary line, so a run that silently
+/// checked nothing cannot pass.
+async fn expect_all_checks_pass(
+    client: &str,
+    script: &std::path::Path,
+    child: impl std::future::Future<Output = std::io::Result<std::process::Output>>,
+    simulator: vps_controller::simulator::RunningSimulator,
+) {
     let output = tokio::time::timeout(SCRIPT_TIMEOUT, child)
         .await
         .unwrap_or_else(|_| panic!("{} did not finish in {SCRIPT_TIMEOUT:?}", script.display()))
-        .unwrap_or_else(|e| panic!("cannot run bash {}: {e}", script.display()));
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     simulator.shutdown().await;
 
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "the hcloud CLI against the simulator failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        "{client} against the simulator failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         output.status
     );
-    // The script's own summary line, so a run that silently checked nothing cannot pass.
     let summary = stdout
         .lines()
         .find(|l| l.contains("checks passed, 0 failed"))
