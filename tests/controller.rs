@@ -106,10 +106,17 @@ async fn active_rows_converge_canceled_ones_stay_empty_and_steady_state_only_lis
             );
         }
 
-        // Steady state: a resync lists (3 requests), writes nothing at Hetzner or in the DB.
+        // Steady state: a resync lists (3 requests), writes nothing at Hetzner or in the DB,
+        // and queues no reconcile: every row is judged converged in memory.
         let before = subscriptions::all(&env.db).await.unwrap().rows;
         env.reset_stats().await;
-        env.resync().await;
+        let report = env.controller.resync().await.unwrap();
+        assert_eq!(
+            (report.reconciled, report.converged),
+            (0, 13),
+            "[{}] {report:?}",
+            env.backend
+        );
         env.process_changes().await;
         let stats = env.stats().await;
         assert_eq!(stats["total"], 3, "[{}] {stats}", env.backend);
@@ -203,7 +210,7 @@ async fn a_deleted_row_loses_its_resources_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_drift_is_repaired_within_one_resync() {
     for_each_backend(|env| async move {
-        for id in ["gone", "off", "rules", "unapplied", "labels", "key"] {
+        for id in ["gone", "off", "rules", "unapplied", "labels", "key", "calm-1", "calm-2"] {
             env.insert(id, "active", "starter").await;
         }
         env.resync().await;
@@ -235,7 +242,10 @@ async fn every_kind_of_drift_is_repaired_within_one_resync() {
             gone == 404 && off["server"]["status"] == "off" && fw["firewall"]["applied_to"] == json!([])
         }).await);
 
-        env.resync().await;
+        // Exactly the six drifted subscriptions are reconciled; the calm ones are judged
+        // converged against the listing and cost nothing.
+        let report = env.controller.resync().await.unwrap();
+        assert_eq!((report.reconciled, report.converged, report.failed), (6, 2, 0), "[{}] {report:?}", env.backend);
 
         let gone = env.row("gone").await;
         assert_ne!(gone.hetzner_server_id, Some(server("gone")), "[{}] recreated", env.backend);
@@ -726,6 +736,73 @@ async fn a_slow_create_does_not_hold_up_other_subscriptions() {
         "ready",
         "shutdown let it finish"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toggle_does_not_wait_behind_a_bulk_insert() {
+    let test_db = common::sqlite_db();
+    // Two workers, actions of 1 s: 24 new subscriptions take a dozen seconds in bulk.
+    let defaults = common::env::Options::default();
+    let env = Arc::new(
+        common::env::env_custom(
+            &test_db,
+            common::env::Options {
+                action_seconds: 1.0,
+                config: Config {
+                    concurrency: 2,
+                    ..defaults.config.clone()
+                },
+                ..defaults
+            },
+        )
+        .await,
+    );
+    env.insert("early", "active", "starter").await;
+    assert!(
+        common::eventually(Duration::from_secs(20), || async {
+            env.process_changes().await;
+            env.row("early").await.provisioning_status == "ready"
+        })
+        .await
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(env.controller.clone().run(stopped));
+    let bulk: Vec<String> = (0..24).map(|i| format!("bulk-{i:02}")).collect();
+    let values: Vec<String> = bulk
+        .iter()
+        .map(|id| format!("('{id}', 'user-{id}', 'active', 'starter')"))
+        .collect();
+    env.sql(&format!(
+        "INSERT INTO subscriptions (id, user_id, status, plan) VALUES {}",
+        values.join(", ")
+    ))
+    .await;
+    // The bulk is under way, then the early subscription is canceled.
+    assert!(
+        common::eventually(Duration::from_secs(20), || async {
+            env.row("bulk-00").await.hetzner_server_id.is_some()
+                || env.row("bulk-23").await.hetzner_server_id.is_some()
+        })
+        .await
+    );
+    env.set_status("early", "canceled").await;
+    assert!(
+        common::eventually(Duration::from_secs(60), || async {
+            env.row("early").await.provisioning_status == "deprovisioned"
+        })
+        .await
+    );
+    let mut waiting = 0;
+    for id in &bulk {
+        waiting += usize::from(env.row(id).await.provisioning_status != "ready");
+    }
+    // First come, first served would have provisioned (nearly) all 24 first.
+    assert!(
+        waiting >= 12,
+        "the cancellation went before the bulk: {waiting} of 24 still waited when it was done"
+    );
+    stop.send(true).unwrap();
+    running.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,18 +7,20 @@
 //! Both go through `Reconciler::reconcile`, so there is one code path per subscription.
 
 pub mod leader;
+pub mod queue;
 pub mod retry;
 pub mod triggers;
 pub mod workset;
 
 pub use retry::{inputs_fingerprint, retry_after_config_change};
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, Semaphore, watch};
+use futures::FutureExt;
+use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{deletion_guard, subscriptions};
@@ -26,9 +28,10 @@ use crate::fencing::Term;
 use crate::hcloud::{self, HcloudApi};
 use crate::reconcile::desired::{self, PRE_DELETE_SNAPSHOT, SNAPSHOT_LABEL};
 use crate::reconcile::observe::{self, Observed, RecordedIds, Snapshot};
-use crate::reconcile::{self, Done, ReconcileError, Reconciler};
+use crate::reconcile::{self, Done, ReconcileError, Reconciler, Verdict};
 use crate::telemetry::metrics::Metrics;
 
+use queue::{Lane, Queue};
 use workset::{Claim, Finish, WorkSet};
 
 /// How often rows are checked for changes (a cheap indexed query).
@@ -44,8 +47,8 @@ pub struct Controller<A: HcloudApi> {
     /// Poked by `triggers::listen_for_changes` to run the change pass at once.
     pub wake: Arc<Notify>,
     work: Arc<WorkSet>,
-    /// One permit per reconcile in flight (`concurrency`), shared by all passes.
-    slots: Arc<Semaphore>,
+    /// Claimed jobs waiting for one of `concurrency` workers, changes first.
+    queue: Arc<Queue<Queued>>,
     /// Cancelled on shutdown: queued jobs start nothing.
     stopping: CancellationToken,
     /// Largest resource count seen per kind in the last full listing (for the budget).
@@ -58,10 +61,21 @@ pub struct Controller<A: HcloudApi> {
     pub inputs_fingerprint: Option<String>,
 }
 
-/// Reconciles started by a pass.
+/// Reconciles queued by a pass.
 struct Dispatched {
     offered: usize,
-    handles: Vec<tokio::task::JoinHandle<bool>>,
+    /// Rows the resync found converged: nothing queued for them.
+    converged: usize,
+    /// One per queued job: whether it succeeded.
+    results: Vec<oneshot::Receiver<bool>>,
+}
+
+/// A claimed job waiting in the queue.
+struct Queued {
+    term: Term,
+    claim: Claim,
+    job: Job,
+    result: oneshot::Sender<bool>,
 }
 
 /// What a claimed entry is for. Every job runs in the leadership term of the pass that
@@ -76,14 +90,88 @@ enum Job {
     DeleteUnwanted(Observed),
 }
 
+impl Job {
+    fn version(&self) -> Option<i64> {
+        match self {
+            Job::Reconcile { version, .. } => *version,
+            Job::DeleteUnwanted(_) => None,
+        }
+    }
+}
+
+/// Runs one claimed job in `term` and records how it ended on the claim. Returns whether it
+/// succeeded.
+async fn run_job<A: HcloudApi>(
+    reconciler: &Reconciler<A>,
+    metrics: &Metrics,
+    term: &Term,
+    claim: Claim,
+    job: Job,
+) -> bool {
+    let started = Instant::now();
+    let version = job.version();
+    let result = match job {
+        Job::Reconcile { snapshot, .. } => {
+            // A snapshot taken before this subscription's last reconcile ended may miss what
+            // it created: observe afresh instead.
+            let fresh = snapshot.filter(|s| claim.last_done().is_none_or(|done| done < s.taken_at));
+            reconciler
+                .reconcile(term, claim.id(), fresh.as_deref())
+                .await
+        }
+        Job::DeleteUnwanted(observed) => {
+            tracing::info!(
+                key = claim.key(),
+                servers = observed.servers.len(),
+                ssh_keys = observed.ssh_keys.len(),
+                firewalls = observed.firewalls.len(),
+                "deleting resources with our instance label that no subscription wants"
+            );
+            let result = reconciler
+                .delete_orphans(term, claim.key(), &observed)
+                .await;
+            result.map(|()| Done::Settled)
+        }
+    };
+    let took = started.elapsed();
+    match result {
+        Ok(Done::Settled) => {
+            metrics.reconcile_finished("settled", None, took);
+            claim.finish(Finish::Success);
+            true
+        }
+        Ok(Done::Recheck(after)) => {
+            metrics.reconcile_finished("settled", None, took);
+            claim.finish(Finish::Recheck(after));
+            true
+        }
+        Ok(Done::Requeue(delay)) => {
+            metrics.reconcile_finished("requeue", None, took);
+            claim.finish(Finish::RetryAfter(delay));
+            true
+        }
+        // Not this subscription's failure: whoever leads next looks at it at once.
+        Err(ReconcileError::LostLease) => {
+            metrics.reconcile_finished("error", Some("lost_lease"), took);
+            claim.finish(Finish::RetryAfter(Duration::ZERO));
+            false
+        }
+        Err(error) => {
+            tracing::debug!(key = claim.key(), error = %error, "reconcile failed; backing off");
+            metrics.reconcile_finished("error", Some(error.metric_label()), took);
+            claim.finish(Finish::Failure { version });
+            false
+        }
+    }
+}
+
 impl Dispatched {
     /// Waits for every reconcile of the pass.
     async fn finish(self) -> PassReport {
-        let started = self.handles.len();
+        let started = self.results.len();
         let mut failed = 0;
-        for handle in self.handles {
-            // A panicking reconcile counts as failed; its claim was released on unwind.
-            if !handle.await.unwrap_or(false) {
+        for result in self.results {
+            if !result.await.unwrap_or(false) {
                 failed += 1;
             }
         }
@@ -91,6 +179,7 @@ impl Dispatched {
             reconciled: started,
             failed,
             skipped_busy: self.offered - started,
+            converged: self.converged,
         }
     }
 }
@@ -102,18 +191,20 @@ pub struct PassReport {
     pub failed: usize,
     /// In flight elsewhere or waiting out a backoff.
     pub skipped_busy: usize,
+    /// Rows a resync found converged (nothing to do, nothing queued).
+    pub converged: usize,
 }
 
 impl<A: HcloudApi + 'static> Controller<A> {
     pub fn new(reconciler: Reconciler<A>, metrics: Arc<Metrics>, rate_limit_per_hour: u32) -> Self {
-        let slots = Arc::new(Semaphore::new(reconciler.config.concurrency.max(1)));
+        let queue = Arc::new(Queue::new(reconciler.config.concurrency.max(1)));
         Controller {
             reconciler: Arc::new(reconciler),
             metrics,
             rate_limit_per_hour: rate_limit_per_hour.max(1),
             wake: Arc::new(Notify::new()),
             work: Arc::new(WorkSet::default()),
-            slots,
+            queue,
             stopping: CancellationToken::new(),
             last_listing_size: Default::default(),
             legacy_checked: AtomicBool::new(false),
@@ -156,8 +247,9 @@ impl<A: HcloudApi + 'static> Controller<A> {
             if Instant::now() >= next_resync {
                 match self.start_resync().await {
                     Ok(pass) => tracing::info!(
-                        subscriptions = pass.offered,
-                        started = pass.handles.len(),
+                        converged = pass.converged,
+                        queued = pass.results.len(),
+                        busy = pass.offered - pass.results.len(),
                         "resync pass"
                     ),
                     Err(e) => {
@@ -200,7 +292,17 @@ impl<A: HcloudApi + 'static> Controller<A> {
         }
         let started = Instant::now();
         let offered = wanted.len();
+        let changed: HashMap<String, i64> = wanted
+            .iter()
+            .filter_map(|(key, (_, version))| version.map(|v| (key.clone(), v)))
+            .collect();
         let claims = self.claim(wanted, false);
+        // A row toggled while it waits behind bulk work goes first now.
+        self.queue.promote(|queued| {
+            changed
+                .get(queued.claim.key())
+                .is_some_and(|version| queued.job.version() != Some(*version))
+        });
         // Many claims at once (a bulk insert): one listing of everything is cheaper than
         // three listings per subscription. Counted after claiming, so rows that wait out a
         // delay cost nothing.
@@ -218,6 +320,12 @@ impl<A: HcloudApi + 'static> Controller<A> {
         } else {
             None
         };
+        // Bulk work (observed by one listing) waits behind single changes.
+        let lane = if snapshot.is_some() {
+            Lane::Bulk
+        } else {
+            Lane::Change
+        };
         let jobs = claims
             .into_iter()
             .map(|(claim, version)| {
@@ -230,8 +338,8 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 )
             })
             .collect();
-        let dispatched = self.spawn(&term, jobs, offered);
-        if !dispatched.handles.is_empty() {
+        let dispatched = self.enqueue(&term, lane, jobs, offered, 0);
+        if !dispatched.results.is_empty() {
             self.metrics.pass_finished("changes", started.elapsed());
         }
         Ok(dispatched)
@@ -269,9 +377,9 @@ impl<A: HcloudApi + 'static> Controller<A> {
             self.legacy_checked.store(true, Ordering::Relaxed);
         }
         let size = [
-            snapshot.resources.servers.len(),
-            snapshot.resources.ssh_keys.len(),
-            snapshot.resources.firewalls.len(),
+            snapshot.resources().servers.len(),
+            snapshot.resources().ssh_keys.len(),
+            snapshot.resources().firewalls.len(),
             rows.len(),
         ]
         .into_iter()
@@ -313,10 +421,14 @@ impl<A: HcloudApi + 'static> Controller<A> {
             );
             unwanted.clear();
         }
+        // Each row is judged against the listing in memory; only what would change is queued.
+        let now = chrono::Utc::now();
+        let mut keys: HashMap<String, &str> = HashMap::with_capacity(rows.len());
         let mut work: BTreeMap<String, (String, Option<i64>)> = BTreeMap::new();
+        let mut converged = 0;
         for row in &rows {
             let key = desired::resource_key(&row.id);
-            if let Some((first, _)) = work.get(&key) {
+            if let Some(first) = keys.get(&key) {
                 // Resource keys are injective up to a 64-bit hash: never two rows on one key.
                 let problem = format!(
                     "id: resource key {key:?} is also the key of subscription {:?}; this row is not acted on",
@@ -326,7 +438,17 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 self.record_skipped(&term, &row.id, &problem).await;
                 continue;
             }
-            work.insert(key, (row.id.clone(), Some(row.desired_version)));
+            match reconciler.verdict(row, &snapshot, now) {
+                Verdict::Converged => converged += 1,
+                Verdict::Recheck(after) => {
+                    converged += 1;
+                    self.work.recheck(&key, &row.id, Instant::now() + after);
+                }
+                Verdict::Work => {
+                    work.insert(key.clone(), (row.id.clone(), Some(row.desired_version)));
+                }
+            }
+            keys.insert(key, &row.id);
         }
         let mut orphans = BTreeMap::new();
         for (key, observed) in unwanted {
@@ -334,7 +456,8 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 .or_insert_with(|| (key.clone(), None));
             orphans.insert(key, observed);
         }
-        self.work.retain(|key| work.contains_key(key));
+        self.work
+            .retain(|key| keys.contains_key(key) || orphans.contains_key(key));
 
         let snapshot = Arc::new(snapshot);
         let offered = work.len();
@@ -352,7 +475,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 (claim, job)
             })
             .collect();
-        let dispatched = self.spawn(&term, jobs, offered);
+        let dispatched = self.enqueue(&term, Lane::Bulk, jobs, offered, converged);
         self.metrics.pass_finished("resync", started.elapsed());
         Ok(dispatched)
     }
@@ -370,11 +493,11 @@ impl<A: HcloudApi + 'static> Controller<A> {
         let legacy = observe::observe(&self.reconciler.api, &owner.legacy_selector()).await?;
         let claims = |kind, id| recorded.iter().filter(|r| r.get(kind) == Some(id)).count();
         let claimed = legacy
-            .resources
+            .resources()
             .filter(|kind, id, _, _| claims(kind, id) == 1);
-        let total = legacy.resources.servers.len()
-            + legacy.resources.ssh_keys.len()
-            + legacy.resources.firewalls.len();
+        let total = legacy.resources().servers.len()
+            + legacy.resources().ssh_keys.len()
+            + legacy.resources().firewalls.len();
         let adopted = claimed.servers.len() + claimed.ssh_keys.len() + claimed.firewalls.len();
         if total > 0 {
             tracing::warn!(
@@ -384,7 +507,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 "resources labelled without an installation id: the ones a row of this database records are adopted (installation label added); the rest are not this database's and are never changed"
             );
         }
-        snapshot.resources.merge(claimed);
+        snapshot.merge(claimed);
         Ok(())
     }
 
@@ -529,95 +652,72 @@ impl<A: HcloudApi + 'static> Controller<A> {
             .collect()
     }
 
-    /// Runs each job as a task and returns at once. At most `concurrency` jobs run at a
-    /// time, across passes: a slow create never stalls the loop or other subscriptions.
-    fn spawn(&self, term: &Term, jobs: Vec<(Claim, Job)>, offered: usize) -> Dispatched {
-        let mut handles = Vec::with_capacity(jobs.len());
+    /// Queues each job and returns at once. At most `concurrency` jobs run at a time, across
+    /// passes: a slow create never stalls the loop or other subscriptions.
+    fn enqueue(
+        &self,
+        term: &Term,
+        lane: Lane,
+        jobs: Vec<(Claim, Job)>,
+        offered: usize,
+        converged: usize,
+    ) -> Dispatched {
+        let mut results = Vec::with_capacity(jobs.len());
         for (claim, job) in jobs {
-            let term = term.clone();
-            let reconciler = Arc::clone(&self.reconciler);
-            let metrics = Arc::clone(&self.metrics);
-            let slots = Arc::clone(&self.slots);
-            let stopping = self.stopping.clone();
-            handles.push(tokio::spawn(async move {
-                let Ok(_slot) = slots.acquire_owned().await else {
-                    return true;
-                };
+            let (result, receiver) = oneshot::channel();
+            results.push(receiver);
+            let queued = Queued {
+                term: term.clone(),
+                claim,
+                job,
+                result,
+            };
+            if self.queue.push(lane, queued) {
+                self.start_worker();
+            }
+        }
+        Dispatched {
+            offered,
+            converged,
+            results,
+        }
+    }
+
+    /// A worker: runs queued jobs until the queue is empty.
+    fn start_worker(&self) {
+        let queue = Arc::clone(&self.queue);
+        let reconciler = Arc::clone(&self.reconciler);
+        let metrics = Arc::clone(&self.metrics);
+        let stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            while let Some(queued) = queue.next() {
+                let Queued {
+                    term,
+                    claim,
+                    job,
+                    result,
+                } = queued;
                 // Shutting down, or the lease is gone: start nothing new. Dropping the claim
                 // brings the subscription back later (or to the next leader).
-                if stopping.is_cancelled() || !reconciler.leadership.holds(&term) {
-                    return true;
-                }
-                let started = Instant::now();
-                let version = match &job {
-                    Job::Reconcile { version, .. } => *version,
-                    Job::DeleteUnwanted(_) => None,
+                let ok = if stopping.is_cancelled() || !reconciler.leadership.holds(&term) {
+                    true
+                } else {
+                    // A panicking reconcile counts as failed; its claim is released on unwind
+                    // and this worker goes on with the next job.
+                    std::panic::AssertUnwindSafe(run_job(&reconciler, &metrics, &term, claim, job))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or(false)
                 };
-                let result = match job {
-                    Job::Reconcile { snapshot, .. } => {
-                        // A snapshot taken before this subscription's last reconcile ended
-                        // may miss what it created: observe afresh instead.
-                        let fresh = snapshot.filter(|s| {
-                            claim.last_done().is_none_or(|done| done < s.taken_at)
-                        });
-                        reconciler
-                            .reconcile(&term, claim.id(), fresh.as_deref())
-                            .await
-                    }
-                    Job::DeleteUnwanted(observed) => {
-                        tracing::info!(
-                            key = claim.key(),
-                            servers = observed.servers.len(),
-                            ssh_keys = observed.ssh_keys.len(),
-                            firewalls = observed.firewalls.len(),
-                            "deleting resources with our instance label that no subscription wants"
-                        );
-                        let result = reconciler
-                            .delete_orphans(&term, claim.key(), &observed)
-                            .await;
-                        result.map(|()| Done::Settled)
-                    }
-                };
-                let took = started.elapsed();
-                match result {
-                    Ok(Done::Settled) => {
-                        metrics.reconcile_finished("settled", None, took);
-                        claim.finish(Finish::Success);
-                        true
-                    }
-                    Ok(Done::Recheck(after)) => {
-                        metrics.reconcile_finished("settled", None, took);
-                        claim.finish(Finish::Recheck(after));
-                        true
-                    }
-                    Ok(Done::Requeue(delay)) => {
-                        metrics.reconcile_finished("requeue", None, took);
-                        claim.finish(Finish::RetryAfter(delay));
-                        true
-                    }
-                    // Not this subscription's failure: whoever leads next looks at it at once.
-                    Err(ReconcileError::LostLease) => {
-                        metrics.reconcile_finished("error", Some("lost_lease"), took);
-                        claim.finish(Finish::RetryAfter(Duration::ZERO));
-                        false
-                    }
-                    Err(error) => {
-                        tracing::debug!(key = claim.key(), error = %error, "reconcile failed; backing off");
-                        metrics.reconcile_finished("error", Some(error.metric_label()), took);
-                        claim.finish(Finish::Failure { version });
-                        false
-                    }
-                }
-            }));
-        }
-        Dispatched { offered, handles }
+                let _ = result.send(ok);
+            }
+        });
     }
 
     /// Stops starting reconciles and waits until none is in flight, for a clean shutdown.
     async fn drain(&self) {
         self.stopping.cancel();
-        let all = u32::try_from(self.reconciler.config.concurrency.max(1)).unwrap_or(u32::MAX);
-        let _ = self.slots.acquire_many(all).await;
+        self.queue.idle().await;
     }
 
     /// The configured resync interval, stretched so that listing everything we own uses at

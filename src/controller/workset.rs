@@ -121,6 +121,20 @@ impl WorkSet {
         }
     }
 
+    /// Asks for `key` to be looked at again at `at` (a grace period or a deletion delay ends
+    /// then), unless it is in flight, backing off, or already due sooner.
+    pub fn recheck(&self, key: &str, id: &str, at: Instant) {
+        let mut keys = self.lock();
+        let state = keys.entry(key.to_string()).or_default();
+        state.id = id.to_string();
+        if state.in_flight || state.failures > 0 {
+            return;
+        }
+        if state.not_before.is_none_or(|due| due > at) {
+            state.not_before = Some(at);
+        }
+    }
+
     /// `(key, id)` of the entries whose requeue or backoff delay has passed.
     pub fn due(&self, now: Instant) -> Vec<(String, String)> {
         self.lock()
@@ -246,6 +260,31 @@ mod tests {
         assert!(set.due(now + Duration::from_secs(3600)).is_empty());
         assert_eq!(set.due(now + Duration::from_secs(3 * 3600 + 60)).len(), 1);
         assert_eq!(set.in_backoff(), 0, "a recheck is no failure");
+    }
+
+    #[test]
+    fn a_recheck_found_by_a_resync_keeps_the_earliest_due_time() {
+        let set = Arc::new(WorkSet::default());
+        let now = Instant::now();
+        set.recheck("a", "a", now + Duration::from_secs(600));
+        set.recheck("a", "a", now + Duration::from_secs(900));
+        assert!(set.due(now + Duration::from_secs(599)).is_empty());
+        assert_eq!(set.due(now + Duration::from_secs(600)).len(), 1);
+        set.recheck("a", "a", now + Duration::from_secs(60));
+        assert_eq!(
+            set.due(now + Duration::from_secs(60)).len(),
+            1,
+            "sooner wins"
+        );
+        // In flight: the reconcile's own verdict decides.
+        let claim = set.try_claim("b", "b", None, now, true).expect("free");
+        set.recheck("b", "b", now);
+        assert_eq!(
+            set.due(now + Duration::from_secs(60)),
+            vec![("a".to_string(), "a".to_string())],
+            "b is in flight: not asked for again"
+        );
+        drop(claim);
     }
 
     #[test]

@@ -9,7 +9,7 @@ pub mod observe;
 pub mod plan;
 pub mod report;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -113,6 +113,18 @@ pub struct Reconciler<A: HcloudApi> {
     pub key_checks: KeyChecks,
 }
 
+/// What a reconcile of a row would do, judged without doing it (`Reconciler::verdict`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// Nothing: no request, no write.
+    Converged,
+    /// Nothing now; the wish changes by itself after this long (a grace period or a deletion
+    /// delay ends): look again then.
+    Recheck(Duration),
+    /// Something: reconcile it.
+    Work,
+}
+
 /// How a reconcile ended, for the controller's queue.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Done {
@@ -149,6 +161,62 @@ impl<A: HcloudApi> Reconciler<A> {
             biased;
             _ = self.leadership.ended(term) => Err(ReconcileError::LostLease),
             done = self.reconcile_in(term, subscription_id, snapshot) => done,
+        }
+    }
+
+    /// Whether a reconcile of `row` against `snapshot` would do anything: call Hetzner, write
+    /// the row, or look again later. Pure (no request, no query; the key check is the cached
+    /// one), and the same steps as `reconcile`, so the resync reconciles only what it must:
+    /// a converged row costs no query, no task and no write.
+    pub fn verdict(
+        &self,
+        row: &subscription::Model,
+        snapshot: &Snapshot,
+        now: chrono::DateTime<Utc>,
+    ) -> Verdict {
+        let desired = desired::desired_for_row(&self.config, &self.owner, row, now);
+        let mut row_state = row_state(row);
+        let observed = if acts(&desired, &row_state) {
+            let name = desired::resource_name(&self.config, &row.id);
+            let recorded = recorded_ids(Some(row));
+            let observed = snapshot.for_subscription(&desired.key, &name, &recorded);
+            // A recorded resource the listing did not show is fetched by id: work.
+            fn shown<T: observe::Resource>(id: Option<i64>, seen: &[T]) -> bool {
+                id.is_none_or(|id| seen.iter().any(|r| r.id() == id))
+            }
+            if !shown(recorded.server, &observed.servers)
+                || !shown(recorded.ssh_key, &observed.ssh_keys)
+                || !shown(recorded.firewall, &observed.firewalls)
+            {
+                return Verdict::Work;
+            }
+            observed
+        } else {
+            Observed::default()
+        };
+        if matches!(desired.want, Want::Vps(_)) {
+            row_state.key = self.key_checks.check(&self.sealer, row, false);
+        }
+        let plan = plan::plan(&desired, &row_state, &observed);
+        if !plan.ops.is_empty() {
+            return Verdict::Work;
+        }
+        let progress = progress_before(&desired, &row_state, &observed, &plan);
+        let context = Settle {
+            desired: &desired,
+            row_state: &row_state,
+            ready_server: ready_server(Some(row)),
+            plan: &plan,
+            adopting: observed.adopting,
+        };
+        match settlement(&context, Some(row), &progress) {
+            Some(s) if s.update.is_empty() && s.done == Done::Settled => {
+                match desired.recheck_after {
+                    Some(after) => Verdict::Recheck(after),
+                    None => Verdict::Converged,
+                }
+            }
+            _ => Verdict::Work,
         }
     }
 
@@ -205,10 +273,7 @@ impl<A: HcloudApi> Reconciler<A> {
             .await;
         // The server the row was ready with before this pass: repairing its firewall or key is
         // not a new provisioning, a new server is.
-        let ready_server = row
-            .as_ref()
-            .filter(|r| r.provisioning_status == "ready")
-            .and_then(|r| r.hetzner_server_id);
+        let ready_server = ready_server(row.as_ref());
         // The executor records ids as it goes: compare the outcome with the row as it is now.
         let row = match (&row, plan.ops.is_empty()) {
             (Some(_), false) => subscriptions::get(&self.db, subscription_id).await?,
@@ -218,14 +283,16 @@ impl<A: HcloudApi> Reconciler<A> {
             Ok(progress) => {
                 let recheck = desired.recheck_after;
                 let context = Settle {
-                    term,
                     desired: &desired,
                     row_state: &row_state,
                     ready_server,
                     plan: &plan,
                     adopting: observed.adopting,
                 };
-                match (self.settle(context, row.as_ref(), progress).await?, recheck) {
+                match (
+                    self.settle(term, context, row.as_ref(), progress).await?,
+                    recheck,
+                ) {
                     (Done::Settled, Some(after)) => Ok(Done::Recheck(after)),
                     (done, _) => Ok(done),
                 }
@@ -244,11 +311,7 @@ impl<A: HcloudApi> Reconciler<A> {
         row: Option<&subscription::Model>,
         snapshot: Option<&Snapshot>,
     ) -> Result<Observed, ReconcileError> {
-        let acts = match &desired.want {
-            Want::Invalid(_) | Want::Hold(_) => false,
-            Want::Vps(_) | Want::Nothing => row_state.terminal_error.is_none(),
-        };
-        if !acts {
+        if !acts(desired, row_state) {
             return Ok(Observed::default());
         }
         let name = desired::resource_name(&self.config, &desired.subscription_id);
@@ -462,28 +525,7 @@ impl<A: HcloudApi> Reconciler<A> {
             Want::Vps(spec) => Some(spec.as_ref()),
             _ => None,
         };
-        let kept_key = plan
-            .keep
-            .ssh_key
-            .and_then(|id| observed.ssh_keys.iter().find(|k| k.id == id));
-        let mut progress = Progress {
-            subscription_id: desired.subscription_id.clone(),
-            key: desired.key.clone(),
-            row_exists: desired.version.is_some(),
-            // An external key pair has no public key on the row: the key object's is the one.
-            public_key: row
-                .public_key
-                .clone()
-                .or_else(|| kept_key.map(|k| k.public_key.clone())),
-            ssh_key_id: plan.keep.ssh_key,
-            firewall_id: plan.keep.firewall,
-            server: plan
-                .keep
-                .server
-                .and_then(|id| observed.servers.iter().find(|s| s.id == id).cloned()),
-            status_since: row.status_since,
-            ..Default::default()
-        };
+        let mut progress = progress_before(desired, row, observed, plan);
         if plan.ops.is_empty() {
             return Ok(progress);
         }
@@ -524,114 +566,23 @@ impl<A: HcloudApi> Reconciler<A> {
     /// subscription costs no write).
     async fn settle(
         &self,
+        term: &Term,
         context: Settle<'_>,
         row: Option<&subscription::Model>,
         progress: Progress,
     ) -> Result<Done, ReconcileError> {
-        let Settle {
-            term,
-            desired,
-            row_state,
-            ready_server,
-            plan,
-            adopting,
-        } = context;
-        let (Some(row), Some(version)) = (row, desired.version) else {
+        let (
+            Some(row),
+            Some(Settlement {
+                update,
+                done,
+                newly_ready,
+            }),
+        ) = (row, settlement(&context, row, &progress))
+        else {
             return Ok(Done::Settled);
         };
-        let newly_ready = row.provisioned_at.is_none()
-            || ready_server.is_none()
-            || ready_server != progress.server.as_ref().map(|s| s.id);
-        let mut done = Done::Settled;
-        let mut update = StatusUpdate::default();
-        let record_ids = |update: &mut StatusUpdate| {
-            let server = progress.server.as_ref();
-            update.hetzner_server_id = Some(server.map(|s| s.id));
-            update.hetzner_ssh_key_id = Some(progress.ssh_key_id);
-            update.hetzner_firewall_id = Some(progress.firewall_id);
-            update.vps_ip_address = Some(
-                server
-                    .and_then(|s| s.public_net.ipv4.as_ref())
-                    .map(|ip| ip.ip.clone()),
-            );
-            update.vps_hostname = Some(server.map(|s| s.name.clone()));
-        };
-        match &plan.outcome {
-            Outcome::Ready if progress.needs_another_look => {
-                update.provisioning_status = Some("provisioning".into());
-                done = Done::Requeue(PROVISIONING_RECHECK);
-            }
-            Outcome::Ready => {
-                update.provisioning_status = Some("ready".into());
-                update.provisioning_error = Some(None);
-                record_ids(&mut update);
-                if newly_ready {
-                    update.provisioned_at = Some(Some(Utc::now()));
-                }
-                update.deprovisioned_at = Some(None);
-                update.observed_version = Some(version);
-            }
-            Outcome::Provisioning => {
-                update.provisioning_status = Some("provisioning".into());
-                update.hetzner_server_id = Some(progress.server.as_ref().map(|s| s.id));
-                done = Done::Requeue(PROVISIONING_RECHECK);
-            }
-            Outcome::Suspended { settled } => {
-                update.provisioning_status = Some("suspended".into());
-                update.provisioning_error = Some(None);
-                if progress.server.is_some() {
-                    record_ids(&mut update);
-                }
-                if *settled {
-                    update.observed_version = Some(version);
-                } else {
-                    done = Done::Requeue(PROVISIONING_RECHECK);
-                }
-            }
-            Outcome::Held(reason) => {
-                update.provisioning_status = Some("held".into());
-                update.provisioning_error = Some(Some(desired::bounded(reason, MAX_ERROR_CHARS)));
-                update.observed_version = Some(version);
-            }
-            Outcome::Deprovisioned => {
-                update.provisioning_status = Some("deprovisioned".into());
-                update.provisioning_error = Some(None);
-                update.hetzner_server_id = Some(None);
-                update.hetzner_ssh_key_id = Some(None);
-                update.hetzner_firewall_id = Some(None);
-                update.vps_ip_address = Some(None);
-                update.vps_hostname = Some(None);
-                // Only a key pair we sealed is ours to remove; an external one stays.
-                let external = row.ssh_key_origin.as_deref() == Some("external")
-                    || row
-                        .ssh_private_key
-                        .as_deref()
-                        .is_some_and(|key| !Sealer::looks_sealed(key));
-                if !external {
-                    update.ssh_private_key = Some(None);
-                    update.ssh_public_key = Some(None);
-                }
-                if row.deprovisioned_at.is_none() || row.provisioning_status != "deprovisioned" {
-                    update.deprovisioned_at = Some(Some(Utc::now()));
-                }
-                update.observed_version = Some(version);
-            }
-            Outcome::Unchanged => update.observed_version = Some(version),
-            Outcome::Failed(message) => {
-                update.provisioning_status = Some("failed".into());
-                update.provisioning_error = Some(Some(desired::bounded(message, MAX_ERROR_CHARS)));
-                update.observed_version = Some(version);
-            }
-        }
-        // Adopting a server whose key pair the controller cannot open (or has none): the key
-        // is the web app's, kept as it is and never replaced.
-        if matches!(plan.outcome, Outcome::Ready | Outcome::Suspended { .. })
-            && (row_state.key == KeyState::External
-                || (adopting && row_state.key == KeyState::Missing))
-        {
-            update.ssh_key_origin = Some(Some("external".into()));
-        }
-        let update = only_changes(row, update);
+        let plan = context.plan;
         if !update.is_empty() {
             let milestone = match update.provisioning_status.as_deref() {
                 Some("ready") if newly_ready => Some((EventKind::Normal, "Ready")),
@@ -738,6 +689,176 @@ impl<A: HcloudApi> Reconciler<A> {
     }
 }
 
+/// What a reconcile writes onto the row and how it ends, given what it did: only the
+/// columns that differ from `row`. `None` without a row to write to.
+fn settlement(
+    context: &Settle<'_>,
+    row: Option<&subscription::Model>,
+    progress: &Progress,
+) -> Option<Settlement> {
+    let Settle {
+        desired,
+        row_state,
+        ready_server,
+        plan,
+        adopting,
+        ..
+    } = *context;
+    let (Some(row), Some(version)) = (row, desired.version) else {
+        return None;
+    };
+    let newly_ready = row.provisioned_at.is_none()
+        || ready_server.is_none()
+        || ready_server != progress.server.as_ref().map(|s| s.id);
+    let mut done = Done::Settled;
+    let mut update = StatusUpdate::default();
+    let record_ids = |update: &mut StatusUpdate| {
+        let server = progress.server.as_ref();
+        update.hetzner_server_id = Some(server.map(|s| s.id));
+        update.hetzner_ssh_key_id = Some(progress.ssh_key_id);
+        update.hetzner_firewall_id = Some(progress.firewall_id);
+        update.vps_ip_address = Some(
+            server
+                .and_then(|s| s.public_net.ipv4.as_ref())
+                .map(|ip| ip.ip.clone()),
+        );
+        update.vps_hostname = Some(server.map(|s| s.name.clone()));
+    };
+    match &plan.outcome {
+        Outcome::Ready if progress.needs_another_look => {
+            update.provisioning_status = Some("provisioning".into());
+            done = Done::Requeue(PROVISIONING_RECHECK);
+        }
+        Outcome::Ready => {
+            update.provisioning_status = Some("ready".into());
+            update.provisioning_error = Some(None);
+            record_ids(&mut update);
+            if newly_ready {
+                update.provisioned_at = Some(Some(Utc::now()));
+            }
+            update.deprovisioned_at = Some(None);
+            update.observed_version = Some(version);
+        }
+        Outcome::Provisioning => {
+            update.provisioning_status = Some("provisioning".into());
+            update.hetzner_server_id = Some(progress.server.as_ref().map(|s| s.id));
+            done = Done::Requeue(PROVISIONING_RECHECK);
+        }
+        Outcome::Suspended { settled } => {
+            update.provisioning_status = Some("suspended".into());
+            update.provisioning_error = Some(None);
+            if progress.server.is_some() {
+                record_ids(&mut update);
+            }
+            if *settled {
+                update.observed_version = Some(version);
+            } else {
+                done = Done::Requeue(PROVISIONING_RECHECK);
+            }
+        }
+        Outcome::Held(reason) => {
+            update.provisioning_status = Some("held".into());
+            update.provisioning_error = Some(Some(desired::bounded(reason, MAX_ERROR_CHARS)));
+            update.observed_version = Some(version);
+        }
+        Outcome::Deprovisioned => {
+            update.provisioning_status = Some("deprovisioned".into());
+            update.provisioning_error = Some(None);
+            update.hetzner_server_id = Some(None);
+            update.hetzner_ssh_key_id = Some(None);
+            update.hetzner_firewall_id = Some(None);
+            update.vps_ip_address = Some(None);
+            update.vps_hostname = Some(None);
+            // Only a key pair we sealed is ours to remove; an external one stays.
+            let external = row.ssh_key_origin.as_deref() == Some("external")
+                || row
+                    .ssh_private_key
+                    .as_deref()
+                    .is_some_and(|key| !Sealer::looks_sealed(key));
+            if !external {
+                update.ssh_private_key = Some(None);
+                update.ssh_public_key = Some(None);
+            }
+            if row.deprovisioned_at.is_none() || row.provisioning_status != "deprovisioned" {
+                update.deprovisioned_at = Some(Some(Utc::now()));
+            }
+            update.observed_version = Some(version);
+        }
+        Outcome::Unchanged => update.observed_version = Some(version),
+        Outcome::Failed(message) => {
+            update.provisioning_status = Some("failed".into());
+            update.provisioning_error = Some(Some(desired::bounded(message, MAX_ERROR_CHARS)));
+            update.observed_version = Some(version);
+        }
+    }
+    // Adopting a server whose key pair the controller cannot open (or has none): the key
+    // is the web app's, kept as it is and never replaced.
+    if matches!(plan.outcome, Outcome::Ready | Outcome::Suspended { .. })
+        && (row_state.key == KeyState::External || (adopting && row_state.key == KeyState::Missing))
+    {
+        update.ssh_key_origin = Some(Some("external".into()));
+    }
+    Some(Settlement {
+        update: only_changes(row, update),
+        done,
+        newly_ready,
+    })
+}
+
+/// See `settlement`.
+struct Settlement {
+    update: StatusUpdate,
+    done: Done,
+    newly_ready: bool,
+}
+
+/// The progress of a reconcile before its first op: what the plan keeps.
+fn progress_before(
+    desired: &Desired,
+    row: &RowState,
+    observed: &Observed,
+    plan: &Plan,
+) -> Progress {
+    let kept_key = plan
+        .keep
+        .ssh_key
+        .and_then(|id| observed.ssh_keys.iter().find(|k| k.id == id));
+    Progress {
+        subscription_id: desired.subscription_id.clone(),
+        key: desired.key.clone(),
+        row_exists: desired.version.is_some(),
+        // An external key pair has no public key on the row: the key object's is the one.
+        public_key: row
+            .public_key
+            .clone()
+            .or_else(|| kept_key.map(|k| k.public_key.clone())),
+        ssh_key_id: plan.keep.ssh_key,
+        firewall_id: plan.keep.firewall,
+        server: plan
+            .keep
+            .server
+            .and_then(|id| observed.servers.iter().find(|s| s.id == id).cloned()),
+        status_since: row.status_since,
+        ..Default::default()
+    }
+}
+
+/// The server a row was `ready` with: repairing its firewall or key is not a new
+/// provisioning, a new server is.
+fn ready_server(row: Option<&subscription::Model>) -> Option<i64> {
+    row.filter(|r| r.provisioning_status == "ready")
+        .and_then(|r| r.hetzner_server_id)
+}
+
+/// Whether the reconcile looks at Hetzner at all: not for a row that is held, invalid, or
+/// failed terminally (until it changes).
+fn acts(desired: &Desired, row_state: &RowState) -> bool {
+    match &desired.want {
+        Want::Invalid(_) | Want::Hold(_) => false,
+        Want::Vps(_) | Want::Nothing => row_state.terminal_error.is_none(),
+    }
+}
+
 /// What became of a resource the row records, after `fetch_recorded`.
 enum Recorded<T> {
     /// None recorded, or the listing showed it already.
@@ -751,8 +872,8 @@ enum Recorded<T> {
 }
 
 /// What `settle` needs besides the row and the progress.
+#[derive(Clone, Copy)]
 struct Settle<'a> {
-    term: &'a Term,
     desired: &'a Desired,
     row_state: &'a RowState,
     ready_server: Option<i64>,
@@ -790,15 +911,23 @@ pub fn unwanted(
         .iter()
         .map(|id| desired::resource_name(config, id))
         .collect();
-    let is_recorded = |kind: plan::Kind, id: i64| recorded.iter().any(|r| r.get(kind) == Some(id));
+    let recorded: HashSet<(plan::Kind, i64)> = recorded
+        .iter()
+        .flat_map(|r| {
+            [plan::Kind::Server, plan::Kind::SshKey, plan::Kind::Firewall]
+                .into_iter()
+                .filter_map(|kind| r.get(kind).map(|id| (kind, id)))
+        })
+        .collect();
+    let is_recorded = |kind: plan::Kind, id: i64| recorded.contains(&(kind, id));
     let mut groups: Vec<(String, Observed)> = snapshot
         .subscription_keys()
         .into_iter()
         .filter(|key| !known_keys.contains(key))
         .map(|key| {
-            let observed = snapshot.resources.filter(|kind, id, labels, _| {
-                labels.get(desired::SUBSCRIPTION_LABEL) == Some(&key) && !is_recorded(kind, id)
-            });
+            let observed = snapshot
+                .labelled(&key)
+                .filter(|kind, id, _, _| !is_recorded(kind, id));
             (key, observed)
         })
         .filter(|(_, observed)| !observed.is_empty())

@@ -44,7 +44,7 @@ pub enum KeyState {
 }
 
 /// Kind of resource, for ops that apply to any of them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
     Server,
     SshKey,
