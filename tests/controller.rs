@@ -20,6 +20,7 @@ use vps_controller::config::Config;
 use vps_controller::controller::triggers::{self, WatchCounters};
 use vps_controller::db::entities::subscription;
 use vps_controller::db::{events, subscriptions};
+use vps_controller::reconcile::{Verdict, observe};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_rows_converge_canceled_ones_stay_empty_and_steady_state_only_lists() {
@@ -736,6 +737,111 @@ async fn a_slow_create_does_not_hold_up_other_subscriptions() {
         "ready",
         "shutdown let it finish"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_judged_converged_would_cost_nothing_if_reconciled() {
+    for_each_backend(|env| async move {
+        let rows = [
+            ("running", "active", "starter"),
+            ("in-grace", "past_due", "starter"),
+            ("paused", "paused", "starter"),
+            ("canceled-later", "canceled", "starter"),
+            ("never", "canceled", "starter"),
+            ("odd-case", "Active", "starter"),
+            ("bad-plan", "active", "gold"),
+        ];
+        for (id, _, plan) in rows {
+            env.insert(id, "active", plan).await;
+        }
+        env.resync_allowing_failures().await;
+        for (id, status, _) in rows {
+            if id == "never" {
+                env.sql("DELETE FROM subscriptions WHERE id = 'never'")
+                    .await;
+                env.insert(id, status, "starter").await;
+            } else {
+                env.set_status(id, status).await;
+            }
+        }
+        // Until nothing is left to do (the paused server powers off, the canceled one goes).
+        assert!(
+            common::eventually(Duration::from_secs(30), || async {
+                env.resync_allowing_failures().await;
+                env.controller.resync().await.unwrap().reconciled == 0
+            })
+            .await,
+            "[{}] converged",
+            env.backend
+        );
+        let reconciler = &env.controller.reconciler;
+        let term = reconciler.leadership.term().unwrap();
+        let snapshot = observe::observe(&reconciler.api, &reconciler.owner.selector())
+            .await
+            .unwrap();
+        let table = subscriptions::all(&env.db).await.unwrap().rows;
+        let mut verdicts = BTreeMap::new();
+        for row in &table {
+            let verdict = reconciler.verdict(row, &snapshot, chrono::Utc::now());
+            verdicts.insert(row.id.clone(), verdict.clone());
+            if verdict == Verdict::Work {
+                continue;
+            }
+            // What the resync skips must be exactly what a reconcile would not touch.
+            env.reset_stats().await;
+            reconciler
+                .reconcile(&term, &row.id, Some(&snapshot))
+                .await
+                .unwrap();
+            assert_eq!(
+                env.stats().await["total"],
+                0,
+                "[{}] {}: no request",
+                env.backend,
+                row.id
+            );
+            assert_eq!(&env.row(&row.id).await, row, "[{}] no write", env.backend);
+        }
+        let expected: BTreeMap<String, Verdict> = rows
+            .iter()
+            .map(|(id, _, _)| {
+                let verdict = match *id {
+                    "in-grace" => Verdict::Recheck(Duration::ZERO),
+                    _ => Verdict::Converged,
+                };
+                (id.to_string(), verdict)
+            })
+            .collect();
+        // The grace period's remaining time varies: compare its kind only.
+        let kinds = |v: &BTreeMap<String, Verdict>| -> BTreeMap<String, &'static str> {
+            v.iter()
+                .map(|(id, v)| {
+                    let kind = match v {
+                        Verdict::Converged => "converged",
+                        Verdict::Recheck(_) => "recheck",
+                        Verdict::Work => "work",
+                    };
+                    (id.clone(), kind)
+                })
+                .collect()
+        };
+        assert_eq!(kinds(&verdicts), kinds(&expected), "[{}]", env.backend);
+        for (id, status) in [
+            ("running", "ready"),
+            ("paused", "suspended"),
+            ("canceled-later", "deprovisioned"),
+            ("odd-case", "held"),
+            ("bad-plan", "failed"),
+        ] {
+            assert_eq!(
+                env.row(id).await.provisioning_status,
+                status,
+                "[{}] {id}",
+                env.backend
+            );
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
