@@ -2,9 +2,12 @@
 //! - the change pass (every second): rows whose desired version moved, deleted rows, and
 //!   subscriptions whose requeue or backoff delay is over;
 //! - the resync pass (every `resync_seconds`, stretched to stay within the API budget): one
-//!   listing of everything we own, every row and every orphan reconciled against it.
+//!   listing of everything we own and one table scan; every row is judged against the
+//!   listing in memory (`Reconciler::verdict`), and the rows that are not converged and
+//!   every orphan are reconciled.
 //!
-//! Both go through `Reconciler::reconcile`, so there is one code path per subscription.
+//! Both queue their work (`queue`: changes before bulk work) and go through
+//! `Reconciler::reconcile`, so there is one code path per subscription.
 
 pub mod leader;
 pub mod queue;
