@@ -246,8 +246,11 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 last_term = Some(term);
             }
             self.metrics.set_backoff(self.work.in_backoff());
-            // Passes start reconciles and return; the reconciles run on their own.
-            if Instant::now() >= next_resync {
+            // Passes queue reconciles and return; the reconciles run on their own. A resync
+            // waits while bulk work is still queued: its listing would judge rows that are
+            // already on their way, and at 10,000 rows every early listing is 600 requests.
+            let (_, bulk_waiting) = self.queue.depth();
+            if Instant::now() >= next_resync && bulk_waiting == 0 {
                 match self.start_resync().await {
                     Ok(pass) => tracing::info!(
                         converged = pass.converged,
