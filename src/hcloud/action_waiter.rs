@@ -7,8 +7,11 @@
 //! poll `initial` after the wait began, then intervals growing by `factor` up to `max`), with
 //! one addition that makes batching happen: a round starts at most once per `initial`, so the
 //! callers that fall due in between are served together by the next round (a caller is then
-//! answered up to `initial` later than alone, never earlier). The whole process therefore
-//! polls no faster than one hcloud CLI waiter, however many reconciles wait.
+//! answered up to `initial` later than alone, never earlier) — unless the due callers'
+//! running actions already fill a request (25 IDs): then a round starts at once and polls as
+//! many whole requests' worth of them as there are, oldest callers first. Under load every
+//! request is full and nobody waits for the gap; when little is going on the process polls no
+//! faster than one hcloud CLI waiter.
 //!
 //! Outcomes stay per caller: an action in `error` fails the callers waiting for it, a deadline
 //! fails its own caller, an ID the API leaves out fails the callers that asked for it, and a
@@ -215,21 +218,38 @@ impl ActionWaiter {
                 }));
             }
             // A last look at the deadline, as a lone waiter takes one.
-            return Step::Lead(Self::start_round(&mut state, now));
+            return Step::Lead(Self::start_round(&mut state, now, None));
         }
         let deadline = caller.deadline;
         if round_busy {
             return Step::Wait(Some(deadline));
         }
-        let earliest = gap_end.map_or(caller.due(), |gap_end| caller.due().max(gap_end));
-        if now >= earliest {
-            return Step::Lead(Self::start_round(&mut state, now));
+        let due = caller.due();
+        if now < due {
+            return Step::Wait(Some(due));
         }
-        Step::Wait(Some(earliest.min(deadline)))
+        match gap_end {
+            Some(gap_end) if now < gap_end => {
+                // Too soon after the last round, unless the due waits fill a request.
+                let due_ids: usize = state
+                    .callers
+                    .values()
+                    .filter(|c| c.outcome.is_none() && !c.in_round && c.due() <= now)
+                    .map(|c| c.pending.len())
+                    .sum();
+                if due_ids >= ACTION_IDS_PER_REQUEST {
+                    let whole = due_ids - due_ids % ACTION_IDS_PER_REQUEST;
+                    return Step::Lead(Self::start_round(&mut state, now, Some(whole)));
+                }
+                Step::Wait(Some(gap_end.min(deadline)))
+            }
+            _ => Step::Lead(Self::start_round(&mut state, now, None)),
+        }
     }
 
-    /// Marks every due caller as part of a new round; returns the IDs to poll.
-    fn start_round(state: &mut State, now: Instant) -> Vec<i64> {
+    /// Marks the due callers as part of a new round, oldest first; returns the IDs to poll.
+    /// With a `limit`, only whole callers that keep the IDs within it (but at least one).
+    fn start_round(state: &mut State, now: Instant, limit: Option<usize>) -> Vec<i64> {
         state.in_round = true;
         state.last_round_start = Some(now);
         state.rounds += 1;
@@ -238,6 +258,16 @@ impl ActionWaiter {
         for caller in state.callers.values_mut() {
             if caller.outcome.is_some() || caller.in_round || caller.due() > now {
                 continue;
+            }
+            if let Some(limit) = limit {
+                let new = caller
+                    .pending
+                    .iter()
+                    .filter(|id| !seen.contains(*id))
+                    .count();
+                if !ids.is_empty() && ids.len() + new > limit {
+                    continue;
+                }
             }
             caller.in_round = true;
             for id in &caller.pending {
@@ -590,6 +620,42 @@ mod tests {
         assert_eq!(
             fake.calls(),
             vec![(ms(100), vec![1]), (ms(200), vec![2, 3])]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn due_waits_that_fill_a_request_do_not_wait_for_the_gap() {
+        let mut finish = vec![(1, 0, ActionStatus::Success)];
+        finish.extend((10..37).map(|id| (id, 0, ActionStatus::Success)));
+        let fake = Arc::new(Fake::new(&finish));
+        let waiter = ActionWaiter::new(poll());
+        let three = |k: i64| {
+            let (waiter, fake) = (&waiter, &fake);
+            async move {
+                tokio::time::sleep(ms(20)).await;
+                let ids = [10 + 3 * k, 11 + 3 * k, 12 + 3 * k];
+                let result = wait(waiter, fake, &ids, Duration::from_secs(10)).await;
+                assert_eq!(ids_of(&result), ids);
+                fake.start.elapsed()
+            }
+        };
+        let (lone, answered) = tokio::join!(
+            wait(&waiter, &fake, &[1], Duration::from_secs(10)),
+            futures::future::join_all((0..9).map(three)),
+        );
+        assert_eq!(ids_of(&lone), vec![1]);
+        // The lone wait at 100 ms; at 120 ms nine waits of 3 IDs are due, 27 IDs: a round
+        // starts at once, before the gap ends, with the eight oldest (24 IDs, one request);
+        // the ninth waits for the gap after that round.
+        assert_eq!(answered[..8], [ms(120); 8]);
+        assert_eq!(answered[8], ms(220));
+        assert_eq!(
+            fake.calls(),
+            vec![
+                (ms(100), vec![1]),
+                (ms(120), (10..34).collect()),
+                (ms(220), vec![34, 35, 36]),
+            ]
         );
     }
 

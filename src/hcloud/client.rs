@@ -102,7 +102,8 @@ impl RetryBackoff {
 
 /// Poll intervals of [`HcloudApi::wait_for_actions`]: `initial`, growing by `factor` per poll
 /// up to `max` (the hcloud CLI's 500 ms → 2.5 s). The waits of one client are polled together
-/// in rounds, at most one round per `initial`, so a wait may be answered up to `initial` late.
+/// in rounds, at most one per `initial` unless the due waits fill a request, so a wait may be
+/// answered up to `initial` late, never early.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ActionPollBackoff {
     pub initial: Duration,
