@@ -1799,4 +1799,291 @@ mod against_simulator {
         let polls = requests_to(&stats(&sim).await, "GET /actions");
         assert!((2..=12).contains(&polls), "{polls} polls");
     }
+
+    // -----------------------------------------------------------------------------------------
+    // Action waits batched across callers: one client's concurrent waits share poll rounds.
+
+    /// A client whose first poll comes 250 ms after a wait begins: waits that begin within a
+    /// few milliseconds of each other fall into at most two rounds.
+    fn batching_client(sim: &RunningSimulator, initial: Duration) -> Client {
+        Client::new(ClientConfig {
+            action_poll: ActionPollBackoff {
+                initial,
+                max: initial * 2,
+                factor: 1.5,
+            },
+            ..config(sim)
+        })
+        .unwrap()
+    }
+
+    /// An SSH key and a firewall for `count` servers, which are created concurrently (one task
+    /// each, on clones of `api`, as the controller runs reconciles); once every create has
+    /// answered, each task waits on its own server's actions, with the timeout `timeout(i)`.
+    /// Returns each server's action IDs and its wait's outcome.
+    async fn create_and_wait(
+        api: &Client,
+        prefix: &str,
+        count: usize,
+        timeout: impl Fn(usize) -> Duration,
+    ) -> Vec<(Vec<i64>, Result<Vec<Action>, Error>)> {
+        let owner = labels(&[("vps-controller/instance", prefix)]);
+        let key = api
+            .create_ssh_key(&CreateSshKey {
+                name: format!("{prefix}-key"),
+                public_key: public_key(
+                    prefix
+                        .bytes()
+                        .fold(1000, |h: u32, b| h.wrapping_mul(31).wrapping_add(b.into())),
+                ),
+                labels: owner.clone(),
+            })
+            .await
+            .unwrap();
+        let firewall = api
+            .create_firewall(&CreateFirewall {
+                name: format!("{prefix}-fw"),
+                labels: owner.clone(),
+                rules: vec![ssh_rule()],
+                apply_to: vec![],
+            })
+            .await
+            .unwrap()
+            .firewall;
+        let barrier = Arc::new(tokio::sync::Barrier::new(count));
+        let tasks: Vec<_> = (0..count)
+            .map(|i| {
+                let api = api.clone();
+                let barrier = barrier.clone();
+                let request = server_request(&format!("{prefix}-{i}"), key.id, firewall.id, &owner);
+                let timeout = timeout(i);
+                tokio::spawn(async move {
+                    let ids = api.create_server(&request).await.unwrap().action_ids();
+                    barrier.wait().await;
+                    let outcome = api.wait_for_actions(&ids, timeout).await;
+                    (ids, outcome)
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for task in tasks {
+            results.push(task.await.unwrap());
+        }
+        results
+    }
+
+    #[tokio::test]
+    async fn concurrent_waits_share_get_actions_requests() {
+        let sim = simulator(SimulatorConfig {
+            action_seconds: 0.05,
+            ..Default::default()
+        })
+        .await;
+        let api = batching_client(&sim, Duration::from_millis(250));
+        let results = create_and_wait(&api, "batch", 40, |_| WAIT).await;
+        let mut ids = 0;
+        for (asked, outcome) in &results {
+            let done = outcome.as_ref().unwrap();
+            assert_eq!(done.iter().map(|a| a.id).collect::<Vec<_>>(), *asked);
+            assert!(done.iter().all(|a| a.status == ActionStatus::Success));
+            ids += asked.len() as u64;
+        }
+        // create_server, start_server, apply_firewall per server.
+        assert_eq!(ids, 120);
+        let rounds = api.action_poll_rounds();
+        let polls = requests_to(&stats(&sim).await, "GET /actions");
+        // All waits began within one poll interval: at most two rounds (the first serves the
+        // waits already due when it starts), each one request per 25 IDs; alone, every wait
+        // would have sent at least one request of its own.
+        assert!((1..=2).contains(&rounds), "{rounds} rounds");
+        assert!(
+            polls <= ids.div_ceil(25) * rounds,
+            "{polls} GET /actions in {rounds} rounds"
+        );
+        assert!(polls <= 10, "{polls} GET /actions for 40 waits");
+        assert_eq!(api.pending_action_waits(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_action_fails_only_its_own_wait() {
+        let sim = simulator(SimulatorConfig {
+            action_seconds: 0.05,
+            ..Default::default()
+        })
+        .await;
+        let api = batching_client(&sim, Duration::from_millis(100));
+        post_control(
+            &sim,
+            "faults",
+            serde_json::json!({"faults": [
+                {"kind": "action_error", "endpoints": ["POST /servers"], "count": 1}
+            ]}),
+        )
+        .await;
+        let results = create_and_wait(&api, "fail", 6, |_| WAIT).await;
+        let failed: Vec<_> = results
+            .iter()
+            .filter_map(|(ids, outcome)| outcome.as_ref().err().map(|err| (ids, err)))
+            .collect();
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        let (ids, err) = failed[0];
+        assert!(
+            matches!(err, Error::ActionFailed { action_id, code, .. }
+                if *action_id == ids[0] && code == "action_failed"),
+            "{err}"
+        );
+        for (ids, outcome) in &results {
+            if let Ok(done) = outcome {
+                assert_eq!(done.len(), ids.len());
+            }
+        }
+        assert_eq!(api.pending_action_waits(), 0);
+    }
+
+    /// Action IDs of a server whose start_server action runs until the faults are cleared.
+    async fn stuck_server(sim: &RunningSimulator, api: &Client, prefix: &str) -> Vec<i64> {
+        post_control(
+            sim,
+            "faults",
+            serde_json::json!({"faults": [
+                {"kind": "server_stuck_starting", "endpoints": ["POST /servers"], "count": 1}
+            ]}),
+        )
+        .await;
+        let created = create_and_wait(api, prefix, 1, |_| Duration::ZERO).await;
+        let (ids, outcome) = &created[0];
+        assert!(
+            matches!(outcome, Err(Error::ActionTimeout { ids: left }) if left.contains(&ids[1])),
+            "{outcome:?}"
+        );
+        ids.clone()
+    }
+
+    #[tokio::test]
+    async fn a_timed_out_wait_does_not_hold_up_the_others() {
+        let sim = simulator(SimulatorConfig {
+            action_seconds: 0.05,
+            ..Default::default()
+        })
+        .await;
+        let api = batching_client(&sim, Duration::from_millis(100));
+        let stuck = stuck_server(&sim, &api, "stuck").await;
+        // The stuck wait gives up after 700 ms, while five others (10 s each) share its rounds.
+        let started = tokio::time::Instant::now();
+        let (timed_out, others) = tokio::join!(
+            api.wait_for_actions(&stuck, Duration::from_millis(700)),
+            create_and_wait(&api, "others", 5, |_| WAIT),
+        );
+        // Only start_server was still running; create_server and apply_firewall finished.
+        assert!(
+            matches!(&timed_out, Err(Error::ActionTimeout { ids }) if *ids == vec![stuck[1]]),
+            "{timed_out:?}"
+        );
+        for (ids, outcome) in &others {
+            assert_eq!(outcome.as_ref().unwrap().len(), ids.len());
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Released, the stuck action finishes and a new wait sees it.
+        post_control(&sim, "faults", serde_json::json!({"faults": []})).await;
+        let done = api.wait_for_actions(&stuck, WAIT).await.unwrap();
+        assert!(done.iter().all(|a| a.status == ActionStatus::Success));
+        assert_eq!(api.pending_action_waits(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_leaves_nothing_pending() {
+        let sim = simulator(SimulatorConfig {
+            action_seconds: 0.05,
+            fault_delay: Duration::from_secs(3),
+            ..Default::default()
+        })
+        .await;
+        let api = batching_client(&sim, Duration::from_millis(50));
+        let stuck = stuck_server(&sim, &api, "cancel").await;
+
+        // A wait cancelled while its action still runs: no entry, no more polls.
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(300),
+            api.wait_for_actions(&stuck, WAIT),
+        )
+        .await;
+        assert!(
+            cancelled.is_err(),
+            "the stuck action finished: {cancelled:?}"
+        );
+        assert_eq!(api.pending_action_waits(), 0);
+        let polls = requests_to(&stats(&sim).await, "GET /actions");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(requests_to(&stats(&sim).await, "GET /actions"), polls);
+
+        // A leader cancelled while its round's request hangs hands the round over: the other
+        // wait is answered long before the held answer (3 s) would have come.
+        post_control(
+            &sim,
+            "faults",
+            serde_json::json!({"faults": [
+                {"kind": "timeout", "endpoints": ["GET /actions"], "count": 1}
+            ]}),
+        )
+        .await;
+        let started = tokio::time::Instant::now();
+        let leader = tokio::time::timeout(
+            Duration::from_millis(300),
+            api.wait_for_actions(&stuck[..1], WAIT),
+        );
+        let follower = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            api.wait_for_actions(&stuck[2..], WAIT).await
+        };
+        let (leader, follower) = tokio::join!(leader, follower);
+        assert!(leader.is_err(), "the leader was not cancelled: {leader:?}");
+        assert_eq!(follower.unwrap()[0].id, stuck[2]);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(api.pending_action_waits(), 0);
+        post_control(&sim, "faults", serde_json::json!({"faults": []})).await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_poll_fails_its_round_and_an_unknown_id_its_own_wait() {
+        let sim = simulator(SimulatorConfig {
+            action_seconds: 0.05,
+            ..Default::default()
+        })
+        .await;
+        let api = batching_client(&sim, Duration::from_millis(50));
+        let created = create_and_wait(&api, "poll", 2, |_| WAIT).await;
+        let (first, second) = (&created[0].0, &created[1].0);
+        post_control(
+            &sim,
+            "faults",
+            serde_json::json!({"faults": [
+                {"kind": "http_500", "endpoints": ["GET /actions"], "count": 1}
+            ]}),
+        )
+        .await;
+        let (a, b) = tokio::join!(
+            api.wait_for_actions(first, WAIT),
+            api.wait_for_actions(second, WAIT)
+        );
+        for outcome in [a, b] {
+            let err = outcome.unwrap_err();
+            assert_eq!(err.metric_label(), "server_error", "{err}");
+        }
+        // The next waits poll again: one of them asks about an action that does not exist.
+        let unknown = [first[0], 999_999_999];
+        let (a, b) = tokio::join!(
+            api.wait_for_actions(&unknown, WAIT),
+            api.wait_for_actions(second, WAIT)
+        );
+        assert!(
+            matches!(&a, Err(Error::InvalidResponse { snippet, .. }) if snippet.contains("999999999")),
+            "{a:?}"
+        );
+        assert_eq!(b.unwrap().len(), second.len());
+        assert_eq!(api.pending_action_waits(), 0);
+    }
 }

@@ -1,7 +1,7 @@
 //! The HTTP client: one place that sends requests, so budget, retries, error decoding,
 //! counters and logging apply to every call.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
+use super::action_waiter::ActionWaiter;
 use super::budget::Budget;
 use super::error::{Error, ErrorCode};
 use super::types::*;
@@ -23,8 +24,6 @@ use super::{HcloudApi, Labels, ServerPowerAction};
 pub const DEFAULT_ENDPOINT: &str = "https://api.hetzner.cloud/v1";
 /// Page size for list calls: the documented maximum.
 const PER_PAGE: u32 = 50;
-/// IDs per `GET /actions` request, as hcloud-go does.
-const ACTION_IDS_PER_REQUEST: usize = 25;
 /// Default of [`ClientConfig::max_pages`]: 5 million objects per listing.
 pub const DEFAULT_MAX_PAGES: u32 = 100_000;
 /// Order of every paginated list the client walks: by ID, so objects created or deleted while
@@ -101,8 +100,10 @@ impl RetryBackoff {
     }
 }
 
-/// Poll intervals of [`HcloudApi::wait_for_actions`]: `initial`, growing by `factor` per round
-/// up to `max` (the hcloud CLI's 500 ms → 2.5 s).
+/// Poll intervals of [`HcloudApi::wait_for_actions`]: `initial`, growing by `factor` per poll
+/// up to `max` (the hcloud CLI's 500 ms → 2.5 s). The waits of one client are polled together
+/// in rounds, at most one per `initial` unless the due waits fill a request, so a wait may be
+/// answered up to `initial` late, never early.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ActionPollBackoff {
     pub initial: Duration,
@@ -188,11 +189,12 @@ struct Inner {
     token: Token,
     max_retries: u32,
     retry_backoff: RetryBackoff,
-    action_poll: ActionPollBackoff,
     budget: Arc<Budget>,
     max_budget_wait: Duration,
     max_pages: u32,
     counts: Mutex<HashMap<CountKey, u64>>,
+    /// Every `wait_for_actions` of this client (and its clones) polls through it.
+    actions: ActionWaiter,
     retries: AtomicU64,
 }
 
@@ -425,11 +427,11 @@ impl Client {
                 token: config.token,
                 max_retries: config.max_retries,
                 retry_backoff: config.retry_backoff,
-                action_poll: config.action_poll,
                 budget: config.budget,
                 max_budget_wait: config.max_budget_wait,
                 max_pages: config.max_pages,
                 counts: Mutex::new(HashMap::new()),
+                actions: ActionWaiter::new(config.action_poll),
                 retries: AtomicU64::new(0),
             }),
         })
@@ -463,6 +465,17 @@ impl Client {
             .collect();
         rows.sort();
         rows
+    }
+
+    /// `wait_for_actions` calls waiting right now, across this client and its clones.
+    pub fn pending_action_waits(&self) -> usize {
+        self.inner.actions.pending_waits()
+    }
+
+    /// Action poll rounds so far: each asks `GET /actions?id=…` about every due wait at once
+    /// (one request per 25 IDs).
+    pub fn action_poll_rounds(&self) -> u64 {
+        self.inner.actions.rounds()
     }
 
     /// Retries made so far (attempts beyond the first of each request).
@@ -686,7 +699,7 @@ impl Client {
         Ok(self.fetch::<ActionEnvelope>(call).await?.action)
     }
 
-    /// `GET /actions?id=..` for at most [`ACTION_IDS_PER_REQUEST`] IDs.
+    /// `GET /actions?id=..` for at most 25 IDs (the waiter chunks them).
     async fn actions_by_ids(&self, ids: &[i64]) -> Result<Vec<Action>, Error> {
         let mut call = Call::new(Method::GET, "/actions", "/actions".to_owned());
         for id in ids {
@@ -962,63 +975,12 @@ impl HcloudApi for Client {
     }
 
     async fn wait_for_actions(&self, ids: &[i64], timeout: Duration) -> Result<Vec<Action>, Error> {
-        let mut order: Vec<i64> = Vec::with_capacity(ids.len());
-        for id in ids {
-            if !order.contains(id) {
-                order.push(*id);
-            }
-        }
-        let mut finished: BTreeMap<i64, Action> = BTreeMap::new();
-        let mut pending = order.clone();
-        let deadline = Instant::now() + timeout;
-        let mut interval = self.inner.action_poll.initial;
-        while !pending.is_empty() {
-            // Actions handed to us were just started: sleep before the first poll.
-            let now = Instant::now();
-            tokio::time::sleep(interval.min(deadline.saturating_duration_since(now))).await;
-            let mut seen = Vec::with_capacity(pending.len());
-            for chunk in pending.chunks(ACTION_IDS_PER_REQUEST) {
-                for action in self.actions_by_ids(chunk).await? {
-                    if action.status == ActionStatus::Error {
-                        let (code, message) = action
-                            .error
-                            .map(|error| (error.code, error.message))
-                            .unwrap_or_else(|| ("unknown".into(), "no error details".into()));
-                        return Err(Error::ActionFailed {
-                            action_id: action.id,
-                            command: action.command,
-                            code,
-                            message,
-                        });
-                    }
-                    seen.push(action.id);
-                    if action.status.is_finished() {
-                        finished.insert(action.id, action);
-                    }
-                }
-            }
-            let missing: Vec<i64> = pending
-                .iter()
-                .copied()
-                .filter(|id| !seen.contains(id))
-                .collect();
-            if !missing.is_empty() {
-                return Err(Error::InvalidResponse {
-                    status: 200,
-                    snippet: format!("GET /actions did not return actions {missing:?}"),
-                });
-            }
-            pending.retain(|id| !finished.contains_key(id));
-            if !pending.is_empty() && Instant::now() >= deadline {
-                return Err(Error::ActionTimeout { ids: pending });
-            }
-            let max = self.inner.action_poll.max;
-            interval =
-                Duration::try_from_secs_f64(interval.as_secs_f64() * self.inner.action_poll.factor)
-                    .unwrap_or(max)
-                    .min(max);
-        }
-        Ok(order.iter().filter_map(|id| finished.remove(id)).collect())
+        self.inner
+            .actions
+            .wait(ids, timeout, |chunk| async move {
+                self.actions_by_ids(&chunk).await
+            })
+            .await
     }
 }
 

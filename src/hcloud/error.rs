@@ -160,7 +160,8 @@ pub enum TransportKind {
     Io,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// `Clone`, so one failed action poll can fail every wait it served.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("{}", api_display(*status, code, message, correlation_id.as_deref()))]
     Api {

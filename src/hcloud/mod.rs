@@ -28,6 +28,7 @@
 //! time (timeout after the server acted): creates then answer `uniqueness_error`, which callers
 //! resolve by looking the object up and adopting it.
 
+mod action_waiter;
 pub mod budget;
 mod client;
 pub mod error;
@@ -212,6 +213,10 @@ pub trait HcloudApi: Send + Sync {
     /// Returns the finished actions in the order of `ids` (duplicates removed);
     /// [`Error::ActionFailed`] as soon as one ends in `error`; [`Error::ActionTimeout`] with the
     /// still-running IDs once `timeout` has passed.
+    ///
+    /// [`Client`] polls the waits of all its callers together (one round asks about every due
+    /// wait's IDs), so concurrent reconciles share `GET /actions` requests; an outcome (failed
+    /// action, timeout, failed request) still reaches only the waits it concerns.
     fn wait_for_actions(
         &self,
         ids: &[i64],
