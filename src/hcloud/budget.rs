@@ -13,6 +13,11 @@
 //!   `RateLimit-Reset`, capped at `max_circuit_pause`: Reset is when the bucket is *full* again
 //!   (an hour after exhaustion at the default limit), while a few tokens are back within
 //!   seconds and the emptied bucket paces callers at the refill rate from then on.
+//! - A time scale F (default 1, Hetzner's pace) runs the same model F times faster, for a
+//!   simulator started with the same `--budget-time-scale F`: the capacity stays `limit`, the
+//!   refill is `limit/3600 × F` per second, and the pause cap is `max_circuit_pause / F`. One
+//!   real second is then F seconds of budget (F = 60: an hour of Hetzner's budget per real
+//!   minute). Against Hetzner itself anything but 1 means 429s (F > 1) or a wasted budget.
 
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,16 +30,29 @@ use super::Error;
 pub const DEFAULT_LIMIT_PER_HOUR: u32 = 3600;
 /// Default upper bound of the pause after a 429.
 pub const DEFAULT_MAX_CIRCUIT_PAUSE: Duration = Duration::from_secs(60);
+/// Largest time scale: one hour of budget per real second (the simulator's bound too).
+pub const MAX_TIME_SCALE: f64 = 3600.0;
+
+/// A time scale outside `(0, MAX_TIME_SCALE]` (or not a number).
+#[derive(Clone, Copy, Debug, PartialEq, thiserror::Error)]
+#[error(
+    "the budget time scale must be a number above 0 and at most 3600 (1 = Hetzner's pace), got {0}"
+)]
+pub struct InvalidTimeScale(pub f64);
 
 #[derive(Debug)]
 pub struct Budget {
     state: Mutex<State>,
     max_circuit_pause: Duration,
+    /// How many times faster than Hetzner's the bucket refills (1 = real time).
+    time_scale: f64,
 }
 
 #[derive(Debug)]
 struct State {
     limit: u32,
+    /// Copy of `Budget::time_scale`, for the refill.
+    time_scale: f64,
     /// Available tokens; negative while callers hold reservations for future tokens.
     tokens: f64,
     refilled_at: Instant,
@@ -45,7 +63,7 @@ struct State {
 
 impl State {
     fn refill_per_second(&self) -> f64 {
-        f64::from(self.limit) / 3600.0
+        f64::from(self.limit) / 3600.0 * self.time_scale
     }
 
     fn refill(&mut self, now: Instant) {
@@ -77,19 +95,39 @@ impl Budget {
         Self {
             state: Mutex::new(State {
                 limit,
+                time_scale: 1.0,
                 tokens: f64::from(limit),
                 refilled_at: Instant::now(),
                 paused_until: None,
                 waiting: 0,
             }),
             max_circuit_pause: DEFAULT_MAX_CIRCUIT_PAUSE,
+            time_scale: 1.0,
         }
     }
 
-    /// Changes the upper bound of the pause after a 429.
+    /// Changes the upper bound of the pause after a 429, in budget time: the real pause is
+    /// at most `pause / time_scale`.
     pub fn with_max_circuit_pause(mut self, pause: Duration) -> Self {
         self.max_circuit_pause = pause;
         self
+    }
+
+    /// Runs the budget `scale` times faster than Hetzner's (see the module docs): only for a
+    /// simulator whose bucket runs at the same scale.
+    pub fn with_time_scale(mut self, scale: f64) -> Result<Self, InvalidTimeScale> {
+        let scale = check_time_scale(scale)?;
+        self.time_scale = scale;
+        self.state
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .time_scale = scale;
+        Ok(self)
+    }
+
+    /// How many times faster than Hetzner's the bucket refills.
+    pub fn time_scale(&self) -> f64 {
+        self.time_scale
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -184,12 +222,21 @@ impl Budget {
                 Duration::from_secs(reset.saturating_sub(now_unix))
             })
             .unwrap_or(self.max_circuit_pause);
-        let pause = until_reset.min(self.max_circuit_pause);
+        let pause = until_reset.min(self.max_circuit_pause.div_f64(self.time_scale));
         let until = now + pause;
         state.paused_until = Some(match state.paused_until {
             Some(existing) if existing > until => existing,
             _ => until,
         });
+    }
+}
+
+/// `scale` if it is a usable time scale: above 0, at most [`MAX_TIME_SCALE`].
+pub fn check_time_scale(scale: f64) -> Result<f64, InvalidTimeScale> {
+    if scale > 0.0 && scale <= MAX_TIME_SCALE {
+        Ok(scale)
+    } else {
+        Err(InvalidTimeScale(scale))
     }
 }
 
@@ -332,6 +379,81 @@ mod tests {
         budget.observe_rate_limited(None);
         let waited = waiter.await.unwrap();
         assert!(waited >= Duration::from_millis(20_400), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_scaled_bucket_keeps_its_capacity_and_refills_faster() {
+        // Hetzner's 3600/h, 60 times faster: 60 tokens per real second.
+        let budget = Budget::new(3600).with_time_scale(60.0).unwrap();
+        assert_eq!(budget.time_scale(), 60.0);
+        for _ in 0..3600 {
+            budget.acquire(Duration::ZERO).await.unwrap();
+        }
+        assert!(budget.acquire(Duration::ZERO).await.is_err());
+        let start = Instant::now();
+        for _ in 0..60 {
+            budget.acquire(Duration::from_secs(5)).await.unwrap();
+        }
+        // Unscaled this would be a minute.
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(990) && waited <= Duration::from_millis(1010),
+            "{waited:?}"
+        );
+        // Half a real minute is half an hour of budget; the capacity caps the refill.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(
+            (1799..=1800).contains(&budget.remaining()),
+            "{}",
+            budget.remaining()
+        );
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert_eq!(budget.remaining(), 3600);
+        assert_eq!(budget.limit(), 3600);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn headers_keep_the_time_scale() {
+        // The limit comes from the headers; the scale stays: 10/h at 720x is 2 per second.
+        let budget = Budget::new(3600).with_time_scale(720.0).unwrap();
+        budget.observe_headers(Some(10), Some(0));
+        let start = Instant::now();
+        budget.acquire(Duration::from_secs(5)).await.unwrap();
+        budget.acquire(Duration::from_secs(5)).await.unwrap();
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(990) && waited <= Duration::from_millis(1010),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_pause_is_capped_in_scaled_time() {
+        // Default cap 60 s of budget time: 1 real second at 60x, even when Reset says an hour.
+        let budget = Budget::new(3600).with_time_scale(60.0).unwrap();
+        let now_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        budget.observe_rate_limited(Some(now_unix + 3600));
+        assert!(budget.is_paused());
+        let start = Instant::now();
+        budget.acquire(Duration::from_secs(5)).await.unwrap();
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_millis(990) && waited <= Duration::from_millis(1100),
+            "{waited:?}"
+        );
+    }
+
+    #[test]
+    fn unusable_time_scales_are_refused() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 3600.5] {
+            let err = Budget::new(3600).with_time_scale(bad).unwrap_err();
+            assert!(err.to_string().contains("time scale"), "{err}");
+        }
+        assert_eq!(check_time_scale(1.0), Ok(1.0));
+        assert_eq!(check_time_scale(3600.0), Ok(3600.0));
     }
 
     #[tokio::test(start_paused = true)]
