@@ -88,6 +88,16 @@ struct ControllerArgs {
     /// API budget of the Hetzner project, requests per hour.
     #[arg(long, env = "HCLOUD_RATE_LIMIT", default_value_t = 3600)]
     hcloud_rate_limit: u32,
+    /// Simulations only: run the API budget F times faster than Hetzner's, like a simulator
+    /// started with `--budget-time-scale F` (60: an hour of budget per real minute; the
+    /// resync interval stretches in the same scaled time). Refused against Hetzner itself.
+    #[arg(
+        long,
+        env = "HCLOUD_BUDGET_TIME_SCALE",
+        default_value_t = 1.0,
+        value_name = "F"
+    )]
+    hcloud_budget_time_scale: f64,
     /// Periodic full resync, seconds (overrides the config file).
     #[arg(long, env = "VPS_CONTROLLER_RESYNC_SECONDS")]
     resync_seconds: Option<u64>,
@@ -227,9 +237,45 @@ fn read_token(args: &ControllerArgs) -> Result<Token> {
     Ok(Token::new(token))
 }
 
-fn client(endpoint: &str, token: Token, rate_limit: u32) -> Result<Client> {
+/// `--hcloud-budget-time-scale`, checked: a usable number, and 1 unless `endpoint` (None:
+/// the in-process simulator of `run --simulate`) is something other than Hetzner.
+fn budget_time_scale(args: &ControllerArgs, endpoint: Option<&str>) -> Result<f64> {
+    let scale = vps_controller::hcloud::budget::check_time_scale(args.hcloud_budget_time_scale)
+        .context("--hcloud-budget-time-scale (HCLOUD_BUDGET_TIME_SCALE)")?;
+    if let Some(endpoint) = endpoint
+        && scale != 1.0
+        && is_hetzner(endpoint)
+    {
+        bail!(
+            "--hcloud-budget-time-scale (HCLOUD_BUDGET_TIME_SCALE) is {scale}, but the endpoint              {endpoint} is Hetzner's: its budget runs in real time, so a faster one would              collect 429s (and a slower one waste the budget). The time scale is for              simulators started with --budget-time-scale; unset it or set it to 1"
+        );
+    }
+    Ok(scale)
+}
+
+/// True for Hetzner's own API hosts (`api.hetzner.cloud` and its siblings).
+fn is_hetzner(endpoint: &str) -> bool {
+    url::Url::parse(endpoint)
+        .ok()
+        .and_then(|url| url.host_str().map(str::to_ascii_lowercase))
+        .is_some_and(|host| {
+            ["hetzner.cloud", "hetzner.com"]
+                .iter()
+                .any(|domain| host == *domain || host.ends_with(&format!(".{domain}")))
+        })
+}
+
+/// The requests per hour the resync interval must fit in, in the budget's scaled time: F
+/// times faster budget, F times as many requests per real hour.
+fn scaled_rate_limit(rate_limit: u32, time_scale: f64) -> u32 {
+    (f64::from(rate_limit) * time_scale)
+        .round()
+        .clamp(1.0, f64::from(u32::MAX)) as u32
+}
+
+fn client(endpoint: &str, token: Token, rate_limit: u32, time_scale: f64) -> Result<Client> {
     let config = ClientConfig {
-        budget: Arc::new(Budget::new(rate_limit)),
+        budget: Arc::new(Budget::new(rate_limit).with_time_scale(time_scale)?),
         ..ClientConfig::new(endpoint, token)
     };
     Ok(Client::new(config)?)
@@ -238,6 +284,10 @@ fn client(endpoint: &str, token: Token, rate_limit: u32) -> Result<Client> {
 async fn run(args: RunArgs) -> Result<ExitCode> {
     let signal = shutdown_signal();
     let config = load_config(&args.controller)?;
+    let time_scale = budget_time_scale(
+        &args.controller,
+        (!args.simulate).then_some(args.controller.hcloud_endpoint.as_str()),
+    )?;
     let conn = db::connect(&args.controller.db.database_url).await?;
     db::migrate(&conn).await?;
     if let installation::Binding::Moved { bound_to, here } =
@@ -263,9 +313,12 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         tracing::warn!("SIMULATION MODE: no request reaches Hetzner. Servers, keys and");
         tracing::warn!("firewalls exist only in this process and vanish when it stops.");
         tracing::warn!("==============================================================");
+        // The simulated project has the budget the controller was told, at the same pace.
         let running = simulator::spawn(
             SimulatorConfig {
                 action_seconds: 0.5,
+                rate_limit: args.controller.hcloud_rate_limit,
+                budget_time_scale: time_scale,
                 ..SimulatorConfig::default()
             },
             "127.0.0.1:0".parse()?,
@@ -279,6 +332,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             &running.base_url(),
             token,
             args.controller.hcloud_rate_limit,
+            time_scale,
         )?;
         simulator = Some(running);
         let sealer = match Sealer::from_env()? {
@@ -303,6 +357,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
                 &args.controller.hcloud_endpoint,
                 token,
                 args.controller.hcloud_rate_limit,
+                time_scale,
             )?,
             sealer,
             token_fingerprint,
@@ -331,10 +386,16 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         leadership: leadership.clone(),
         key_checks: Default::default(),
     };
+    if time_scale != 1.0 {
+        tracing::warn!(
+            time_scale,
+            "the API budget runs {time_scale} times faster than Hetzner's (simulations only)"
+        );
+    }
     let mut controller = Controller::new(
         reconciler,
         metrics.clone(),
-        args.controller.hcloud_rate_limit,
+        scaled_rate_limit(args.controller.hcloud_rate_limit, time_scale),
     );
     controller.inputs_fingerprint = Some(inputs);
     let controller = Arc::new(controller);
@@ -446,11 +507,16 @@ fn describe(error: &anyhow::Error) -> String {
 
 async fn plan(args: PlanArgs) -> Result<ExitCode> {
     let config = load_config(&args.controller)?;
+    let time_scale = budget_time_scale(
+        &args.controller,
+        Some(args.controller.hcloud_endpoint.as_str()),
+    )?;
     let conn = db::connect(&args.controller.db.database_url).await?;
     let api = client(
         &args.controller.hcloud_endpoint,
         read_token(&args.controller)?,
         args.controller.hcloud_rate_limit,
+        time_scale,
     )?;
     let report = vps_controller::reconcile::report::plan_all(&api, &conn, &config).await?;
     print!("{}", report.render());
@@ -604,4 +670,38 @@ async fn installation_command(command: InstallationCommand) -> Result<ExitCode> 
 async fn serve_simulator(args: simulator::cli::ServeArgs) -> Result<ExitCode> {
     simulator::cli::serve(&args, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_hetzners_own_hosts_count_as_hetzner() {
+        for endpoint in [
+            "https://api.hetzner.cloud/v1",
+            "https://API.Hetzner.Cloud/v1/",
+            "https://api.hetzner.com/v1",
+            "https://hetzner.cloud",
+        ] {
+            assert!(is_hetzner(endpoint), "{endpoint}");
+        }
+        for endpoint in [
+            "http://127.0.0.1:4000/v1",
+            "http://simulator:4000/v1",
+            "https://nothetzner.cloud/v1",
+            "https://hetzner.cloud.example.org/v1",
+            "not a url",
+        ] {
+            assert!(!is_hetzner(endpoint), "{endpoint}");
+        }
+    }
+
+    #[test]
+    fn the_resync_budget_is_scaled_with_the_bucket() {
+        assert_eq!(scaled_rate_limit(3600, 1.0), 3600);
+        assert_eq!(scaled_rate_limit(3600, 60.0), 216_000);
+        assert_eq!(scaled_rate_limit(3600, 0.5), 1800);
+        assert_eq!(scaled_rate_limit(u32::MAX, 3600.0), u32::MAX);
+    }
 }

@@ -736,6 +736,120 @@ fn simulator_rejects_a_fault_rate_above_one() {
     .assert_fails_naming("fault_rate");
 }
 
+#[test]
+fn simulator_rejects_a_budget_time_scale_of_zero_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    run_cli(
+        dir.path(),
+        &[
+            "simulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--budget-time-scale",
+            "0",
+        ],
+        &[],
+    )
+    .assert_fails_naming("--budget-time-scale");
+}
+
+/// A faster budget against Hetzner itself would collect 429s: refused before anything starts,
+/// through the flag and through the variable.
+#[test]
+fn run_refuses_a_budget_time_scale_against_hetzner() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = encryption_key();
+    let envs = [
+        ("VPS_CONTROLLER_ENCRYPTION_KEY", key.as_str()),
+        ("HCLOUD_TOKEN", SECRET_TOKEN),
+    ];
+    let ran = run_cli(
+        dir.path(),
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--hcloud-budget-time-scale",
+            "60",
+        ],
+        &envs,
+    );
+    ran.assert_fails_naming("--hcloud-budget-time-scale");
+    assert!(
+        ran.stderr.contains("api.hetzner.cloud"),
+        "{}",
+        ran.describe()
+    );
+    let mut with_variable = envs.to_vec();
+    with_variable.push(("HCLOUD_BUDGET_TIME_SCALE", "60"));
+    run_cli(
+        dir.path(),
+        &["run", "--listen", "127.0.0.1:0"],
+        &with_variable,
+    )
+    .assert_fails_naming("HCLOUD_BUDGET_TIME_SCALE");
+    // Nothing was started: not even the database file.
+    assert!(!dir.path().join("vps-controller.db").exists());
+}
+
+/// With port 0 the simulator prints its endpoint on stdout, and that endpoint answers with the
+/// budget it was given.
+#[tokio::test]
+async fn simulator_on_port_0_prints_its_endpoint_and_runs_a_scaled_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = ChildGuard::spawn(command(
+        dir.path(),
+        &[
+            "simulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--rate-limit",
+            "100",
+            "--budget-time-scale",
+            "60",
+        ],
+        &[],
+    ));
+    let deadline = Instant::now() + DEADLINE;
+    let endpoint = loop {
+        let stdout = std::fs::read_to_string(&child.stdout).unwrap_or_default();
+        if let Some(line) = stdout.lines().next()
+            && stdout.contains('\n')
+        {
+            break line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no endpoint on stdout\n{}",
+            child.output()
+        );
+        sleep(POLL).await;
+    };
+    let root = endpoint
+        .strip_suffix("/v1")
+        .unwrap_or_else(|| panic!("endpoint {endpoint:?} does not end in /v1"));
+    assert!(root.starts_with("http://127.0.0.1:"), "{endpoint}");
+    assert!(!root.ends_with(":0"), "{endpoint}");
+    let http = http_client();
+    let stats: serde_json::Value = http
+        .get(format!("{root}/__simulator/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["rate_limit"]["limit"], 100, "{stats}");
+    assert_eq!(stats["rate_limit"]["time_scale"], 60.0, "{stats}");
+    let answer = http
+        .get(format!("{endpoint}/servers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), reqwest::StatusCode::OK);
+    assert_eq!(answer.headers()["ratelimit-limit"], "100");
+}
+
 /// The text of `GET {base_url}/metrics`, or empty while it does not answer.
 async fn metrics(http: &reqwest::Client, base_url: &str) -> String {
     match http.get(format!("{base_url}/metrics")).send().await {

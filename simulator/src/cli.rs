@@ -8,7 +8,8 @@ use crate::SimulatorConfig;
 /// Serve the Hetzner Cloud API simulator under /v1.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeArgs {
-    /// Address to listen on.
+    /// Address to listen on (port 0: a free port). Once listening, the API endpoint
+    /// (`http://ADDR/v1`, with the port bound) is printed as one line on stdout.
     #[arg(long, default_value = "127.0.0.1:4000")]
     pub listen: SocketAddr,
     /// Require `Authorization: Bearer TOKEN` on every /v1 request.
@@ -20,6 +21,11 @@ pub struct ServeArgs {
     /// Requests per hour before 429 rate_limit_exceeded.
     #[arg(long, default_value_t = 3600)]
     pub rate_limit: u32,
+    /// The rate-limit bucket refills this many times faster than Hetzner's (capacity stays
+    /// --rate-limit; RateLimit-Reset in the same scaled time). 60: one hour of budget per
+    /// real minute. At most 3600.
+    #[arg(long, default_value_t = 1.0, value_name = "F")]
+    pub budget_time_scale: f64,
     /// Share of /v1 requests answered with an injected fault (0..1).
     #[arg(long, default_value_t = 0.0)]
     pub fault_rate: f64,
@@ -45,6 +51,7 @@ impl ServeArgs {
             token: self.token.clone(),
             action_seconds: self.action_seconds,
             rate_limit: self.rate_limit,
+            budget_time_scale: self.budget_time_scale,
             fault_rate: self.fault_rate,
             seed: self.seed,
             server_limit: self.server_limit,
@@ -64,12 +71,22 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let config = args.config();
     config.validate().map_err(ServeError::Config)?;
+    let bind_error = |source| ServeError::Bind {
+        listen: args.listen,
+        source,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .map_err(|source| ServeError::Bind {
-            listen: args.listen,
-            source,
-        })?;
+        .map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
+    // The one line on stdout (logs go to stderr): with `--listen 127.0.0.1:0` it is how a
+    // parent process learns the port. Connections are queued from here on.
+    {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        let _ = writeln!(stdout, "http://{addr}/v1");
+        let _ = stdout.flush();
+    }
     crate::serve(config, listener, shutdown)
         .await
         .map_err(ServeError::Serve)
@@ -101,4 +118,35 @@ pub async fn shutdown_signal() {
         return;
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn the_budget_time_scale_defaults_to_real_time_and_bad_values_name_the_flag() {
+        let default = Cli::parse_from(["sim"]).serve.config();
+        assert_eq!(default.budget_time_scale, 1.0);
+        assert!(default.validate().is_ok());
+        let fast = Cli::parse_from(["sim", "--budget-time-scale", "60"])
+            .serve
+            .config();
+        assert_eq!(fast.budget_time_scale, 60.0);
+        assert!(fast.validate().is_ok());
+        for bad in ["0", "-1", "NaN", "inf", "3601"] {
+            let flag = format!("--budget-time-scale={bad}");
+            let config = Cli::parse_from(["sim", flag.as_str()]).serve.config();
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("--budget-time-scale"), "{bad}: {error}");
+        }
+    }
 }

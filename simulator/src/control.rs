@@ -5,9 +5,14 @@
 //! # `GET /__simulator/stats`
 //!
 //! `{"total", "by_endpoint": {"GET /servers/{id}": n, …}, "rate_limited", "faults": {KIND: n,
-//! …}, "list_sorts": {"GET /servers sort=id:asc": n, "GET /images unsorted": n, …}}`.
+//! …}, "list_sorts": {"GET /servers sort=id:asc": n, "GET /images unsorted": n, …},
+//! "labelled_lists": {"GET /servers": n, …}, "actions": {"stored", "running"}, "rate_limit":
+//! {"limit", "remaining", "reset", "time_scale"}}`.
 //! Endpoints are keyed `"METHOD /template"` (unroutable paths as `"METHOD <unmatched>"`);
-//! `faults` counts injected faults by kind, `"black_hole"` included.
+//! `faults` counts injected faults by kind, `"black_hole"` included; `labelled_lists` counts
+//! list requests with a `label_selector`. `rate_limit` is the bucket now (what the next
+//! answer's `RateLimit-*` headers would say before taking its token, and the
+//! `budget_time_scale`); reading it takes nothing from the bucket.
 //! `POST /__simulator/reset` zeroes the counters (resources and faults stay).
 //!
 //! # `POST /__simulator/faults`
@@ -93,16 +98,20 @@ impl SplitMix64 {
     }
 }
 
-/// Hetzner-style budget: capacity `limit`, refilled at `limit` per hour (API-NOTES §9).
+/// Hetzner-style budget: capacity `limit`, refilled at `limit` per hour (API-NOTES §9), or
+/// `time_scale` times faster (`SimulatorConfig::budget_time_scale`): one hour of budget then
+/// passes in `1/time_scale` of a real hour.
 #[derive(Clone, Debug)]
 pub(crate) struct Bucket {
     capacity: f64,
     tokens: f64,
+    /// How many times faster than Hetzner's it refills.
+    time_scale: f64,
     last: Instant,
 }
 
 /// Values for the `RateLimit-*` headers.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize)]
 pub(crate) struct RateLimitHeaders {
     pub limit: u32,
     pub remaining: u32,
@@ -110,17 +119,20 @@ pub(crate) struct RateLimitHeaders {
 }
 
 impl Bucket {
-    pub(crate) fn new(limit: u32, now: Instant) -> Bucket {
+    pub(crate) fn new(limit: u32, time_scale: f64, now: Instant) -> Bucket {
+        let capacity = f64::from(limit);
         Bucket {
-            capacity: f64::from(limit),
-            tokens: f64::from(limit),
+            capacity,
+            tokens: capacity,
+            time_scale,
             last: now,
         }
     }
 
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.capacity / 3600.0).min(self.capacity);
+        let refill_per_second = self.capacity / 3600.0 * self.time_scale;
+        self.tokens = (self.tokens + elapsed * refill_per_second).min(self.capacity);
         self.last = now;
     }
 
@@ -135,14 +147,35 @@ impl Bucket {
         }
     }
 
+    /// Real seconds until `missing` tokens are back, rounded up (`RateLimit-Reset` is whole
+    /// UNIX seconds).
+    fn seconds_to_refill(&self, missing: f64) -> u64 {
+        (missing.max(0.0) * 3600.0 / (self.capacity * self.time_scale)).ceil() as u64
+    }
+
+    /// The headers as of the last refill: Reset = now + the time until the bucket is full, in
+    /// the same (scaled) time the bucket refills in.
     pub(crate) fn headers(&self, unix_now: u64) -> RateLimitHeaders {
-        let missing = (self.capacity - self.tokens).max(0.0);
-        let seconds_to_full = (missing * 3600.0 / self.capacity).ceil() as u64;
         RateLimitHeaders {
             limit: self.capacity as u32,
             remaining: self.tokens.floor() as u32,
-            reset: unix_now + seconds_to_full,
+            reset: unix_now + self.seconds_to_refill(self.capacity - self.tokens),
         }
+    }
+
+    /// The headers of an empty bucket (an aimed `http_429` fault): Reset is a full refill away.
+    pub(crate) fn empty_headers(&self, unix_now: u64) -> RateLimitHeaders {
+        RateLimitHeaders {
+            limit: self.capacity as u32,
+            remaining: 0,
+            reset: unix_now + self.seconds_to_refill(self.capacity),
+        }
+    }
+
+    /// The headers now, refilled up to `now` (for the stats hook; takes nothing).
+    pub(crate) fn peek(&mut self, now: Instant, unix_now: u64) -> RateLimitHeaders {
+        self.refill(now);
+        self.headers(unix_now)
     }
 }
 
@@ -156,6 +189,9 @@ pub(crate) struct Stats {
     /// List requests by endpoint and `sort` parameters: `"GET /servers sort=id:asc"`, or
     /// `"GET /servers unsorted"` without `sort` (extra key).
     pub list_sorts: BTreeMap<String, u64>,
+    /// List requests that carry a `label_selector`, by endpoint: `"GET /servers": n` (extra
+    /// key; for telling a client's listings from its lookups by name).
+    pub labelled_lists: BTreeMap<String, u64>,
 }
 
 /// Distinct keys each statistics map takes; further keys (odd methods, endless `sort`
@@ -197,6 +233,11 @@ impl Stats {
             format!("{key} sort={}", sorts.join(","))
         };
         bump(&mut self.list_sorts, key);
+    }
+
+    /// Counts a list request (`key` is `"GET <template>"`) that carries a `label_selector`.
+    pub(crate) fn count_labelled_list(&mut self, key: &str) {
+        bump(&mut self.labelled_lists, key.to_string());
     }
 }
 
@@ -482,7 +523,7 @@ mod tests {
     #[test]
     fn bucket_refills_one_per_second_at_3600() {
         let start = Instant::now();
-        let mut b = Bucket::new(3600, start);
+        let mut b = Bucket::new(3600, 1.0, start);
         for _ in 0..3600 {
             assert!(b.try_take(start));
         }
@@ -491,6 +532,26 @@ mod tests {
         assert_eq!((h.limit, h.remaining, h.reset), (3600, 0, 1000 + 3600));
         assert!(b.try_take(start + Duration::from_millis(1001)));
         assert!(!b.try_take(start + Duration::from_millis(1002)));
+    }
+
+    #[test]
+    fn a_scaled_bucket_refills_faster_and_resets_in_scaled_time() {
+        let start = Instant::now();
+        // 10 per hour, 720 times faster: 2 tokens per real second, full in 5 s.
+        let mut b = Bucket::new(10, 720.0, start);
+        for _ in 0..10 {
+            assert!(b.try_take(start));
+        }
+        assert!(!b.try_take(start));
+        let h = b.headers(1000);
+        assert_eq!((h.limit, h.remaining, h.reset), (10, 0, 1000 + 5));
+        let e = b.empty_headers(1000);
+        assert_eq!((e.limit, e.remaining, e.reset), (10, 0, 1000 + 5));
+        assert!(!b.try_take(start + Duration::from_millis(490)));
+        assert!(b.try_take(start + Duration::from_millis(510)));
+        // Long idle: capacity stays the limit.
+        let later = b.peek(start + Duration::from_secs(3600), 2000);
+        assert_eq!((later.limit, later.remaining, later.reset), (10, 10, 2000));
     }
 
     #[test]

@@ -15,12 +15,21 @@
 //! Test hooks outside `/v1` (no auth, not rate limited, not counted; full reference in the
 //! [`control`] module): `GET /__simulator/stats` → `{"total", "by_endpoint": {"GET
 //! /servers/{id}": n, …}, "rate_limited", "faults": {kind: n}, "list_sorts": {"GET /servers
-//! sort=id:asc": n, "GET /images unsorted": n, …}, "actions": {"stored", "running"}}`
-//! (unroutable paths count as `"METHOD <unmatched>"`; both maps stop adding keys at a fixed
-//! number and count the rest under `"<other>"`), `POST /__simulator/reset` (zeroes the
-//! counters, keeps the resources), and `GET`/`POST`/`DELETE /__simulator/faults` (a seeded
+//! sort=id:asc": n, "GET /images unsorted": n, …}, "labelled_lists": {"GET /servers": n, …},
+//! "actions": {"stored", "running"}, "rate_limit": {"limit", "remaining", "reset",
+//! "time_scale"}}` (unroutable paths count as `"METHOD <unmatched>"`; the maps stop adding
+//! keys at a fixed number and count the rest under `"<other>"`), `POST /__simulator/reset`
+//! (zeroes the counters, keeps the resources), and `GET`/`POST`/`DELETE /__simulator/faults` (a seeded
 //! share `{"rate": F}`, targeted faults `{"faults": [{"kind", "endpoints"?, "count"?}]}`,
 //! `{"black_hole": true}`).
+//!
+//! Rate limit: a bucket of `rate_limit` requests refilling `rate_limit` per hour (API-NOTES
+//! §9), with `RateLimit-Limit`, `-Remaining` and `-Reset` on every `/v1` answer. Crossing
+//! several bucket-fulls at Hetzner's pace takes hours, so `budget_time_scale`
+//! (`--budget-time-scale F`) makes the bucket refill F times faster with the same capacity,
+//! and Reset counts in that scaled time: with F = 60 one hour of budget passes in one real
+//! minute (a drained bucket of 3,600 refills 60 per real second and is full again 60 s
+//! later, Reset = now + 60). Only the budget is scaled, not action durations.
 //!
 //! Order for each `/v1` request: count it → black hole → take a rate-limit token (429 when
 //! empty) → check the token (401) → route (404/405) → targeted fault, else draw from the seeded
@@ -99,6 +108,9 @@ use state::{Clock, Retention, World};
 
 const MAX_ACTION_SECONDS: f64 = 86_400.0;
 
+/// Largest `budget_time_scale`: one hour of budget per real second.
+pub const MAX_BUDGET_TIME_SCALE: f64 = 3600.0;
+
 /// Default server quota: far above any test or benchmark (the IPv4 pool holds ~130,000).
 pub const DEFAULT_SERVER_LIMIT: u32 = 100_000;
 
@@ -114,6 +126,14 @@ pub struct SimulatorConfig {
     pub action_seconds: f64,
     /// Requests per hour (bucket capacity; refills at this rate).
     pub rate_limit: u32,
+    /// How many times faster than real time the rate-limit bucket refills (default 1, as at
+    /// Hetzner; at most [`MAX_BUDGET_TIME_SCALE`]). The capacity stays `rate_limit`; the refill
+    /// is `rate_limit / 3600 × budget_time_scale` per second, and `RateLimit-Reset` is the real
+    /// UNIX second at which the faster refill fills the bucket. With 60, one hour of Hetzner's
+    /// budget passes in one real minute: a client that stays within it here for a minute
+    /// would stay within it at Hetzner for an hour (if everything else it does took 60 times
+    /// longer too). Only the budget is scaled: actions still take `action_seconds`.
+    pub budget_time_scale: f64,
     /// Probability in [0, 1] that a `/v1` request gets an injected fault.
     pub fault_rate: f64,
     /// Seed for fault injection (and generated root passwords).
@@ -137,6 +157,7 @@ impl Default for SimulatorConfig {
             token: None,
             action_seconds: 1.0,
             rate_limit: 3600,
+            budget_time_scale: 1.0,
             fault_rate: 0.0,
             seed: 0,
             fault_delay: Duration::from_secs(30),
@@ -154,6 +175,7 @@ impl std::fmt::Debug for SimulatorConfig {
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("action_seconds", &self.action_seconds)
             .field("rate_limit", &self.rate_limit)
+            .field("budget_time_scale", &self.budget_time_scale)
             .field("fault_rate", &self.fault_rate)
             .field("seed", &self.seed)
             .field("fault_delay", &self.fault_delay)
@@ -174,6 +196,10 @@ pub enum SimulatorConfigError {
     FaultRate(f64),
     #[error("rate_limit must be at least 1 request per hour, got {0}")]
     RateLimit(u32),
+    #[error(
+        "budget_time_scale (--budget-time-scale) must be a number above 0 and at most 3600 (1 = real time, 60 = an hour of budget per minute), got {0}"
+    )]
+    BudgetTimeScale(f64),
     #[error("token must not be empty (leave it unset to disable authentication)")]
     EmptyToken,
 }
@@ -189,6 +215,12 @@ impl SimulatorConfig {
         }
         if self.rate_limit < 1 {
             return Err(SimulatorConfigError::RateLimit(self.rate_limit));
+        }
+        // Bounded (and NaN refused) so refill times stay finite numbers of seconds.
+        if !(self.budget_time_scale > 0.0 && self.budget_time_scale <= MAX_BUDGET_TIME_SCALE) {
+            return Err(SimulatorConfigError::BudgetTimeScale(
+                self.budget_time_scale,
+            ));
         }
         if self.token.as_deref() == Some("") {
             return Err(SimulatorConfigError::EmptyToken);
@@ -206,6 +238,7 @@ struct Control {
 
 struct Shared {
     token: Option<String>,
+    budget_time_scale: f64,
     fault_delay: Duration,
     world: Mutex<World>,
     control: Mutex<Control>,
@@ -291,10 +324,11 @@ pub async fn serve(
     };
     let shared = Arc::new(Shared {
         token: config.token.clone(),
+        budget_time_scale: config.budget_time_scale,
         fault_delay: config.fault_delay,
         world: Mutex::new(world),
         control: Mutex::new(Control {
-            bucket: Bucket::new(config.rate_limit, now),
+            bucket: Bucket::new(config.rate_limit, config.budget_time_scale, now),
             stats: Stats::default(),
             faults: FaultPlan::new(config.fault_rate, config.seed),
         }),
@@ -322,9 +356,15 @@ pub async fn serve(
 }
 
 async fn stats_hook(State(shared): State<Arc<Shared>>) -> Response {
-    let stats = lock(&shared.control).stats.clone();
+    let (stats, limits) = {
+        let mut control = lock(&shared.control);
+        let limits = control.bucket.peek(Instant::now(), unix_now());
+        (control.stats.clone(), limits)
+    };
     let mut body = json!(stats);
     body["actions"] = actions_stats(&shared);
+    body["rate_limit"] = json!(limits);
+    body["rate_limit"]["time_scale"] = json!(shared.budget_time_scale);
     json_response(StatusCode::OK, &body)
 }
 
@@ -459,7 +499,7 @@ async fn api_request(shared: Arc<Shared>, routed: Routed, request: Request) -> R
         Routed::NotFound => format!("{method} <unmatched>"),
     };
 
-    let (allowed, mut limits, black_hole) = {
+    let (allowed, mut limits, empty_limits, black_hole) = {
         let mut control = lock(&shared.control);
         control.stats.count(key.clone());
         if let Routed::Found { template, .. } = &routed
@@ -467,6 +507,9 @@ async fn api_request(shared: Arc<Shared>, routed: Routed, request: Request) -> R
             && !template.ends_with('}')
         {
             control.stats.count_sort(&key, &query.all("sort"));
+            if query.first("label_selector").is_some() {
+                control.stats.count_labelled_list(&key);
+            }
         }
         let black_hole = control.faults.black_hole;
         let allowed = if black_hole {
@@ -479,7 +522,13 @@ async fn api_request(shared: Arc<Shared>, routed: Routed, request: Request) -> R
             }
             allowed
         };
-        (allowed, control.bucket.headers(unix_now()), black_hole)
+        let unix = unix_now();
+        (
+            allowed,
+            control.bucket.headers(unix),
+            control.bucket.empty_headers(unix),
+            black_hole,
+        )
     };
     if black_hole {
         // Accepted, never answered: the client times out. Only shutdown ends the wait.
@@ -534,8 +583,7 @@ async fn api_request(shared: Arc<Shared>, routed: Routed, request: Request) -> R
                 if let Some((Fault::Http429, true)) = drawn {
                     // Aimed 429s look like an empty bucket (the seeded share keeps the
                     // bucket's real headers, as it always did).
-                    limits.remaining = 0;
-                    limits.reset = unix_now() + 3600;
+                    limits = empty_limits;
                 }
                 let mut refunded = false;
                 let response = match fault {

@@ -1406,6 +1406,132 @@ async fn rate_limit_answers_429_with_headers() {
     sim.sim.shutdown().await;
 }
 
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// `RateLimit-Reset` must be `now + ceil(missing × 3600 / (limit × scale))` for some `missing`
+/// in `[10 - remaining - 1, 10 - remaining]` (the fraction of a token the header floors away),
+/// with `now` anywhere in `[before, after]`.
+fn assert_reset_in_scaled_time(reset: u64, remaining: u64, before: u64, after: u64) {
+    // 10 per hour at 720×: half a real second per token.
+    let missing = 10 - remaining;
+    let earliest = before + (missing.saturating_sub(1) as f64 * 0.5).ceil() as u64;
+    let latest = after + (missing as f64 * 0.5).ceil() as u64;
+    assert!(
+        (earliest..=latest).contains(&reset),
+        "reset {reset} with {remaining} remaining; expected {earliest}..={latest}"
+    );
+}
+
+/// With `budget_time_scale` F the bucket keeps its capacity but refills F times faster, and
+/// `RateLimit-Reset` (headers and the stats hook alike) counts in that scaled time.
+#[tokio::test]
+async fn a_scaled_budget_empties_refills_faster_and_its_headers_agree() {
+    // 10 per hour, 720 times faster: 2 tokens per real second, full 5 s after it emptied. At
+    // Hetzner's pace the first token would be 6 minutes away and the deadlines below fail.
+    let sim = Sim::start(SimulatorConfig {
+        rate_limit: 10,
+        budget_time_scale: 720.0,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let bucket = sim.stats().await["rate_limit"].clone();
+    assert_eq!(bucket["limit"], 10, "{bucket}");
+    assert_eq!(bucket["remaining"], 10, "{bucket}");
+    assert_eq!(bucket["time_scale"], 720.0, "{bucket}");
+
+    // Empty it: the capacity is still 10, whatever trickles in while we drain it.
+    let started = Instant::now();
+    let mut allowed = 0u64;
+    let limited = loop {
+        let before = unix_seconds();
+        let r = sim.get("/v1/servers").await;
+        let after = unix_seconds();
+        assert_eq!(r.header("ratelimit-limit").as_deref(), Some("10"));
+        let remaining: u64 = r.header("ratelimit-remaining").unwrap().parse().unwrap();
+        let reset: u64 = r.header("ratelimit-reset").unwrap().parse().unwrap();
+        assert_reset_in_scaled_time(reset, remaining, before, after);
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(remaining, 0);
+            break r;
+        }
+        assert_eq!(r.status, StatusCode::OK);
+        allowed += 1;
+        assert!(allowed <= 40, "the bucket never emptied");
+    };
+    let trickled = (started.elapsed().as_secs_f64() * 2.0).ceil() as u64;
+    assert!(
+        (10..=10 + trickled).contains(&allowed),
+        "{allowed} requests allowed, at most {trickled} of them refilled"
+    );
+    assert_eq!(limited.code(), "rate_limit_exceeded");
+    assert_eq!(sim.stats().await["rate_limited"], 1);
+
+    // It refills: wait for a whole token through the hook (which takes none).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let bucket = loop {
+        let before = unix_seconds();
+        let bucket = sim.stats().await["rate_limit"].clone();
+        let after = unix_seconds();
+        let remaining = bucket["remaining"].as_u64().unwrap();
+        assert_reset_in_scaled_time(bucket["reset"].as_u64().unwrap(), remaining, before, after);
+        if remaining > 0 {
+            break bucket;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no token back 10 s after emptying a 720x bucket: {bucket}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let before = unix_seconds();
+    let r = sim.get("/v1/servers").await;
+    let after = unix_seconds();
+    assert_eq!(r.status, StatusCode::OK, "{bucket}");
+    let remaining: u64 = r.header("ratelimit-remaining").unwrap().parse().unwrap();
+    let seen = bucket["remaining"].as_u64().unwrap();
+    // The request took one; a token may have come back since the hook was read.
+    assert!(
+        remaining + 1 >= seen && remaining <= seen,
+        "{remaining} after {bucket}"
+    );
+    let reset: u64 = r.header("ratelimit-reset").unwrap().parse().unwrap();
+    assert_reset_in_scaled_time(reset, remaining, before, after);
+
+    // Left alone it fills up to its capacity, not beyond, and Reset is now.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let before = unix_seconds();
+        let bucket = sim.stats().await["rate_limit"].clone();
+        if bucket["remaining"] == 10 {
+            assert_eq!(bucket["limit"], 10);
+            let reset = bucket["reset"].as_u64().unwrap();
+            assert!((before..=unix_seconds()).contains(&reset), "{bucket}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never full again: {bucket}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // An aimed 429 looks like an empty bucket in the same scaled time: full in 5 s, not 1 h.
+    sim.arm(json!([{"kind": "http_429", "count": 1}])).await;
+    let before = unix_seconds();
+    let r = sim.get("/v1/servers").await;
+    let after = unix_seconds();
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.header("ratelimit-remaining").as_deref(), Some("0"));
+    let reset: u64 = r.header("ratelimit-reset").unwrap().parse().unwrap();
+    assert!(
+        (before + 5..=after + 5).contains(&reset),
+        "{reset} vs {before}"
+    );
+    sim.sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn token_is_required_when_configured() {
     let sim = Sim::start(SimulatorConfig {
@@ -1503,13 +1629,22 @@ async fn stats_count_requests_by_path_template() {
     )
     .await;
     sim.get("/v1/servers?per_page=50").await;
+    sim.get("/v1/servers?label_selector=a%3Db").await;
+    sim.get("/v1/ssh_keys?label_selector=a").await;
+    sim.get("/v1/ssh_keys?name=k").await;
     sim.get("/v1/nope").await;
     let stats = sim.stats().await;
+    // Lists with a label selector are counted apart (lookups by name are not).
+    assert_eq!(
+        stats["labelled_lists"],
+        json!({"GET /servers": 1, "GET /ssh_keys": 1})
+    );
     let expected: BTreeMap<String, u64> = [
         ("POST /servers", 1),
         ("GET /servers/{id}", 3),
         ("POST /servers/{id}/actions/poweroff", 1),
-        ("GET /servers", 1),
+        ("GET /servers", 2),
+        ("GET /ssh_keys", 2),
         ("GET <unmatched>", 1),
     ]
     .into_iter()
@@ -1517,7 +1652,7 @@ async fn stats_count_requests_by_path_template() {
     .collect();
     let got: BTreeMap<String, u64> = serde_json::from_value(stats["by_endpoint"].clone()).unwrap();
     assert_eq!(got, expected);
-    assert_eq!(stats["total"], 7);
+    assert_eq!(stats["total"], 10);
     assert_eq!(stats["rate_limited"], 0);
 
     assert_eq!(
@@ -1696,6 +1831,26 @@ async fn invalid_configs_are_refused() {
         },
         SimulatorConfig {
             rate_limit: 0,
+            ..SimulatorConfig::default()
+        },
+        SimulatorConfig {
+            budget_time_scale: 0.0,
+            ..SimulatorConfig::default()
+        },
+        SimulatorConfig {
+            budget_time_scale: -2.0,
+            ..SimulatorConfig::default()
+        },
+        SimulatorConfig {
+            budget_time_scale: f64::NAN,
+            ..SimulatorConfig::default()
+        },
+        SimulatorConfig {
+            budget_time_scale: f64::INFINITY,
+            ..SimulatorConfig::default()
+        },
+        SimulatorConfig {
+            budget_time_scale: 1e9,
             ..SimulatorConfig::default()
         },
     ];
