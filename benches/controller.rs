@@ -9,7 +9,8 @@
 //!
 //! Flags: `--n` (comma list, each 1..=10000; default `100,1000`), `--db` (`sqlite`,
 //! `postgres`; default both), `--toggles` (default 100), `--idle-seconds` (default 5),
-//! `--action-seconds` (simulator action duration, default 0.1), `--budget` (`unlimited`, the
+//! `--action-seconds` (simulator action duration, default 0.1), `--naive-n M` (the baseline
+//! provisions only the first min(N, M) subscriptions; default N), `--budget` (`unlimited`, the
 //! default, or `real`), `--budget-time-scale F` (with `--budget real`; default 60),
 //! `--steady-seconds S` (with `--budget real`: how long the converged fleet is watched;
 //! default three resync intervals, at most 120 s), `--json FILE`. With `RUST_LOG` set (e.g.
@@ -35,19 +36,23 @@
 //!    come from the simulator's `/__simulator/stats`.
 //! 2. Idle: with the loop still running and nothing to do, controller CPU over `--idle-seconds`.
 //! 3. Steady resync: `Controller::resync()` three times on the converged fleet: requests and
-//!    controller CPU per resync.
+//!    controller CPU per resync. A resync that takes over `STEADY_RESYNC_LIMIT` (120 s) is
+//!    recorded as timed out (its reconciles run on) and ends the phase.
 //! 4. Toggles: `--toggles` rows, one at a time, `UPDATE … SET status = 'canceled'`; latency is
 //!    from issuing the UPDATE until the simulator has counted the first non-GET request (polled
 //!    every 5 ms from its stats). The next toggle waits until the row is `deprovisioned`, so
 //!    every write in the window belongs to the toggled row; a random 0–1 s pause before each
-//!    toggle puts it at a random phase of the 1 s change poll.
+//!    toggle puts it at a random phase of the 1 s change poll. The phase stops after
+//!    `TOGGLE_PHASE_LIMIT` (5 min); `toggles` is how many ran.
 //! 5. Peak RSS of the bench process (`VmHWM`, reset at the start of the case) after the
 //!    controller phases; also the RSS at the start of the case (what earlier cases left
 //!    allocated in this process) and the simulator's own peak.
 //! 6. Naive baseline (same simulator, other names): per subscription, `GET ?name=` for key,
 //!    firewall and server, create what is missing, wait on each action alone
 //!    (`GET /actions/{id}` every 500 ms, the hcloud CLI's first interval); 32 subscriptions at
-//!    a time. One provisioning pass, then one steady pass.
+//!    a time. One provisioning pass, then one steady pass, over min(N, `--naive-n`)
+//!    subscriptions (it needs about 50 s per 1,000, so at N = 10,000 `--naive-n 1000` keeps a
+//!    case near 10 minutes); the ratios compare per-subscription figures.
 //!
 //! # `--budget real --budget-time-scale F`: honest budget use
 //!
@@ -108,6 +113,10 @@ const RESYNC_BUDGET_SHARE: f64 = 0.25;
 const CONCURRENCY: usize = 32;
 const NAIVE_POLL: Duration = Duration::from_millis(500);
 const MAX_N: usize = 10_000;
+/// Longest a measured steady resync may take before the phase gives up on it.
+const STEADY_RESYNC_LIMIT: Duration = Duration::from_secs(120);
+/// Longest the toggle phase runs.
+const TOGGLE_PHASE_LIMIT: Duration = Duration::from_secs(300);
 
 #[derive(Clone, Copy, PartialEq)]
 enum BudgetMode {
@@ -121,6 +130,7 @@ struct Args {
     toggles: usize,
     idle_seconds: u64,
     action_seconds: f64,
+    naive_n: Option<usize>,
     budget: BudgetMode,
     budget_time_scale: f64,
     steady_seconds: Option<f64>,
@@ -134,6 +144,7 @@ fn parse_args() -> Result<Args> {
         toggles: 100,
         idle_seconds: 5,
         action_seconds: 0.1,
+        naive_n: None,
         budget: BudgetMode::Unlimited,
         budget_time_scale: 60.0,
         steady_seconds: None,
@@ -158,6 +169,7 @@ fn parse_args() -> Result<Args> {
             }
             "--db" => args.dbs = value()?.split(',').map(|s| s.trim().to_owned()).collect(),
             "--toggles" => args.toggles = value()?.parse().context("--toggles")?,
+            "--naive-n" => args.naive_n = Some(value()?.parse().context("--naive-n")?),
             "--idle-seconds" => args.idle_seconds = value()?.parse().context("--idle-seconds")?,
             "--action-seconds" => {
                 args.action_seconds = value()?.parse().context("--action-seconds")?
@@ -179,9 +191,12 @@ fn parse_args() -> Result<Args> {
             }
             "--json" => args.json = Some(value()?.into()),
             other => bail!(
-                "unknown argument {other:?}; flags: --n 100,1000 --db sqlite,postgres --toggles 100 --idle-seconds 5 --action-seconds 0.1 --budget unlimited|real --budget-time-scale 60 --steady-seconds S --json FILE"
+                "unknown argument {other:?}; flags: --n 100,1000 --db sqlite,postgres --toggles 100 --idle-seconds 5 --action-seconds 0.1 --naive-n M --budget unlimited|real --budget-time-scale 60 --steady-seconds S --json FILE"
             ),
         }
+    }
+    if args.naive_n.is_some_and(|m| m == 0 || m > MAX_N) {
+        bail!("--naive-n: 1..={MAX_N}");
     }
     if args.ns.iter().any(|&n| n == 0 || n > MAX_N) {
         bail!("--n: each N must be 1..={MAX_N}");
@@ -521,6 +536,8 @@ struct ControllerResult {
     steady_resync_cpu_seconds: Vec<f64>,
     steady_resync_seconds: Vec<f64>,
     simulator_steady_resync_cpu_seconds: Vec<f64>,
+    /// Steady resyncs that did not finish within `STEADY_RESYNC_LIMIT` (the phase stopped).
+    steady_resyncs_timed_out: usize,
     /// The bench process's peak RSS during the controller phases: the controller's own.
     peak_rss_mib: f64,
     /// The bench process's RSS when the case started (left by earlier cases).
@@ -537,6 +554,8 @@ struct ControllerResult {
 
 #[derive(Serialize, Default)]
 struct NaiveResult {
+    /// How many subscriptions the baseline provisioned (min(N, `--naive-n`)).
+    subscriptions: usize,
     provision_seconds: f64,
     provision_requests: u64,
     provision_by_endpoint: BTreeMap<String, u64>,
@@ -769,7 +788,7 @@ async fn run_controller(
         let cpu = controller_cpu();
         let sim_cpu = sim.cpu();
         let started = Instant::now();
-        let report = controller.resync().await?;
+        let report = tokio::time::timeout(STEADY_RESYNC_LIMIT, controller.resync()).await;
         out.steady_resync_seconds
             .push(started.elapsed().as_secs_f64());
         out.steady_resync_cpu_seconds.push(controller_cpu() - cpu);
@@ -777,15 +796,35 @@ async fn run_controller(
             .push(sim.cpu() - sim_cpu);
         out.steady_resync_requests
             .push(total(&sim.stats().await) - before);
-        if report.failed > 0 {
-            eprintln!("  steady resync had failures: {report:?}");
+        match report {
+            Ok(report) => {
+                let report = report?;
+                if report.failed > 0 {
+                    eprintln!("  steady resync had failures: {report:?}");
+                }
+            }
+            Err(_) => {
+                eprintln!(
+                    "  a steady resync took over {STEADY_RESYNC_LIMIT:?}: {} requests so far; stopping the phase",
+                    out.steady_resync_requests.last().unwrap_or(&0)
+                );
+                out.steady_resyncs_timed_out += 1;
+                break;
+            }
         }
     }
 
     // 4. Toggles while the rest sits idle.
     let toggles = args.toggles.min(n);
-    out.toggles = toggles;
+    let phase = Instant::now();
     for t in 0..toggles {
+        if phase.elapsed() > TOGGLE_PHASE_LIMIT {
+            eprintln!(
+                "  toggle phase stopped after {TOGGLE_PHASE_LIMIT:?}: {t} of {toggles} toggles ran"
+            );
+            break;
+        }
+        out.toggles = t + 1;
         let id = format!("sub-{}", t * n / toggles);
         // A random phase against the 1 s change poll: the previous toggle ended right after a
         // tick, so toggling at once would always wait almost a full second.
@@ -963,7 +1002,10 @@ async fn run_naive(n: usize, sim: &Sim) -> Result<NaiveResult> {
         base: sim.base(),
         config: bench_config(),
     };
-    let mut out = NaiveResult::default();
+    let mut out = NaiveResult {
+        subscriptions: n,
+        ..NaiveResult::default()
+    };
     sim.reset().await;
     let cpu = controller_cpu();
     let sim_cpu = sim.cpu();
@@ -1017,8 +1059,9 @@ async fn run_case(args: &Args, n: usize, backend: &str) -> Result<Option<CaseRes
     eprintln!("N = {n}, {backend}: controller");
     let controller = run_controller(args, n, backend, &sim, &bench_db).await;
     eprintln!("N = {n}, {backend}: naive baseline");
+    let naive_n = args.naive_n.map_or(n, |m| m.min(n));
     let naive = match &controller {
-        Ok(_) => run_naive(n, &sim).await,
+        Ok(_) => run_naive(naive_n, &sim).await,
         Err(_) => Ok(NaiveResult::default()),
     };
     sim.stop().await;
@@ -1026,28 +1069,34 @@ async fn run_case(args: &Args, n: usize, backend: &str) -> Result<Option<CaseRes
     let mut controller = controller?;
     controller.rss_at_start_mib = rss_at_start;
     let naive = naive?;
+    // Per subscription, so a baseline over fewer subscriptions (`--naive-n`) compares too;
+    // with the same N these are the plain ratios.
+    let per_controller = |v: f64| v / n as f64;
+    let per_naive = |v: f64| v / naive.subscriptions.max(1) as f64;
     let mut ratios = BTreeMap::new();
     ratios.insert(
         "provision_requests".into(),
-        controller.provision_requests as f64 / naive.provision_requests as f64,
+        per_controller(controller.provision_requests as f64)
+            / per_naive(naive.provision_requests as f64),
     );
     ratios.insert(
         "converge_seconds".into(),
-        controller.converge_seconds / naive.provision_seconds,
+        per_controller(controller.converge_seconds) / per_naive(naive.provision_seconds),
     );
     ratios.insert(
         "steady_pass_requests".into(),
-        mean(
+        per_controller(mean(
             &controller
                 .steady_resync_requests
                 .iter()
                 .map(|&r| r as f64)
                 .collect::<Vec<_>>(),
-        ) / naive.steady_pass_requests as f64,
+        )) / per_naive(naive.steady_pass_requests as f64),
     );
     ratios.insert(
         "steady_pass_cpu_seconds".into(),
-        mean(&controller.steady_resync_cpu_seconds) / naive.steady_pass_cpu_seconds,
+        per_controller(mean(&controller.steady_resync_cpu_seconds))
+            / per_naive(naive.steady_pass_cpu_seconds),
     );
     Ok(Some(CaseResult {
         n,
@@ -1126,8 +1175,8 @@ struct BudgetResult {
     /// The resync interval the controller chose for the converged fleet (real seconds).
     resync_interval_real_seconds: f64,
     /// Listings per scaled second over a window of one resync interval, divided by the refill
-    /// rate: the largest such share after the bucket drained (the controller allows its
-    /// resync `resync_budget_share`).
+    /// rate: the largest such share between the bucket draining and the fleet converging (the
+    /// controller allows its resync `resync_budget_share`).
     listing_share_of_refill_max: Option<f64>,
     resync_budget_share: f64,
     steady_real_seconds: f64,
@@ -1298,12 +1347,12 @@ fn analyse_budget(out: &mut BudgetResult, samples: &[Sample], c: usize, n: usize
             out.requests_per_scaled_second_drained =
                 Some((b.requests - a.requests) as f64 / (b.t_scaled - a.t_scaled));
         }
-        // Listings over windows of one resync interval, from the drained bucket on.
+        // Listings over windows of one resync interval, from the drained bucket until the
+        // fleet converged (the steady watch has its own figure).
         let window = out.resync_interval_real_seconds * scale;
         let mut max_share: Option<f64> = None;
-        for i in d..samples.len() {
-            if let Some(j) =
-                (i..samples.len()).find(|&j| samples[j].t_scaled - samples[i].t_scaled >= window)
+        for i in d..=c {
+            if let Some(j) = (i..=c).find(|&j| samples[j].t_scaled - samples[i].t_scaled >= window)
             {
                 let share = (samples[j].listings - samples[i].listings) as f64
                     / ((samples[j].t_scaled - samples[i].t_scaled) * refill);
@@ -1339,7 +1388,7 @@ fn analyse_budget(out: &mut BudgetResult, samples: &[Sample], c: usize, n: usize
 fn print_budget_table(results: &[BudgetCase]) {
     println!();
     println!(
-        "| N | db | F | converge s real (h of budget) | requests | 429s | req/scaled s: overall / drained (refill 1) | listings: share of requests / max share of refill per resync interval (allowed 0.25) | creates/scaled min: min / mean, windows without creates | steady listings / refill | controller CPU s | peak RSS MiB (at start) | sim CPU s | sim peak RSS MiB |"
+        "| N | db | F | converge s real (h of budget) | requests | 429s | req/scaled s: overall / drained (refill 1) | converge listings: share of requests / max share of refill per resync interval once drained (allowed 0.25) | creates/scaled min: min / mean, windows without creates | steady listings / refill | controller CPU s | peak RSS MiB (at start) | sim CPU s | sim peak RSS MiB |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
@@ -1409,7 +1458,12 @@ fn print_table(results: &[CaseResult]) {
                 .iter()
                 .map(u64::to_string)
                 .collect::<Vec<_>>()
-                .join(", "),
+                .join(", ")
+                + if c.steady_resyncs_timed_out > 0 {
+                    " (timed out)"
+                } else {
+                    ""
+                },
             mean(&c.steady_resync_cpu_seconds),
             c.idle_cpu_percent_of_core,
             if c.idle_requests > 0 {
@@ -1444,10 +1498,15 @@ fn print_table(results: &[CaseResult]) {
         let v = &r.naive;
         let ratio = |k: &str| r.ratios.get(k).copied().unwrap_or(f64::NAN);
         println!(
-            "| {} | {} | {:.1} | {} ({:.2}) | {} | {:.2} | {:.3} | {:.4} | {:.2} | {:.2} | {:.1} / {:.2} |",
+            "| {} | {} | {:.1}{} | {} ({:.2}) | {} | {:.2} | {:.3} | {:.4} | {:.2} | {:.2} | {:.1} / {:.2} |",
             r.n,
             r.db,
             v.provision_seconds,
+            if v.subscriptions < r.n {
+                format!(" ({} subscriptions)", v.subscriptions)
+            } else {
+                String::new()
+            },
             v.provision_requests,
             v.requests_per_subscription,
             v.steady_pass_requests,
