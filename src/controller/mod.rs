@@ -219,6 +219,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut next_resync = Instant::now();
         let mut last_term = None;
+        let mut resync: Option<tokio::task::JoinHandle<()>> = None;
         let mut change_tick = tokio::time::interval(CHANGE_POLL);
         change_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -246,28 +247,40 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 last_term = Some(term);
             }
             self.metrics.set_backoff(self.work.in_backoff());
-            // Passes queue reconciles and return; the reconciles run on their own. A resync
-            // waits while bulk work is still queued: its listing would judge rows that are
-            // already on their way, and at 10,000 rows every early listing is 600 requests.
+            // Passes queue reconciles and return; the reconciles run on their own. The resync
+            // runs beside the loop, so its listing (600 requests at 10,000 rows) never holds
+            // up the change pass: a toggle is queued within its second. A resync also waits
+            // while bulk work is still queued: its listing would judge rows that are already
+            // on their way.
+            let resyncing = resync.as_ref().is_some_and(|task| !task.is_finished());
             let (_, bulk_waiting) = self.queue.depth();
-            if Instant::now() >= next_resync && bulk_waiting == 0 {
-                match self.start_resync().await {
-                    Ok(pass) => tracing::info!(
-                        converged = pass.converged,
-                        queued = pass.results.len(),
-                        busy = pass.offered - pass.results.len(),
-                        "resync pass"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "resync pass failed; nothing was changed on its account")
-                    }
-                }
+            if Instant::now() >= next_resync && bulk_waiting == 0 && !resyncing {
                 let interval = self.resync_interval();
                 self.metrics.set_resync_interval(interval);
                 next_resync = Instant::now() + interval;
-            } else if let Err(e) = self.start_changes().await {
+                let this = Arc::clone(&self);
+                resync = Some(tokio::spawn(async move {
+                    match this.start_resync().await {
+                        Ok(pass) => tracing::info!(
+                            converged = pass.converged,
+                            queued = pass.results.len(),
+                            busy = pass.offered - pass.results.len(),
+                            "resync pass"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "resync pass failed; nothing was changed on its account")
+                        }
+                    }
+                }));
+            }
+            if let Err(e) = self.start_changes().await {
                 tracing::warn!(error = %e, "change pass failed");
             }
+        }
+        // A resync still listing queues nothing more.
+        if let Some(task) = resync {
+            task.abort();
+            let _ = task.await;
         }
         tracing::info!("control loop stopped; waiting for the reconciles in flight");
         self.drain().await;
