@@ -205,31 +205,25 @@ impl Snapshot {
         // Listing order, each resource once (a legacy one may also match by key or name).
         found.sort_by_key(|(kind, position)| (*kind as u8, *position));
         found.dedup();
+        self.at(&found)
+    }
+
+    /// The resources labelled with subscription key `key`.
+    pub fn labelled(&self, key: &str) -> Observed {
+        self.at(self.index.by_key.get(key).map_or(&[], Vec::as_slice))
+    }
+
+    /// The resources at these positions of the listing.
+    fn at(&self, positions: &[(Kind, usize)]) -> Observed {
+        let r = &self.resources;
         let mut observed = Observed::default();
-        for (kind, position) in found {
-            let r = &self.resources;
+        for &(kind, position) in positions {
             match kind {
                 Kind::Server => observed.servers.extend(r.servers.get(position).cloned()),
                 Kind::SshKey => observed.ssh_keys.extend(r.ssh_keys.get(position).cloned()),
                 Kind::Firewall => observed
                     .firewalls
                     .extend(r.firewalls.get(position).cloned()),
-            }
-        }
-        observed
-    }
-
-    /// The resources labelled with subscription key `key`.
-    pub fn labelled(&self, key: &str) -> Observed {
-        let mut observed = Observed::default();
-        for (kind, position) in self.index.by_key.get(key).into_iter().flatten() {
-            let r = &self.resources;
-            match kind {
-                Kind::Server => observed.servers.extend(r.servers.get(*position).cloned()),
-                Kind::SshKey => observed.ssh_keys.extend(r.ssh_keys.get(*position).cloned()),
-                Kind::Firewall => observed
-                    .firewalls
-                    .extend(r.firewalls.get(*position).cloned()),
             }
         }
         observed
