@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 pub mod env;
+pub mod process;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
