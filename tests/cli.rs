@@ -9,16 +9,10 @@ mod common;
 
 use common::process::*;
 
-use std::fs::File;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
-use base64::Engine as _;
-use sea_orm::{ConnectionTrait, DatabaseConnection};
+use sea_orm::ConnectionTrait;
 use serde_json::Value;
-use tempfile::TempDir;
 use tokio::time::{Instant, sleep};
 
 use vps_controller::db::{self, EventKind, events};

@@ -178,7 +178,7 @@ impl ChildGuard {
 }
 
 impl Drop for ChildGuard {
-    pub fn drop(&mut self) {
+    fn drop(&mut self) {
         // Already exited: kill fails harmlessly; wait reaps either way.
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -286,7 +286,6 @@ pub fn status_row(table: &str, id: &str) -> Option<Vec<String>> {
         .find(|cells| cells.first().map(String::as_str) == Some(id))
 }
 
-
 /// The /metrics text of a controller at `base_url` (empty if it does not answer).
 pub async fn metrics(http: &reqwest::Client, base_url: &str) -> String {
     match http.get(format!("{base_url}/metrics")).send().await {
@@ -313,4 +312,3 @@ pub fn signal(child: &ChildGuard, signal: &str) {
         .unwrap();
     assert!(sent.success(), "kill {signal} failed: {sent}");
 }
-
