@@ -634,16 +634,13 @@ async fn controller(
         action_timeout: Duration::from_secs(60),
         leadership: Leadership::always(),
         key_checks: Default::default(),
+        metrics: Arc::new(Metrics::new()),
     };
     // As `run` does: the resync's budget in the same scaled time as the bucket.
     let scaled_per_hour = (f64::from(budget.per_hour) * budget.time_scale)
         .round()
         .min(f64::from(u32::MAX)) as u32;
-    Ok(Arc::new(Controller::new(
-        reconciler,
-        Arc::new(Metrics::new()),
-        scaled_per_hour,
-    )))
+    Ok(Arc::new(Controller::new(reconciler, scaled_per_hour)))
 }
 
 async fn insert_rows(db: &DatabaseConnection, n: usize) -> Result<()> {

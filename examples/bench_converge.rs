@@ -66,8 +66,9 @@ async fn main() -> anyhow::Result<()> {
         action_timeout: Duration::from_secs(60),
         leadership: Leadership::always(),
         key_checks: Default::default(),
+        metrics: Arc::new(Metrics::new()),
     };
-    let controller = Controller::new(reconciler, Arc::new(Metrics::new()), 1_000_000);
+    let controller = Controller::new(reconciler, 1_000_000);
     for i in 0..n {
         db.execute_unprepared(&format!(
             "INSERT INTO subscriptions (id, user_id, status, plan) VALUES ('sub-{i}', 'u{i}', 'active', 'starter')"

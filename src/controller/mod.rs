@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::db::{deletion_guard, subscriptions};
 use crate::fencing::Term;
@@ -32,6 +33,7 @@ use crate::hcloud::{self, HcloudApi};
 use crate::reconcile::desired::{self, PRE_DELETE_SNAPSHOT, SNAPSHOT_LABEL};
 use crate::reconcile::observe::{self, Observed, RecordedIds, Snapshot};
 use crate::reconcile::{self, Done, ReconcileError, Reconciler, Verdict};
+use crate::telemetry::health::Health;
 use crate::telemetry::metrics::Metrics;
 
 use queue::{Lane, Queue};
@@ -41,10 +43,17 @@ use workset::{Claim, Finish, WorkSet};
 pub const CHANGE_POLL: Duration = Duration::from_secs(1);
 /// Resync listing may use at most this share of the API budget; the interval stretches.
 const RESYNC_BUDGET_SHARE: f64 = 0.25;
+/// A row in one of these statuses for longer than `STUCK_AFTER` counts as stuck.
+const STUCK_STATUSES: [&str; 3] = ["pending", "provisioning", "deprovisioning"];
+const STUCK_AFTER: chrono::TimeDelta = chrono::TimeDelta::minutes(30);
 
 pub struct Controller<A: HcloudApi> {
     pub reconciler: Arc<Reconciler<A>>,
     pub metrics: Arc<Metrics>,
+    /// What /healthz and /readyz answer from: the loop ticks it, resyncs report to it.
+    pub health: Arc<Health>,
+    /// Set when a job finished: the next tick counts the rows by status again.
+    statuses_stale: Arc<AtomicBool>,
     /// The API budget (requests per hour) the resync interval must fit in.
     pub rate_limit_per_hour: u32,
     /// Poked by `triggers::listen_for_changes` to run the change pass at once.
@@ -79,6 +88,8 @@ struct Queued {
     claim: Claim,
     job: Job,
     result: oneshot::Sender<bool>,
+    lane: Lane,
+    queued_at: Instant,
 }
 
 /// What a claimed entry is for. Every job runs in the leadership term of the pass that
@@ -113,6 +124,8 @@ async fn run_job<A: HcloudApi>(
 ) -> bool {
     let started = Instant::now();
     let version = job.version();
+    let reconcile = matches!(job, Job::Reconcile { .. });
+    let span = tracing::info_span!("reconcile", subscription = %claim.id());
     let result = match job {
         Job::Reconcile { snapshot, .. } => {
             // A snapshot taken before this subscription's last reconcile ended may miss what
@@ -120,6 +133,7 @@ async fn run_job<A: HcloudApi>(
             let fresh = snapshot.filter(|s| claim.last_done().is_none_or(|done| done < s.taken_at));
             reconciler
                 .reconcile(term, claim.id(), fresh.as_deref())
+                .instrument(span)
                 .await
         }
         Job::DeleteUnwanted(observed) => {
@@ -132,6 +146,7 @@ async fn run_job<A: HcloudApi>(
             );
             let result = reconciler
                 .delete_orphans(term, claim.key(), &observed)
+                .instrument(span)
                 .await;
             result.map(|()| Done::Settled)
         }
@@ -139,29 +154,29 @@ async fn run_job<A: HcloudApi>(
     let took = started.elapsed();
     match result {
         Ok(Done::Settled) => {
-            metrics.reconcile_finished("settled", None, took);
+            metrics.job_finished(reconcile, "success", None, took);
             claim.finish(Finish::Success);
             true
         }
         Ok(Done::Recheck(after)) => {
-            metrics.reconcile_finished("settled", None, took);
+            metrics.job_finished(reconcile, "success", None, took);
             claim.finish(Finish::Recheck(after));
             true
         }
         Ok(Done::Requeue(delay)) => {
-            metrics.reconcile_finished("requeue", None, took);
+            metrics.job_finished(reconcile, "requeue", None, took);
             claim.finish(Finish::RetryAfter(delay));
             true
         }
         // Not this subscription's failure: whoever leads next looks at it at once.
         Err(ReconcileError::LostLease) => {
-            metrics.reconcile_finished("error", Some("lost_lease"), took);
+            metrics.job_finished(reconcile, "error", Some("lost_lease"), took);
             claim.finish(Finish::RetryAfter(Duration::ZERO));
             false
         }
         Err(error) => {
-            tracing::debug!(key = claim.key(), error = %error, "reconcile failed; backing off");
-            metrics.reconcile_finished("error", Some(error.metric_label()), took);
+            tracing::debug!(subscription = claim.id(), error = %error, "reconcile failed; backing off");
+            metrics.job_finished(reconcile, "error", Some(error.metric_label()), took);
             claim.finish(Finish::Failure { version });
             false
         }
@@ -199,11 +214,15 @@ pub struct PassReport {
 }
 
 impl<A: HcloudApi + 'static> Controller<A> {
-    pub fn new(reconciler: Reconciler<A>, metrics: Arc<Metrics>, rate_limit_per_hour: u32) -> Self {
+    /// The controller of `reconciler`, reporting to its metrics; `rate_limit_per_hour` is the
+    /// API budget the resync interval must fit in.
+    pub fn new(reconciler: Reconciler<A>, rate_limit_per_hour: u32) -> Self {
         let queue = Arc::new(Queue::new(reconciler.config.concurrency.max(1)));
         Controller {
+            metrics: Arc::clone(&reconciler.metrics),
             reconciler: Arc::new(reconciler),
-            metrics,
+            health: Arc::new(Health::default()),
+            statuses_stale: Arc::new(AtomicBool::new(false)),
             rate_limit_per_hour: rate_limit_per_hour.max(1),
             wake: Arc::new(Notify::new()),
             work: Arc::new(WorkSet::default()),
@@ -231,11 +250,15 @@ impl<A: HcloudApi + 'static> Controller<A> {
             if *shutdown.borrow() {
                 break;
             }
-            self.metrics
-                .set_leader(self.reconciler.leadership.is_leader());
+            let leader = self.reconciler.leadership.is_leader();
+            self.metrics.set_leader(leader);
+            self.health.tick(leader, self.resync_interval());
             let Some(term) = self.reconciler.leadership.term() else {
                 continue;
             };
+            if self.statuses_stale.swap(false, Ordering::Relaxed) {
+                self.count_statuses().await;
+            }
             if last_term.as_ref() != Some(&term) {
                 // A new term: what changed since the last leader looked is this leader's to act on.
                 if let Some(fingerprint) = &self.inputs_fingerprint
@@ -385,6 +408,8 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 }
             };
         let table = subscriptions::all(&reconciler.db).await?;
+        self.metrics.resync_succeeded(std::time::SystemTime::now());
+        self.health.resync_finished();
         self.report_bad_rows(&term, &table.bad).await;
         let rows = table.rows;
         let recorded: Vec<RecordedIds> = rows
@@ -407,12 +432,22 @@ impl<A: HcloudApi + 'static> Controller<A> {
         self.last_listing_size.store(size, Ordering::Relaxed);
 
         let mut by_status: BTreeMap<String, i64> = BTreeMap::new();
+        let stuck_before = chrono::Utc::now() - STUCK_AFTER;
+        let mut stuck = 0;
         for row in &rows {
             *by_status
                 .entry(row.provisioning_status.clone())
                 .or_default() += 1;
+            if STUCK_STATUSES.contains(&row.provisioning_status.as_str())
+                && row
+                    .status_changed_at
+                    .is_some_and(|since| since < stuck_before)
+            {
+                stuck += 1;
+            }
         }
         self.metrics.set_subscriptions(&by_status);
+        self.metrics.set_stuck(stuck);
         self.metrics.set_invalid_rows(table.bad.len());
         match deletion_guard::status(&reconciler.db).await {
             Ok(guard) => self
@@ -690,8 +725,12 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 claim,
                 job,
                 result,
+                lane,
+                queued_at: Instant::now(),
             };
-            if self.queue.push(lane, queued) {
+            let start = self.queue.push(lane, queued);
+            self.metrics.job_queued(lane.label(), self.queue.depth());
+            if start {
                 self.start_worker();
             }
         }
@@ -708,6 +747,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
         let reconciler = Arc::clone(&self.reconciler);
         let metrics = Arc::clone(&self.metrics);
         let stopping = self.stopping.clone();
+        let statuses_stale = Arc::clone(&self.statuses_stale);
         tokio::spawn(async move {
             while let Some(queued) = queue.next() {
                 let Queued {
@@ -715,7 +755,10 @@ impl<A: HcloudApi + 'static> Controller<A> {
                     claim,
                     job,
                     result,
+                    lane,
+                    queued_at,
                 } = queued;
+                metrics.job_started(lane.label(), queued_at.elapsed(), queue.depth());
                 // Shutting down, or the lease is gone: start nothing new. Dropping the claim
                 // brings the subscription back later (or to the next leader).
                 let ok = if stopping.is_cancelled() || !reconciler.leadership.holds(&term) {
@@ -728,9 +771,21 @@ impl<A: HcloudApi + 'static> Controller<A> {
                         .await
                         .unwrap_or(false)
                 };
+                statuses_stale.store(true, Ordering::Relaxed);
                 let _ = result.send(ok);
             }
         });
+    }
+
+    /// Counts the rows by provisioning status again for the metrics (after jobs changed them).
+    async fn count_statuses(&self) {
+        match subscriptions::count_by_status(&self.reconciler.db).await {
+            Ok(by_status) => self.metrics.set_subscriptions(&by_status),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot count subscriptions by status; next time");
+                self.statuses_stale.store(true, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Stops starting reconciles and waits until none is in flight, for a clean shutdown.

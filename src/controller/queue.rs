@@ -22,6 +22,16 @@ pub enum Lane {
     Bulk,
 }
 
+impl Lane {
+    /// The metric label: `change` or `bulk`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Lane::Change => "change",
+            Lane::Bulk => "bulk",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Queue<T> {
     state: Mutex<State<T>>,

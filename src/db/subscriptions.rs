@@ -64,6 +64,29 @@ pub async fn all(db: &impl ConnectionTrait) -> Result<Rows, DbError> {
     Ok(out)
 }
 
+/// Rows per `provisioning_status` (one grouped query, for the metrics between resyncs).
+pub async fn count_by_status(
+    db: &impl ConnectionTrait,
+) -> Result<std::collections::BTreeMap<String, i64>, DbError> {
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT provisioning_status, COUNT(*) AS n FROM subscriptions GROUP BY provisioning_status"
+                .to_string(),
+        ))
+        .await?;
+    let mut out = std::collections::BTreeMap::new();
+    for row in &rows {
+        // A status that is not text (a BLOB in SQLite) counts as `other` in the metrics.
+        let status = row
+            .try_get::<String>("", "provisioning_status")
+            .unwrap_or_else(|_| "<unreadable>".into());
+        let count: i64 = row.try_get("", "n").unwrap_or(0);
+        *out.entry(status).or_insert(0) += count;
+    }
+    Ok(out)
+}
+
 /// The row with this id, if any. A row that exists but does not decode is
 /// [`DbError::BadData`] naming the column.
 pub async fn get(

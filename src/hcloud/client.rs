@@ -5,8 +5,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use rand::RngExt;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
 use reqwest::{Method, StatusCode};
@@ -162,6 +164,16 @@ impl ClientConfig {
     }
 }
 
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        _ => "OTHER",
+    }
+}
+
 /// One row of the request counters.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RequestCount {
@@ -175,6 +187,53 @@ pub struct RequestCount {
 }
 
 type CountKey = (&'static str, &'static str, String);
+
+/// `[("method", …), ("path", template)]`: the labels of the request duration histogram.
+pub type RequestLabels = Vec<(&'static str, &'static str)>;
+
+/// How Hetzner has answered lately: what readiness and the alerts look at.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reachability {
+    /// The last answer that showed the API working for us: a 2xx, or a 4xx about the request
+    /// itself (`not_found`, `uniqueness_error`, …).
+    pub last_success: Option<SystemTime>,
+    /// Since when every answer said the API does not work for us (no answer, a timeout, a
+    /// 5xx, an unreadable body, 401/403: a token rejected); `None` after a success.
+    pub failing_since: Option<SystemTime>,
+    /// The label of the latest such failure (`transport_timeout`, `unauthorized`, …).
+    pub last_failure: Option<&'static str>,
+}
+
+impl Reachability {
+    fn record(&mut self, outcome: &Result<(), &Error>, now: SystemTime) {
+        match outcome {
+            Ok(()) => {
+                self.last_success = Some(now);
+                self.failing_since = None;
+            }
+            Err(err) if is_outage(err) => {
+                self.failing_since.get_or_insert(now);
+                self.last_failure = Some(err.metric_label());
+            }
+            // A 429 or a refusal about the request: Hetzner answered, but that says nothing
+            // about whether it works for us.
+            Err(Error::Api { status: 429, .. }) => {}
+            Err(_) => {
+                self.last_success = Some(now);
+                self.failing_since = None;
+            }
+        }
+    }
+}
+
+/// An answer (or its absence) that means Hetzner does not work for this controller at all.
+fn is_outage(err: &Error) -> bool {
+    match err {
+        Error::Transport { .. } | Error::InvalidResponse { .. } => true,
+        Error::Api { status, .. } => *status >= 500 || *status == 401 || *status == 403,
+        _ => false,
+    }
+}
 
 /// The Hetzner Cloud client. Cheap to clone (shared state behind an `Arc`).
 #[derive(Clone)]
@@ -196,6 +255,9 @@ struct Inner {
     /// Every `wait_for_actions` of this client (and its clones) polls through it.
     actions: ActionWaiter,
     retries: AtomicU64,
+    /// Per attempt, by method and path template.
+    durations: Family<RequestLabels, Histogram>,
+    reachability: Mutex<Reachability>,
 }
 
 impl fmt::Debug for Client {
@@ -433,6 +495,10 @@ impl Client {
                 counts: Mutex::new(HashMap::new()),
                 actions: ActionWaiter::new(config.action_poll),
                 retries: AtomicU64::new(0),
+                durations: Family::new_with_constructor(|| {
+                    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+                }),
+                reachability: Mutex::new(Reachability::default()),
             }),
         })
     }
@@ -478,19 +544,27 @@ impl Client {
         self.inner.actions.rounds()
     }
 
+    /// How long each attempt took, by method and path template.
+    pub fn request_durations(&self) -> &Family<RequestLabels, Histogram> {
+        &self.inner.durations
+    }
+
+    /// How Hetzner has answered lately.
+    pub fn reachability(&self) -> Reachability {
+        *self
+            .inner
+            .reachability
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Retries made so far (attempts beyond the first of each request).
     pub fn retry_count(&self) -> u64 {
         self.inner.retries.load(Ordering::Relaxed)
     }
 
     fn count(&self, method: &Method, template: &'static str, outcome: String) {
-        let method = match *method {
-            Method::GET => "GET",
-            Method::POST => "POST",
-            Method::PUT => "PUT",
-            Method::DELETE => "DELETE",
-            _ => "OTHER",
-        };
+        let method = method_label(method);
         let mut counts = self
             .inner
             .counts
@@ -525,6 +599,18 @@ impl Client {
                 Ok((status, _)) => status.as_str().to_owned(),
                 Err(err) => err.metric_label().to_owned(),
             };
+            self.inner
+                .durations
+                .get_or_create(&vec![
+                    ("method", method_label(&call.method)),
+                    ("path", call.template),
+                ])
+                .observe(started.elapsed().as_secs_f64());
+            self.inner
+                .reachability
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .record(&result.as_ref().map(drop), SystemTime::now());
             tracing::debug!(
                 method = %call.method,
                 path = call.template,

@@ -10,6 +10,7 @@ pub mod plan;
 pub mod report;
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -23,6 +24,7 @@ use crate::db::subscriptions::{self, StatusUpdate};
 use crate::fencing::{Leadership, Term};
 use crate::hcloud::{self, HcloudApi};
 use crate::keys::Sealer;
+use crate::telemetry::metrics::Metrics;
 
 use desired::{Desired, Owner, Want};
 use execute::{Executor, Progress};
@@ -111,6 +113,8 @@ pub struct Reconciler<A: HcloudApi> {
     pub leadership: Leadership,
     /// Key pairs already opened and checked since this process started.
     pub key_checks: KeyChecks,
+    /// Drift repairs and orphan deletions are counted here.
+    pub metrics: Arc<Metrics>,
 }
 
 /// What a reconcile of a row would do, judged without doing it (`Reconciler::verdict`).
@@ -509,7 +513,15 @@ impl<A: HcloudApi> Reconciler<A> {
         tokio::select! {
             biased;
             _ = self.leadership.ended(term) => Err(ReconcileError::LostLease),
-            result = work => result.map(drop),
+            result = work => {
+                result?;
+                for op in &plan.ops {
+                    if let Some(kind) = op.deletes() {
+                        self.metrics.orphan_deleted(kind.as_str());
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
@@ -559,6 +571,13 @@ impl<A: HcloudApi> Reconciler<A> {
             .await?;
         }
         executor.run(spec, &plan.ops, &mut progress).await?;
+        if spec.is_some() {
+            for op in &plan.ops {
+                if let Some(kind) = op.repairs_drift() {
+                    self.metrics.drift_repaired(kind.as_str());
+                }
+            }
+        }
         Ok(progress)
     }
 

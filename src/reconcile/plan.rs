@@ -117,6 +117,28 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The kind of resource this op changes back to what the subscription wants, if it is a
+    /// drift repair (rules, attachment or labels of a resource that exists).
+    pub fn repairs_drift(&self) -> Option<Kind> {
+        match self {
+            Op::SetFirewallRules { .. } | Op::ApplyFirewall { .. } => Some(Kind::Firewall),
+            Op::UpdateLabels { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    /// The kind of resource this op deletes, if it deletes one.
+    pub fn deletes(&self) -> Option<Kind> {
+        match self {
+            Op::DeleteServer { .. } => Some(Kind::Server),
+            Op::DeleteFirewall { .. } => Some(Kind::Firewall),
+            Op::DeleteSshKey { .. } => Some(Kind::SshKey),
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Display for Op {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

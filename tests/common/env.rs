@@ -139,8 +139,9 @@ pub async fn env_custom(test_db: &super::TestDb, options: Options) -> Env {
         action_timeout: Duration::from_secs(20),
         leadership: Leadership::always(),
         key_checks: Default::default(),
+        metrics: Arc::new(Metrics::new()),
     };
-    let controller = Arc::new(Controller::new(reconciler, Arc::new(Metrics::new()), 3600));
+    let controller = Arc::new(Controller::new(reconciler, 3600));
     Env {
         sim,
         http: reqwest::Client::new(),
