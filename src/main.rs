@@ -18,6 +18,7 @@ use vps_controller::keys::Sealer;
 use vps_controller::reconcile::Reconciler;
 use vps_controller::reconcile::desired::Owner;
 use vps_controller::simulator::{self, SimulatorConfig};
+use vps_controller::telemetry::health::Health;
 use vps_controller::telemetry::metrics::{HcloudCollector, Metrics};
 use vps_controller::telemetry::{self, LogFormat};
 
@@ -63,9 +64,35 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct DbArgs {
-    /// Database URL (sqlite://FILE?mode=rwc or postgres://...).
-    #[arg(long, env = "DATABASE_URL", default_value = db::DEFAULT_DATABASE_URL, hide_env_values = true)]
-    database_url: String,
+    /// Database URL (sqlite://FILE?mode=rwc or postgres://...) [default: sqlite://vps-controller.db?mode=rwc]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// File holding the database URL (a mounted Secret), instead of DATABASE_URL.
+    #[arg(long, env = "DATABASE_URL_FILE")]
+    database_url_file: Option<PathBuf>,
+}
+
+impl DbArgs {
+    /// The database URL from the flag, the variable or the file (only one may be set).
+    fn url(&self) -> Result<String> {
+        match (&self.database_url, &self.database_url_file) {
+            (Some(_), Some(_)) => {
+                bail!("set either DATABASE_URL (--database-url) or DATABASE_URL_FILE, not both")
+            }
+            (Some(url), None) => Ok(url.clone()),
+            (None, Some(path)) => {
+                let url = std::fs::read_to_string(path).with_context(|| {
+                    format!("DATABASE_URL_FILE {}: cannot read", path.display())
+                })?;
+                let url = url.trim();
+                if url.is_empty() {
+                    bail!("DATABASE_URL_FILE {}: the file is empty", path.display());
+                }
+                Ok(url.to_string())
+            }
+            (None, None) => Ok(db::DEFAULT_DATABASE_URL.to_string()),
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -98,6 +125,10 @@ struct ControllerArgs {
         value_name = "F"
     )]
     hcloud_budget_time_scale: f64,
+    /// Longest one Hetzner API request attempt may take (connect to the end of the body),
+    /// seconds; a hung endpoint fails within it and is retried.
+    #[arg(long, env = "HCLOUD_TIMEOUT_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=300))]
+    hcloud_timeout_seconds: u64,
     /// Periodic full resync, seconds (overrides the config file).
     #[arg(long, env = "VPS_CONTROLLER_RESYNC_SECONDS")]
     resync_seconds: Option<u64>,
@@ -181,14 +212,17 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            telemetry::report_fatal(
+                cli.log_format,
+                &format!("cannot start the async runtime: {e}"),
+            );
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", describe(&e));
+            telemetry::report_fatal(cli.log_format, &describe(&e));
             ExitCode::FAILURE
         }
     }
@@ -198,7 +232,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(args) => run(args).await,
         Command::Migrate(args) => {
-            let conn = db::connect(&args.database_url).await?;
+            let conn = db::connect(&args.url()?).await?;
             db::migrate(&conn).await?;
             tracing::info!("migrations applied");
             Ok(ExitCode::SUCCESS)
@@ -229,12 +263,26 @@ fn read_token(args: &ControllerArgs) -> Result<Token> {
         (Some(_), Some(_)) => bail!("set either HCLOUD_TOKEN or HCLOUD_TOKEN_FILE, not both"),
         (Some(token), None) => token,
         (None, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("HCLOUD_TOKEN_FILE {}: cannot read", path.display()))?,
+            .with_context(|| format!("HCLOUD_TOKEN_FILE {}: cannot read", path.display()))?
+            .trim()
+            .to_string(),
         (None, None) => bail!(
             "no Hetzner API token: set HCLOUD_TOKEN or HCLOUD_TOKEN_FILE (or use `run --simulate` for a demo)"
         ),
     };
-    Ok(Token::new(token))
+    // Hetzner's tokens are one word; whitespace inside is a pasted secret gone wrong (two
+    // lines, a comment). Said now, not as 401s on every request.
+    if token.trim().is_empty()
+        || token
+            .trim()
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        bail!(
+            "the Hetzner API token (HCLOUD_TOKEN or HCLOUD_TOKEN_FILE) is empty or contains whitespace or control characters; check the secret"
+        );
+    }
+    Ok(Token::new(token.trim()))
 }
 
 /// `--hcloud-budget-time-scale`, checked: a usable number, and 1 unless `endpoint` (None:
@@ -247,7 +295,10 @@ fn budget_time_scale(args: &ControllerArgs, endpoint: Option<&str>) -> Result<f6
         && is_hetzner(endpoint)
     {
         bail!(
-            "--hcloud-budget-time-scale (HCLOUD_BUDGET_TIME_SCALE) is {scale}, but the endpoint              {endpoint} is Hetzner's: its budget runs in real time, so a faster one would              collect 429s (and a slower one waste the budget). The time scale is for              simulators started with --budget-time-scale; unset it or set it to 1"
+            "--hcloud-budget-time-scale (HCLOUD_BUDGET_TIME_SCALE) is {scale}, but the endpoint \
+             {endpoint} is Hetzner's: its budget runs in real time, so a faster one would \
+             collect 429s (and a slower one waste the budget). The time scale is for \
+             simulators started with --budget-time-scale; unset it or set it to 1"
         );
     }
     Ok(scale)
@@ -273,9 +324,10 @@ fn scaled_rate_limit(rate_limit: u32, time_scale: f64) -> u32 {
         .clamp(1.0, f64::from(u32::MAX)) as u32
 }
 
-fn client(endpoint: &str, token: Token, rate_limit: u32, time_scale: f64) -> Result<Client> {
+fn client(args: &ControllerArgs, endpoint: &str, token: Token, time_scale: f64) -> Result<Client> {
     let config = ClientConfig {
-        budget: Arc::new(Budget::new(rate_limit).with_time_scale(time_scale)?),
+        budget: Arc::new(Budget::new(args.hcloud_rate_limit).with_time_scale(time_scale)?),
+        timeout: Duration::from_secs(args.hcloud_timeout_seconds),
         ..ClientConfig::new(endpoint, token)
     };
     Ok(Client::new(config)?)
@@ -283,12 +335,28 @@ fn client(endpoint: &str, token: Token, rate_limit: u32, time_scale: f64) -> Res
 
 async fn run(args: RunArgs) -> Result<ExitCode> {
     let signal = shutdown_signal();
+    // Everything that can be wrong in the pod's configuration is checked before the schema
+    // is touched: a misconfigured replica must not migrate and then exit.
     let config = load_config(&args.controller)?;
     let time_scale = budget_time_scale(
         &args.controller,
         (!args.simulate).then_some(args.controller.hcloud_endpoint.as_str()),
     )?;
-    let conn = db::connect(&args.controller.db.database_url).await?;
+    let database_url = args.controller.db.url()?;
+    let (sealer, ephemeral_key, token) = if args.simulate {
+        match Sealer::from_env()? {
+            Some(sealer) => (sealer, false, Token::new("simulated")),
+            None => (Sealer::ephemeral(), true, Token::new("simulated")),
+        }
+    } else {
+        let sealer = Sealer::from_env()?.context(
+            "no encryption key: set VPS_CONTROLLER_ENCRYPTION_KEY (32 bytes, base64) or VPS_CONTROLLER_ENCRYPTION_KEY_FILE; e.g. `openssl rand -base64 32`",
+        )?;
+        (sealer, false, read_token(&args.controller)?)
+    };
+    let token_fingerprint = token.fingerprint();
+
+    let conn = db::connect(&database_url).await?;
     db::migrate(&conn).await?;
     if let installation::Binding::Moved { bound_to, here } =
         installation::check_binding(&conn).await?
@@ -307,12 +375,16 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut simulator = None;
-    let mut ephemeral_key = false;
-    let (api, sealer, token_fingerprint) = if args.simulate {
+    let api = if args.simulate {
         tracing::warn!("==============================================================");
         tracing::warn!("SIMULATION MODE: no request reaches Hetzner. Servers, keys and");
         tracing::warn!("firewalls exist only in this process and vanish when it stops.");
         tracing::warn!("==============================================================");
+        if ephemeral_key {
+            tracing::warn!(
+                "no VPS_CONTROLLER_ENCRYPTION_KEY: private keys are sealed with an ephemeral key that dies with this process"
+            );
+        }
         // The simulated project has the budget the controller was told, at the same pace.
         let running = simulator::spawn(
             SimulatorConfig {
@@ -326,42 +398,16 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         .await
         .context("starting the in-process simulator")?;
         tracing::warn!(endpoint = %running.base_url(), "simulator listening");
-        let token = Token::new("simulated");
-        let token_fingerprint = token.fingerprint();
-        let api = client(
-            &running.base_url(),
-            token,
-            args.controller.hcloud_rate_limit,
-            time_scale,
-        )?;
+        let api = client(&args.controller, &running.base_url(), token, time_scale)?;
         simulator = Some(running);
-        let sealer = match Sealer::from_env()? {
-            Some(sealer) => sealer,
-            None => {
-                tracing::warn!(
-                    "no VPS_CONTROLLER_ENCRYPTION_KEY: private keys are sealed with an ephemeral key that dies with this process"
-                );
-                ephemeral_key = true;
-                Sealer::ephemeral()
-            }
-        };
-        (api, sealer, token_fingerprint)
+        api
     } else {
-        let sealer = Sealer::from_env()?.context(
-            "no encryption key: set VPS_CONTROLLER_ENCRYPTION_KEY (32 bytes, base64) or VPS_CONTROLLER_ENCRYPTION_KEY_FILE; e.g. `openssl rand -base64 32`",
-        )?;
-        let token = read_token(&args.controller)?;
-        let token_fingerprint = token.fingerprint();
-        (
-            client(
-                &args.controller.hcloud_endpoint,
-                token,
-                args.controller.hcloud_rate_limit,
-                time_scale,
-            )?,
-            sealer,
-            token_fingerprint,
-        )
+        client(
+            &args.controller,
+            &args.controller.hcloud_endpoint,
+            token,
+            time_scale,
+        )?
     };
     // An ephemeral demo key never opens an earlier run's keys; that is expected there.
     if !ephemeral_key {
@@ -375,6 +421,10 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     check_plans_at_hetzner(&api, &config).await;
     let metrics = Arc::new(Metrics::new());
     metrics.register_collector(Box::new(HcloudCollector(api.clone())));
+    let reachability = api.clone();
+    let health = Arc::new(Health::new(Some(Box::new(move || {
+        reachability.reachability()
+    }))));
     let leadership = leader::Leadership::default();
     let reconciler = Reconciler {
         api,
@@ -385,6 +435,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         action_timeout: Duration::from_secs(args.action_timeout_seconds),
         leadership: leadership.clone(),
         key_checks: Default::default(),
+        metrics: metrics.clone(),
     };
     if time_scale != 1.0 {
         tracing::warn!(
@@ -394,10 +445,10 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let mut controller = Controller::new(
         reconciler,
-        metrics.clone(),
         scaled_rate_limit(args.controller.hcloud_rate_limit, time_scale),
     );
     controller.inputs_fingerprint = Some(inputs);
+    controller.health = health.clone();
     let controller = Arc::new(controller);
 
     let listener = telemetry::server::bind(args.listen)
@@ -408,6 +459,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let mut server = tokio::spawn(telemetry::server::serve(
         listener,
         metrics,
+        health,
         conn.clone(),
         async move {
             let _ = server_shutdown.wait_for(|stop| *stop).await;
@@ -422,12 +474,12 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         lease_rx,
     ));
     tokio::spawn(triggers::listen_for_changes(
-        args.controller.db.database_url.clone(),
+        database_url.clone(),
         controller.wake.clone(),
         shutdown_rx.clone(),
     ));
     tokio::spawn(triggers::watch_sqlite(
-        args.controller.db.database_url.clone(),
+        database_url.clone(),
         controller.wake.clone(),
         shutdown_rx.clone(),
     ));
@@ -511,11 +563,11 @@ async fn plan(args: PlanArgs) -> Result<ExitCode> {
         &args.controller,
         Some(args.controller.hcloud_endpoint.as_str()),
     )?;
-    let conn = db::connect(&args.controller.db.database_url).await?;
+    let conn = db::connect(&args.controller.db.url()?).await?;
     let api = client(
+        &args.controller,
         &args.controller.hcloud_endpoint,
         read_token(&args.controller)?,
-        args.controller.hcloud_rate_limit,
         time_scale,
     )?;
     let report = vps_controller::reconcile::report::plan_all(&api, &conn, &config).await?;
@@ -528,7 +580,7 @@ async fn plan(args: PlanArgs) -> Result<ExitCode> {
 }
 
 async fn status(args: StatusArgs) -> Result<ExitCode> {
-    let conn = db::connect(&args.db.database_url).await?;
+    let conn = db::connect(&args.db.url()?).await?;
     let text = match args.subscription {
         Some(id) => vps_controller::reconcile::report::events_table(&conn, &id).await,
         None => vps_controller::reconcile::report::status_table(&conn).await,
@@ -574,7 +626,7 @@ async fn check_plans_at_hetzner(api: &Client, config: &Config) {
 }
 
 async fn retry(args: RetryArgs) -> Result<ExitCode> {
-    let conn = db::connect(&args.db.database_url).await?;
+    let conn = db::connect(&args.db.url()?).await?;
     let marked = subscriptions::retry(&conn, args.subscription.as_deref())
         .await
         .context("reading the database (a new database needs `vps-controller migrate` first)")?;
@@ -591,7 +643,7 @@ async fn deletions(command: DeletionsCommand) -> Result<ExitCode> {
         DeletionsCommand::Status(args) => (args, None),
         DeletionsCommand::Approve(approve) => (approve.db, Some(approve.count)),
     };
-    let conn = db::connect(&args.database_url).await?;
+    let conn = db::connect(&args.url()?).await?;
     let before = deletion_guard::status(&conn)
         .await
         .context("reading the database (a new database needs `vps-controller migrate` first)")?;
@@ -636,7 +688,7 @@ async fn installation_command(command: InstallationCommand) -> Result<ExitCode> 
         InstallationCommand::Keep(args) => (args, "keep"),
         InstallationCommand::Renew(args) => (args, "renew"),
     };
-    let conn = db::connect(&args.database_url).await?;
+    let conn = db::connect(&args.url()?).await?;
     let context = "reading the database (a new database needs `vps-controller migrate` first)";
     match action {
         "keep" => {

@@ -1,5 +1,6 @@
 //! Logs, metrics and the HTTP endpoints next to the loop: /metrics, /healthz, /readyz.
 
+pub mod health;
 pub mod metrics;
 pub mod server;
 
@@ -11,12 +12,17 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global tracing subscriber. `RUST_LOG` overrides the default `info` filter.
+/// Installs the global tracing subscriber, writing to stderr. `RUST_LOG` overrides the
+/// default `info` filter. Colours only on a terminal, and never with `NO_COLOR` set.
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Pretty => builder.try_init(),
@@ -24,5 +30,14 @@ pub fn init_logging(format: LogFormat) {
     };
     if let Err(e) = result {
         eprintln!("logging was already initialised: {e}");
+    }
+}
+
+/// Reports an error that ends the process: one JSON line in JSON mode (like every other
+/// line a log collector reads), `error: …` otherwise.
+pub fn report_fatal(format: LogFormat, message: &str) {
+    match format {
+        LogFormat::Json => tracing::error!(fatal = true, "{message}"),
+        LogFormat::Pretty => eprintln!("error: {message}"),
     }
 }

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -10,30 +11,55 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use sea_orm::DatabaseConnection;
 
+use super::health::{Health, Probe};
 use super::metrics::Metrics;
+
+/// How often the database is pinged for readiness, and how long one ping may take.
+const PING_EVERY: Duration = Duration::from_secs(2);
+const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 struct AppState {
     metrics: Arc<Metrics>,
-    db: DatabaseConnection,
+    health: Arc<Health>,
 }
 
-/// Serves /metrics, /healthz (the process answers) and /readyz (the database answers; the
-/// server starts only after migrations applied) until `shutdown` completes.
+/// Serves /metrics, /healthz and /readyz (see `health` for what they mean) until `shutdown`
+/// completes. The probes answer from state kept up to date beside them, so they answer at
+/// once even while the database or Hetzner hangs.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     db: DatabaseConnection,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let pinger = tokio::spawn(ping_database(db, Arc::clone(&health)));
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(live_handler))
         .route("/readyz", get(ready_handler))
-        .with_state(AppState { metrics, db });
-    axum::serve(listener, app)
+        .with_state(AppState { metrics, health });
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    pinger.abort();
+    served
+}
+
+/// Pings the database every `PING_EVERY` (bounded by `PING_TIMEOUT`) and tells `health`.
+async fn ping_database(db: DatabaseConnection, health: Arc<Health>) {
+    let mut every = tokio::time::interval(PING_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let result = match tokio::time::timeout(PING_TIMEOUT, db.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(crate::db::DbError::from(e).to_string()),
+            Err(_) => Err(format!("no answer within {} s", PING_TIMEOUT.as_secs())),
+        };
+        health.database_pinged(result);
+    }
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
@@ -50,9 +76,17 @@ async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn ready_handler(State(state): State<AppState>) -> impl IntoResponse {
-    match state.db.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n"),
+fn probe_answer(probe: Probe, ok: &str) -> (StatusCode, String) {
+    match probe {
+        Ok(()) => (StatusCode::OK, format!("{ok}\n")),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
+}
+
+async fn live_handler(State(state): State<AppState>) -> impl IntoResponse {
+    probe_answer(state.health.liveness(), "ok")
+}
+
+async fn ready_handler(State(state): State<AppState>) -> impl IntoResponse {
+    probe_answer(state.health.readiness(), "ready")
 }
