@@ -178,7 +178,7 @@ impl ChildGuard {
 }
 
 impl Drop for ChildGuard {
-    pub fn drop(&mut self) {
+    fn drop(&mut self) {
         // Already exited: kill fails harmlessly; wait reaps either way.
         let _ = self.child.kill();
         let _ = self.child.wait();
