@@ -376,6 +376,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let metrics = Arc::new(Metrics::new());
     metrics.register_collector(Box::new(HcloudCollector(api.clone())));
     let leadership = leader::Leadership::default();
+    let status_page = telemetry::status_page::StatusPage::new(
+        owner.installation.clone(),
+        leadership.clone(),
+        api.budget().clone(),
+    );
     let reconciler = Reconciler {
         api,
         db: conn.clone(),
@@ -409,6 +414,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         listener,
         metrics,
         conn.clone(),
+        status_page,
         async move {
             let _ = server_shutdown.wait_for(|stop| *stop).await;
         },
