@@ -138,7 +138,7 @@ struct ControllerArgs {
 struct RunArgs {
     #[command(flatten)]
     controller: ControllerArgs,
-    /// Address for /metrics, /healthz and /readyz.
+    /// Address for the status page (/), /metrics, /healthz and /readyz.
     #[arg(long, default_value = "127.0.0.1:9090", env = "VPS_CONTROLLER_LISTEN")]
     listen: SocketAddr,
     /// Start the built-in simulator in-process and use it instead of Hetzner (demos only).
@@ -426,6 +426,11 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         reachability.reachability()
     }))));
     let leadership = leader::Leadership::default();
+    let status_page = telemetry::status_page::StatusPage::new(
+        owner.installation.clone(),
+        leadership.clone(),
+        api.budget().clone(),
+    );
     let reconciler = Reconciler {
         api,
         db: conn.clone(),
@@ -454,13 +459,14 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let listener = telemetry::server::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}: cannot bind", args.listen))?;
-    tracing::info!(listen = %args.listen, "serving /metrics, /healthz, /readyz");
+    tracing::info!(listen = %args.listen, "serving the status page at /, /metrics, /healthz and /readyz");
     let mut server_shutdown = shutdown_rx.clone();
     let mut server = tokio::spawn(telemetry::server::serve(
         listener,
         metrics,
         health,
         conn.clone(),
+        status_page,
         async move {
             let _ = server_shutdown.wait_for(|stop| *stop).await;
         },

@@ -1,8 +1,10 @@
-//! Logs, metrics and the HTTP endpoints next to the loop: /metrics, /healthz, /readyz.
+//! Logs, metrics and the HTTP endpoints next to the loop: /metrics, /healthz, /readyz and the
+//! status page at /.
 
 pub mod health;
 pub mod metrics;
 pub mod server;
+pub mod status_page;
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

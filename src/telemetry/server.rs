@@ -7,12 +7,13 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use sea_orm::DatabaseConnection;
 
 use super::health::{Health, Probe};
 use super::metrics::Metrics;
+use super::status_page::StatusPage;
 
 /// How often the database is pinged for readiness, and how long one ping may take.
 const PING_EVERY: Duration = Duration::from_secs(2);
@@ -22,9 +23,12 @@ const PING_TIMEOUT: Duration = Duration::from_secs(1);
 struct AppState {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    db: DatabaseConnection,
+    status_page: StatusPage,
 }
 
-/// Serves /metrics, /healthz and /readyz (see `health` for what they mean) until `shutdown`
+/// Serves the status page at /, /metrics, /healthz and /readyz (see `health` for what the
+/// probes mean) until `shutdown`
 /// completes. The probes answer from state kept up to date beside them, so they answer at
 /// once even while the database or Hetzner hangs.
 pub async fn serve(
@@ -32,14 +36,22 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     db: DatabaseConnection,
+    status_page: StatusPage,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let pinger = tokio::spawn(ping_database(db, Arc::clone(&health)));
+    let pinger = tokio::spawn(ping_database(db.clone(), Arc::clone(&health)));
     let app = Router::new()
+        // The read-only status page (telemetry::status_page).
+        .route("/", get(status_page_handler))
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(live_handler))
         .route("/readyz", get(ready_handler))
-        .with_state(AppState { metrics, health });
+        .with_state(AppState {
+            metrics,
+            health,
+            db,
+            status_page,
+        });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
@@ -89,4 +101,8 @@ async fn live_handler(State(state): State<AppState>) -> impl IntoResponse {
 
 async fn ready_handler(State(state): State<AppState>) -> impl IntoResponse {
     probe_answer(state.health.readiness(), "ready")
+}
+
+async fn status_page_handler(State(state): State<AppState>) -> Response {
+    state.status_page.respond(&state.db).await
 }
