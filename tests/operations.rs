@@ -594,3 +594,70 @@ fn the_database_url_can_come_from_a_file_and_two_sources_are_refused() {
     )
     .assert_fails_naming("is empty");
 }
+
+/// README "Two replicas": SIGKILL the leader; the standby takes the lease once it expires and
+/// provisions what was inserted meanwhile. Prints the measured failover time (the figure in
+/// the README); the test asserts the takeover, not the time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_takes_over_when_the_leader_is_killed() {
+    let test_db = match common::postgres_db().await {
+        Ok(test_db) => test_db,
+        Err(reason)
+            if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0") =>
+        {
+            panic!("PostgreSQL is required in CI: {reason}")
+        }
+        Err(reason) => {
+            eprintln!("skipping: two replicas need PostgreSQL ({reason})");
+            return;
+        }
+    };
+    let http = http_client();
+    let sim_dir = tempfile::tempdir().unwrap();
+    let (_simulator, sim_url) = spawn_simulator(sim_dir.path(), &["--action-seconds", "0.2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let envs = [("DATABASE_URL", test_db.url.as_str())];
+    let (first, first_url) = spawn_controller(dir.path(), &sim_url, SECRET_TOKEN, &[], &envs).await;
+    let leads = |url: &str| {
+        let http = http.clone();
+        let url = url.to_string();
+        async move { value(&metrics(&http, &url).await, "vps_controller_leader", &[]) == Some(1.0) }
+    };
+    assert!(
+        common::eventually(DEADLINE, || leads(&first_url)).await,
+        "{}",
+        first.output()
+    );
+    let (second, second_url) =
+        spawn_controller(dir.path(), &sim_url, SECRET_TOKEN, &[], &envs).await;
+    assert!(!leads(&second_url).await, "two leaders at once");
+
+    signal(&first, "-KILL");
+    let killed = Instant::now();
+    let conn = db::connect(&test_db.url).await.unwrap();
+    insert_subscription(&conn, "after-failover", "active", "starter").await;
+    assert!(
+        common::eventually(DEADLINE, || leads(&second_url)).await,
+        "{}",
+        second.output()
+    );
+    let failover = killed.elapsed();
+    let ready = common::eventually(DEADLINE, || async {
+        db::subscriptions::get(&conn, "after-failover")
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|row| row.provisioning_status == "ready")
+    })
+    .await;
+    assert!(ready, "{}", second.output());
+    eprintln!(
+        "failover: the standby led {:.1} s after the leader was killed (lease {} s)",
+        failover.as_secs_f64(),
+        vps_controller::controller::leader::LEASE_TTL.as_secs()
+    );
+    drop(conn);
+    drop(first);
+    drop(second);
+    test_db.cleanup().await;
+}
