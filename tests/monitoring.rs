@@ -9,7 +9,7 @@
 //! - every dashboard query parses as PromQL (`promtool check rules` on them as recording rules);
 //! - every `vps_controller_*` metric (and label) that the alerts and the dashboard use is in
 //!   the metric contract (`tests/monitoring/contract.prom`), and is exported by the real binary
-//!   (`run --simulate`, one subscription provisioned).
+//!   (`run` against the simulator: one subscription provisioned, one reconcile failed).
 //!
 //! Tools: `kubectl` (or `KUBECTL`), `promtool` (Debian's `prometheus` package, or `PROMTOOL`),
 //! `kubernetes-validate` (PyPI, or `KUBERNETES_VALIDATE`; `python3 -m kubernetes_validate`
@@ -32,8 +32,9 @@ use serde_json::{Value, json};
 use tokio::time::{Instant, sleep};
 
 use common::process::{
-    DEADLINE, POLL, SECRET_TOKEN, command, http_client, insert_subscription, metrics, run_cli,
-    sample, spawn_listening, sqlite_url, status_row,
+    ChildGuard, DEADLINE, POLL, SECRET_TOKEN, command, encryption_key, http_client,
+    insert_subscription, metrics, run_cli, spawn_listening, spawn_simulator, sqlite_url,
+    status_row,
 };
 
 const BASE: &str = "manifests";
@@ -1367,6 +1368,31 @@ fn the_alerts_and_the_dashboard_use_only_the_metric_contract() {
     }
 }
 
+/// Waits until `sub`'s row in `vps-controller status` shows `status`.
+async fn wait_for_status(dir: &Path, sub: &str, status: &str, controller: &ChildGuard) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let table = run_cli(dir, &["status"], &[]);
+        table.assert_code(0);
+        let row = status_row(&table.stdout, sub);
+        if row
+            .as_ref()
+            .is_some_and(|cells| cells.get(3).map(String::as_str) == Some(status))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sub} not {status} within {DEADLINE:?}: {row:?}\n{}",
+            controller.output()
+        );
+        sleep(POLL).await;
+    }
+}
+
+/// The real binary, against the simulator as a separate process (so that its fault hooks
+/// can fail a reconcile), after one subscription is provisioned and one reconcile has failed:
+/// families that appear only with their first event (reconcile errors by reason) are there.
 #[tokio::test]
 async fn every_metric_and_label_the_alerts_and_the_dashboard_use_is_exported() {
     let uses = monitoring_uses();
@@ -1377,58 +1403,62 @@ async fn every_metric_and_label_the_alerts_and_the_dashboard_use_is_exported() {
         uses.names.keys()
     );
 
+    let sim_dir = tempfile::tempdir().unwrap();
+    let (_simulator, sim_url) = spawn_simulator(sim_dir.path(), &["--action-seconds", "0.2"]).await;
     let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("{sim_url}/v1");
+    let key = encryption_key();
+    let database_url = sqlite_url(dir.path());
     let (controller, base_url) = spawn_listening(
         |port| {
             let listen = format!("127.0.0.1:{port}");
             command(
                 dir.path(),
-                &["run", "--simulate", "--listen", &listen],
-                &[("HCLOUD_TOKEN", SECRET_TOKEN)],
+                &["run", "--listen", &listen],
+                &[
+                    ("HCLOUD_ENDPOINT", endpoint.as_str()),
+                    ("HCLOUD_TOKEN", SECRET_TOKEN),
+                    ("VPS_CONTROLLER_ENCRYPTION_KEY", key.as_str()),
+                    ("DATABASE_URL", database_url.as_str()),
+                ],
             )
         },
-        "/readyz",
+        "/metrics",
     )
     .await;
 
     // One subscription all the way to a server: reconciles, Hetzner calls, passes.
-    let conn = vps_controller::db::connect(&sqlite_url(dir.path()))
+    let conn = vps_controller::db::connect(&database_url).await.unwrap();
+    insert_subscription(&conn, "sub-1", "active", "starter").await;
+    wait_for_status(dir.path(), "sub-1", "ready", &controller).await;
+
+    // And one that Hetzner refuses (every SSH key create answers 500): a failed reconcile.
+    let http = http_client();
+    let armed = http
+        .post(format!("{sim_url}/__simulator/faults"))
+        .json(&json!({"faults": [{"kind": "http_500", "endpoints": ["POST /ssh_keys"]}]}))
+        .send()
         .await
         .unwrap();
-    insert_subscription(&conn, "sub-1", "active", "starter").await;
+    assert!(
+        armed.status().is_success(),
+        "arming the fault: {}",
+        armed.text().await.unwrap_or_default()
+    );
+    insert_subscription(&conn, "sub-2", "active", "starter").await;
     drop(conn);
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let status = run_cli(dir.path(), &["status"], &[]);
-        status.assert_code(0);
-        let row = status_row(&status.stdout, "sub-1");
-        if row
-            .as_ref()
-            .is_some_and(|cells| cells.get(3).map(String::as_str) == Some("ready"))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "sub-1 not ready within {DEADLINE:?}: {row:?}\n{}",
-            controller.output()
-        );
-        sleep(POLL).await;
-    }
 
-    // The row turns ready inside the reconcile; the reconcile is counted when it returns.
-    let http = http_client();
-    let finished = "vps_controller_reconcile_duration_seconds_count";
+    // Scrape once the failure is counted. If it never is, scrape anyway: the comparison below
+    // names what is missing, which says more than a timeout.
+    let deadline = Instant::now() + DEADLINE;
     let text = loop {
         let text = metrics(&http, &base_url).await;
-        if sample(&text, finished).is_some_and(|count| count >= 1.0) {
+        let error_counted = text
+            .lines()
+            .any(|line| line.starts_with("vps_controller_reconcile_errors_total{"));
+        if error_counted || Instant::now() >= deadline {
             break text;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{finished} did not reach 1 within {DEADLINE:?}:\n{text}\n{}",
-            controller.output()
-        );
         sleep(POLL).await;
     };
     let exposition = parse_exposition(&text);
@@ -1442,8 +1472,8 @@ async fn every_metric_and_label_the_alerts_and_the_dashboard_use_is_exported() {
     assert!(
         missing.is_empty(),
         "the alerts or the dashboard use metrics or labels that `vps-controller run` does not \
-         export (a family that appears only after its first event counts as missing: export its \
-         known label values from the start):\n  {}\n\nexported families:\n  {}",
+         export, after one subscription was provisioned and one reconcile failed:\n  {}\n\n\
+         exported families:\n  {}",
         missing.join("\n  "),
         exposition
             .families
