@@ -767,7 +767,7 @@ fn load_errors_name_the_file() {
 
 #[test]
 fn the_kubernetes_config_map_is_a_valid_config() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/config.yaml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/base/config.yaml");
     let config = Config::load(Some(&path)).unwrap_or_else(|e| panic!("{e}"));
     config.validate().unwrap();
     assert_eq!(config.plans.keys().collect::<Vec<_>>(), ["pro", "starter"]);

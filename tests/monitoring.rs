@@ -1,5 +1,5 @@
 //! The monitoring manifests (`manifests/monitoring`, a kustomize component, and the overlay
-//! `overlays/monitoring` that turns it on) against the tools that consume them:
+//! `manifests/overlays/monitoring` that turns it on) against the tools that consume them:
 //! - `kubectl kustomize` renders the base (without monitoring) and every overlay;
 //! - `kubernetes-validate --strict` accepts every built-in object; the ServiceMonitor and the
 //!   PrometheusRule, whose CRDs it does not know, are checked against a strict subset of their
@@ -39,7 +39,7 @@ use common::process::{
 
 const BASE: &str = "manifests";
 const COMPONENT: &str = "manifests/monitoring";
-const MONITORING_OVERLAY: &str = "overlays/monitoring";
+const MONITORING_OVERLAY: &str = "manifests/overlays/monitoring";
 const NAMESPACE: &str = "vps-controller";
 const RUNBOOK_PREFIX: &str = "https://github.com/OWNER/vps-controller/blob/main/README.md#runbook-";
 const SEVERITIES: &[&str] = &["critical", "warning", "info"];
@@ -208,16 +208,16 @@ fn kubernetes_validate(test: &str) -> Option<Tool> {
 // Rendering
 // ---------------------------------------------------------------------------------------
 
-/// The base and every overlay under overlays/ (each directory with a kustomization.yaml).
+/// The base and every overlay under manifests/overlays/ (each directory with a kustomization.yaml).
 fn kustomize_targets() -> Vec<String> {
     let mut targets = vec![BASE.to_string()];
-    let mut overlays: Vec<String> = std::fs::read_dir(repo().join("overlays"))
-        .expect("overlays/ exists")
+    let mut overlays: Vec<String> = std::fs::read_dir(repo().join("manifests/overlays"))
+        .expect("manifests/overlays/ exists")
         .map(|entry| entry.unwrap().path())
         .filter(|dir| dir.join("kustomization.yaml").is_file())
         .map(|dir| {
             format!(
-                "overlays/{}",
+                "manifests/overlays/{}",
                 dir.file_name().unwrap().to_string_lossy().into_owned()
             )
         })
