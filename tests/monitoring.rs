@@ -697,6 +697,7 @@ fn alerts(rule: &Value) -> Vec<&Value> {
 
 #[test]
 fn every_alert_has_a_severity_a_summary_a_description_and_its_runbook() {
+    let readme = read("README.md");
     let rule = prometheus_rule();
     let alerts = alerts(&rule);
     assert!(!alerts.is_empty(), "the PrometheusRule has no alerts");
@@ -720,6 +721,12 @@ fn every_alert_has_a_severity_a_summary_a_description_and_its_runbook() {
             {
                 problems.push(format!("{name}: no {key} annotation"));
             }
+        }
+        // The link lands on a heading: GitHub's anchor of `#### Runbook: NAME`.
+        if !readme.contains(&format!("\n#### Runbook: {name}\n")) {
+            problems.push(format!(
+                "{name}: README.md has no `#### Runbook: {name}` section for its runbook_url"
+            ));
         }
         let runbook = format!("{RUNBOOK_PREFIX}{}", name.to_lowercase());
         if alert["annotations"]["runbook_url"] != runbook.as_str() {
