@@ -125,7 +125,7 @@ async fn run_job<A: HcloudApi>(
     let started = Instant::now();
     let version = job.version();
     let reconcile = matches!(job, Job::Reconcile { .. });
-    let span = tracing::info_span!("reconcile", subscription = %claim.id());
+    let span = tracing::info_span!("reconcile", subscription = %desired::shown_id(claim.id()));
     let result = match job {
         Job::Reconcile { snapshot, .. } => {
             // A snapshot taken before this subscription's last reconcile ended may miss what
@@ -175,7 +175,7 @@ async fn run_job<A: HcloudApi>(
             false
         }
         Err(error) => {
-            tracing::debug!(subscription = claim.id(), error = %error, "reconcile failed; backing off");
+            tracing::debug!(subscription = %desired::shown_id(claim.id()), error = %error, "reconcile failed; backing off");
             metrics.job_finished(reconcile, "error", Some(error.metric_label()), took);
             claim.finish(Finish::Failure { version });
             false
@@ -624,7 +624,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
             tracing::warn!(error = %error, "resync listing failed; nothing was changed on its account");
             return;
         }
-        let message = desired::bounded(&format!("Hetzner API: {error}"), 1000);
+        let message = desired::bounded(&format!("Hetzner API: {error}"), desired::MAX_ERROR_CHARS);
         tracing::warn!(error = %error, "Hetzner API fails for every subscription; recorded on the rows that wait");
         if let Err(e) = subscriptions::write_error_on_waiting(
             &self.reconciler.db,
@@ -671,13 +671,13 @@ impl<A: HcloudApi + 'static> Controller<A> {
         let fence = term.fence.clone();
         let update = subscriptions::StatusUpdate {
             provisioning_status: Some("failed".into()),
-            provisioning_error: Some(Some(desired::bounded(message, 1000))),
+            provisioning_error: Some(Some(desired::bounded(message, desired::MAX_ERROR_CHARS))),
             ..Default::default()
         };
         if let Err(e) =
             subscriptions::write_status(&self.reconciler.db, fence.as_ref(), id, &update).await
         {
-            tracing::debug!(subscription = id, error = %e, "could not record the unreadable row");
+            tracing::debug!(subscription = %desired::shown_id(id), error = %e, "could not record the unreadable row");
         }
     }
 

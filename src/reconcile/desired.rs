@@ -25,6 +25,14 @@ pub const SNAPSHOT_LABEL: &str = "vps-controller/snapshot";
 /// Value of `SNAPSHOT_LABEL` on snapshots taken before a deletion.
 pub const PRE_DELETE_SNAPSHOT: &str = "pre-delete";
 
+/// Longest error text the controller writes to a row's `provisioning_error` (and the most
+/// it quotes of anything, row values included, in one message), in characters.
+pub const MAX_ERROR_CHARS: usize = 1000;
+
+/// Characters of a subscription id shown in logs: enough to find the row (ids are the web
+/// app's, of any length).
+pub const MAX_SHOWN_ID_CHARS: usize = 64;
+
 /// Longest resource key; with a prefix of at most 20 chars and the dash the name stays <= 63.
 const MAX_KEY_LEN: usize = 42;
 /// Hex digits of the hash suffix of a changed id (64 bits: two of a million changed ids
@@ -259,12 +267,21 @@ pub fn desired_for_row(
     }
 }
 
-/// At most `max` characters of `text` (values from rows can be any length).
+/// At most `max` characters of `text`, the last one `…` when it was cut (values from rows
+/// can be any length).
 pub fn bounded(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
         None => text.to_string(),
-        Some((end, _)) => format!("{}…", &text[..end]),
+        Some(_) => match text.char_indices().nth(max.saturating_sub(1)) {
+            Some((end, _)) if max > 0 => format!("{}…", &text[..end]),
+            _ => String::new(),
+        },
     }
+}
+
+/// A subscription id as logs show it: at most [`MAX_SHOWN_ID_CHARS`] characters.
+pub fn shown_id(id: &str) -> String {
+    bounded(id, MAX_SHOWN_ID_CHARS)
 }
 
 /// Desired state of a subscription whose row is gone (deleted in the database, or only
@@ -455,6 +472,23 @@ mod tests {
             panic!("held")
         };
         assert!(reason.len() < 1_000, "{}", reason.len());
+    }
+
+    /// The bound counts the `…`: a cut text is exactly `max` characters, never one more.
+    #[test]
+    fn bounded_text_never_exceeds_its_bound() {
+        let long = "é".repeat(5000);
+        for max in [0, 1, 2, 64, MAX_ERROR_CHARS] {
+            let cut = bounded(&long, max);
+            assert_eq!(cut.chars().count(), max, "{max}");
+            assert!(max < 1 || cut.ends_with('…'), "{max}: {cut}");
+        }
+        assert_eq!(bounded("short", 5), "short");
+        assert_eq!(bounded("longer", 5), "long…");
+        assert_eq!(
+            shown_id(&"x".repeat(100_000)).chars().count(),
+            MAX_SHOWN_ID_CHARS
+        );
     }
 
     #[test]

@@ -19,7 +19,9 @@ use crate::hcloud::{
 use crate::keys::{self, Sealer};
 
 use super::ReconcileError;
-use super::desired::{Owner, PRE_DELETE_SNAPSHOT, SNAPSHOT_LABEL, SUBSCRIPTION_LABEL, VpsSpec};
+use super::desired::{
+    self, Owner, PRE_DELETE_SNAPSHOT, SNAPSHOT_LABEL, SUBSCRIPTION_LABEL, VpsSpec,
+};
 use super::plan::{Kind, Op};
 
 /// How long deleting a firewall retries `resource_in_use` (Hetzner detaches asynchronously).
@@ -81,7 +83,7 @@ impl<A: HcloudApi> Executor<'_, A> {
         op: &Op,
         progress: &mut Progress,
     ) -> Result<(), ReconcileError> {
-        tracing::debug!(subscription = %progress.subscription_id, ?op, "applying");
+        tracing::debug!(subscription = %desired::shown_id(&progress.subscription_id), ?op, "applying");
         match op {
             Op::GenerateKeyPair => self.generate_key_pair(need(spec)?, progress).await,
             Op::CreateSshKey => self.create_ssh_key(need(spec)?, progress).await,
@@ -743,10 +745,10 @@ impl<A: HcloudApi> Executor<'_, A> {
     ) -> Result<(), ReconcileError> {
         match kind {
             EventKind::Normal => {
-                tracing::info!(subscription = %progress.subscription_id, reason, "{message}")
+                tracing::info!(subscription = %desired::shown_id(&progress.subscription_id), reason, "{message}")
             }
             EventKind::Warning => {
-                tracing::warn!(subscription = %progress.subscription_id, reason, "{message}")
+                tracing::warn!(subscription = %desired::shown_id(&progress.subscription_id), reason, "{message}")
             }
         }
         events::record(self.db, &progress.subscription_id, kind, reason, message).await?;

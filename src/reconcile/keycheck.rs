@@ -9,6 +9,7 @@ use std::sync::{Mutex, PoisonError};
 use crate::db::entities::subscription;
 use crate::keys::{self, Sealer};
 
+use super::desired;
 use super::plan::KeyState;
 
 /// Where the README explains what to do about an unusable key pair.
@@ -41,7 +42,7 @@ impl KeyChecks {
         }
         let state = check_sealed(sealer, row, private);
         if let KeyState::Unusable(reason) = &state {
-            tracing::warn!(subscription = %row.id, "{reason}");
+            tracing::warn!(subscription = %desired::shown_id(&row.id), "{reason}");
         }
         self.lock().insert(row.id.clone(), (digest, state.clone()));
         state

@@ -26,7 +26,7 @@ use crate::hcloud::{self, HcloudApi};
 use crate::keys::Sealer;
 use crate::telemetry::metrics::Metrics;
 
-use desired::{Desired, Owner, Want};
+use desired::{Desired, MAX_ERROR_CHARS, Owner, Want};
 use execute::{Executor, Progress};
 use keycheck::KeyChecks;
 use observe::{Observed, RecordedIds, Snapshot};
@@ -145,8 +145,6 @@ pub enum Done {
 const PROVISIONING_RECHECK: Duration = Duration::from_secs(2);
 /// How soon to look again at a subscription whose server deletion the guard refused.
 const DELETION_PAUSED_RECHECK: Duration = Duration::from_secs(30);
-/// Longest error text written to a row.
-const MAX_ERROR_CHARS: usize = 1000;
 
 impl<A: HcloudApi> Reconciler<A> {
     /// Reconciles one subscription. `snapshot` is a fresh enough view of everything we own;
@@ -354,7 +352,7 @@ impl<A: HcloudApi> Reconciler<A> {
                 let message = format!(
                     "server {id} recorded on the row does not exist at Hetzner; provisioning a new one"
                 );
-                tracing::warn!(subscription = %desired.subscription_id, "{message}");
+                tracing::warn!(subscription = %desired::shown_id(&desired.subscription_id), "{message}");
                 events::record(
                     &self.db,
                     &desired.subscription_id,
@@ -613,7 +611,9 @@ impl<A: HcloudApi> Reconciler<A> {
             };
             if let Some((kind, reason)) = milestone {
                 let message = match (&plan.outcome, &progress.server) {
-                    (Outcome::Failed(message) | Outcome::Held(message), _) => message.clone(),
+                    (Outcome::Failed(message) | Outcome::Held(message), _) => {
+                        desired::bounded(message, MAX_ERROR_CHARS)
+                    }
                     (Outcome::Ready, Some(server)) => format!(
                         "server {} ({}) running at {}",
                         server.id,
@@ -637,10 +637,10 @@ impl<A: HcloudApi> Reconciler<A> {
                 };
                 match kind {
                     EventKind::Normal => {
-                        tracing::info!(subscription = %row.id, reason, "{message}")
+                        tracing::info!(subscription = %desired::shown_id(&row.id), reason, "{message}")
                     }
                     EventKind::Warning => {
-                        tracing::warn!(subscription = %row.id, reason, "{message}")
+                        tracing::warn!(subscription = %desired::shown_id(&row.id), reason, "{message}")
                     }
                 }
                 events::record(&self.db, &row.id, kind, reason, &message).await?;
@@ -664,7 +664,7 @@ impl<A: HcloudApi> Reconciler<A> {
             return Err(error);
         }
         let message = desired::bounded(&error.to_string(), MAX_ERROR_CHARS);
-        tracing::warn!(subscription = %desired.subscription_id, error = %message, terminal = error.is_terminal(), "reconcile failed");
+        tracing::warn!(subscription = %desired::shown_id(&desired.subscription_id), error = %message, terminal = error.is_terminal(), "reconcile failed");
         let reason = match &error {
             ReconcileError::DeletionsPaused(_) => "DeletionsPaused",
             e if e.is_terminal() => "Failed",
