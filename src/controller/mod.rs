@@ -638,23 +638,32 @@ impl<A: HcloudApi + 'static> Controller<A> {
     }
 
     /// Rows that cannot be decoded are skipped, each reported alone (a NULL id, a BLOB where
-    /// text belongs, ...); every other row goes on.
+    /// text belongs, ...); every other row goes on. Each one with an id is marked `failed`
+    /// with the problem (written once, not every pass); the first 20 are logged.
     async fn report_bad_rows(&self, term: &Term, bad: &[subscriptions::BadRow]) {
         let mut reported = BTreeSet::new();
-        for row in bad.iter().take(20) {
-            let shown = row
-                .id
-                .as_deref()
-                .map_or_else(|| "<NULL id>".to_string(), |id| desired::bounded(id, 64));
-            tracing::warn!(
-                subscription = %shown,
-                problem = %row.problem,
-                "skipping a subscription row that cannot be read"
+        for (i, row) in bad.iter().enumerate() {
+            if i < 20 {
+                let shown = row
+                    .id
+                    .as_deref()
+                    .map_or_else(|| "<NULL id>".to_string(), |id| desired::bounded(id, 64));
+                tracing::warn!(
+                    subscription = %shown,
+                    problem = %row.problem,
+                    "skipping a subscription row that cannot be read"
+                );
+            }
+            let message = desired::bounded(
+                &format!("row cannot be read: {}", row.problem),
+                desired::MAX_ERROR_CHARS,
             );
+            let marked = row.provisioning_status.as_deref() == Some("failed")
+                && row.provisioning_error.as_deref() == Some(message.as_str());
             if let Some(id) = &row.id
+                && !marked
                 && reported.insert(id.clone())
             {
-                let message = format!("row cannot be read: {}", row.problem);
                 self.record_skipped(term, id, &message).await;
             }
         }

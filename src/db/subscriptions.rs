@@ -17,6 +17,8 @@ pub const CHANGED_SQL: &str = "SELECT id, desired_version FROM subscriptions \
 
 /// Longest [`BadRow::problem`], in characters.
 pub const MAX_PROBLEM_CHARS: usize = 300;
+/// Characters of a subscription id quoted in an error (ids are the web app's: any length).
+const MAX_QUOTED_ID_CHARS: usize = 64;
 
 /// The columns [`subscription::Model`] is decoded from, in a SELECT list.
 const COLUMNS: &str = "id, user_id, stripe_subscription_id, status, plan, hetzner_server_id, \
@@ -40,6 +42,10 @@ pub struct BadRow {
     pub id: Option<String>,
     /// What is wrong, naming the column; at most [`MAX_PROBLEM_CHARS`] characters.
     pub problem: String,
+    /// `provisioning_status` and `provisioning_error` as the row holds them now (`None` when
+    /// unreadable), so a pass writes the row's error only when it is not there yet.
+    pub provisioning_status: Option<String>,
+    pub provisioning_error: Option<String>,
 }
 
 /// Every subscription, ordered by id. A row that does not decode lands in [`Rows::bad`]; it
@@ -58,6 +64,8 @@ pub async fn all(db: &impl ConnectionTrait) -> Result<Rows, DbError> {
             Err(problem) => out.bad.push(BadRow {
                 id: raw_id(row),
                 problem,
+                provisioning_status: row.try_get("", "provisioning_status").ok(),
+                provisioning_error: row.try_get("", "provisioning_error").ok().flatten(),
             }),
         }
     }
@@ -103,7 +111,8 @@ pub async fn get(
     match row {
         None => Ok(None),
         Some(row) => decode(&row).map(Some).map_err(|problem| DbError::BadData {
-            what: format!("subscription {id:?}"),
+            // Ids can be any length: quote enough to find the row, not all of it.
+            what: format!("subscription {:?}", shortened(id, MAX_QUOTED_ID_CHARS)),
             problem,
         }),
     }
@@ -190,12 +199,19 @@ fn raw_id(row: &QueryResult) -> Option<String> {
 
 /// Cuts `text` to [`MAX_PROBLEM_CHARS`] characters, ending with `…` when cut.
 fn bounded(text: String) -> String {
-    if text.chars().count() <= MAX_PROBLEM_CHARS {
-        return text;
+    shortened(&text, MAX_PROBLEM_CHARS)
+}
+
+/// At most `max` characters of `text`, the last one `…` when it was cut.
+fn shortened(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_owned(),
+        Some(_) => {
+            let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+            cut.push('…');
+            cut
+        }
     }
-    let mut cut: String = text.chars().take(MAX_PROBLEM_CHARS - 1).collect();
-    cut.push('…');
-    cut
 }
 
 /// Controller-owned columns to write; `None` leaves a column as it is, `Some(None)` clears it.
