@@ -8,6 +8,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20260214_000001_controller_schema;
 mod m20261130_000001_safety;
+mod m20261201_000001_long_ids;
 
 /// Name of the table recording applied migrations. Not sea-orm's default `seaql_migrations`
 /// so that, in a database shared with the web app, it is obvious which tool owns it.
@@ -21,6 +22,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20260214_000001_controller_schema::Migration),
             Box::new(m20261130_000001_safety::Migration),
+            Box::new(m20261201_000001_long_ids::Migration),
         ]
     }
 
