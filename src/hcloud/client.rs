@@ -33,6 +33,16 @@ pub const DEFAULT_MAX_PAGES: u32 = 100_000;
 const LIST_SORT: &str = "id:asc";
 /// Characters of an undecodable body kept in an error.
 const SNIPPET_CHARS: usize = 160;
+/// Largest response body the client reads, in bytes.
+///
+/// The largest answers it asks for are pages of 50 objects. At the size of the spec's
+/// example server (about 2.8 kB of JSON) a page of 50 servers is about 140 kB, and at 20 kB
+/// per server (long label sets, many firewalls) still under 1 MiB; every other answer is a
+/// single object or a short list of actions. So 4 MiB is several times the largest real
+/// answer, while a body past it is not a page of anything: it is refused as soon as it is
+/// known to be larger (by `Content-Length` before reading, else while reading), so a broken
+/// proxy or an endless stream costs at most this much memory per request.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 /// The API token. `Debug` and `Display` never show it.
 #[derive(Clone, PartialEq, Eq)]
@@ -313,7 +323,7 @@ impl Call {
 /// A raw successful answer; reading the body may still have failed.
 struct Answer {
     status: StatusCode,
-    body: reqwest::Result<Vec<u8>>,
+    body: Result<Vec<u8>, Error>,
 }
 
 fn validate_endpoint(endpoint: &str) -> Result<String, Error> {
@@ -359,6 +369,38 @@ fn snippet(body: &[u8]) -> String {
         short.push('…');
     }
     short
+}
+
+/// Reads the body of `response` (whose status is `status`), refusing one larger than
+/// [`MAX_BODY_BYTES`]: by its `Content-Length` before reading anything, else as soon as the
+/// bytes read pass the limit. Nothing past the limit is kept or read.
+async fn read_body(status: StatusCode, mut response: reqwest::Response) -> Result<Vec<u8>, Error> {
+    let too_large = |what: String| Error::InvalidResponse {
+        status: status.as_u16(),
+        snippet: format!(
+            "{what}: larger than the client's limit of {MAX_BODY_BYTES} bytes for one answer \
+             (a page of 50 servers is about 150 kB); not read any further"
+        ),
+    };
+    let declared = response.content_length();
+    if let Some(declared) = declared
+        && declared > MAX_BODY_BYTES as u64
+    {
+        return Err(too_large(format!(
+            "body of {declared} bytes (Content-Length)"
+        )));
+    }
+    let mut body = Vec::with_capacity(declared.unwrap_or(0) as usize);
+    while let Some(chunk) = response.chunk().await.map_err(Error::from_reqwest)? {
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(too_large(format!(
+                "body of more than {} bytes",
+                body.len() + chunk.len()
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 fn decode<T: DeserializeOwned>(
@@ -588,11 +630,10 @@ impl Client {
             }
             let started = Instant::now();
             let result = match self.send_once(call).await {
-                Ok(answer) => match answer.body {
-                    Ok(body) => decode_ok(answer.status, &body),
-                    Err(err) => Err(Error::from_reqwest(err)),
-                }
-                .map(|value| (answer.status, value)),
+                Ok(answer) => answer
+                    .body
+                    .and_then(|body| decode_ok(answer.status, &body))
+                    .map(|value| (answer.status, value)),
                 Err(err) => Err(err),
             };
             let outcome = match &result {
@@ -675,11 +716,11 @@ impl Client {
         if status == StatusCode::TOO_MANY_REQUESTS {
             self.inner.budget.observe_rate_limited(reset);
         }
-        let body = response.bytes().await.map(|bytes| bytes.to_vec());
+        let body = read_body(status, response).await;
         if status.is_success() {
             return Ok(Answer { status, body });
         }
-        let body = body.map_err(Error::from_reqwest)?;
+        let body = body?;
         Err(match serde_json::from_slice::<ErrorBody>(&body) {
             Ok(ErrorBody { error }) => Error::Api {
                 status: status.as_u16(),

@@ -39,8 +39,8 @@ use std::time::Duration;
 
 pub use budget::Budget;
 pub use client::{
-    ActionPollBackoff, Client, ClientConfig, DEFAULT_ENDPOINT, DEFAULT_MAX_PAGES, Reachability,
-    RequestCount, RequestLabels, RetryBackoff, Token,
+    ActionPollBackoff, Client, ClientConfig, DEFAULT_ENDPOINT, DEFAULT_MAX_PAGES, MAX_BODY_BYTES,
+    Reachability, RequestCount, RequestLabels, RetryBackoff, Token,
 };
 pub use error::{Error, ErrorCode, TransportKind};
 pub use types::*;
