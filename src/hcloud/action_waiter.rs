@@ -389,14 +389,20 @@ impl ActionWaiter {
 }
 
 fn action_failed(action: &Action) -> Error {
+    use super::error::{MAX_CODE_CHARS, MAX_MESSAGE_CHARS, clean};
     let (code, message) = action
         .error
         .as_ref()
-        .map(|error| (error.code.clone(), error.message.clone()))
+        .map(|error| {
+            (
+                clean(&error.code, MAX_CODE_CHARS),
+                clean(&error.message, MAX_MESSAGE_CHARS),
+            )
+        })
         .unwrap_or_else(|| ("unknown".into(), "no error details".into()));
     Error::ActionFailed {
         action_id: action.id,
-        command: action.command.clone(),
+        command: clean(&action.command, MAX_CODE_CHARS),
         code,
         message,
     }

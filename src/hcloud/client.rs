@@ -33,6 +33,9 @@ pub const DEFAULT_MAX_PAGES: u32 = 100_000;
 const LIST_SORT: &str = "id:asc";
 /// Characters of an undecodable body kept in an error.
 const SNIPPET_CHARS: usize = 160;
+/// Characters of a decoding error's own text kept in an error (serde quotes the offending
+/// value, which can be any length).
+const REASON_CHARS: usize = 200;
 /// Largest response body the client reads, in bytes.
 ///
 /// The largest answers it asks for are pages of 50 objects. At the size of the spec's
@@ -359,13 +362,9 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
 }
 
 fn snippet(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let mut short: String = text
-        .chars()
-        .take(SNIPPET_CHARS)
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if text.chars().count() > SNIPPET_CHARS {
+    let text = String::from_utf8_lossy(&body[..body.len().min(SNIPPET_CHARS * 4)]);
+    let mut short = super::error::clean(&text, SNIPPET_CHARS);
+    if body.len() > SNIPPET_CHARS * 4 && !short.ends_with('…') {
         short.push('…');
     }
     short
@@ -403,28 +402,71 @@ async fn read_body(status: StatusCode, mut response: reqwest::Response) -> Resul
     Ok(body)
 }
 
-fn decode<T: DeserializeOwned>(
-    status: StatusCode,
-    body: &[u8],
-    sensitive: bool,
-) -> Result<T, Error> {
-    serde_json::from_slice(body).map_err(|err| {
-        let snippet = if sensitive {
-            // serde's message may quote values; the body may hold a root password.
-            format!(
-                "undecodable body ({:?} error at line {} column {}; content withheld)",
-                err.classify(),
-                err.line(),
-                err.column()
-            )
-        } else {
-            format!("{err}; body: {}", snippet(body))
-        };
-        Error::InvalidResponse {
-            status: status.as_u16(),
-            snippet,
-        }
+/// Decodes a successful answer's `body` as `T`, or says which field is wrong and how.
+///
+/// An error names the field by its path (`servers[3].public_net.ipv4.ip`), says what was
+/// wrong (missing, wrong type, out of range, truncated, not JSON at all) and quotes the start
+/// of the body, all of it bounded. It is always [`Error::InvalidResponse`], never
+/// `not_found`: only Hetzner's own `not_found` error means an object is gone.
+pub fn decode_answer<T: DeserializeOwned>(status: u16, body: &[u8]) -> Result<T, Error> {
+    decode(status, body, false)
+}
+
+fn decode<T: DeserializeOwned>(status: u16, body: &[u8], sensitive: bool) -> Result<T, Error> {
+    serde_json::from_slice(body).map_err(|err| Error::InvalidResponse {
+        status,
+        snippet: undecodable::<T>(body, &err, sensitive),
     })
+}
+
+/// Why `body` does not decode as `T`. Decodes again (only after a failure, so the happy path
+/// pays nothing) with the path tracked, to name the field.
+fn undecodable<T: DeserializeOwned>(
+    body: &[u8],
+    err: &serde_json::Error,
+    sensitive: bool,
+) -> String {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let path = match serde_path_to_error::deserialize::<_, T>(&mut deserializer) {
+        Err(traced) => traced.path().to_string(),
+        Ok(_) => ".".to_string(),
+    };
+    let start = body.iter().find(|b| !b.is_ascii_whitespace());
+    let what = match start {
+        None => "empty body".to_string(),
+        Some(b'<') => "an HTML page, not JSON (e.g. from a proxy)".to_string(),
+        Some(b'{' | b'[') if path == "." => "the body".to_string(),
+        Some(b'{' | b'[') => format!("field {}", super::error::clean(&path, REASON_CHARS)),
+        Some(_) => "not JSON".to_string(),
+    };
+    if sensitive {
+        // serde's message may quote values, and the body may hold a root password: only
+        // the field's path and the position are given.
+        return format!(
+            "{what}: {:?} error at line {} column {} (content withheld)",
+            err.classify(),
+            err.line(),
+            err.column()
+        );
+    }
+    format!(
+        "{what}: {}; body: {}",
+        super::error::clean(&err.to_string(), REASON_CHARS),
+        snippet(body)
+    )
+}
+
+/// The error a non-2xx answer stands for: Hetzner's error (its `code`, `message`,
+/// `details`, bounded) when the body is Hetzner's error envelope, else
+/// [`Error::InvalidResponse`] quoting the start of the body.
+pub fn error_from_answer(status: u16, body: &[u8], correlation_id: Option<&str>) -> Error {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(ErrorBody { error }) => Error::api(status, error, correlation_id),
+        Err(err) => Error::InvalidResponse {
+            status,
+            snippet: undecodable::<ErrorBody>(body, &err, false),
+        },
+    }
 }
 
 /// Pages of list endpoints.
@@ -720,26 +762,19 @@ impl Client {
         if status.is_success() {
             return Ok(Answer { status, body });
         }
-        let body = body?;
-        Err(match serde_json::from_slice::<ErrorBody>(&body) {
-            Ok(ErrorBody { error }) => Error::Api {
-                status: status.as_u16(),
-                code: ErrorCode::parse(&error.code),
-                message: error.message,
-                details: error.details.filter(|details| !details.is_null()),
-                correlation_id,
-            },
-            Err(_) => Error::InvalidResponse {
-                status: status.as_u16(),
-                snippet: snippet(&body),
-            },
-        })
+        Err(error_from_answer(
+            status.as_u16(),
+            &body?,
+            correlation_id.as_deref(),
+        ))
     }
 
     async fn fetch<T: DeserializeOwned>(&self, call: Call) -> Result<T, Error> {
         let sensitive = call.sensitive_response;
-        self.execute(&call, |status, body| decode(status, body, sensitive))
-            .await
+        self.execute(&call, |status, body| {
+            decode(status.as_u16(), body, sensitive)
+        })
+        .await
     }
 
     /// For `204 No Content` answers (a body, if any, is ignored).
@@ -1198,7 +1233,7 @@ mod tests {
     #[test]
     fn undecodable_create_server_answers_do_not_quote_the_body() {
         let body = br#"{"server": 1, "root_password": "s3cret-pass"}"#;
-        let err = decode::<CreateServerResponse>(StatusCode::CREATED, body, true).unwrap_err();
+        let err = decode::<CreateServerResponse>(201, body, true).unwrap_err();
         assert!(matches!(err, Error::InvalidResponse { status: 201, .. }));
         assert!(!err.to_string().contains("s3cret"), "{err}");
     }

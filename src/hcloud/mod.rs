@@ -40,7 +40,8 @@ use std::time::Duration;
 pub use budget::Budget;
 pub use client::{
     ActionPollBackoff, Client, ClientConfig, DEFAULT_ENDPOINT, DEFAULT_MAX_PAGES, MAX_BODY_BYTES,
-    Reachability, RequestCount, RequestLabels, RetryBackoff, Token,
+    Reachability, RequestCount, RequestLabels, RetryBackoff, Token, decode_answer,
+    error_from_answer,
 };
 pub use error::{Error, ErrorCode, TransportKind};
 pub use types::*;
