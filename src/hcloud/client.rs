@@ -818,10 +818,16 @@ impl Client {
             items.extend(batch);
             match meta.and_then(|meta| meta.pagination.next_page) {
                 None | Some(0) => return Ok(items),
-                Some(next) if next <= page => {
+                // Any other next page would loop, or skip a page and with it objects that
+                // would then look gone.
+                Some(next) if Some(next) != page.checked_add(1) => {
                     return Err(Error::InvalidResponse {
                         status: 200,
-                        snippet: format!("{template}: next_page {next} after page {page}"),
+                        snippet: format!(
+                            "{template}: field meta.pagination.next_page is {next} after page \
+                             {page}; expected {} or null",
+                            page.saturating_add(1)
+                        ),
                     });
                 }
                 Some(next) if next > i64::from(self.inner.max_pages) => {

@@ -11,6 +11,20 @@ use serde::{Deserialize, Serialize};
 
 use super::Labels;
 
+/// Hetzner ids are 1 or more (the spec: int64, 1 … 2^53−1). A zero or negative id is not an
+/// object the controller can act on: decoding fails there, naming the field.
+fn positive_id<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let id = i64::deserialize(deserializer)?;
+    if id >= 1 {
+        Ok(id)
+    } else {
+        Err(serde::de::Error::invalid_value(
+            serde::de::Unexpected::Signed(id),
+            &"an id of 1 or more",
+        ))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Servers
 
@@ -32,6 +46,7 @@ pub enum ServerStatus {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Server {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     pub name: String,
     pub status: ServerStatus,
@@ -80,6 +95,7 @@ pub struct ServerIpv6 {
 /// A firewall on the server's public interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerFirewall {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     #[serde(default)]
     pub status: ServerFirewallStatus,
@@ -97,12 +113,14 @@ pub enum ServerFirewallStatus {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerTypeRef {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     pub name: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocationRef {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     pub name: String,
     #[serde(default)]
@@ -111,6 +129,7 @@ pub struct LocationRef {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRef {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     /// Null for snapshots and backups.
     #[serde(default)]
@@ -228,6 +247,7 @@ impl fmt::Debug for CreateServerResponse {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SshKey {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     pub name: String,
     /// Legacy MD5 fingerprint, lowercase hex pairs joined by `:`.
@@ -252,6 +272,7 @@ pub struct CreateSshKey {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Firewall {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     pub name: String,
     /// Optional in the spec's firewall schema; absent means no labels.
@@ -358,6 +379,7 @@ impl FirewallResource {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ResourceId {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
 }
 
@@ -434,6 +456,7 @@ pub enum ImageStatus {
 /// server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Image {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     #[serde(rename = "type")]
     pub kind: ImageType,
@@ -467,6 +490,7 @@ pub struct Image {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageCreatedFrom {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     pub name: String,
 }
@@ -494,6 +518,7 @@ pub struct CreateImageResponse {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerType {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     pub name: String,
     pub description: String,
@@ -515,6 +540,7 @@ pub struct ServerType {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerTypeLocation {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     pub name: String,
     #[serde(default)]
@@ -523,6 +549,7 @@ pub struct ServerTypeLocation {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Location {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     pub name: String,
     pub description: String,
@@ -553,6 +580,7 @@ impl ActionStatus {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Action {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     /// Informational (`create_server`, `apply_firewall`, ...); don't branch on it.
     pub command: String,
@@ -568,6 +596,7 @@ pub struct Action {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActionResource {
+    #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     #[serde(rename = "type")]
     pub kind: String,
