@@ -498,10 +498,24 @@ pub async fn take_deletions(
         ),
     };
     let rows = db.query_all_raw(statement).await?;
-    let mut ids = rows
+    // The notices are taken now: one id that is not text (a BLOB id on SQLite, cast to
+    // invalid UTF-8) must not lose the others. No row with such an id can be reconciled,
+    // so there is nothing to tear down for it.
+    let mut unreadable = 0;
+    let mut ids: Vec<String> = rows
         .iter()
-        .map(|row| row.try_get::<String>("", "subscription_id"))
-        .collect::<Result<Vec<_>, _>>()?;
+        .filter_map(|row| {
+            let id = row.try_get::<String>("", "subscription_id").ok();
+            unreadable += usize::from(id.is_none());
+            id
+        })
+        .collect();
+    if unreadable > 0 {
+        tracing::warn!(
+            unreadable,
+            "deleted subscription rows whose id is not text were skipped"
+        );
+    }
     ids.sort();
     Ok(ids)
 }
