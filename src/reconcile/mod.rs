@@ -349,9 +349,14 @@ impl<A: HcloudApi> Reconciler<A> {
             Recorded::Gone(id)
                 if matches!(desired.want, Want::Vps(_)) && desired.version.is_some() =>
             {
-                let message = format!(
-                    "server {id} recorded on the row does not exist at Hetzner; provisioning a new one"
-                );
+                let next = match &desired.want {
+                    Want::Vps(spec) if spec.suspended => {
+                        "nothing is created while the subscription is suspended"
+                    }
+                    _ => "provisioning a new one",
+                };
+                let message =
+                    format!("server {id} recorded on the row does not exist at Hetzner; {next}");
                 tracing::warn!(subscription = %desired::shown_id(&desired.subscription_id), "{message}");
                 events::record(
                     &self.db,
@@ -766,9 +771,10 @@ fn settlement(
         Outcome::Suspended { settled } => {
             update.provisioning_status = Some("suspended".into());
             update.provisioning_error = Some(None);
-            if progress.server.is_some() {
-                record_ids(&mut update);
-            }
+            // What exists, also when the server does not: an id Hetzner answered not_found
+            // for is cleared, else every resync would look it up (and record its absence)
+            // again.
+            record_ids(&mut update);
             if *settled {
                 update.observed_version = Some(version);
             } else {
