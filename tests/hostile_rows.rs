@@ -144,9 +144,11 @@ fn hostile_text() -> impl Strategy<Value = String> {
         5 => "[a-z0-9_-]{1,12}",
         6 => any::<String>(),
         5 => "[\\x00-\\x1f\\x7f\u{80}-\u{9f}\u{200b}-\u{200f}\u{2028}\u{2029}\u{feff}a-z]{1,12}",
-        1 => (any::<char>(), 50_000usize..=100_000)
-            .prop_map(|(c, bytes)| c.to_string().repeat(bytes / c.len_utf8())),
-        1 => "[A-Za-z0-9]{1,4}".prop_map(|s| s.repeat(100_000 / s.len())),
+        1 => prop_oneof![
+            (any::<char>(), 50_000usize..=100_000)
+                .prop_map(|(c, bytes)| c.to_string().repeat(bytes / c.len_utf8())),
+            "[A-Za-z0-9]{1,4}".prop_map(|s| s.repeat(100_000 / s.len())),
+        ],
     ]
 }
 
