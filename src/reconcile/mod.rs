@@ -633,6 +633,13 @@ impl<A: HcloudApi> Reconciler<A> {
                         "nothing running (status {:?}); nothing is created while suspended",
                         row.status.as_deref().unwrap_or("NULL")
                     ),
+                    // Canceled before anything was created, or deleted at Hetzner by hand.
+                    (Outcome::Deprovisioned, _)
+                        if !plan.ops.iter().any(|op| op.deletes().is_some()) =>
+                    {
+                        "nothing to delete: no server, SSH key or firewall of this subscription exists"
+                            .to_string()
+                    }
                     _ => "all resources deleted".to_string(),
                 };
                 match kind {

@@ -203,14 +203,14 @@ pub enum Outcome {
     Ready,
     /// Waiting for Hetzner (server starting, stopping, ...): `provisioning`, look again soon.
     Provisioning,
-    /// Nothing exists any more: `deprovisioned`.
+    /// Nothing exists any more, or never did (canceled while `pending`): `deprovisioned`.
     Deprovisioned,
     /// Powered off and kept: `suspended`. `settled` is false while Hetzner is still busy
     /// (starting, stopping): look again soon.
     Suspended { settled: bool },
     /// The status is not understood: `held` with this reason; nothing done.
     Held(String),
-    /// Nothing to do and nothing to record (never provisioned, or the row is gone).
+    /// Nothing to do and nothing to record (already `deprovisioned`, or the row is gone).
     Unchanged,
     /// The row cannot be acted on: `failed` with this message, not retried until it changes.
     Failed(String),
@@ -291,11 +291,10 @@ fn plan_teardown(desired: &Desired, row: &RowState, observed: &Observed) -> Plan
         || row.firewall_id.is_some()
         || row.has_private_key
         || row.public_key.is_some();
-    let never_provisioned = matches!(row.provisioning_status.as_str(), "pending" | "");
+    // Once a row wants nothing it ends `deprovisioned`, also when nothing was ever created
+    // for it (canceled while `pending`): `pending` would say a server is still to come.
     let outcome = if !row_exists
-        || (ops.is_empty()
-            && !row_holds_anything
-            && (never_provisioned || row.provisioning_status == "deprovisioned"))
+        || (ops.is_empty() && !row_holds_anything && row.provisioning_status == "deprovisioned")
     {
         Outcome::Unchanged
     } else {
