@@ -842,7 +842,8 @@ fn a_copied_database_refuses_to_run_until_renewed_and_the_operator_commands_work
         "{}",
         approved.describe()
     );
-    run_cli(original.path(), &["retry", "nobody"], &[]).assert_fails_naming("\"nobody\" not found");
+    run_cli(original.path(), &["retry", "nobody"], &[])
+        .assert_fails_naming("subscription \"nobody\" does not exist");
     let retried = run_cli(original.path(), &["retry", "--failed"], &[]);
     retried.assert_code(0);
     assert!(
@@ -903,4 +904,185 @@ async fn run_reports_plans_that_hetzner_does_not_know_once_at_start() {
     controller.terminate();
     assert!(controller.wait_exit(DEADLINE).await.success());
     controller.assert_no_secret();
+}
+
+/// Every operator command that needs the schema, with the argument it needs.
+const OPERATOR_COMMANDS: &[&[&str]] = &[
+    &["status"],
+    &["status", "sub-1"],
+    &["plan"],
+    &["retry", "sub-1"],
+    &["retry", "--failed"],
+    &["deletions", "status"],
+    &["deletions", "approve"],
+    &["installation", "show"],
+    &["installation", "keep"],
+    &["installation", "renew"],
+];
+
+/// The names in `dir`, with the size of each file.
+fn files_in(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let size = entry.metadata().unwrap().len();
+            (entry.file_name().to_string_lossy().into_owned(), size)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[tokio::test]
+async fn operator_commands_on_an_unmigrated_database_say_to_run_migrate_and_create_nothing() {
+    const NEEDLE: &str = "run `vps-controller migrate` first";
+    // No database at all (the default SQLite URL): said so, naming the file, and nothing is
+    // left behind that the next command would take for a database.
+    let dir = tempfile::tempdir().unwrap();
+    for args in OPERATOR_COMMANDS {
+        let ran = run_cli(dir.path(), args, &[]);
+        ran.assert_fails_naming(NEEDLE);
+        assert!(
+            ran.stderr.contains("vps-controller.db") && ran.stderr.contains("does not exist"),
+            "`{}`: {}",
+            args.join(" "),
+            ran.describe()
+        );
+        assert_eq!(
+            files_in(dir.path()),
+            [],
+            "`{}` created files",
+            args.join(" ")
+        );
+    }
+
+    // An empty file (touched by hand, or left by an earlier version): not changed at all.
+    std::fs::write(dir.path().join("vps-controller.db"), "").unwrap();
+    for args in OPERATOR_COMMANDS {
+        let ran = run_cli(dir.path(), args, &[]);
+        ran.assert_fails_naming(NEEDLE);
+        assert_eq!(
+            files_in(dir.path()),
+            [("vps-controller.db".to_string(), 0)],
+            "`{}` wrote to the empty file",
+            args.join(" ")
+        );
+    }
+
+    // Every backend through DATABASE_URL; PostgreSQL: an empty database gets no table.
+    for test_db in common::test_databases().await {
+        let backend = test_db.backend;
+        let dir = tempfile::tempdir().unwrap();
+        for args in OPERATOR_COMMANDS {
+            let ran = run_cli(dir.path(), args, &[("DATABASE_URL", &test_db.url)]);
+            assert!(
+                ran.code == Some(1) && ran.stderr.contains(NEEDLE),
+                "{backend} `{}`: {}",
+                args.join(" "),
+                ran.describe()
+            );
+        }
+        if let Some(sqlite_dir) = test_db.dir() {
+            assert_eq!(files_in(sqlite_dir), [], "{backend}: a file was created");
+        } else {
+            let conn = db::connect(&test_db.url).await.unwrap();
+            let tables = conn
+                .query_one_raw(sea_orm::Statement::from_string(
+                    conn.get_database_backend(),
+                    "SELECT COUNT(*) AS n FROM information_schema.tables \
+                     WHERE table_schema = current_schema()",
+                ))
+                .await
+                .unwrap()
+                .unwrap()
+                .try_get::<i64>("", "n")
+                .unwrap();
+            assert_eq!(tables, 0, "{backend}: tables were created");
+            drop(conn);
+        }
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn a_schema_older_than_the_binary_is_refused_until_migrate_and_then_works() {
+    let dir = tempfile::tempdir().unwrap();
+    run_cli(dir.path(), &["migrate"], &[]).assert_code(0);
+    let url = sqlite_url(dir.path());
+    let conn = db::connect(&url).await.unwrap();
+    // As if the database were migrated by the previous release: the newest migration missing.
+    conn.execute_unprepared(&format!(
+        "DELETE FROM {} WHERE version = (SELECT MAX(version) FROM {})",
+        migration::MIGRATION_TABLE,
+        migration::MIGRATION_TABLE
+    ))
+    .await
+    .unwrap();
+    drop(conn);
+    let ran = run_cli(dir.path(), &["status"], &[]);
+    ran.assert_fails_naming("run `vps-controller migrate` first");
+    assert!(
+        ran.stderr.contains("older than this vps-controller"),
+        "{}",
+        ran.describe()
+    );
+    run_cli(dir.path(), &["migrate"], &[]).assert_code(0);
+    run_cli(dir.path(), &["status"], &[]).assert_code(0);
+}
+
+#[tokio::test]
+async fn status_of_a_subscription_that_does_not_exist_fails_and_a_known_one_works() {
+    for test_db in common::test_databases().await {
+        let backend = test_db.backend;
+        let dir = tempfile::tempdir().unwrap();
+        let env = [("DATABASE_URL", test_db.url.as_str())];
+        run_cli(dir.path(), &["migrate"], &env).assert_code(0);
+        let conn = db::connect(&test_db.url).await.unwrap();
+        insert_subscription(&conn, "sub-1", "active", "starter").await;
+        events::record(
+            &conn,
+            "sub-1",
+            EventKind::Normal,
+            "ServerCreated",
+            "server 100001 (vps-sub-1, cx23 ubuntu-24.04 in fsn1)",
+        )
+        .await
+        .unwrap();
+        // A subscription deleted from the table: its events outlive it.
+        events::record(
+            &conn,
+            "sub-gone",
+            EventKind::Normal,
+            "ServerDeleted",
+            "server 100002 deleted",
+        )
+        .await
+        .unwrap();
+
+        let unknown = run_cli(dir.path(), &["status", "no-such-sub"], &env);
+        unknown.assert_fails_naming("subscription \"no-such-sub\" does not exist");
+        assert_eq!(unknown.stdout, "", "{backend}: {}", unknown.describe());
+
+        let known = run_cli(dir.path(), &["status", "sub-1"], &env);
+        known.assert_code(0);
+        assert!(
+            known.stdout.contains("ServerCreated") && known.stdout.contains("server 100001"),
+            "{backend}: {}",
+            known.describe()
+        );
+
+        let gone = run_cli(dir.path(), &["status", "sub-gone"], &env);
+        gone.assert_code(0);
+        assert!(
+            gone.stdout.contains("no longer exists") && gone.stdout.contains("server 100002"),
+            "{backend}: {}",
+            gone.describe()
+        );
+
+        run_cli(dir.path(), &["retry", "no-such-sub"], &env)
+            .assert_fails_naming("subscription \"no-such-sub\" does not exist");
+        drop(conn);
+        test_db.cleanup().await;
+    }
 }

@@ -7,7 +7,7 @@ use sea_orm::DatabaseConnection;
 use chrono::Utc;
 
 use crate::config::Config;
-use crate::db::{deletion_guard, events, installation, subscriptions};
+use crate::db::{DbError, deletion_guard, events, installation, subscriptions};
 use crate::hcloud::HcloudApi;
 
 use super::desired::{self, Owner, Want};
@@ -194,13 +194,40 @@ pub async fn status_table(db: &DatabaseConnection) -> Result<String, ReconcileEr
     Ok(out)
 }
 
-/// The recent events of one subscription, newest last.
+/// The recent events of one subscription, newest last; `None` when there is no such
+/// subscription: no row, and no event of one that was deleted.
 pub async fn events_table(
     db: &DatabaseConnection,
     subscription_id: &str,
-) -> Result<String, ReconcileError> {
+) -> Result<Option<String>, ReconcileError> {
+    let row = match subscriptions::get(db, subscription_id).await {
+        Ok(row) => Ok(row.is_some()),
+        // The row is there but does not decode: its events are what helps most.
+        Err(DbError::BadData { problem, .. }) => Err(problem),
+        Err(e) => return Err(e.into()),
+    };
     let mut recent = events::recent(db, Some(subscription_id), 50).await?;
+    if row == Ok(false) && recent.is_empty() {
+        return Ok(None);
+    }
     recent.sort_by_key(|e| e.id);
+    let mut out = String::new();
+    match row {
+        Ok(true) => {}
+        Ok(false) => {
+            let _ = writeln!(
+                out,
+                "subscription {subscription_id:?} no longer exists; its recorded events:"
+            );
+        }
+        Err(problem) => {
+            let _ = writeln!(
+                out,
+                "subscription {subscription_id:?} cannot be read ({}); its recorded events:",
+                shorten(&problem, 120)
+            );
+        }
+    }
     let mut table = vec![[
         "TIME".to_string(),
         "KIND".into(),
@@ -215,7 +242,8 @@ pub async fn events_table(
             event.message,
         ]);
     }
-    Ok(render_table(&table))
+    out.push_str(&render_table(&table));
+    Ok(Some(out))
 }
 
 fn shorten(text: &str, max: usize) -> String {
