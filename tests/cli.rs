@@ -1086,3 +1086,108 @@ async fn status_of_a_subscription_that_does_not_exist_fails_and_a_known_one_work
         test_db.cleanup().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_counts_only_real_changes_and_a_row_canceled_before_its_vps_settles() {
+    for test_db in common::test_databases().await {
+        let backend = test_db.backend;
+        let env = common::env::env(&test_db).await;
+        env.insert("live", "active", "starter").await;
+        env.insert("never", "canceled", "starter").await;
+        env.resync().await;
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = env.sim.base_url();
+        let vars = [
+            ("DATABASE_URL", test_db.url.as_str()),
+            ("HCLOUD_ENDPOINT", endpoint.as_str()),
+            ("HCLOUD_TOKEN", common::env::TOKEN),
+        ];
+
+        // Canceled before anything was created: done, and the event says why nothing went.
+        let status = run_cli(dir.path(), &["status"], &vars);
+        status.assert_code(0);
+        assert_eq!(
+            status_row(&status.stdout, "never").map(|cells| cells[3].clone()),
+            Some("deprovisioned".to_owned()),
+            "{backend}: {}",
+            status.describe()
+        );
+        let events = run_cli(dir.path(), &["status", "never"], &vars);
+        events.assert_code(0);
+        assert!(
+            events.stdout.contains("Deprovisioned") && events.stdout.contains("nothing to delete"),
+            "{backend}: {}",
+            events.describe()
+        );
+
+        let plan = |extra: &[&str]| {
+            let mut args = vec!["plan"];
+            args.extend_from_slice(extra);
+            run_cli(dir.path(), &args, &vars)
+        };
+        let in_sync = plan(&[]);
+        in_sync.assert_code(0);
+        assert_eq!(
+            in_sync.stdout,
+            "2 subscriptions, 0 with changes pending\n",
+            "{backend}: {}",
+            in_sync.describe()
+        );
+
+        // A spec change that changes nothing (trialing runs like active): still in sync.
+        env.set_status("live", "trialing").await;
+        let no_op = plan(&[]);
+        no_op.assert_code(0);
+        assert_eq!(
+            no_op.stdout,
+            "2 subscriptions, 0 with changes pending\n",
+            "{backend}: {}",
+            no_op.describe()
+        );
+
+        // The plan's server type changed: reported, not counted (resizing is not automatic).
+        let example =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml"))
+                .unwrap();
+        assert!(example.contains("server_type: cx23"));
+        let config = dir.path().join("bigger.yaml");
+        std::fs::write(
+            &config,
+            example.replace("server_type: cx23", "server_type: cx33"),
+        )
+        .unwrap();
+        let report_only = plan(&["--config", config.to_str().unwrap()]);
+        report_only.assert_code(0);
+        let context = format!("{backend}: {}", report_only.describe());
+        assert!(
+            report_only.stdout.contains("live: nothing to change"),
+            "{context}"
+        );
+        assert!(
+            report_only.stdout.contains("report: server")
+                && report_only.stdout.contains("the plan says cx33"),
+            "{context}"
+        );
+        assert!(
+            report_only
+                .stdout
+                .ends_with("2 subscriptions, 0 with changes pending\n"),
+            "{context}"
+        );
+
+        // A real change still counts: paused powers the server off.
+        env.set_status("live", "paused").await;
+        let pending = plan(&[]);
+        pending.assert_code(2);
+        let context = format!("{backend}: {}", pending.describe());
+        assert!(pending.stdout.contains("live: -> suspended"), "{context}");
+        assert!(pending.stdout.contains("power off server"), "{context}");
+        assert!(
+            pending
+                .stdout
+                .ends_with("2 subscriptions, 1 with changes pending\n"),
+            "{context}"
+        );
+        test_db.cleanup().await;
+    }
+}
