@@ -41,13 +41,48 @@ struct Cli {
     log_format: LogFormat,
 }
 
+/// The variables `run` reads that are no option's `[env: ...]` (tests/cli.rs checks that every
+/// variable the source reads is named in `run --help`).
+const RUN_ENVIRONMENT: &str = "\
+Environment (besides the [env: ...] of the options above):
+  HCLOUD_TOKEN                             Hetzner Cloud API token (or HCLOUD_TOKEN_FILE);
+                                           not needed with --simulate
+  VPS_CONTROLLER_ENCRYPTION_KEY            32 bytes, base64, sealing the SSH private keys
+                                           (e.g. `openssl rand -base64 32`)
+  VPS_CONTROLLER_ENCRYPTION_KEY_FILE       a file holding that key, instead of the variable
+  VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS  comma-separated earlier keys, still opened after a
+                                           key rotation
+  RUST_LOG                                 log filter (default: info), e.g.
+                                           info,vps_controller=debug
+  NO_COLOR                                 set and not empty: no colours in pretty logs
+  HOSTNAME                                 names this replica in the leader lease (set by
+                                           Kubernetes)";
+
+/// The variables `plan` reads that are no option's `[env: ...]`. No encryption key: `plan`
+/// never opens a private key.
+const PLAN_ENVIRONMENT: &str = "\
+Environment (besides the [env: ...] of the options above):
+  HCLOUD_TOKEN  Hetzner Cloud API token (or HCLOUD_TOKEN_FILE)
+  RUST_LOG      log filter (default: info)
+  NO_COLOR      set and not empty: no colours in pretty logs";
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller until SIGTERM/SIGINT (applies migrations first).
+    ///
+    /// A SQLite database that does not exist is created.
+    #[command(after_help = RUN_ENVIRONMENT)]
     Run(RunArgs),
-    /// Apply all database migrations (idempotent).
+    /// Apply all database migrations (idempotent); every command but `run` needs this first.
+    ///
+    /// A SQLite database that does not exist is created. The other commands never create
+    /// one, and say to run `migrate` when the schema is missing or older than this build.
     Migrate(DbArgs),
     /// Print what the controller would change now; change nothing. Exit 0 in sync, 2 if changes are pending.
+    ///
+    /// Reports (a server type that differs from the plan's) are listed but are no change, and
+    /// neither is a spec change that changes nothing (e.g. `active` to `trialing`).
+    #[command(after_help = PLAN_ENVIRONMENT)]
     Plan(PlanArgs),
     /// Print the installation id, the deletion guard and the subscriptions with their
     /// provisioning status, or one subscription's events.

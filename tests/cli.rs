@@ -1191,3 +1191,101 @@ async fn plan_counts_only_real_changes_and_a_row_canceled_before_its_vps_settles
         test_db.cleanup().await;
     }
 }
+
+/// Every environment variable the controller's source (src/) reads: clap's `env = "..."`,
+/// `std::env::var("...")` / `var_os("...")`, and the `ENV_*` constants that keys.rs reads the
+/// encryption keys through. Plus RUST_LOG, which tracing-subscriber's `EnvFilter` reads
+/// without the name appearing in our source. `option_env!` is read at build time: not listed.
+fn variables_the_source_reads() -> std::collections::BTreeSet<String> {
+    fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    rust_files(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    let mut names = std::collections::BTreeSet::from(["RUST_LOG".to_string()]);
+    for file in files {
+        for line in std::fs::read_to_string(&file).unwrap().lines() {
+            let reads = ["env::var(", "env::var_os(", "env = \"", "const ENV_"]
+                .iter()
+                .any(|pattern| line.contains(pattern));
+            if !reads {
+                continue;
+            }
+            // The quoted SCREAMING_CASE literals on the line.
+            for (i, literal) in line.split('"').enumerate() {
+                if i % 2 == 1
+                    && literal.len() > 1
+                    && literal
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                {
+                    names.insert(literal.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Whether `text` names the variable `name` as a word (HCLOUD_TOKEN_FILE does not name
+/// HCLOUD_TOKEN).
+fn mentions(text: &str, name: &str) -> bool {
+    let part_of_name = |c: char| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_';
+    text.match_indices(name).any(|(at, _)| {
+        !text[..at].ends_with(part_of_name) && !text[at + name.len()..].starts_with(part_of_name)
+    })
+}
+
+#[test]
+fn run_help_names_every_environment_variable_the_source_reads() {
+    assert!(mentions("set HCLOUD_TOKEN.", "HCLOUD_TOKEN"));
+    assert!(!mentions("[env: HCLOUD_TOKEN_FILE=]", "HCLOUD_TOKEN"));
+    let names = variables_the_source_reads();
+    // The scan itself must find what we know is read, or it would prove nothing.
+    for known in [
+        "DATABASE_URL",
+        "DATABASE_URL_FILE",
+        "HCLOUD_TOKEN",
+        "HCLOUD_TOKEN_FILE",
+        "NO_COLOR",
+        "VPS_CONTROLLER_ENCRYPTION_KEY",
+        "VPS_CONTROLLER_ENCRYPTION_KEY_FILE",
+        "VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS",
+    ] {
+        assert!(names.contains(known), "the scan missed {known}: {names:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let help = run_cli(dir.path(), &["run", "--help"], &[]);
+    help.assert_code(0);
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|name| !mentions(&help.stdout, name))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "`run --help` does not name {missing:?}\n{}",
+        help.describe()
+    );
+
+    // `plan` reads the token and the log variables too, but never an encryption key.
+    let help = run_cli(dir.path(), &["plan", "--help"], &[]);
+    help.assert_code(0);
+    for name in ["HCLOUD_TOKEN", "HCLOUD_TOKEN_FILE", "RUST_LOG", "NO_COLOR"] {
+        assert!(mentions(&help.stdout, name), "{name}\n{}", help.describe());
+    }
+    assert!(
+        !help.stdout.contains("ENCRYPTION_KEY"),
+        "{}",
+        help.describe()
+    );
+}
