@@ -1289,3 +1289,51 @@ fn run_help_names_every_environment_variable_the_source_reads() {
         help.describe()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_events_name_resources_as_people_do() {
+    let test_db = common::sqlite_db();
+    let env = common::env::env(&test_db).await;
+    env.insert("web-1", "active", "starter").await;
+    env.resync().await;
+    let key_id = env.row("web-1").await.hetzner_ssh_key_id.unwrap();
+    // Someone strips the key's labels at Hetzner: the next resync puts them back.
+    let (code, _) = env
+        .api(
+            "PUT",
+            &format!("/ssh_keys/{key_id}"),
+            Some(serde_json::json!({"labels": {}})),
+        )
+        .await;
+    assert_eq!(code, 200);
+    env.resync().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let events = run_cli(
+        dir.path(),
+        &["status", "web-1"],
+        &[("DATABASE_URL", &test_db.url)],
+    );
+    events.assert_code(0);
+    let context = events.describe();
+    let line = |reason: &str| {
+        events
+            .stdout
+            .lines()
+            .find(|line| line.contains(reason))
+            .unwrap_or_else(|| panic!("no {reason} event\n{context}"))
+            .to_owned()
+    };
+    assert!(
+        line("SshKeyCreated").ends_with(&format!("SSH key {key_id} (vps-web-1)")),
+        "{context}"
+    );
+    assert!(
+        line("LabelsRepaired").ends_with(&format!("SSH key {key_id}: labels set")),
+        "{context}"
+    );
+    // No identifier or Debug output in what people read (reasons are CamelCase ids).
+    for noise in ["ssh_key", "Some(", "None"] {
+        assert!(!events.stdout.contains(noise), "{noise:?} in\n{context}");
+    }
+}

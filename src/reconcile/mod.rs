@@ -39,7 +39,7 @@ pub enum ReconcileError {
     Api(#[from] hcloud::Error),
     #[error("database: {0}")]
     Db(DbError),
-    #[error("ssh key: {0}")]
+    #[error("SSH key: {0}")]
     Key(#[from] crate::keys::KeyError),
     #[error("sealed private key: {0}")]
     Seal(#[from] crate::keys::SealError),
@@ -441,7 +441,7 @@ impl<A: HcloudApi> Reconciler<A> {
         id: i64,
         labels: &crate::hcloud::Labels,
     ) -> Result<bool, ReconcileError> {
-        let what = format!("{} {id} recorded on the row", kind.as_str());
+        let what = format!("{} {id} recorded on the row", kind.noun());
         if self.owner.foreign(labels) {
             return Err(ReconcileError::ForeignResource(format!(
                 "{what} belongs to another installation (label {}={}); this controller never changes it",

@@ -52,10 +52,20 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The metric label (`ssh_key`); see `noun` for messages.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Server => "server",
             Kind::SshKey => "ssh_key",
+            Kind::Firewall => "firewall",
+        }
+    }
+
+    /// The kind as events and messages name it for people ("SSH key 200 (vps-web-1)").
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Server => "server",
+            Kind::SshKey => "SSH key",
             Kind::Firewall => "firewall",
         }
     }
@@ -158,7 +168,7 @@ impl std::fmt::Display for Op {
                 write!(f, "apply the firewall to server {server_id}")
             }
             Op::UpdateLabels { kind, id, .. } => {
-                write!(f, "repair the labels of {} {id}", kind.as_str())
+                write!(f, "repair the labels of {} {id}", kind.noun())
             }
             Op::ReportServerTypeDrift {
                 server_id,
@@ -179,9 +189,16 @@ impl std::fmt::Display for Op {
                 id,
                 attached_servers,
             } => {
+                let servers: Vec<String> = attached_servers.iter().map(i64::to_string).collect();
+                let noun = if servers.len() == 1 {
+                    "server"
+                } else {
+                    "servers"
+                };
                 write!(
                     f,
-                    "detach firewall {id} from {attached_servers:?}, then delete it"
+                    "detach firewall {id} from {noun} {}, then delete it",
+                    servers.join(", ")
                 )
             }
             Op::DeleteSshKey { id } => write!(f, "delete SSH key {id}"),
@@ -335,7 +352,7 @@ fn plan_vps(spec: &VpsSpec, row: &RowState, observed: &Observed) -> Plan {
         }
         (KeyState::Sealed { fingerprint }, Some(key), Some(server)) => {
             return fail(format!(
-                "ssh key {} at Hetzner has fingerprint {}, but the stored key pair's is {fingerprint}; \
+                "SSH key {} at Hetzner has fingerprint {}, but the stored key pair's is {fingerprint}; \
                  server {} was created with one of them and the stored private key may not open it. \
                  Nothing was changed; see README \"Recovering a lost key pair\"",
                 key.id, key.fingerprint, server.id

@@ -357,7 +357,7 @@ fn cases() -> Vec<Case> {
             observed: with(|o| o.ssh_keys[0].fingerprint = "ff:ff".into()),
             ops: vec![],
             outcome: Outcome::Failed(format!(
-                "ssh key {KEY} at Hetzner has fingerprint ff:ff, but the stored key pair's is 00:11; \
+                "SSH key {KEY} at Hetzner has fingerprint ff:ff, but the stored key pair's is 00:11; \
                  server {SERVER} was created with one of them and the stored private key may not open it. \
                  Nothing was changed; see README \"Recovering a lost key pair\""
             )),
@@ -981,4 +981,38 @@ fn a_canceled_row_with_nothing_at_hetzner_settles_deprovisioned_and_stays_there(
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn ops_read_as_people_name_things() {
+    let cases = [
+        (
+            Op::UpdateLabels {
+                kind: Kind::SshKey,
+                id: KEY,
+                labels: spec().labels,
+            },
+            "repair the labels of SSH key 200",
+        ),
+        (
+            Op::DeleteFirewall {
+                id: FIREWALL,
+                attached_servers: vec![SERVER],
+            },
+            "detach firewall 300 from server 100, then delete it",
+        ),
+        (
+            Op::DeleteFirewall {
+                id: FIREWALL,
+                attached_servers: vec![SERVER, SERVER + 1],
+            },
+            "detach firewall 300 from servers 100, 101, then delete it",
+        ),
+        (Op::DeleteSshKey { id: KEY }, "delete SSH key 200"),
+    ];
+    for (op, text) in cases {
+        assert_eq!(op.to_string(), text);
+    }
+    // The metric label stays the identifier.
+    assert_eq!(Kind::SshKey.as_str(), "ssh_key");
 }
