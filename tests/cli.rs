@@ -1337,3 +1337,24 @@ async fn status_events_name_resources_as_people_do() {
         assert!(!events.stdout.contains(noise), "{noise:?} in\n{context}");
     }
 }
+
+#[tokio::test]
+async fn the_simulators_start_line_has_plain_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let (simulator, sim_url) = spawn_simulator(dir.path(), &[]).await;
+    let log = simulator.stderr();
+    let line = log
+        .lines()
+        .find(|line| line.contains("simulator listening"))
+        .unwrap_or_else(|| panic!("no start line\n{log}"));
+    let port = sim_url.rsplit(':').next().unwrap();
+    assert!(
+        line.contains(&format!("addr=127.0.0.1:{port}")) && line.contains("token_required=true"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("Some(") && !line.contains("SimulatorConfig"),
+        "{line}"
+    );
+    simulator.assert_no_secret();
+}
