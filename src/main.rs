@@ -918,6 +918,39 @@ mod tests {
     }
 
     #[test]
+    fn operator_commands_open_sqlite_without_creating_it() {
+        let cases = [
+            (
+                "sqlite://vps.db?mode=rwc",
+                Access::Read,
+                "sqlite://vps.db?mode=ro",
+            ),
+            ("sqlite://vps.db", Access::Write, "sqlite://vps.db?mode=rw"),
+            (
+                "sqlite://vps.db?cache=shared&mode=rwc",
+                Access::Write,
+                "sqlite://vps.db?cache=shared&mode=rw",
+            ),
+            // A URL that says read-only is never upgraded.
+            (
+                "sqlite://vps.db?mode=ro",
+                Access::Write,
+                "sqlite://vps.db?mode=ro",
+            ),
+        ];
+        for (url, access, expected) in cases {
+            assert_eq!(sqlite_url_with_mode(url, access), expected, "{url}");
+        }
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("sqlite://vps.db?mode=memory"), None);
+        assert_eq!(sqlite_file("postgres://user@host/db"), None);
+        assert_eq!(
+            sqlite_file("sqlite://data/vps%20one.db?mode=rwc"),
+            Some(PathBuf::from("data/vps one.db"))
+        );
+    }
+
+    #[test]
     fn the_resync_budget_is_scaled_with_the_bucket() {
         assert_eq!(scaled_rate_limit(3600, 1.0), 3600);
         assert_eq!(scaled_rate_limit(3600, 60.0), 216_000);
