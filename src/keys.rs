@@ -25,6 +25,8 @@
 //! value, which makes key rotation work without extra configuration: configure the new key as
 //! current and the old ones as previous, and values sealed with an old key still open.
 
+pub mod rotate;
+
 use std::fmt;
 use std::path::PathBuf;
 
