@@ -771,7 +771,8 @@ async fn keys_command(command: KeysCommand) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     let sealer = sealer.context(
-        "no encryption key: set VPS_CONTROLLER_ENCRYPTION_KEY (or _FILE) to the new key and          VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS to the old ones",
+        "no encryption key: set VPS_CONTROLLER_ENCRYPTION_KEY (or _FILE) to the new key and \
+         VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS to the old ones",
     )?;
     let options = rotate::Options {
         batch_size: rotate_args.batch_size,

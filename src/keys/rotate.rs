@@ -124,7 +124,7 @@ impl KeyCounts {
         }
         ids.sort();
         let mut out = String::new();
-        let _ = writeln!(out, "{:<10} {:>8}  KEY", "KEY ID", "ROWS");
+        let _ = writeln!(out, "{:<10} {:>8}  STATE", "KEY ID", "ROWS");
         for (id, rows) in ids {
             let role = match sealer {
                 None => "",
