@@ -931,6 +931,48 @@ impl Seen {
     }
 }
 
+/// A command expected to fail: its arguments, its environment as changes to a base, and
+/// what its error must name.
+struct Failing {
+    args: &'static [&'static str],
+    names: &'static str,
+    changes: Vec<(&'static str, Option<String>)>,
+}
+
+impl Failing {
+    fn new(args: &'static [&'static str], names: &'static str) -> Failing {
+        Failing {
+            args,
+            names,
+            changes: Vec::new(),
+        }
+    }
+
+    fn set(mut self, name: &'static str, value: &str) -> Failing {
+        self.changes.push((name, Some(value.to_owned())));
+        self
+    }
+
+    fn unset(mut self, name: &'static str) -> Failing {
+        self.changes.push((name, None));
+        self
+    }
+
+    fn env<'a>(&'a self, base: &'a [(&'a str, String)]) -> Vec<(&'a str, &'a str)> {
+        let mut env: Vec<(&str, &str)> = base
+            .iter()
+            .filter(|(name, _)| !self.changes.iter().any(|(changed, _)| changed == name))
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect();
+        env.extend(
+            self.changes
+                .iter()
+                .filter_map(|(name, value)| Some((*name, value.as_deref()?))),
+        );
+        env
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_provisioned_and_rotated_leaks_no_secret_anywhere() {
     let old_key = encryption_key();
@@ -1091,102 +1133,57 @@ async fn a_fleet_provisioned_and_rotated_leaks_no_secret_anywhere() {
         let two_lines = dir.path().join("token");
         std::fs::write(&two_lines, format!("{SECRET_TOKEN}\n{SECRET_TOKEN}\n")).unwrap();
         let two_lines = two_lines.display().to_string();
-        let base = |key: &'static str| -> Vec<(&str, String)> {
-            vec![
-                ("DATABASE_URL", url.clone()),
-                ("HCLOUD_ENDPOINT", endpoint.clone()),
-                ("VPS_CONTROLLER_CONFIG", ed_config_path.clone()),
-                ("VPS_CONTROLLER_ENCRYPTION_KEY", key.to_owned()),
-                ("RUST_LOG", "trace".to_owned()),
-            ]
-        };
-        let cases: Vec<(&[&str], Vec<(&str, String)>, &str)> = vec![
-            // A valid key that opens none of the rows.
-            (
-                &["run", "--listen", "127.0.0.1:0"],
-                [
-                    base(STRANGER_KEY),
-                    vec![("HCLOUD_TOKEN", SECRET_TOKEN.into())],
-                ]
-                .concat(),
-                "VPS_CONTROLLER_ENCRYPTION_KEY",
-            ),
-            (
-                &["run", "--listen", "127.0.0.1:0"],
-                [base(bad_key), vec![("HCLOUD_TOKEN", SECRET_TOKEN.into())]].concat(),
-                "VPS_CONTROLLER_ENCRYPTION_KEY",
-            ),
-            (
-                &["run", "--listen", "127.0.0.1:0"],
-                [
-                    base(NEW_KEY),
-                    vec![
-                        ("HCLOUD_TOKEN", SECRET_TOKEN.into()),
-                        (
-                            "VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS",
-                            format!("{old_key},{bad_key}"),
-                        ),
-                    ],
-                ]
-                .concat(),
-                "VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS item 2",
-            ),
-            (
-                &["run", "--listen", "127.0.0.1:0"],
-                [
-                    base(NEW_KEY)
-                        .into_iter()
-                        .filter(|(name, _)| *name != "VPS_CONTROLLER_ENCRYPTION_KEY")
-                        .collect(),
-                    vec![
-                        ("HCLOUD_TOKEN", SECRET_TOKEN.into()),
-                        ("VPS_CONTROLLER_ENCRYPTION_KEY_FILE", missing.clone()),
-                    ],
-                ]
-                .concat(),
-                "VPS_CONTROLLER_ENCRYPTION_KEY_FILE",
-            ),
-            (
-                &["run", "--listen", "127.0.0.1:0"],
-                [base(NEW_KEY), vec![("HCLOUD_TOKEN_FILE", missing.clone())]].concat(),
-                "HCLOUD_TOKEN_FILE",
-            ),
-            (
-                &["run", "--listen", "127.0.0.1:0"],
-                [
-                    base(NEW_KEY),
-                    vec![("HCLOUD_TOKEN_FILE", two_lines.clone())],
-                ]
-                .concat(),
-                "HCLOUD_TOKEN",
-            ),
-            (
-                &["plan"],
-                [
-                    base(NEW_KEY),
-                    vec![("HCLOUD_TOKEN", "rejected-token-Vb82xQ".into())],
-                ]
-                .concat(),
-                "unauthorized",
-            ),
-            // Rotating with a key that opens nothing: every row reported, none touched.
-            (&["keys", "rotate"], base(STRANGER_KEY), "cannot be opened"),
+        let base: Vec<(&str, String)> = vec![
+            ("DATABASE_URL", url.clone()),
+            ("HCLOUD_ENDPOINT", endpoint.clone()),
+            ("HCLOUD_TOKEN", SECRET_TOKEN.into()),
+            ("VPS_CONTROLLER_CONFIG", ed_config_path.clone()),
+            ("VPS_CONTROLLER_ENCRYPTION_KEY", NEW_KEY.into()),
+            ("RUST_LOG", "trace".into()),
         ];
-        for (args, env, expected) in &cases {
-            let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-            let ran = run_cli(dir.path(), args, &env);
+        let run = &["run", "--listen", "127.0.0.1:0"][..];
+        let cases = [
+            // A valid key that opens none of the rows: the start-up check refuses.
+            Failing::new(run, "VPS_CONTROLLER_ENCRYPTION_KEY")
+                .set("VPS_CONTROLLER_ENCRYPTION_KEY", STRANGER_KEY),
+            Failing::new(run, "VPS_CONTROLLER_ENCRYPTION_KEY")
+                .set("VPS_CONTROLLER_ENCRYPTION_KEY", bad_key),
+            Failing::new(run, "VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS item 2").set(
+                "VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS",
+                &format!("{old_key},{bad_key}"),
+            ),
+            Failing::new(run, "VPS_CONTROLLER_ENCRYPTION_KEY_FILE")
+                .unset("VPS_CONTROLLER_ENCRYPTION_KEY")
+                .set("VPS_CONTROLLER_ENCRYPTION_KEY_FILE", &missing),
+            Failing::new(run, "HCLOUD_TOKEN_FILE")
+                .unset("HCLOUD_TOKEN")
+                .set("HCLOUD_TOKEN_FILE", &missing),
+            Failing::new(run, "HCLOUD_TOKEN")
+                .unset("HCLOUD_TOKEN")
+                .set("HCLOUD_TOKEN_FILE", &two_lines),
+            Failing::new(&["plan"], "unauthorized").set("HCLOUD_TOKEN", "rejected-token-Vb82xQ"),
+            // Rotating with a key that opens nothing: every row reported, none touched.
+            Failing::new(&["keys", "rotate"], "cannot be opened")
+                .set("VPS_CONTROLLER_ENCRYPTION_KEY", STRANGER_KEY),
+        ];
+        for case in &cases {
+            let env = case.env(&base);
+            let ran = run_cli(dir.path(), case.args, &env);
             assert_eq!(
                 ran.code,
                 Some(1),
-                "[{backend}] {args:?} {env:?}\n{}",
+                "[{backend}] {:?} {env:?}\n{}",
+                case.args,
                 ran.describe()
             );
             assert!(
-                ran.stderr.contains(expected),
-                "[{backend}] {args:?}: the error does not name {expected:?}\n{}",
+                ran.stderr.contains(case.names),
+                "[{backend}] {:?}: the error does not name {:?}\n{}",
+                case.args,
+                case.names,
                 ran.describe()
             );
-            seen.ran(args, &ran);
+            seen.ran(case.args, &ran);
         }
         let mut error_needles = Needles::default();
         error_needles.add("a malformed encryption key", bad_key);
@@ -1206,10 +1203,8 @@ async fn a_fleet_provisioned_and_rotated_leaks_no_secret_anywhere() {
         .await;
         let retry_env = [("DATABASE_URL", url.as_str())];
         for id in ["rsa-1", "rsa-2", "ed-1"] {
-            seen.ran(
-                &["retry", id],
-                &run_cli(dir.path(), &["retry", id], &retry_env).assert_code(0),
-            );
+            let ran = run_cli(dir.path(), &["retry", id], &retry_env);
+            seen.ran(&["retry", id], ran.assert_code(0));
         }
         for id in ["rsa-1", "rsa-2", "ed-1"] {
             let deadline = Instant::now() + DEADLINE;
