@@ -731,14 +731,17 @@ async fn installation_command(command: InstallationCommand) -> Result<ExitCode> 
 
 #[derive(Subcommand)]
 enum KeysCommand {
-    /// How many rows are sealed under each encryption key id (ids and counts only), so you
-    /// know when a previous key can be dropped.
+    /// Count the rows sealed under each encryption key id (ids and counts, no key material).
+    ///
+    /// Says which previous key no row needs any more, so it can be dropped.
     Status(DbArgs),
-    /// Re-seal every private key under the current key (VPS_CONTROLLER_ENCRYPTION_KEY or
-    /// _FILE), opening old values with VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS. Safe while the
-    /// controller runs (each row is written only if it still holds the value read) and to
-    /// interrupt (run it again to finish). Exit 0 once every sealed row is under the current
-    /// key. Every controller replica must have the current key configured first.
+    /// Re-seal every stored private key under the current encryption key.
+    ///
+    /// Opens old values with VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS and seals them under
+    /// VPS_CONTROLLER_ENCRYPTION_KEY (or _FILE). Every controller replica must already run
+    /// with the new key configured. Safe while the controller runs (a row is written only if
+    /// it still holds the value read) and to interrupt (run it again to finish). Exit 0 once
+    /// every sealed row is under the current key. See docs/keys.md.
     Rotate(RotateArgs),
 }
 

@@ -236,6 +236,12 @@ async fn keys_rotate_reseals_every_row_so_the_old_key_can_be_dropped() {
             "[{backend}] {}",
             ran.describe()
         );
+        assert!(
+            ran.stdout
+                .contains("never changed): c-external, d-foreign\n"),
+            "[{backend}] the external rows are not named\n{}",
+            ran.describe()
+        );
         assert_no_key_material(&ran, &[&old_key, NEW_KEY], &private);
 
         // The old key can go: every row opens with the new key alone, to the same key pair,

@@ -302,6 +302,8 @@ pub struct Tally {
     pub already_current: u64,
     /// Not sealed by this controller: left alone.
     pub external: u64,
+    /// The first [`MAX_LISTED`] of those, by subscription id, for the summary.
+    pub external_ids: Vec<String>,
     /// Deleted, or their key cleared, between the read and the write.
     pub gone: u64,
     /// Rows whose value changed between the read and the write (the controller, the web app
@@ -330,6 +332,9 @@ impl Tally {
         self.resealed += other.resealed;
         self.already_current += other.already_current;
         self.external += other.external;
+        let room = MAX_LISTED.saturating_sub(self.external_ids.len());
+        self.external_ids
+            .extend(other.external_ids.into_iter().take(room));
         self.gone += other.gone;
         self.changed_meanwhile += other.changed_meanwhile;
         self.unopenable.extend(other.unopenable);
@@ -410,7 +415,12 @@ pub async fn reseal_batch(
         match outcome {
             Outcome::Resealed => tally.resealed += 1,
             Outcome::AlreadyCurrent => tally.already_current += 1,
-            Outcome::External => tally.external += 1,
+            Outcome::External => {
+                tally.external += 1;
+                if tally.external_ids.len() < MAX_LISTED {
+                    tally.external_ids.push(row.subscription_id);
+                }
+            }
             Outcome::Gone => tally.gone += 1,
             Outcome::Unopenable(why) => tally.unopenable.push((row.subscription_id, why)),
             Outcome::Busy => tally.busy.push(row.subscription_id),
@@ -531,6 +541,19 @@ impl Report {
             t.gone,
             t.changed_meanwhile
         );
+        if t.external > 0 {
+            let _ = writeln!(
+                out,
+                "external rows (a key this controller did not seal; never opened, never \
+                 changed): {}{}",
+                t.external_ids.join(", "),
+                if t.external > t.external_ids.len() as u64 {
+                    ", …"
+                } else {
+                    ""
+                }
+            );
+        }
         let left = self.after.sealed_under_other_than(&self.current_key_id);
         if self.is_complete() {
             let _ = writeln!(
