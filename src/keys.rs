@@ -24,6 +24,8 @@
 //! hand with `echo "$KEY" | base64 -d | sha256sum | cut -c1-8`); it tells which key sealed a
 //! value, which makes key rotation work without extra configuration: configure the new key as
 //! current and the old ones as previous, and values sealed with an old key still open.
+//! [`rotate`] (`vps-controller keys rotate`) then re-seals the stored values under the current
+//! key, so the old one can be dropped (docs/keys.md).
 
 pub mod rotate;
 
