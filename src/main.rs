@@ -95,6 +95,9 @@ enum Command {
     /// Show this database's installation id, or decide about a database that moved.
     #[command(subcommand)]
     Installation(InstallationCommand),
+    /// Re-seal the stored private keys under the current encryption key, or count them by key.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Serve the built-in Hetzner Cloud API simulator under /v1.
     Simulator(simulator::cli::ServeArgs),
 }
@@ -388,6 +391,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Retry(args) => retry(args).await,
         Command::Deletions(command) => deletions(command).await,
         Command::Installation(command) => installation_command(command).await,
+        Command::Keys(command) => keys_command(command).await,
         Command::Simulator(args) => serve_simulator(args).await,
     }
 }
@@ -885,6 +889,77 @@ async fn installation_command(command: InstallationCommand) -> Result<ExitCode> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Count the rows sealed under each encryption key id (ids and counts, no key material).
+    ///
+    /// Says which previous key no row needs any more, so it can be dropped.
+    Status(DbArgs),
+    /// Re-seal every stored private key under the current encryption key.
+    ///
+    /// Opens old values with VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS and seals them under
+    /// VPS_CONTROLLER_ENCRYPTION_KEY (or _FILE). Every controller replica must already run
+    /// with the new key configured. Safe while the controller runs (a row is written only if
+    /// it still holds the value read) and to interrupt (run it again to finish). Exit 0 once
+    /// every sealed row is under the current key. See docs/keys.md.
+    Rotate(RotateArgs),
+}
+
+#[derive(Args)]
+struct RotateArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Rows read and written per transaction.
+    #[arg(long, default_value_t = vps_controller::keys::rotate::DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    batch_size: u32,
+    /// Milliseconds to wait between batches, to spare a busy database.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    batch_pause_ms: u64,
+}
+
+async fn keys_command(command: KeysCommand) -> Result<ExitCode> {
+    use vps_controller::keys::rotate;
+    let args = match &command {
+        KeysCommand::Status(args) => args,
+        KeysCommand::Rotate(rotate) => &rotate.db,
+    };
+    let sealer = Sealer::from_env()?;
+    let conn = db::connect(&args.url()?).await?;
+    let KeysCommand::Rotate(rotate_args) = command else {
+        rotate::ensure_migrated(&conn).await?;
+        print!(
+            "{}",
+            rotate::count_by_key(&conn).await?.render(sealer.as_ref())
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let sealer = sealer.context(
+        "no encryption key: set VPS_CONTROLLER_ENCRYPTION_KEY (or _FILE) to the new key and \
+         VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS to the old ones",
+    )?;
+    let options = rotate::Options {
+        batch_size: rotate_args.batch_size,
+        pause: Duration::from_millis(rotate_args.batch_pause_ms),
+    };
+    tracing::warn!(key_id = %sealer.key_id(), previous = ?sealer.previous_key_ids(), "re-sealing private keys under the current key, by an operator");
+    let report = rotate::rotate(&conn, &sealer, &options, |p| {
+        tracing::info!(
+            done = p.done,
+            total = p.total,
+            resealed = p.tally.resealed,
+            "keys rotate: {}/{} rows done",
+            p.done,
+            p.total
+        );
+    })
+    .await?;
+    print!("{}", report.render());
+    match report.problem() {
+        None => Ok(ExitCode::SUCCESS),
+        Some(problem) => bail!("keys rotate did not finish: {problem}"),
+    }
 }
 
 async fn serve_simulator(args: simulator::cli::ServeArgs) -> Result<ExitCode> {
