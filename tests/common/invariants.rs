@@ -306,6 +306,11 @@ pub async fn violations(
                 .filter(|row| row.status.as_deref().is_some_and(|s| WANTING.contains(&s)));
             match (owner, wanted_by) {
                 (Some(owner), Some(row)) if owner == row.id => {}
+                (None, Some(row)) => found.push(format!(
+                    "{} is labelled for {} but the row does not record it",
+                    describe(kind, resource),
+                    row.id
+                )),
                 _ => found.push(format!(
                     "{} carries our installation label but no row that wants it records it{}",
                     describe(kind, resource),
