@@ -15,8 +15,9 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -27,6 +28,7 @@ use tokio::time::{Instant, sleep};
 
 use common::invariants::{self, Foreign, Project};
 use common::process::*;
+use common::proxy::{Mode, Proxy};
 use vps_controller::db;
 use vps_controller::keys::Sealer;
 
@@ -42,6 +44,11 @@ const BUDGET_TIME_SCALE: &str = "600";
 /// The controller gives up on one API request after this long (a `timeout` fault holds the
 /// answer for 30 s; the change has happened, the controller must find out by itself).
 const HCLOUD_TIMEOUT_SECONDS: &str = "2";
+/// Longest a probe may take to answer, even while the database or Hetzner hangs. The
+/// manifests give the kubelet `timeoutSeconds: 3`; the probe answers from cached state and
+/// does no I/O, so 2 s leaves room for a loaded test machine and still fails a probe that
+/// waits on the database (the pool's acquire timeout is 10 s).
+const PROBE_BOUND: Duration = Duration::from_secs(2);
 const LEASE_NAME: &str = "vps-controller";
 
 /// ed25519 (RSA-4096 generation is not under test here and costs a second of CPU per row), a
@@ -210,6 +217,19 @@ impl Site {
             .await
             .unwrap()
     }
+}
+
+/// DELETE requests the simulator received, all kinds together.
+fn deletes(stats: &Value) -> u64 {
+    stats["by_endpoint"]
+        .as_object()
+        .map(|all| {
+            all.iter()
+                .filter(|(endpoint, _)| endpoint.starts_with("DELETE "))
+                .map(|(_, n)| n.as_u64().unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 fn faults_injected(stats: &Value) -> u64 {
@@ -790,4 +810,386 @@ async fn a_controller_killed_anywhere_converges_within_two_resyncs() {
             total.kills_while_leading
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Part 2: outages
+// ---------------------------------------------------------------------------------------
+
+/// What the process and its probes did during an outage, polled every 250 ms.
+#[derive(Debug, Default)]
+struct Outage {
+    probes: usize,
+    /// The slowest /readyz or /healthz answer (a failed request counts with its time).
+    slowest: Duration,
+    /// When /readyz first answered 503, from the start of the outage.
+    first_unready: Option<Duration>,
+    unready_why: Option<String>,
+    /// /healthz answers that were 503 (reported, not asserted: a hung database stalls the
+    /// loop, and liveness is meant to notice a stalled loop).
+    not_alive: usize,
+    not_alive_why: Option<String>,
+    /// Set when the process exited during the outage.
+    exited: Option<String>,
+}
+
+async fn probe(http: &reqwest::Client, url: &str) -> (Duration, Option<(u16, String)>) {
+    let asked = Instant::now();
+    let answer = match http.get(url).send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            Some((status, response.text().await.unwrap_or_default()))
+        }
+        Err(_) => None,
+    };
+    (asked.elapsed(), answer)
+}
+
+/// Watches `child` for `duration` (the outage's length: the schedule, not a wait for a
+/// condition).
+async fn watch(
+    http: &reqwest::Client,
+    child: &mut ChildGuard,
+    base_url: &str,
+    duration: Duration,
+) -> Outage {
+    let mut outage = Outage::default();
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        if let Some(status) = child.child.try_wait().unwrap() {
+            outage.exited = Some(format!("{status}\n{}", tail(&child.output(), 4000)));
+            break;
+        }
+        let (took, ready) = probe(http, &format!("{base_url}/readyz")).await;
+        outage.slowest = outage.slowest.max(took);
+        if let Some((503, why)) = ready {
+            outage.first_unready.get_or_insert(started.elapsed());
+            outage.unready_why.get_or_insert(why.trim().to_string());
+        }
+        let (took, alive) = probe(http, &format!("{base_url}/healthz")).await;
+        outage.slowest = outage.slowest.max(took);
+        if let Some((503, why)) = alive {
+            outage.not_alive += 1;
+            outage.not_alive_why.get_or_insert(why.trim().to_string());
+        }
+        outage.probes += 2;
+        sleep(Duration::from_millis(250)).await;
+    }
+    outage
+}
+
+/// The server each row that is ready records.
+async fn ready_servers(conn: &DatabaseConnection) -> BTreeMap<String, i64> {
+    db::subscriptions::all(conn)
+        .await
+        .unwrap()
+        .rows
+        .into_iter()
+        .filter(|r| r.provisioning_status == "ready")
+        .filter_map(|r| Some((r.id, r.hetzner_server_id?)))
+        .collect()
+}
+
+/// Polls until every invariant holds (failing with the violations after [`DEADLINE`]);
+/// returns how long it took.
+async fn converge(
+    site: &Site,
+    conn: &DatabaseConnection,
+    installation: &str,
+    what: &str,
+    child: &ChildGuard,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let found = site.violations(conn, installation).await;
+        if found.is_empty() {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{what}: not converged after {DEADLINE:?}:\n  {}\n{}",
+            found.join("\n  "),
+            tail(&child.output(), 8000)
+        );
+        sleep(POLL).await;
+    }
+}
+
+/// The checks every outage shares: the process ran through it, its probes answered at once
+/// and /readyz said it was not ready, and nothing was deleted while it could not see.
+fn assert_outage(what: &str, outage: &Outage, deletes_during: u64, child: &ChildGuard) {
+    assert!(
+        outage.exited.is_none(),
+        "{what}: the controller exited: {}",
+        outage.exited.as_deref().unwrap_or_default()
+    );
+    assert!(
+        outage.slowest < PROBE_BOUND,
+        "{what}: a probe took {:?} to answer (bound {PROBE_BOUND:?}); probes must answer from \
+         cached state\n{}",
+        outage.slowest,
+        tail(&child.output(), 4000)
+    );
+    assert!(
+        outage.first_unready.is_some(),
+        "{what}: /readyz never answered 503 in {} probes\n{}",
+        outage.probes / 2,
+        tail(&child.output(), 4000)
+    );
+    assert_eq!(
+        deletes_during,
+        0,
+        "{what}: the controller sent DELETE requests while it could not see\n{}",
+        tail(&child.output(), 4000)
+    );
+}
+
+fn report_outage(what: &str, outage: &Outage, recovered: Duration) {
+    eprintln!(
+        "reliability: {what}: /readyz 503 after {:.1} s ({:?}); slowest probe {} ms over {} \
+         probes; /healthz 503 {} times ({:?}); converged {:.1} s after it ended",
+        outage.first_unready.unwrap_or_default().as_secs_f64(),
+        outage.unready_why.as_deref().unwrap_or_default(),
+        outage.slowest.as_millis(),
+        outage.probes,
+        outage.not_alive,
+        outage.not_alive_why.as_deref().unwrap_or_default(),
+        recovered.as_secs_f64()
+    );
+}
+
+/// Rows that want a VPS, added just before an outage so it starts with work in flight.
+/// Only activations: nothing in these tests wants a deletion, so any DELETE is a bug.
+async fn add_rows(conn: &DatabaseConnection, prefix: &str, from: usize, count: usize) {
+    for i in from..from + count {
+        insert_subscription(conn, &format!("{prefix}-{i}"), "active", "starter").await;
+    }
+}
+
+fn assert_servers_kept(what: &str, before: &BTreeMap<String, i64>, after: &BTreeMap<String, i64>) {
+    for (id, server) in before {
+        assert_eq!(
+            after.get(id),
+            Some(server),
+            "{what}: {id} was ready with server {server} before the outage and is not after"
+        );
+    }
+}
+
+async fn start_simulator(dir: &Path) -> (ChildGuard, String) {
+    spawn_simulator(
+        dir,
+        &[
+            "--action-seconds",
+            ACTION_SECONDS,
+            "--budget-time-scale",
+            BUDGET_TIME_SCALE,
+        ],
+    )
+    .await
+}
+
+fn socket_of(url: &str) -> SocketAddr {
+    let parsed = url::Url::parse(url).unwrap();
+    let host = parsed.host_str().unwrap();
+    let host = if host == "localhost" {
+        "127.0.0.1"
+    } else {
+        host
+    };
+    format!("{host}:{}", parsed.port_or_known_default().unwrap())
+        .parse()
+        .unwrap_or_else(|e| panic!("{url}: the test proxy needs an IP address: {e}"))
+}
+
+fn postgres_or_skip(result: Result<common::TestDb, String>) -> Option<common::TestDb> {
+    match result {
+        Ok(test_db) => Some(test_db),
+        Err(reason)
+            if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0") =>
+        {
+            panic!("PostgreSQL is required in CI: {reason}")
+        }
+        Err(reason) => {
+            eprintln!(
+                "\n!!!!!!!!\n!!! SKIPPING the PostgreSQL outage test: PostgreSQL unavailable \
+                 ({reason})\n!!!!!!!!\n"
+            );
+            None
+        }
+    }
+}
+
+/// PostgreSQL cut off for 30 s through a proxy, first refusing connections (and closing the
+/// open ones), then accepting and never answering (open connections stall too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refusing_then_hanging_for_30_s() {
+    let Some(test_db) = postgres_or_skip(common::postgres_db().await) else {
+        return;
+    };
+    let proxy = Proxy::start(socket_of(&test_db.url)).await;
+    let mut through_proxy = url::Url::parse(&test_db.url).unwrap();
+    through_proxy.set_host(Some("127.0.0.1")).unwrap();
+    through_proxy.set_port(Some(proxy.addr().port())).unwrap();
+    let sim_dir = tempfile::tempdir().unwrap();
+    let (_simulator, sim_url) = start_simulator(sim_dir.path()).await;
+    let site = Site::new(&sim_url, Some(through_proxy.to_string()), None);
+    site.migrate();
+    // The test itself (the web app) reaches PostgreSQL directly.
+    let conn = db::connect(&test_db.url).await.unwrap();
+    let installation = db::installation::id(&conn).await.unwrap();
+    let foreign = Foreign::create(&site.http, &format!("{sim_url}/v1"), "pg-0").await;
+    add_rows(&conn, "pg", 0, 3).await;
+    insert_subscription(&conn, "pg-canceled", "canceled", "starter").await;
+    let (mut child, base_url) = site.spawn().await;
+    converge(&site, &conn, &installation, "before the outages", &child).await;
+
+    let mut next = 3;
+    for (what, mode) in [
+        ("PostgreSQL refusing for 30 s", Mode::Refuse),
+        ("PostgreSQL hanging for 30 s", Mode::Hang),
+    ] {
+        add_rows(&conn, "pg", next, 2).await;
+        next += 2;
+        let servers = ready_servers(&conn).await;
+        let deletes_before = deletes(&site.stats().await);
+        proxy.set(mode);
+        let outage = watch(&site.http, &mut child, &base_url, Duration::from_secs(30)).await;
+        let deletes_during = deletes(&site.stats().await) - deletes_before;
+        proxy.set(Mode::Forward);
+        assert_outage(what, &outage, deletes_during, &child);
+        let recovered = converge(&site, &conn, &installation, what, &child).await;
+        assert_servers_kept(what, &servers, &ready_servers(&conn).await);
+        assert_eq!(
+            deletes(&site.stats().await),
+            deletes_before,
+            "{what}: nothing needed deleting after it either"
+        );
+        assert!(
+            common::eventually(DEADLINE, || async {
+                probe(&site.http, &format!("{base_url}/readyz"))
+                    .await
+                    .1
+                    .map(|a| a.0)
+                    == Some(200)
+            })
+            .await,
+            "{what}: /readyz never recovered\n{}",
+            child.output()
+        );
+        report_outage(what, &outage, recovered);
+    }
+    // Still whole: a cancellation is carried out.
+    conn.execute_unprepared("UPDATE subscriptions SET status = 'canceled' WHERE id = 'pg-0'")
+        .await
+        .unwrap();
+    converge(
+        &site,
+        &conn,
+        &installation,
+        "a cancellation after the outages",
+        &child,
+    )
+    .await;
+    let changes = foreign.changes(&site.project().await);
+    assert!(changes.is_empty(), "{}", changes.join("\n"));
+    child.assert_no_secret();
+    eprintln!(
+        "reliability: the PostgreSQL proxy accepted {} connections, held {} while hanging",
+        proxy
+            .counters
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        proxy
+            .counters
+            .held
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    drop(child);
+    drop(conn);
+    test_db.cleanup().await;
+}
+
+/// The Hetzner API cut off for 20 s each way (tens of seconds: past readiness's grace of
+/// 10 s and several resyncs): refusing connections (a proxy in between stops forwarding),
+/// then accepting them and never answering (the simulator's black hole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hetzner_refusing_then_hanging() {
+    let sim_dir = tempfile::tempdir().unwrap();
+    let (_simulator, sim_url) = start_simulator(sim_dir.path()).await;
+    let proxy = Proxy::start(socket_of(&sim_url)).await;
+    let site = Site::new(&sim_url, None, Some(format!("http://{}/v1", proxy.addr())));
+    site.migrate();
+    let conn = db::connect(&site.database_url).await.unwrap();
+    let installation = db::installation::id(&conn).await.unwrap();
+    let foreign = Foreign::create(&site.http, &format!("{sim_url}/v1"), "api-0").await;
+    add_rows(&conn, "api", 0, 3).await;
+    insert_subscription(&conn, "api-canceled", "canceled", "starter").await;
+    let (mut child, base_url) = site.spawn().await;
+    converge(&site, &conn, &installation, "before the outages", &child).await;
+
+    let mut next = 3;
+    for what in ["Hetzner refusing for 20 s", "Hetzner hanging for 20 s"] {
+        add_rows(&conn, "api", next, 2).await;
+        next += 2;
+        let servers = ready_servers(&conn).await;
+        let deletes_before = deletes(&site.stats().await);
+        let hanging = what.contains("hanging");
+        if hanging {
+            site.set_faults(json!({"black_hole": true})).await;
+        } else {
+            proxy.set(Mode::Refuse);
+        }
+        let outage = watch(&site.http, &mut child, &base_url, Duration::from_secs(20)).await;
+        // Swallowed requests are counted too: a DELETE attempted into the hole shows.
+        let deletes_during = deletes(&site.stats().await) - deletes_before;
+        if hanging {
+            site.clear_faults().await;
+        } else {
+            proxy.set(Mode::Forward);
+        }
+        assert_outage(what, &outage, deletes_during, &child);
+        let why = outage.unready_why.as_deref().unwrap_or_default();
+        assert!(why.contains("Hetzner"), "{what}: /readyz said {why:?}");
+        let recovered = converge(&site, &conn, &installation, what, &child).await;
+        assert_servers_kept(what, &servers, &ready_servers(&conn).await);
+        assert_eq!(deletes(&site.stats().await), deletes_before, "{what}");
+        report_outage(what, &outage, recovered);
+    }
+    let changes = foreign.changes(&site.project().await);
+    assert!(changes.is_empty(), "{}", changes.join("\n"));
+    child.assert_no_secret();
+}
+
+/// Another process holds SQLite's write lock (`BEGIN EXCLUSIVE`) for 20 s: longer than the
+/// busy timeout (5 s) and the lease (15 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_locked_by_another_writer() {
+    use sea_orm::sqlx::{Connection, Executor, SqliteConnection};
+
+    let sim_dir = tempfile::tempdir().unwrap();
+    let (_simulator, sim_url) = start_simulator(sim_dir.path()).await;
+    let site = Site::new(&sim_url, None, None);
+    site.migrate();
+    let conn = db::connect(&site.database_url).await.unwrap();
+    let installation = db::installation::id(&conn).await.unwrap();
+    add_rows(&conn, "lock", 0, 3).await;
+    let (mut child, base_url) = site.spawn().await;
+    converge(&site, &conn, &installation, "before the lock", &child).await;
+
+    let what = "SQLite locked by another writer for 20 s";
+    add_rows(&conn, "lock", 3, 2).await;
+    let servers = ready_servers(&conn).await;
+    let deletes_before = deletes(&site.stats().await);
+    let mut locker = SqliteConnection::connect(&site.database_url).await.unwrap();
+    locker.execute("BEGIN EXCLUSIVE").await.unwrap();
+    let outage = watch(&site.http, &mut child, &base_url, Duration::from_secs(20)).await;
+    locker.execute("ROLLBACK").await.unwrap();
+    locker.close().await.unwrap();
+    let deletes_during = deletes(&site.stats().await) - deletes_before;
+    assert_outage(what, &outage, deletes_during, &child);
+    let recovered = converge(&site, &conn, &installation, what, &child).await;
+    assert_servers_kept(what, &servers, &ready_servers(&conn).await);
+    report_outage(what, &outage, recovered);
+    child.assert_no_secret();
 }
