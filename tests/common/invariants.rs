@@ -176,13 +176,11 @@ pub async fn violations(
                     ));
                 }
             }
-            // A row that never had a VPS has nothing to tear down and keeps `pending`
-            // (`plan.rs`, `Outcome::Unchanged`); one that had one ends `deprovisioned`.
-            let never_provisioned =
-                row.provisioning_status == "pending" && row.provisioned_at.is_none();
-            if row.provisioning_status != "deprovisioned" && !never_provisioned {
+            // Also a row canceled before it ever had a VPS (78d3f72: `pending` would say a
+            // server is still to come).
+            if row.provisioning_status != "deprovisioned" {
                 found.push(format!(
-                    "{id} ({:?}): provisioning status {:?}, not \"deprovisioned\" (or \"pending\" if never provisioned) ({:?})",
+                    "{id} ({:?}): provisioning status {:?}, not \"deprovisioned\" ({:?})",
                     row.status, row.provisioning_status, row.provisioning_error
                 ));
             }
