@@ -5,7 +5,8 @@
 //!
 //! - `a_controller_killed_anywhere_converges_within_two_resyncs`: SIGKILL at seeded moments,
 //!   mostly while it leads with work in flight, while rows change and API faults are armed.
-//!   Short by default; `VPS_RELIABILITY_LONG=1` (or `SEEDSxKILLS`, e.g. `3x6`) runs longer,
+//!   Short by default (2 seeds x 4 kills); `VPS_RELIABILITY_LONG=1` (6 x 10) or
+//!   `VPS_RELIABILITY_LONG=SEEDSxKILLS` (CI: `3x6`) runs longer,
 //!   `VPS_RELIABILITY_SEED=N` replays one seed's schedule (the same kills, delays, row
 //!   changes and faults; the interleaving with the process is up to the machine).
 //! - `postgres_refusing_then_hanging_for_30_s`, `hetzner_refusing_then_hanging`,
