@@ -1539,6 +1539,8 @@ fn print_table(results: &[CaseResult]) {
 }
 
 fn main() -> Result<()> {
+    // As the binary does, so the peak RSS is the controller's as shipped.
+    vps_controller::telemetry::limit_malloc_arenas();
     let args = parse_args()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     // The controller's own logs, only when asked for (e.g. RUST_LOG=vps_controller=info).

@@ -354,6 +354,7 @@ struct ApproveArgs {
 }
 
 fn main() -> ExitCode {
+    telemetry::limit_malloc_arenas();
     let cli = Cli::parse();
     telemetry::init_logging(cli.log_format);
     // reqwest is built without a TLS provider of its own; ring is the one we ship.
