@@ -764,8 +764,11 @@ async fn run_controller(
     out.provision_requests = total(&out.provision_by_endpoint);
     out.requests_per_subscription = out.provision_requests as f64 / n as f64;
     eprintln!(
-        "  converged in {:.1} s, {} requests",
-        out.converge_seconds, out.provision_requests
+        "  converged in {:.1} s, {} requests; RSS {:.0} MiB, peak so far {:.0} MiB",
+        out.converge_seconds,
+        out.provision_requests,
+        status_mib("self", "VmRSS"),
+        status_mib("self", "VmHWM")
     );
 
     // 2. Idle: the loop runs, nothing changes.
@@ -810,6 +813,12 @@ async fn run_controller(
             }
         }
     }
+
+    eprintln!(
+        "  after the steady resyncs: RSS {:.0} MiB, peak so far {:.0} MiB",
+        status_mib("self", "VmRSS"),
+        status_mib("self", "VmHWM")
+    );
 
     // 4. Toggles while the rest sits idle.
     let toggles = args.toggles.min(n);
@@ -1530,6 +1539,8 @@ fn print_table(results: &[CaseResult]) {
 }
 
 fn main() -> Result<()> {
+    // As the binary does, so the peak RSS is the controller's as shipped.
+    vps_controller::telemetry::limit_malloc_arenas();
     let args = parse_args()?;
     let _ = rustls::crypto::ring::default_provider().install_default();
     // The controller's own logs, only when asked for (e.g. RUST_LOG=vps_controller=info).

@@ -24,6 +24,10 @@
 //! hand with `echo "$KEY" | base64 -d | sha256sum | cut -c1-8`); it tells which key sealed a
 //! value, which makes key rotation work without extra configuration: configure the new key as
 //! current and the old ones as previous, and values sealed with an old key still open.
+//! [`rotate`] (`vps-controller keys rotate`) then re-seals the stored values under the current
+//! key, so the old one can be dropped (docs/keys.md).
+
+pub mod rotate;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -510,12 +514,47 @@ impl Sealer {
     /// Whether `value` has the shape of a value this controller sealed (`v1:<key id>:...`).
     /// Anything else in `ssh_private_key` was written by someone else (e.g. the web app).
     pub fn looks_sealed(value: &str) -> bool {
+        Sealer::sealed_key_id(value).is_some()
+    }
+
+    /// The id of the key a value made by [`Sealer::seal`] names (`v1:<key id>:...`), read
+    /// without opening it; `None` for anything that does not look sealed. Key ids are not
+    /// secret: they are part of every sealed value.
+    pub fn sealed_key_id(value: &str) -> Option<&str> {
         let mut parts = value.trim().splitn(3, ':');
-        matches!(
-            (parts.next(), parts.next(), parts.next()),
-            (Some(SEAL_VERSION), Some(id), Some(_))
-                if id.len() == KEY_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        )
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(SEAL_VERSION), Some(id), Some(_)) if is_key_id(id) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// Whether `value` names the current key (by its key id; the value is not opened).
+    pub fn is_sealed_under_current(&self, value: &str) -> bool {
+        Sealer::sealed_key_id(value) == Some(self.current.id.as_str())
+    }
+
+    /// Whether a key with this id is configured, current or previous.
+    pub fn has_key_id(&self, key_id: &str) -> bool {
+        self.key_by_id(key_id).is_some()
+    }
+
+    /// The ids of the previous keys, in the order they were configured.
+    pub fn previous_key_ids(&self) -> Vec<&str> {
+        self.previous.iter().map(|k| k.id.as_str()).collect()
+    }
+
+    /// Opens `sealed` (a value for the row of `subscription_id`, under any configured key) and
+    /// seals the same plaintext under the current key, with a fresh nonce. The new value is
+    /// opened again and compared before it is returned, so a value this returns always opens
+    /// to what the old one held. The plaintext never leaves this function and is wiped.
+    pub fn reseal(&self, sealed: &str, subscription_id: &str) -> Result<String, SealError> {
+        let plaintext = self.open(sealed, subscription_id)?;
+        let resealed = self.seal(&plaintext, subscription_id)?;
+        let check = self.open(&resealed, subscription_id)?;
+        if *check != *plaintext {
+            return Err(SealError::SealFailed);
+        }
+        Ok(resealed)
     }
 
     /// Decrypts a value made by [`Sealer::seal`] for the same `subscription_id`, with whichever
@@ -536,11 +575,7 @@ impl Sealer {
         if version != SEAL_VERSION {
             return Err(SealError::Malformed(describe_version(version)));
         }
-        if key_id.len() != KEY_ID_LEN
-            || !key_id
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        {
+        if !is_key_id(key_id) {
             return Err(SealError::Malformed(
                 "key id is not 8 lowercase hex digits".to_owned(),
             ));
@@ -594,6 +629,11 @@ impl Sealer {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// 8 lowercase hex digits, as [`SealingKey`] makes them.
+fn is_key_id(id: &str) -> bool {
+    id.len() == KEY_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn describe_version(version: &str) -> String {
@@ -663,6 +703,49 @@ mod tests {
             "",
         ] {
             assert!(!Sealer::looks_sealed(foreign), "{foreign}");
+        }
+    }
+
+    #[test]
+    fn reseal_moves_a_value_to_the_current_key_and_keeps_what_it_holds() {
+        let old = Sealer::from_base64(KEY_B, &[]).unwrap();
+        let rotating = Sealer::from_base64(KEY_A, &[KEY_B]).unwrap();
+        let sealed = old.seal("the private key", "sub-1").unwrap();
+        assert_eq!(Sealer::sealed_key_id(&sealed), Some(id_of(KEY_B).as_str()));
+        assert!(!rotating.is_sealed_under_current(&sealed));
+        assert!(rotating.has_key_id(&id_of(KEY_B)));
+        assert_eq!(rotating.previous_key_ids(), vec![id_of(KEY_B)]);
+
+        let resealed = rotating.reseal(&sealed, "sub-1").unwrap();
+        assert!(rotating.is_sealed_under_current(&resealed));
+        assert_ne!(
+            resealed,
+            rotating.reseal(&sealed, "sub-1").unwrap(),
+            "fresh nonce"
+        );
+        // The new key alone opens it, for its own row only.
+        let new_only = Sealer::from_base64(KEY_A, &[]).unwrap();
+        assert_eq!(
+            new_only.open(&resealed, "sub-1").unwrap().as_str(),
+            "the private key"
+        );
+        assert!(matches!(
+            new_only.open(&resealed, "sub-2"),
+            Err(SealError::AuthenticationFailed { .. })
+        ));
+
+        // What does not open is refused, never re-sealed into something else.
+        assert!(matches!(
+            rotating.reseal(&sealed, "sub-2"),
+            Err(SealError::AuthenticationFailed { .. })
+        ));
+        let unknown = Sealer::ephemeral().seal("x", "sub-1").unwrap();
+        assert!(matches!(
+            rotating.reseal(&unknown, "sub-1"),
+            Err(SealError::UnknownKeyId { .. })
+        ));
+        for foreign in ["-----BEGIN PRIVATE KEY-----", "v1:NOTHEX00:abc", "enc:1:2"] {
+            assert_eq!(Sealer::sealed_key_id(foreign), None, "{foreign}");
         }
     }
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use migration::{Migrator, MigratorTrait};
+use sea_orm::DatabaseConnection;
 use tokio::sync::watch;
 
 use vps_controller::config::Config;
@@ -39,13 +41,48 @@ struct Cli {
     log_format: LogFormat,
 }
 
+/// The variables `run` reads that are no option's `[env: ...]` (tests/cli.rs checks that every
+/// variable the source reads is named in `run --help`).
+const RUN_ENVIRONMENT: &str = "\
+Environment (besides the [env: ...] of the options above):
+  HCLOUD_TOKEN                             Hetzner Cloud API token (or HCLOUD_TOKEN_FILE);
+                                           not needed with --simulate
+  VPS_CONTROLLER_ENCRYPTION_KEY            32 bytes, base64, sealing the SSH private keys
+                                           (e.g. `openssl rand -base64 32`)
+  VPS_CONTROLLER_ENCRYPTION_KEY_FILE       a file holding that key, instead of the variable
+  VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS  comma-separated earlier keys, still opened after a
+                                           key rotation
+  RUST_LOG                                 log filter (default: info), e.g.
+                                           info,vps_controller=debug
+  NO_COLOR                                 set and not empty: no colours in pretty logs
+  HOSTNAME                                 names this replica in the leader lease (set by
+                                           Kubernetes)";
+
+/// The variables `plan` reads that are no option's `[env: ...]`. No encryption key: `plan`
+/// never opens a private key.
+const PLAN_ENVIRONMENT: &str = "\
+Environment (besides the [env: ...] of the options above):
+  HCLOUD_TOKEN  Hetzner Cloud API token (or HCLOUD_TOKEN_FILE)
+  RUST_LOG      log filter (default: info)
+  NO_COLOR      set and not empty: no colours in pretty logs";
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller until SIGTERM/SIGINT (applies migrations first).
+    ///
+    /// A SQLite database that does not exist is created.
+    #[command(after_help = RUN_ENVIRONMENT)]
     Run(RunArgs),
-    /// Apply all database migrations (idempotent).
+    /// Apply all database migrations (idempotent); every command but `run` needs this first.
+    ///
+    /// A SQLite database that does not exist is created. The other commands never create
+    /// one, and say to run `migrate` when the schema is missing or older than this build.
     Migrate(DbArgs),
     /// Print what the controller would change now; change nothing. Exit 0 in sync, 2 if changes are pending.
+    ///
+    /// Reports (a server type that differs from the plan's) are listed but are no change, and
+    /// neither is a spec change that changes nothing (e.g. `active` to `trialing`).
+    #[command(after_help = PLAN_ENVIRONMENT)]
     Plan(PlanArgs),
     /// Print the installation id, the deletion guard and the subscriptions with their
     /// provisioning status, or one subscription's events.
@@ -58,6 +95,9 @@ enum Command {
     /// Show this database's installation id, or decide about a database that moved.
     #[command(subcommand)]
     Installation(InstallationCommand),
+    /// Re-seal the stored private keys under the current encryption key, or count them by key.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Serve the built-in Hetzner Cloud API simulator under /v1.
     Simulator(simulator::cli::ServeArgs),
 }
@@ -93,6 +133,115 @@ impl DbArgs {
             (None, None) => Ok(db::DEFAULT_DATABASE_URL.to_string()),
         }
     }
+}
+
+/// How an operator command uses the database. None of them creates one: an empty file
+/// left behind by a mistyped path would look like a database to the next command.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Reads only (`status`, `plan`, `deletions status`): SQLite is opened `mode=ro`.
+    Read,
+    /// Writes rows that exist (`retry`, `deletions approve`, `installation ...`): `mode=rw`.
+    Write,
+}
+
+impl DbArgs {
+    /// The database of an operator command: an existing one (SQLite is never created here)
+    /// whose schema `vps-controller migrate` brought up to date; otherwise an error saying to
+    /// run it. The check itself writes nothing, not even to a file that is no database yet.
+    async fn open_migrated(&self, access: Access) -> Result<DatabaseConnection> {
+        let url = self.url()?;
+        let Some(path) = sqlite_file(&url) else {
+            let conn = db::connect(&url).await?;
+            check_migrated(&conn).await?;
+            return Ok(conn);
+        };
+        if !path.exists() {
+            let shown = std::env::current_dir()
+                .map(|dir| dir.join(&path))
+                .unwrap_or(path);
+            bail!(
+                "the SQLite database {} does not exist: run `vps-controller migrate` first to \
+                 create it, or set DATABASE_URL (--database-url) to the controller's database",
+                shown.display()
+            );
+        }
+        // Read-only first: a read-write open of SQLite already writes (the WAL header).
+        let read_only = db::connect(&sqlite_url_with_mode(&url, Access::Read)).await?;
+        check_migrated(&read_only).await?;
+        match access {
+            Access::Read => Ok(read_only),
+            Access::Write => {
+                read_only
+                    .close()
+                    .await
+                    .context("closing the read-only connection")?;
+                Ok(db::connect(&sqlite_url_with_mode(&url, Access::Write)).await?)
+            }
+        }
+    }
+}
+
+/// Fails, saying to run `vps-controller migrate`, unless every migration of this build is
+/// applied. Reads only (the migrations table is not created when it is missing).
+async fn check_migrated(conn: &DatabaseConnection) -> Result<()> {
+    let pending = Migrator::get_pending_migrations_read_only(conn)
+        .await
+        .context("reading which migrations the database has")?;
+    let all = Migrator::migrations().len();
+    match pending.first() {
+        None => Ok(()),
+        Some(_) if pending.len() == all => bail!(
+            "the database has no vps-controller schema yet: run `vps-controller migrate` first"
+        ),
+        Some(first) => bail!(
+            "the database schema is older than this vps-controller ({} of {all} migrations not \
+             applied, the first is {}): run `vps-controller migrate` first",
+            pending.len(),
+            first.name()
+        ),
+    }
+}
+
+/// The file of a file-backed SQLite URL (relative to the working directory, as SQLite
+/// resolves it); `None` for other databases, in-memory ones and URLs SQLx rejects anyway
+/// (`db::connect` then names the problem).
+fn sqlite_file(url: &str) -> Option<PathBuf> {
+    use std::str::FromStr as _;
+    if !url.starts_with("sqlite:") || sqlite_param(url, "mode").as_deref() == Some("memory") {
+        return None;
+    }
+    let options = sea_orm::sqlx::sqlite::SqliteConnectOptions::from_str(url).ok()?;
+    let path = options.get_filename();
+    let in_memory = path.as_os_str() == ":memory:"
+        || path.to_string_lossy().starts_with("file:sqlx-in-memory-");
+    (!in_memory).then(|| path.to_path_buf())
+}
+
+/// The value of the query parameter `name` of a SQLite URL.
+fn sqlite_param(url: &str, name: &str) -> Option<String> {
+    let (_, query) = url.split_once('?')?;
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+}
+
+/// A SQLite URL that never creates the file: `mode=ro` to read, `mode=rw` to write (a URL
+/// that says `ro` stays `ro`). The other parameters are kept.
+fn sqlite_url_with_mode(url: &str, access: Access) -> String {
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let mode = match (sqlite_param(url, "mode").as_deref(), access) {
+        (Some("ro"), _) | (_, Access::Read) => "ro",
+        (_, Access::Write) => "rw",
+    };
+    let mut params = url::form_urlencoded::Serializer::new(String::new());
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if key != "mode" {
+            params.append_pair(&key, &value);
+        }
+    }
+    params.append_pair("mode", mode);
+    format!("{path}?{}", params.finish())
 }
 
 #[derive(Args, Clone)]
@@ -205,6 +354,7 @@ struct ApproveArgs {
 }
 
 fn main() -> ExitCode {
+    telemetry::limit_malloc_arenas();
     let cli = Cli::parse();
     telemetry::init_logging(cli.log_format);
     // reqwest is built without a TLS provider of its own; ring is the one we ship.
@@ -242,6 +392,7 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Retry(args) => retry(args).await,
         Command::Deletions(command) => deletions(command).await,
         Command::Installation(command) => installation_command(command).await,
+        Command::Keys(command) => keys_command(command).await,
         Command::Simulator(args) => serve_simulator(args).await,
     }
 }
@@ -569,7 +720,7 @@ async fn plan(args: PlanArgs) -> Result<ExitCode> {
         &args.controller,
         Some(args.controller.hcloud_endpoint.as_str()),
     )?;
-    let conn = db::connect(&args.controller.db.url()?).await?;
+    let conn = args.controller.db.open_migrated(Access::Read).await?;
     let api = client(
         &args.controller,
         &args.controller.hcloud_endpoint,
@@ -586,12 +737,21 @@ async fn plan(args: PlanArgs) -> Result<ExitCode> {
 }
 
 async fn status(args: StatusArgs) -> Result<ExitCode> {
-    let conn = db::connect(&args.db.url()?).await?;
-    let text = match args.subscription {
-        Some(id) => vps_controller::reconcile::report::events_table(&conn, &id).await,
-        None => vps_controller::reconcile::report::status_table(&conn).await,
-    }
-    .context("reading the database (a new database needs `vps-controller migrate` first)")?;
+    let conn = args.db.open_migrated(Access::Read).await?;
+    let text = match &args.subscription {
+        Some(id) => vps_controller::reconcile::report::events_table(&conn, id)
+            .await
+            .context("reading the subscription's events")?
+            .with_context(|| {
+                format!(
+                    "subscription {id:?} does not exist (no row in subscriptions, no recorded \
+                     events); `vps-controller status` lists them all"
+                )
+            })?,
+        None => vps_controller::reconcile::report::status_table(&conn)
+            .await
+            .context("reading the subscriptions")?,
+    };
     print!("{text}");
     Ok(ExitCode::SUCCESS)
 }
@@ -632,12 +792,14 @@ async fn check_plans_at_hetzner(api: &Client, config: &Config) {
 }
 
 async fn retry(args: RetryArgs) -> Result<ExitCode> {
-    let conn = db::connect(&args.db.url()?).await?;
+    let conn = args.db.open_migrated(Access::Write).await?;
     let marked = subscriptions::retry(&conn, args.subscription.as_deref())
         .await
-        .context("reading the database (a new database needs `vps-controller migrate` first)")?;
+        .context("marking the subscriptions for a retry")?;
     match (&args.subscription, marked) {
-        (Some(id), 0) => bail!("subscription {id:?} not found"),
+        (Some(id), 0) => {
+            bail!("subscription {id:?} does not exist; `vps-controller status` lists them all")
+        }
         (Some(id), _) => println!("{id}: will be reconciled again within a second"),
         (None, n) => println!("{n} failed subscriptions will be reconciled again within a second"),
     }
@@ -649,10 +811,14 @@ async fn deletions(command: DeletionsCommand) -> Result<ExitCode> {
         DeletionsCommand::Status(args) => (args, None),
         DeletionsCommand::Approve(approve) => (approve.db, Some(approve.count)),
     };
-    let conn = db::connect(&args.url()?).await?;
+    let access = match approve {
+        Some(_) => Access::Write,
+        None => Access::Read,
+    };
+    let conn = args.open_migrated(access).await?;
     let before = deletion_guard::status(&conn)
         .await
-        .context("reading the database (a new database needs `vps-controller migrate` first)")?;
+        .context("reading the deletion guard")?;
     let status = match approve {
         Some(count) => {
             let after = deletion_guard::approve(&conn, count).await?;
@@ -694,8 +860,9 @@ async fn installation_command(command: InstallationCommand) -> Result<ExitCode> 
         InstallationCommand::Keep(args) => (args, "keep"),
         InstallationCommand::Renew(args) => (args, "renew"),
     };
-    let conn = db::connect(&args.url()?).await?;
-    let context = "reading the database (a new database needs `vps-controller migrate` first)";
+    // `show` binds an id not bound yet (as `migrate` does), so it may write too.
+    let conn = args.open_migrated(Access::Write).await?;
+    let context = "reading the installation id";
     match action {
         "keep" => {
             let id = installation::keep(&conn).await.context(context)?;
@@ -723,6 +890,77 @@ async fn installation_command(command: InstallationCommand) -> Result<ExitCode> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Count the rows sealed under each encryption key id (ids and counts, no key material).
+    ///
+    /// Says which previous key no row needs any more, so it can be dropped.
+    Status(DbArgs),
+    /// Re-seal every stored private key under the current encryption key.
+    ///
+    /// Opens old values with VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS and seals them under
+    /// VPS_CONTROLLER_ENCRYPTION_KEY (or _FILE). Every controller replica must already run
+    /// with the new key configured. Safe while the controller runs (a row is written only if
+    /// it still holds the value read) and to interrupt (run it again to finish). Exit 0 once
+    /// every sealed row is under the current key. See docs/keys.md.
+    Rotate(RotateArgs),
+}
+
+#[derive(Args)]
+struct RotateArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Rows read and written per transaction.
+    #[arg(long, default_value_t = vps_controller::keys::rotate::DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    batch_size: u32,
+    /// Milliseconds to wait between batches, to spare a busy database.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    batch_pause_ms: u64,
+}
+
+async fn keys_command(command: KeysCommand) -> Result<ExitCode> {
+    use vps_controller::keys::rotate;
+    let args = match &command {
+        KeysCommand::Status(args) => args,
+        KeysCommand::Rotate(rotate) => &rotate.db,
+    };
+    let sealer = Sealer::from_env()?;
+    let conn = db::connect(&args.url()?).await?;
+    let KeysCommand::Rotate(rotate_args) = command else {
+        rotate::ensure_migrated(&conn).await?;
+        print!(
+            "{}",
+            rotate::count_by_key(&conn).await?.render(sealer.as_ref())
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let sealer = sealer.context(
+        "no encryption key: set VPS_CONTROLLER_ENCRYPTION_KEY (or _FILE) to the new key and \
+         VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS to the old ones",
+    )?;
+    let options = rotate::Options {
+        batch_size: rotate_args.batch_size,
+        pause: Duration::from_millis(rotate_args.batch_pause_ms),
+    };
+    tracing::warn!(key_id = %sealer.key_id(), previous = ?sealer.previous_key_ids(), "re-sealing private keys under the current key, by an operator");
+    let report = rotate::rotate(&conn, &sealer, &options, |p| {
+        tracing::info!(
+            done = p.done,
+            total = p.total,
+            resealed = p.tally.resealed,
+            "keys rotate: {}/{} rows done",
+            p.done,
+            p.total
+        );
+    })
+    .await?;
+    print!("{}", report.render());
+    match report.problem() {
+        None => Ok(ExitCode::SUCCESS),
+        Some(problem) => bail!("keys rotate did not finish: {problem}"),
+    }
 }
 
 async fn serve_simulator(args: simulator::cli::ServeArgs) -> Result<ExitCode> {
@@ -753,6 +991,39 @@ mod tests {
         ] {
             assert!(!is_hetzner(endpoint), "{endpoint}");
         }
+    }
+
+    #[test]
+    fn operator_commands_open_sqlite_without_creating_it() {
+        let cases = [
+            (
+                "sqlite://vps.db?mode=rwc",
+                Access::Read,
+                "sqlite://vps.db?mode=ro",
+            ),
+            ("sqlite://vps.db", Access::Write, "sqlite://vps.db?mode=rw"),
+            (
+                "sqlite://vps.db?cache=shared&mode=rwc",
+                Access::Write,
+                "sqlite://vps.db?cache=shared&mode=rw",
+            ),
+            // A URL that says read-only is never upgraded.
+            (
+                "sqlite://vps.db?mode=ro",
+                Access::Write,
+                "sqlite://vps.db?mode=ro",
+            ),
+        ];
+        for (url, access, expected) in cases {
+            assert_eq!(sqlite_url_with_mode(url, access), expected, "{url}");
+        }
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("sqlite://vps.db?mode=memory"), None);
+        assert_eq!(sqlite_file("postgres://user@host/db"), None);
+        assert_eq!(
+            sqlite_file("sqlite://data/vps%20one.db?mode=rwc"),
+            Some(PathBuf::from("data/vps one.db"))
+        );
     }
 
     #[test]

@@ -842,7 +842,8 @@ fn a_copied_database_refuses_to_run_until_renewed_and_the_operator_commands_work
         "{}",
         approved.describe()
     );
-    run_cli(original.path(), &["retry", "nobody"], &[]).assert_fails_naming("\"nobody\" not found");
+    run_cli(original.path(), &["retry", "nobody"], &[])
+        .assert_fails_naming("subscription \"nobody\" does not exist");
     let retried = run_cli(original.path(), &["retry", "--failed"], &[]);
     retried.assert_code(0);
     assert!(
@@ -903,4 +904,457 @@ async fn run_reports_plans_that_hetzner_does_not_know_once_at_start() {
     controller.terminate();
     assert!(controller.wait_exit(DEADLINE).await.success());
     controller.assert_no_secret();
+}
+
+/// Every operator command that needs the schema, with the argument it needs.
+const OPERATOR_COMMANDS: &[&[&str]] = &[
+    &["status"],
+    &["status", "sub-1"],
+    &["plan"],
+    &["retry", "sub-1"],
+    &["retry", "--failed"],
+    &["deletions", "status"],
+    &["deletions", "approve"],
+    &["installation", "show"],
+    &["installation", "keep"],
+    &["installation", "renew"],
+];
+
+/// The names in `dir`, with the size of each file.
+fn files_in(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| {
+            let entry = entry.unwrap();
+            let size = entry.metadata().unwrap().len();
+            (entry.file_name().to_string_lossy().into_owned(), size)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[tokio::test]
+async fn operator_commands_on_an_unmigrated_database_say_to_run_migrate_and_create_nothing() {
+    const NEEDLE: &str = "run `vps-controller migrate` first";
+    // No database at all (the default SQLite URL): said so, naming the file, and nothing is
+    // left behind that the next command would take for a database.
+    let dir = tempfile::tempdir().unwrap();
+    for args in OPERATOR_COMMANDS {
+        let ran = run_cli(dir.path(), args, &[]);
+        ran.assert_fails_naming(NEEDLE);
+        assert!(
+            ran.stderr.contains("vps-controller.db") && ran.stderr.contains("does not exist"),
+            "`{}`: {}",
+            args.join(" "),
+            ran.describe()
+        );
+        assert_eq!(
+            files_in(dir.path()),
+            [],
+            "`{}` created files",
+            args.join(" ")
+        );
+    }
+
+    // An empty file (touched by hand, or left by an earlier version): not changed at all.
+    std::fs::write(dir.path().join("vps-controller.db"), "").unwrap();
+    for args in OPERATOR_COMMANDS {
+        let ran = run_cli(dir.path(), args, &[]);
+        ran.assert_fails_naming(NEEDLE);
+        assert_eq!(
+            files_in(dir.path()),
+            [("vps-controller.db".to_string(), 0)],
+            "`{}` wrote to the empty file",
+            args.join(" ")
+        );
+    }
+
+    // Every backend through DATABASE_URL; PostgreSQL: an empty database gets no table.
+    for test_db in common::test_databases().await {
+        let backend = test_db.backend;
+        let dir = tempfile::tempdir().unwrap();
+        for args in OPERATOR_COMMANDS {
+            let ran = run_cli(dir.path(), args, &[("DATABASE_URL", &test_db.url)]);
+            assert!(
+                ran.code == Some(1) && ran.stderr.contains(NEEDLE),
+                "{backend} `{}`: {}",
+                args.join(" "),
+                ran.describe()
+            );
+        }
+        if let Some(sqlite_dir) = test_db.dir() {
+            assert_eq!(files_in(sqlite_dir), [], "{backend}: a file was created");
+        } else {
+            let conn = db::connect(&test_db.url).await.unwrap();
+            let tables = conn
+                .query_one_raw(sea_orm::Statement::from_string(
+                    conn.get_database_backend(),
+                    "SELECT COUNT(*) AS n FROM information_schema.tables \
+                     WHERE table_schema = current_schema()",
+                ))
+                .await
+                .unwrap()
+                .unwrap()
+                .try_get::<i64>("", "n")
+                .unwrap();
+            assert_eq!(tables, 0, "{backend}: tables were created");
+            drop(conn);
+        }
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn a_schema_older_than_the_binary_is_refused_until_migrate_and_then_works() {
+    let dir = tempfile::tempdir().unwrap();
+    run_cli(dir.path(), &["migrate"], &[]).assert_code(0);
+    let url = sqlite_url(dir.path());
+    let conn = db::connect(&url).await.unwrap();
+    // As if the database were migrated by the previous release: the newest migration missing.
+    conn.execute_unprepared(&format!(
+        "DELETE FROM {} WHERE version = (SELECT MAX(version) FROM {})",
+        migration::MIGRATION_TABLE,
+        migration::MIGRATION_TABLE
+    ))
+    .await
+    .unwrap();
+    drop(conn);
+    let ran = run_cli(dir.path(), &["status"], &[]);
+    ran.assert_fails_naming("run `vps-controller migrate` first");
+    assert!(
+        ran.stderr.contains("older than this vps-controller"),
+        "{}",
+        ran.describe()
+    );
+    run_cli(dir.path(), &["migrate"], &[]).assert_code(0);
+    run_cli(dir.path(), &["status"], &[]).assert_code(0);
+}
+
+#[tokio::test]
+async fn status_of_a_subscription_that_does_not_exist_fails_and_a_known_one_works() {
+    for test_db in common::test_databases().await {
+        let backend = test_db.backend;
+        let dir = tempfile::tempdir().unwrap();
+        let env = [("DATABASE_URL", test_db.url.as_str())];
+        run_cli(dir.path(), &["migrate"], &env).assert_code(0);
+        let conn = db::connect(&test_db.url).await.unwrap();
+        insert_subscription(&conn, "sub-1", "active", "starter").await;
+        events::record(
+            &conn,
+            "sub-1",
+            EventKind::Normal,
+            "ServerCreated",
+            "server 100001 (vps-sub-1, cx23 ubuntu-24.04 in fsn1)",
+        )
+        .await
+        .unwrap();
+        // A subscription deleted from the table: its events outlive it.
+        events::record(
+            &conn,
+            "sub-gone",
+            EventKind::Normal,
+            "ServerDeleted",
+            "server 100002 deleted",
+        )
+        .await
+        .unwrap();
+
+        let unknown = run_cli(dir.path(), &["status", "no-such-sub"], &env);
+        unknown.assert_fails_naming("subscription \"no-such-sub\" does not exist");
+        assert_eq!(unknown.stdout, "", "{backend}: {}", unknown.describe());
+
+        let known = run_cli(dir.path(), &["status", "sub-1"], &env);
+        known.assert_code(0);
+        assert!(
+            known.stdout.contains("ServerCreated") && known.stdout.contains("server 100001"),
+            "{backend}: {}",
+            known.describe()
+        );
+
+        let gone = run_cli(dir.path(), &["status", "sub-gone"], &env);
+        gone.assert_code(0);
+        assert!(
+            gone.stdout.contains("no longer exists") && gone.stdout.contains("server 100002"),
+            "{backend}: {}",
+            gone.describe()
+        );
+
+        run_cli(dir.path(), &["retry", "no-such-sub"], &env)
+            .assert_fails_naming("subscription \"no-such-sub\" does not exist");
+        drop(conn);
+        test_db.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_counts_only_real_changes_and_a_row_canceled_before_its_vps_settles() {
+    for test_db in common::test_databases().await {
+        let backend = test_db.backend;
+        let env = common::env::env(&test_db).await;
+        env.insert("live", "active", "starter").await;
+        env.insert("never", "canceled", "starter").await;
+        env.resync().await;
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = env.sim.base_url();
+        let vars = [
+            ("DATABASE_URL", test_db.url.as_str()),
+            ("HCLOUD_ENDPOINT", endpoint.as_str()),
+            ("HCLOUD_TOKEN", common::env::TOKEN),
+        ];
+
+        // Canceled before anything was created: done, and the event says why nothing went.
+        let status = run_cli(dir.path(), &["status"], &vars);
+        status.assert_code(0);
+        assert_eq!(
+            status_row(&status.stdout, "never").map(|cells| cells[3].clone()),
+            Some("deprovisioned".to_owned()),
+            "{backend}: {}",
+            status.describe()
+        );
+        let events = run_cli(dir.path(), &["status", "never"], &vars);
+        events.assert_code(0);
+        assert!(
+            events.stdout.contains("Deprovisioned") && events.stdout.contains("nothing to delete"),
+            "{backend}: {}",
+            events.describe()
+        );
+
+        let plan = |extra: &[&str]| {
+            let mut args = vec!["plan"];
+            args.extend_from_slice(extra);
+            run_cli(dir.path(), &args, &vars)
+        };
+        let in_sync = plan(&[]);
+        in_sync.assert_code(0);
+        assert_eq!(
+            in_sync.stdout,
+            "2 subscriptions, 0 with changes pending\n",
+            "{backend}: {}",
+            in_sync.describe()
+        );
+
+        // A spec change that changes nothing (trialing runs like active): still in sync.
+        env.set_status("live", "trialing").await;
+        let no_op = plan(&[]);
+        no_op.assert_code(0);
+        assert_eq!(
+            no_op.stdout,
+            "2 subscriptions, 0 with changes pending\n",
+            "{backend}: {}",
+            no_op.describe()
+        );
+
+        // The plan's server type changed: reported, not counted (resizing is not automatic).
+        let example =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.yaml"))
+                .unwrap();
+        assert!(example.contains("server_type: cx23"));
+        let config = dir.path().join("bigger.yaml");
+        std::fs::write(
+            &config,
+            example.replace("server_type: cx23", "server_type: cx33"),
+        )
+        .unwrap();
+        let report_only = plan(&["--config", config.to_str().unwrap()]);
+        report_only.assert_code(0);
+        let context = format!("{backend}: {}", report_only.describe());
+        assert!(
+            report_only.stdout.contains("live: nothing to change"),
+            "{context}"
+        );
+        assert!(
+            report_only.stdout.contains("report: server")
+                && report_only.stdout.contains("the plan says cx33"),
+            "{context}"
+        );
+        assert!(
+            report_only
+                .stdout
+                .ends_with("2 subscriptions, 0 with changes pending\n"),
+            "{context}"
+        );
+
+        // A real change still counts: paused powers the server off.
+        env.set_status("live", "paused").await;
+        let pending = plan(&[]);
+        pending.assert_code(2);
+        let context = format!("{backend}: {}", pending.describe());
+        assert!(pending.stdout.contains("live: -> suspended"), "{context}");
+        assert!(pending.stdout.contains("power off server"), "{context}");
+        assert!(
+            pending
+                .stdout
+                .ends_with("2 subscriptions, 1 with changes pending\n"),
+            "{context}"
+        );
+        test_db.cleanup().await;
+    }
+}
+
+/// Every environment variable the controller's source (src/) reads: clap's `env = "..."`,
+/// `std::env::var("...")` / `var_os("...")`, and the `ENV_*` constants that keys.rs reads the
+/// encryption keys through. Plus RUST_LOG, which tracing-subscriber's `EnvFilter` reads
+/// without the name appearing in our source. `option_env!` is read at build time: not listed.
+fn variables_the_source_reads() -> std::collections::BTreeSet<String> {
+    fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    rust_files(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    let mut names = std::collections::BTreeSet::from(["RUST_LOG".to_string()]);
+    for file in files {
+        for line in std::fs::read_to_string(&file).unwrap().lines() {
+            let reads = ["env::var(", "env::var_os(", "env = \"", "const ENV_"]
+                .iter()
+                .any(|pattern| line.contains(pattern));
+            if !reads {
+                continue;
+            }
+            // The quoted SCREAMING_CASE literals on the line.
+            for (i, literal) in line.split('"').enumerate() {
+                if i % 2 == 1
+                    && literal.len() > 1
+                    && literal
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                {
+                    names.insert(literal.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Whether `text` names the variable `name` as a word (HCLOUD_TOKEN_FILE does not name
+/// HCLOUD_TOKEN).
+fn mentions(text: &str, name: &str) -> bool {
+    let part_of_name = |c: char| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_';
+    text.match_indices(name).any(|(at, _)| {
+        !text[..at].ends_with(part_of_name) && !text[at + name.len()..].starts_with(part_of_name)
+    })
+}
+
+#[test]
+fn run_help_names_every_environment_variable_the_source_reads() {
+    assert!(mentions("set HCLOUD_TOKEN.", "HCLOUD_TOKEN"));
+    assert!(!mentions("[env: HCLOUD_TOKEN_FILE=]", "HCLOUD_TOKEN"));
+    let names = variables_the_source_reads();
+    // The scan itself must find what we know is read, or it would prove nothing.
+    for known in [
+        "DATABASE_URL",
+        "DATABASE_URL_FILE",
+        "HCLOUD_TOKEN",
+        "HCLOUD_TOKEN_FILE",
+        "NO_COLOR",
+        "VPS_CONTROLLER_ENCRYPTION_KEY",
+        "VPS_CONTROLLER_ENCRYPTION_KEY_FILE",
+        "VPS_CONTROLLER_PREVIOUS_ENCRYPTION_KEYS",
+    ] {
+        assert!(names.contains(known), "the scan missed {known}: {names:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let help = run_cli(dir.path(), &["run", "--help"], &[]);
+    help.assert_code(0);
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|name| !mentions(&help.stdout, name))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "`run --help` does not name {missing:?}\n{}",
+        help.describe()
+    );
+
+    // `plan` reads the token and the log variables too, but never an encryption key.
+    let help = run_cli(dir.path(), &["plan", "--help"], &[]);
+    help.assert_code(0);
+    for name in ["HCLOUD_TOKEN", "HCLOUD_TOKEN_FILE", "RUST_LOG", "NO_COLOR"] {
+        assert!(mentions(&help.stdout, name), "{name}\n{}", help.describe());
+    }
+    assert!(
+        !help.stdout.contains("ENCRYPTION_KEY"),
+        "{}",
+        help.describe()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_events_name_resources_as_people_do() {
+    let test_db = common::sqlite_db();
+    let env = common::env::env(&test_db).await;
+    env.insert("web-1", "active", "starter").await;
+    env.resync().await;
+    let key_id = env.row("web-1").await.hetzner_ssh_key_id.unwrap();
+    // Someone strips the key's labels at Hetzner: the next resync puts them back.
+    let (code, _) = env
+        .api(
+            "PUT",
+            &format!("/ssh_keys/{key_id}"),
+            Some(serde_json::json!({"labels": {}})),
+        )
+        .await;
+    assert_eq!(code, 200);
+    env.resync().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let events = run_cli(
+        dir.path(),
+        &["status", "web-1"],
+        &[("DATABASE_URL", &test_db.url)],
+    );
+    events.assert_code(0);
+    let context = events.describe();
+    let line = |reason: &str| {
+        events
+            .stdout
+            .lines()
+            .find(|line| line.contains(reason))
+            .unwrap_or_else(|| panic!("no {reason} event\n{context}"))
+            .to_owned()
+    };
+    assert!(
+        line("SshKeyCreated").ends_with(&format!("SSH key {key_id} (vps-web-1)")),
+        "{context}"
+    );
+    assert!(
+        line("LabelsRepaired").ends_with(&format!("SSH key {key_id}: labels set")),
+        "{context}"
+    );
+    // No identifier or Debug output in what people read (reasons are CamelCase ids).
+    for noise in ["ssh_key", "Some(", "None"] {
+        assert!(!events.stdout.contains(noise), "{noise:?} in\n{context}");
+    }
+}
+
+#[tokio::test]
+async fn the_simulators_start_line_has_plain_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let (simulator, sim_url) = spawn_simulator(dir.path(), &[]).await;
+    let log = simulator.stderr();
+    let line = log
+        .lines()
+        .find(|line| line.contains("simulator listening"))
+        .unwrap_or_else(|| panic!("no start line\n{log}"));
+    let port = sim_url.rsplit(':').next().unwrap();
+    assert!(
+        line.contains(&format!("addr=127.0.0.1:{port}")) && line.contains("token_required=true"),
+        "{line}"
+    );
+    assert!(
+        !line.contains("Some(") && !line.contains("SimulatorConfig"),
+        "{line}"
+    );
+    simulator.assert_no_secret();
 }

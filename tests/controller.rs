@@ -86,9 +86,14 @@ async fn active_rows_converge_canceled_ones_stay_empty_and_steady_state_only_lis
             );
             assert_eq!(row.observed_version, row.desired_version);
         }
+        // Canceled before anything was created: settled, not `pending` for ever.
         for i in 10..13 {
             let row = env.row(&format!("sub-{i}")).await;
-            assert_eq!(row.provisioning_status, "pending");
+            assert_eq!(
+                row.provisioning_status, "deprovisioned",
+                "[{}]",
+                env.backend
+            );
             assert_eq!(row.hetzner_server_id, None);
         }
         let recorded = events::recent(&env.db, Some("sub-0"), 50).await.unwrap();
@@ -748,14 +753,24 @@ async fn a_row_judged_converged_would_cost_nothing_if_reconciled() {
             ("paused", "paused", "starter"),
             ("canceled-later", "canceled", "starter"),
             ("never", "canceled", "starter"),
+            ("never-provisioned", "canceled", "starter"),
             ("odd-case", "Active", "starter"),
             ("bad-plan", "active", "gold"),
         ];
-        for (id, _, plan) in rows {
-            env.insert(id, "active", plan).await;
+        for (id, status, plan) in rows {
+            // Canceled before the controller ever saw it: nothing is created for it.
+            let first = if id == "never-provisioned" {
+                status
+            } else {
+                "active"
+            };
+            env.insert(id, first, plan).await;
         }
         env.resync_allowing_failures().await;
         for (id, status, _) in rows {
+            if id == "never-provisioned" {
+                continue;
+            }
             if id == "never" {
                 env.sql("DELETE FROM subscriptions WHERE id = 'never'")
                     .await;
@@ -830,6 +845,7 @@ async fn a_row_judged_converged_would_cost_nothing_if_reconciled() {
             ("running", "ready"),
             ("paused", "suspended"),
             ("canceled-later", "deprovisioned"),
+            ("never-provisioned", "deprovisioned"),
             ("odd-case", "held"),
             ("bad-plan", "failed"),
         ] {

@@ -346,7 +346,21 @@ pub async fn serve(
         )
         .fallback(entry)
         .with_state(shared);
-    tracing::info!(addr = ?listener.local_addr().ok(), config = ?config, "Hetzner Cloud API simulator listening");
+    // Plain fields, not `?` Debug: no `addr=Some(..)`, no `fault_delay: 3s` in a struct dump.
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "unknown".to_string(), |addr| addr.to_string());
+    tracing::info!(
+        addr = %addr,
+        token_required = config.token.is_some(),
+        action_seconds = config.action_seconds,
+        rate_limit = config.rate_limit,
+        budget_time_scale = config.budget_time_scale,
+        fault_rate = config.fault_rate,
+        seed = config.seed,
+        server_limit = config.server_limit,
+        "Hetzner Cloud API simulator listening"
+    );
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -82,6 +82,25 @@ struct Dispatched {
     results: Vec<oneshot::Receiver<bool>>,
 }
 
+/// What a resync keeps of the table while it streams by: the rows themselves are judged and
+/// dropped one at a time.
+#[derive(Default)]
+struct Scanned {
+    /// Every id, decoded or not (resources of unreadable rows are never orphans).
+    ids: Vec<String>,
+    recorded: Vec<RecordedIds>,
+    bad: Vec<subscriptions::BadRow>,
+    by_status: BTreeMap<String, i64>,
+    stuck: usize,
+    /// Rows whose resource key another row already has: (id, why they are skipped).
+    duplicates: Vec<(String, String)>,
+    /// Resource key → the id of the row that has it.
+    keys: HashMap<String, String>,
+    /// Resource key → (id, row version) of the rows to reconcile.
+    work: BTreeMap<String, (String, Option<i64>)>,
+    converged: usize,
+}
+
 /// A claimed job waiting in the queue.
 struct Queued {
     term: Term,
@@ -407,48 +426,91 @@ impl<A: HcloudApi + 'static> Controller<A> {
                     return Err(error.into());
                 }
             };
-        let table = subscriptions::all(&reconciler.db).await?;
-        self.metrics.resync_succeeded(std::time::SystemTime::now());
-        self.health.resync_finished();
-        self.report_bad_rows(&term, &table.bad).await;
-        let rows = table.rows;
-        let recorded: Vec<RecordedIds> = rows
-            .iter()
-            .map(|row| reconcile::recorded_ids(Some(row)))
-            .collect();
         if !self.legacy_checked.load(Ordering::Relaxed) {
+            // Once per process: legacy resources are adopted by the ids rows record.
+            let mut recorded = Vec::new();
+            subscriptions::scan(&reconciler.db, |row| {
+                if let Ok(row) = row {
+                    recorded.push(reconcile::recorded_ids(Some(&row)));
+                }
+            })
+            .await?;
             self.adopt_legacy(&mut snapshot, &recorded).await?;
             self.legacy_checked.store(true, Ordering::Relaxed);
+        }
+
+        // Each row is judged against the listing as it streams in, and only what that needs
+        // is kept: the table is never in memory at once. Only what would change is queued.
+        let now = chrono::Utc::now();
+        let stuck_before = now - STUCK_AFTER;
+        let mut scan = Scanned::default();
+        subscriptions::scan(&reconciler.db, |row| {
+            let row = match row {
+                Ok(row) => row,
+                Err(bad) => {
+                    // Rows that could not be decoded still own their resources: never orphans.
+                    if let Some(id) = &bad.id {
+                        scan.ids.push(id.clone());
+                    }
+                    scan.bad.push(bad);
+                    return;
+                }
+            };
+            *scan
+                .by_status
+                .entry(row.provisioning_status.clone())
+                .or_default() += 1;
+            if STUCK_STATUSES.contains(&row.provisioning_status.as_str())
+                && row.status_changed_at.is_some_and(|since| since < stuck_before)
+            {
+                scan.stuck += 1;
+            }
+            scan.ids.push(row.id.clone());
+            scan.recorded.push(reconcile::recorded_ids(Some(&row)));
+            let key = desired::resource_key(&row.id);
+            if let Some(first) = scan.keys.get(&key) {
+                // Resource keys are injective up to a 64-bit hash: never two rows on one key.
+                let problem = format!(
+                    "id: resource key {key:?} is also the key of subscription {:?}; this row is not acted on",
+                    desired::bounded(first, 64)
+                );
+                scan.duplicates.push((row.id, problem));
+                return;
+            }
+            match reconciler.verdict(&row, &snapshot, now) {
+                Verdict::Converged => scan.converged += 1,
+                Verdict::Recheck(after) => {
+                    scan.converged += 1;
+                    self.work.recheck(&key, &row.id, Instant::now() + after);
+                }
+                Verdict::Work => {
+                    scan.work
+                        .insert(key.clone(), (row.id.clone(), Some(row.desired_version)));
+                }
+            }
+            scan.keys.insert(key, row.id);
+        })
+        .await?;
+        self.metrics.resync_succeeded(std::time::SystemTime::now());
+        self.health.resync_finished();
+        self.report_bad_rows(&term, &scan.bad).await;
+        for (id, problem) in &scan.duplicates {
+            tracing::error!(subscription = %desired::bounded(id, 64), "{problem}");
+            self.record_skipped(&term, id, problem).await;
         }
         let size = [
             snapshot.resources().servers.len(),
             snapshot.resources().ssh_keys.len(),
             snapshot.resources().firewalls.len(),
-            rows.len(),
+            scan.ids.len(),
         ]
         .into_iter()
         .max()
         .unwrap_or(0);
         self.last_listing_size.store(size, Ordering::Relaxed);
-
-        let mut by_status: BTreeMap<String, i64> = BTreeMap::new();
-        let stuck_before = chrono::Utc::now() - STUCK_AFTER;
-        let mut stuck = 0;
-        for row in &rows {
-            *by_status
-                .entry(row.provisioning_status.clone())
-                .or_default() += 1;
-            if STUCK_STATUSES.contains(&row.provisioning_status.as_str())
-                && row
-                    .status_changed_at
-                    .is_some_and(|since| since < stuck_before)
-            {
-                stuck += 1;
-            }
-        }
-        self.metrics.set_subscriptions(&by_status);
-        self.metrics.set_stuck(stuck);
-        self.metrics.set_invalid_rows(table.bad.len());
+        self.metrics.set_subscriptions(&scan.by_status);
+        self.metrics.set_stuck(scan.stuck);
+        self.metrics.set_invalid_rows(scan.bad.len());
         match deletion_guard::status(&reconciler.db).await {
             Ok(guard) => self
                 .metrics
@@ -459,13 +521,8 @@ impl<A: HcloudApi + 'static> Controller<A> {
             tracing::warn!(error = %e, "snapshot retention sweep failed; retried next resync");
         }
 
-        // Rows that could not be decoded still own their resources: never orphans.
-        let ids: Vec<&str> = rows
-            .iter()
-            .map(|r| r.id.as_str())
-            .chain(table.bad.iter().filter_map(|b| b.id.as_deref()))
-            .collect();
-        let mut unwanted = reconcile::unwanted(config, &snapshot, &ids, &recorded);
+        let ids: Vec<&str> = scan.ids.iter().map(String::as_str).collect();
+        let mut unwanted = reconcile::unwanted(config, &snapshot, &ids, &scan.recorded);
         if ids.is_empty() && !unwanted.is_empty() {
             // An empty table next to labelled resources is more likely a wrong DATABASE_URL
             // than a fleet to delete. Deleted rows are still torn down by the change pass.
@@ -475,35 +532,12 @@ impl<A: HcloudApi + 'static> Controller<A> {
             );
             unwanted.clear();
         }
-        // Each row is judged against the listing in memory; only what would change is queued.
-        let now = chrono::Utc::now();
-        let mut keys: HashMap<String, &str> = HashMap::with_capacity(rows.len());
-        let mut work: BTreeMap<String, (String, Option<i64>)> = BTreeMap::new();
-        let mut converged = 0;
-        for row in &rows {
-            let key = desired::resource_key(&row.id);
-            if let Some(first) = keys.get(&key) {
-                // Resource keys are injective up to a 64-bit hash: never two rows on one key.
-                let problem = format!(
-                    "id: resource key {key:?} is also the key of subscription {:?}; this row is not acted on",
-                    desired::bounded(first, 64)
-                );
-                tracing::error!(subscription = %desired::bounded(&row.id, 64), "{problem}");
-                self.record_skipped(&term, &row.id, &problem).await;
-                continue;
-            }
-            match reconciler.verdict(row, &snapshot, now) {
-                Verdict::Converged => converged += 1,
-                Verdict::Recheck(after) => {
-                    converged += 1;
-                    self.work.recheck(&key, &row.id, Instant::now() + after);
-                }
-                Verdict::Work => {
-                    work.insert(key.clone(), (row.id.clone(), Some(row.desired_version)));
-                }
-            }
-            keys.insert(key, &row.id);
-        }
+        let Scanned {
+            mut work,
+            keys,
+            converged,
+            ..
+        } = scan;
         let mut orphans = BTreeMap::new();
         for (key, observed) in unwanted {
             work.entry(key.clone())

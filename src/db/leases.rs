@@ -88,7 +88,10 @@ pub async fn try_acquire(
     if ttl.is_zero() || ttl > MAX_TTL {
         return Err(DbError::InvalidInput {
             field: "ttl",
-            problem: format!("{ttl:?} must be more than zero and at most 24 hours"),
+            problem: format!(
+                "{} ms must be more than zero and at most 24 hours",
+                ttl.as_millis()
+            ),
         });
     }
     let backend = db.get_database_backend();

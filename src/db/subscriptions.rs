@@ -3,7 +3,9 @@
 //! Rows are decoded one by one: the table belongs to the web app, and one row the controller
 //! cannot read (a NULL id, a BLOB where text belongs) must never stop it from serving the others.
 
-use sea_orm::{ConnectionTrait, QueryResult, Statement, TryGetable, Value};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, QueryResult, Statement, StreamTrait, TryGetable, Value,
+};
 
 use super::entities::subscription;
 use super::leases::{self, Fence};
@@ -61,15 +63,31 @@ pub async fn all(db: &impl ConnectionTrait) -> Result<Rows, DbError> {
     for row in &rows {
         match decode(row) {
             Ok(model) => out.rows.push(model),
-            Err(problem) => out.bad.push(BadRow {
-                id: raw_id(row),
-                problem,
-                provisioning_status: row.try_get("", "provisioning_status").ok(),
-                provisioning_error: row.try_get("", "provisioning_error").ok().flatten(),
-            }),
+            Err(problem) => out.bad.push(bad_row(row, problem)),
         }
     }
     Ok(out)
+}
+
+/// Every subscription in id order, handed to `each` one at a time as the database sends
+/// them, decoded or not: the resync never holds the table in memory (at 10,000 rows the
+/// driver's copies plus the decoded rows were tens of MiB at once).
+pub async fn scan(
+    db: &DatabaseConnection,
+    mut each: impl FnMut(Result<subscription::Model, BadRow>),
+) -> Result<(), DbError> {
+    use futures::StreamExt;
+    let mut rows = db
+        .stream_raw(Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT {COLUMNS} FROM subscriptions ORDER BY id"),
+        ))
+        .await?;
+    while let Some(row) = rows.next().await {
+        let row = row?;
+        each(decode(&row).map_err(|problem| bad_row(&row, problem)));
+    }
+    Ok(())
 }
 
 /// Rows per `provisioning_status` (one grouped query, for the metrics between resyncs).
@@ -180,6 +198,16 @@ fn column<T: TryGetable>(row: &QueryResult, name: &str) -> Result<T, String> {
 fn required<T: TryGetable>(row: &QueryResult, name: &str) -> Result<T, String> {
     column::<Option<T>>(row, name)?
         .ok_or_else(|| format!("column {name} is NULL but the controller needs a value"))
+}
+
+/// A row that did not decode: what can still be read of it, and `problem`.
+fn bad_row(row: &QueryResult, problem: String) -> BadRow {
+    BadRow {
+        id: raw_id(row),
+        problem,
+        provisioning_status: row.try_get("", "provisioning_status").ok(),
+        provisioning_error: row.try_get("", "provisioning_error").ok().flatten(),
+    }
 }
 
 /// The id of a row that did not decode, if it can be read at all.

@@ -187,6 +187,17 @@ pub enum TransportKind {
     Io,
 }
 
+impl TransportKind {
+    /// For messages: what happened, in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            TransportKind::Connect => "cannot connect",
+            TransportKind::Timeout => "timed out",
+            TransportKind::Io => "connection broken",
+        }
+    }
+}
+
 /// `Clone`, so one failed action poll can fail every wait it served.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -199,7 +210,7 @@ pub enum Error {
         correlation_id: Option<String>,
     },
     /// Connect failure, timeout, broken body. Never carries the request URL.
-    #[error("hcloud transport error ({kind:?}): {message}")]
+    #[error("hcloud transport error ({}): {message}", kind.describe())]
     Transport {
         kind: TransportKind,
         message: String,
@@ -209,7 +220,10 @@ pub enum Error {
     InvalidResponse { status: u16, snippet: String },
     /// The request budget is exhausted (or paused after a 429) for longer than the client is
     /// configured to wait; try again after `reset_in`.
-    #[error("hcloud request budget exhausted; next request possible in {reset_in:?}")]
+    #[error(
+        "hcloud request budget exhausted; next request possible in {} s",
+        reset_in.as_secs_f64().ceil()
+    )]
     RateLimited { reset_in: Duration },
     #[error("hcloud action {action_id} ({command}) failed: {code}: {message}")]
     ActionFailed {
@@ -218,7 +232,10 @@ pub enum Error {
         code: String,
         message: String,
     },
-    #[error("hcloud actions {ids:?} still running when the wait timed out")]
+    #[error(
+        "hcloud actions {} still running when the wait timed out",
+        ids.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+    )]
     ActionTimeout { ids: Vec<i64> },
     /// A listing had more than `max_pages` pages; returning the first ones would silently
     /// drop objects (and a reconciler would read them as gone). Raise `ClientConfig::max_pages`

@@ -83,7 +83,7 @@ impl<A: HcloudApi> Executor<'_, A> {
         op: &Op,
         progress: &mut Progress,
     ) -> Result<(), ReconcileError> {
-        tracing::debug!(subscription = %desired::shown_id(&progress.subscription_id), ?op, "applying");
+        tracing::debug!(subscription = %desired::shown_id(&progress.subscription_id), op = %op, "applying");
         match op {
             Op::GenerateKeyPair => self.generate_key_pair(need(spec)?, progress).await,
             Op::CreateSshKey => self.create_ssh_key(need(spec)?, progress).await,
@@ -146,7 +146,7 @@ impl<A: HcloudApi> Executor<'_, A> {
                     progress,
                     EventKind::Normal,
                     "LabelsRepaired",
-                    &format!("{} {id}: labels set", kind.as_str()),
+                    &format!("{} {id}: labels set", kind.noun()),
                 )
                 .await
             }
@@ -183,7 +183,7 @@ impl<A: HcloudApi> Executor<'_, A> {
                     progress,
                     EventKind::Normal,
                     "SshKeyDeleted",
-                    &format!("ssh key {id} deleted"),
+                    &format!("SSH key {id} deleted"),
                 )
                 .await
             }
@@ -259,7 +259,7 @@ impl<A: HcloudApi> Executor<'_, A> {
                     }
                 };
                 let key = existing.ok_or(e)?;
-                self.check_owned(progress, "ssh key", key.id, &key.name, &key.labels)?;
+                self.check_owned(progress, "SSH key", key.id, &key.name, &key.labels)?;
                 if key.public_key.split_whitespace().nth(1) == public_key.split_whitespace().nth(1)
                 {
                     (key, "SshKeyAdopted")
@@ -396,7 +396,7 @@ impl<A: HcloudApi> Executor<'_, A> {
             Kind::Firewall => update.hetzner_firewall_id = Some(Some(id)),
         }
         self.write(progress, update).await?;
-        let message = format!("{} {id} ({detail})", kind.as_str());
+        let message = format!("{} {id} ({detail})", kind.noun());
         self.event(progress, EventKind::Normal, reason, &message)
             .await
     }

@@ -39,7 +39,7 @@ pub enum ReconcileError {
     Api(#[from] hcloud::Error),
     #[error("database: {0}")]
     Db(DbError),
-    #[error("ssh key: {0}")]
+    #[error("SSH key: {0}")]
     Key(#[from] crate::keys::KeyError),
     #[error("sealed private key: {0}")]
     Seal(#[from] crate::keys::SealError),
@@ -444,7 +444,7 @@ impl<A: HcloudApi> Reconciler<A> {
         id: i64,
         labels: &crate::hcloud::Labels,
     ) -> Result<bool, ReconcileError> {
-        let what = format!("{} {id} recorded on the row", kind.as_str());
+        let what = format!("{} {id} recorded on the row", kind.noun());
         if self.owner.foreign(labels) {
             return Err(ReconcileError::ForeignResource(format!(
                 "{what} belongs to another installation (label {}={}); this controller never changes it",
@@ -638,6 +638,13 @@ impl<A: HcloudApi> Reconciler<A> {
                         "nothing running (status {:?}); nothing is created while suspended",
                         row.status.as_deref().unwrap_or("NULL")
                     ),
+                    // Canceled before anything was created, or deleted at Hetzner by hand.
+                    (Outcome::Deprovisioned, _)
+                        if !plan.ops.iter().any(|op| op.deletes().is_some()) =>
+                    {
+                        "nothing to delete: no server, SSH key or firewall of this subscription exists"
+                            .to_string()
+                    }
                     _ => "all resources deleted".to_string(),
                 };
                 match kind {

@@ -52,10 +52,20 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The metric label (`ssh_key`); see `noun` for messages.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Server => "server",
             Kind::SshKey => "ssh_key",
+            Kind::Firewall => "firewall",
+        }
+    }
+
+    /// The kind as events and messages name it for people ("SSH key 200 (vps-web-1)").
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Server => "server",
+            Kind::SshKey => "SSH key",
             Kind::Firewall => "firewall",
         }
     }
@@ -158,7 +168,7 @@ impl std::fmt::Display for Op {
                 write!(f, "apply the firewall to server {server_id}")
             }
             Op::UpdateLabels { kind, id, .. } => {
-                write!(f, "repair the labels of {} {id}", kind.as_str())
+                write!(f, "repair the labels of {} {id}", kind.noun())
             }
             Op::ReportServerTypeDrift {
                 server_id,
@@ -179,9 +189,16 @@ impl std::fmt::Display for Op {
                 id,
                 attached_servers,
             } => {
+                let servers: Vec<String> = attached_servers.iter().map(i64::to_string).collect();
+                let noun = if servers.len() == 1 {
+                    "server"
+                } else {
+                    "servers"
+                };
                 write!(
                     f,
-                    "detach firewall {id} from {attached_servers:?}, then delete it"
+                    "detach firewall {id} from {noun} {}, then delete it",
+                    servers.join(", ")
                 )
             }
             Op::DeleteSshKey { id } => write!(f, "delete SSH key {id}"),
@@ -203,14 +220,14 @@ pub enum Outcome {
     Ready,
     /// Waiting for Hetzner (server starting, stopping, ...): `provisioning`, look again soon.
     Provisioning,
-    /// Nothing exists any more: `deprovisioned`.
+    /// Nothing exists any more, or never did (canceled while `pending`): `deprovisioned`.
     Deprovisioned,
     /// Powered off and kept: `suspended`. `settled` is false while Hetzner is still busy
     /// (starting, stopping): look again soon.
     Suspended { settled: bool },
     /// The status is not understood: `held` with this reason; nothing done.
     Held(String),
-    /// Nothing to do and nothing to record (never provisioned, or the row is gone).
+    /// Nothing to do and nothing to record (already `deprovisioned`, or the row is gone).
     Unchanged,
     /// The row cannot be acted on: `failed` with this message, not retried until it changes.
     Failed(String),
@@ -291,11 +308,10 @@ fn plan_teardown(desired: &Desired, row: &RowState, observed: &Observed) -> Plan
         || row.firewall_id.is_some()
         || row.has_private_key
         || row.public_key.is_some();
-    let never_provisioned = matches!(row.provisioning_status.as_str(), "pending" | "");
+    // Once a row wants nothing it ends `deprovisioned`, also when nothing was ever created
+    // for it (canceled while `pending`): `pending` would say a server is still to come.
     let outcome = if !row_exists
-        || (ops.is_empty()
-            && !row_holds_anything
-            && (never_provisioned || row.provisioning_status == "deprovisioned"))
+        || (ops.is_empty() && !row_holds_anything && row.provisioning_status == "deprovisioned")
     {
         Outcome::Unchanged
     } else {
@@ -336,7 +352,7 @@ fn plan_vps(spec: &VpsSpec, row: &RowState, observed: &Observed) -> Plan {
         }
         (KeyState::Sealed { fingerprint }, Some(key), Some(server)) => {
             return fail(format!(
-                "ssh key {} at Hetzner has fingerprint {}, but the stored key pair's is {fingerprint}; \
+                "SSH key {} at Hetzner has fingerprint {}, but the stored key pair's is {fingerprint}; \
                  server {} was created with one of them and the stored private key may not open it. \
                  Nothing was changed; see README \"Recovering a lost key pair\"",
                 key.id, key.fingerprint, server.id

@@ -357,7 +357,7 @@ fn cases() -> Vec<Case> {
             observed: with(|o| o.ssh_keys[0].fingerprint = "ff:ff".into()),
             ops: vec![],
             outcome: Outcome::Failed(format!(
-                "ssh key {KEY} at Hetzner has fingerprint ff:ff, but the stored key pair's is 00:11; \
+                "SSH key {KEY} at Hetzner has fingerprint ff:ff, but the stored key pair's is 00:11; \
                  server {SERVER} was created with one of them and the stored private key may not open it. \
                  Nothing was changed; see README \"Recovering a lost key pair\""
             )),
@@ -714,12 +714,12 @@ fn cases() -> Vec<Case> {
             outcome: Outcome::Deprovisioned,
         },
         Case {
-            name: "canceled before it was ever provisioned: nothing to record",
+            name: "canceled before it was ever provisioned: deprovisioned, not pending forever",
             desired: want_nothing(),
             row: fresh_row(),
             observed: Observed::default(),
             ops: vec![],
-            outcome: Outcome::Unchanged,
+            outcome: Outcome::Deprovisioned,
         },
         Case {
             name: "deprovisioned stays deprovisioned",
@@ -817,4 +817,202 @@ fn planning_twice_gives_the_same_plan() {
             case.name
         );
     }
+}
+
+/// A `subscriptions` row as the web app inserts it (every controller column defaulted), with
+/// the spec changed once since the controller last looked (`desired_version` 2).
+fn model(provisioning_status: &str) -> crate::db::entities::subscription::Model {
+    crate::db::entities::subscription::Model {
+        id: ID.into(),
+        user_id: Some("user-1".into()),
+        stripe_subscription_id: None,
+        status: Some("canceled".into()),
+        plan: Some("starter".into()),
+        hetzner_server_id: None,
+        hetzner_ssh_key_id: None,
+        hetzner_firewall_id: None,
+        vps_ip_address: None,
+        vps_hostname: None,
+        provisioning_status: provisioning_status.into(),
+        provisioning_error: None,
+        provisioned_at: None,
+        deprovisioned_at: None,
+        ssh_private_key: None,
+        ssh_public_key: None,
+        desired_version: 2,
+        observed_version: 1,
+        last_reconciled_at: None,
+        status_changed_at: None,
+        ssh_key_origin: None,
+    }
+}
+
+/// Writes `update` onto `row` as `subscriptions::write_status` would.
+fn apply(row: &mut crate::db::entities::subscription::Model, update: &crate::db::StatusUpdate) {
+    fn set<T: Clone>(column: &mut T, value: &Option<T>) {
+        if let Some(value) = value {
+            *column = value.clone();
+        }
+    }
+    set(&mut row.provisioning_status, &update.provisioning_status);
+    set(&mut row.provisioning_error, &update.provisioning_error);
+    set(&mut row.hetzner_server_id, &update.hetzner_server_id);
+    set(&mut row.hetzner_ssh_key_id, &update.hetzner_ssh_key_id);
+    set(&mut row.hetzner_firewall_id, &update.hetzner_firewall_id);
+    set(&mut row.vps_ip_address, &update.vps_ip_address);
+    set(&mut row.vps_hostname, &update.vps_hostname);
+    set(&mut row.provisioned_at, &update.provisioned_at);
+    set(&mut row.deprovisioned_at, &update.deprovisioned_at);
+    set(&mut row.ssh_private_key, &update.ssh_private_key);
+    set(&mut row.ssh_public_key, &update.ssh_public_key);
+    set(&mut row.ssh_key_origin, &update.ssh_key_origin);
+    set(&mut row.observed_version, &update.observed_version);
+}
+
+/// One pass over `row` with nothing left at Hetzner, through the same `settlement` that the
+/// reconcile writes and the resync's verdict judges: the columns it would write.
+fn settle_canceled(row: &crate::db::entities::subscription::Model) -> crate::db::StatusUpdate {
+    let desired = Desired {
+        version: Some(row.desired_version),
+        ..want_nothing()
+    };
+    let row_state = crate::reconcile::row_state(row);
+    let observed = Observed::default();
+    let plan = plan(&desired, &row_state, &observed);
+    assert_eq!(
+        plan.ops,
+        vec![],
+        "{}: nothing exists to delete",
+        row.provisioning_status
+    );
+    let progress = crate::reconcile::progress_before(&desired, &row_state, &observed, &plan);
+    let context = crate::reconcile::Settle {
+        desired: &desired,
+        row_state: &row_state,
+        ready_server: crate::reconcile::ready_server(Some(row)),
+        plan: &plan,
+        adopting: false,
+    };
+    let settlement = crate::reconcile::settlement(&context, Some(row), &progress)
+        .expect("a row with a version always settles");
+    assert_eq!(
+        settlement.done,
+        crate::reconcile::Done::Settled,
+        "{}: nothing to wait for",
+        row.provisioning_status
+    );
+    settlement.update
+}
+
+#[test]
+fn a_canceled_row_with_nothing_at_hetzner_settles_deprovisioned_and_stays_there() {
+    let with_ids = |status: &str| crate::db::entities::subscription::Model {
+        hetzner_server_id: Some(SERVER),
+        hetzner_ssh_key_id: Some(KEY),
+        hetzner_firewall_id: Some(FIREWALL),
+        vps_ip_address: Some("198.18.0.10".into()),
+        vps_hostname: Some(NAME.into()),
+        provisioned_at: Some(created()),
+        ..model(status)
+    };
+    // (what, the row before, the provisioning_status written: None = no status write)
+    let cases = [
+        (
+            "canceled while pending: nothing was ever created",
+            model("pending"),
+            Some("deprovisioned"),
+        ),
+        (
+            "canceled while provisioning, before any id was stored",
+            model("provisioning"),
+            Some("deprovisioned"),
+        ),
+        (
+            "canceled while held (status was not understood)",
+            model("held"),
+            Some("deprovisioned"),
+        ),
+        (
+            "canceled while suspended with nothing running",
+            model("suspended"),
+            Some("deprovisioned"),
+        ),
+        (
+            "canceled after ready, deleted at Hetzner by hand",
+            with_ids("ready"),
+            Some("deprovisioned"),
+        ),
+        (
+            "already deprovisioned, spec touched again",
+            crate::db::entities::subscription::Model {
+                deprovisioned_at: Some(created()),
+                ..model("deprovisioned")
+            },
+            None,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, mut row, expected) in cases {
+        let first = settle_canceled(&row);
+        if first.provisioning_status.as_deref() != expected {
+            failures.push(format!(
+                "{what}: provisioning_status written {:?}, expected {expected:?}",
+                first.provisioning_status
+            ));
+            continue;
+        }
+        apply(&mut row, &first);
+        if row.provisioning_status != "deprovisioned"
+            || row.deprovisioned_at.is_none()
+            || row.hetzner_server_id.is_some()
+            || row.vps_ip_address.is_some()
+            || row.observed_version != row.desired_version
+        {
+            failures.push(format!("{what}: not a clean deprovisioned row: {row:?}"));
+        }
+        // Terminal: the next pass (a resync, a restart) writes nothing, so the verdict is
+        // `Converged` and the row is never queued again.
+        let second = settle_canceled(&row);
+        if !second.is_empty() {
+            failures.push(format!(
+                "{what}: the second pass still writes {:?}",
+                second.provisioning_status
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn ops_read_as_people_name_things() {
+    let cases = [
+        (
+            Op::UpdateLabels {
+                kind: Kind::SshKey,
+                id: KEY,
+                labels: spec().labels,
+            },
+            "repair the labels of SSH key 200",
+        ),
+        (
+            Op::DeleteFirewall {
+                id: FIREWALL,
+                attached_servers: vec![SERVER],
+            },
+            "detach firewall 300 from server 100, then delete it",
+        ),
+        (
+            Op::DeleteFirewall {
+                id: FIREWALL,
+                attached_servers: vec![SERVER, SERVER + 1],
+            },
+            "detach firewall 300 from servers 100, 101, then delete it",
+        ),
+        (Op::DeleteSshKey { id: KEY }, "delete SSH key 200"),
+    ];
+    for (op, text) in cases {
+        assert_eq!(op.to_string(), text);
+    }
+    // The metric label stays the identifier.
+    assert_eq!(Kind::SshKey.as_str(), "ssh_key");
 }

@@ -7,10 +7,10 @@ use sea_orm::DatabaseConnection;
 use chrono::Utc;
 
 use crate::config::Config;
-use crate::db::{deletion_guard, events, installation, subscriptions};
+use crate::db::{DbError, StatusUpdate, deletion_guard, events, installation, subscriptions};
 use crate::hcloud::HcloudApi;
 
-use super::desired::{self, Owner, Want};
+use super::desired::{self, Owner};
 use super::plan::{self, Outcome, Plan};
 use super::{ReconcileError, observe, row_state};
 
@@ -22,42 +22,80 @@ pub struct PlanReport {
 pub struct PlanEntry {
     pub subscription_id: String,
     pub plan: Plan,
-    /// The row's status columns would change (e.g. `ready` not yet recorded).
+    /// The reconcile would write the row beyond its bookkeeping (`observed_version`): e.g.
+    /// `ready` not yet recorded, an id, an error that is no longer true.
     pub status_pending: bool,
+    /// `(from, to)` when the row's `provisioning_status` would change.
+    pub status_change: Option<(String, String)>,
+    /// Resources no row wants (deleted as orphans), not a subscription.
+    pub orphaned: bool,
+}
+
+impl PlanEntry {
+    /// Whether the controller would change anything: at Hetzner (a report is no change) or
+    /// on the row (stamping `observed_version` is none either).
+    pub fn has_changes(&self) -> bool {
+        self.plan.has_changes() || self.status_pending
+    }
 }
 
 impl PlanReport {
-    /// True when no subscription has changes pending, at Hetzner or on its row.
+    /// True when nothing has changes pending, at Hetzner or on a row.
     pub fn in_sync(&self) -> bool {
-        self.entries
-            .iter()
-            .all(|e| !e.plan.has_changes() && !e.status_pending)
+        self.entries.iter().all(|e| !e.has_changes())
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let mut pending = 0;
         for entry in &self.entries {
-            if !entry.plan.has_changes() && !entry.status_pending && entry.plan.ops.is_empty() {
+            if !entry.has_changes() && entry.plan.ops.is_empty() {
                 continue;
             }
-            pending += usize::from(entry.plan.has_changes() || entry.status_pending);
-            let _ = writeln!(
-                out,
-                "{}: -> {}",
-                entry.subscription_id,
-                outcome_text(&entry.plan.outcome)
-            );
+            if entry.has_changes() {
+                let _ = writeln!(
+                    out,
+                    "{}: -> {}",
+                    entry.subscription_id,
+                    outcome_text(&entry.plan.outcome)
+                );
+            } else {
+                // Only reports (e.g. a server type that differs from the plan's).
+                let _ = writeln!(
+                    out,
+                    "{}: nothing to change ({})",
+                    entry.subscription_id,
+                    outcome_text(&entry.plan.outcome)
+                );
+            }
+            if let Some((from, to)) = &entry.status_change {
+                let _ = writeln!(out, "    provisioning_status: {from} -> {to}");
+            }
             for op in &entry.plan.ops {
                 let _ = writeln!(out, "    {op}");
             }
         }
-        let _ = writeln!(
+        let subscriptions = self.entries.iter().filter(|e| !e.orphaned).count();
+        let pending = self
+            .entries
+            .iter()
+            .filter(|e| !e.orphaned && e.has_changes())
+            .count();
+        let orphans = self
+            .entries
+            .iter()
+            .filter(|e| e.orphaned && e.has_changes())
+            .count();
+        let _ = write!(
             out,
-            "{} subscriptions, {} with changes pending",
-            self.entries.len(),
-            pending
+            "{subscriptions} subscriptions, {pending} with changes pending"
         );
+        if orphans > 0 {
+            let _ = write!(
+                out,
+                "; {orphans} groups of resources no subscription wants, to be deleted"
+            );
+        }
+        out.push('\n');
         out
     }
 }
@@ -109,12 +147,33 @@ pub async fn plan_all<A: HcloudApi>(
             (None, _) => plan::KeyState::Missing,
         };
         let plan = plan::plan(&desired, &state, &observed);
-        let status_pending = row.desired_version != row.observed_version
-            && !matches!(desired.want, Want::Invalid(_) if row.provisioning_status == "failed");
+        // What the reconcile would write if no op changed anything: the same `settlement`
+        // the reconcile and the resync's verdict use. `observed_version` alone is
+        // bookkeeping (the spec changed in a way that changes nothing), not a change.
+        let progress = super::progress_before(&desired, &state, &observed, &plan);
+        let context = super::Settle {
+            desired: &desired,
+            row_state: &state,
+            ready_server: super::ready_server(Some(row)),
+            plan: &plan,
+            adopting: observed.adopting,
+        };
+        let update = super::settlement(&context, Some(row), &progress)
+            .map(|settlement| StatusUpdate {
+                observed_version: None,
+                ..settlement.update
+            })
+            .unwrap_or_default();
+        let status_change = update
+            .provisioning_status
+            .clone()
+            .map(|to| (row.provisioning_status.clone(), to));
         entries.push(PlanEntry {
             subscription_id: row.id.clone(),
             plan,
-            status_pending,
+            status_pending: !update.is_empty(),
+            status_change,
+            orphaned: false,
         });
     }
     let ids: Vec<&str> = rows
@@ -129,6 +188,8 @@ pub async fn plan_all<A: HcloudApi>(
             subscription_id: format!("{key} (no subscription wants these)"),
             plan: plan::plan(&desired, &Default::default(), &observed),
             status_pending: false,
+            status_change: None,
+            orphaned: true,
         });
     }
     Ok(PlanReport { entries })
@@ -194,13 +255,40 @@ pub async fn status_table(db: &DatabaseConnection) -> Result<String, ReconcileEr
     Ok(out)
 }
 
-/// The recent events of one subscription, newest last.
+/// The recent events of one subscription, newest last; `None` when there is no such
+/// subscription: no row, and no event of one that was deleted.
 pub async fn events_table(
     db: &DatabaseConnection,
     subscription_id: &str,
-) -> Result<String, ReconcileError> {
+) -> Result<Option<String>, ReconcileError> {
+    let row = match subscriptions::get(db, subscription_id).await {
+        Ok(row) => Ok(row.is_some()),
+        // The row is there but does not decode: its events are what helps most.
+        Err(DbError::BadData { problem, .. }) => Err(problem),
+        Err(e) => return Err(e.into()),
+    };
     let mut recent = events::recent(db, Some(subscription_id), 50).await?;
+    if row == Ok(false) && recent.is_empty() {
+        return Ok(None);
+    }
     recent.sort_by_key(|e| e.id);
+    let mut out = String::new();
+    match row {
+        Ok(true) => {}
+        Ok(false) => {
+            let _ = writeln!(
+                out,
+                "subscription {subscription_id:?} no longer exists; its recorded events:"
+            );
+        }
+        Err(problem) => {
+            let _ = writeln!(
+                out,
+                "subscription {subscription_id:?} cannot be read ({}); its recorded events:",
+                shorten(&problem, 120)
+            );
+        }
+    }
     let mut table = vec![[
         "TIME".to_string(),
         "KIND".into(),
@@ -215,7 +303,8 @@ pub async fn events_table(
             event.message,
         ]);
     }
-    Ok(render_table(&table))
+    out.push_str(&render_table(&table));
+    Ok(Some(out))
 }
 
 fn shorten(text: &str, max: usize) -> String {

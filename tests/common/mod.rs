@@ -13,7 +13,9 @@
 #![allow(dead_code)]
 
 pub mod env;
+pub mod invariants;
 pub mod process;
+pub mod proxy;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
