@@ -56,7 +56,9 @@ Environment (besides the [env: ...] of the options above):
                                            info,vps_controller=debug
   NO_COLOR                                 set and not empty: no colours in pretty logs
   HOSTNAME                                 names this replica in the leader lease (set by
-                                           Kubernetes)";
+                                           Kubernetes)
+  MALLOC_ARENA_MAX                         glibc malloc arenas (default here: 2, which keeps
+                                           the resident memory low)";
 
 /// The variables `plan` reads that are no option's `[env: ...]`. No encryption key: `plan`
 /// never opens a private key.
