@@ -598,17 +598,8 @@ async fn simulator_writes(http: &reqwest::Client, sim_url: &str) -> u64 {
 /// key its server was created with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_paused_past_its_lease_neither_calls_hetzner_nor_writes_after_waking() {
-    let test_db = match common::postgres_db().await {
-        Ok(test_db) => test_db,
-        Err(reason)
-            if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0") =>
-        {
-            panic!("PostgreSQL is required in CI: {reason}")
-        }
-        Err(reason) => {
-            eprintln!("skipping: two replicas need PostgreSQL ({reason})");
-            return;
-        }
+    let Some(test_db) = common::postgres_or_skip("two replicas need PostgreSQL").await else {
+        return;
     };
     let http = http_client();
     let sim_dir = tempfile::tempdir().unwrap();

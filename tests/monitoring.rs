@@ -23,7 +23,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -67,26 +66,6 @@ fn read(path: &str) -> String {
 // ---------------------------------------------------------------------------------------
 // External tools
 // ---------------------------------------------------------------------------------------
-
-fn on_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// A tool is missing: fail under CI, else warn loudly (the caller returns).
-fn skip_or_fail(test: &str, reason: &str, hint: &str) {
-    if on_ci() {
-        panic!("{test}: {reason}; {hint}");
-    }
-    // Written to the real stderr: libtest captures eprintln! output of passing tests.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-         !!! SKIPPED {test}: {reason}\n\
-         !!! {hint}\n\
-         !!! (with CI set, this test fails instead of skipping)\n\
-         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
-    );
-}
 
 /// An external program, possibly with leading arguments (`python3 -m kubernetes_validate`).
 struct Tool {
@@ -168,7 +147,7 @@ fn find_tool(
             Err(err) => reasons.push(format!("`{candidate}` cannot be started: {err}")),
         }
     }
-    skip_or_fail(test, &reasons.join("; "), hint);
+    common::skip_or_fail(test, &reasons.join("; "), hint);
     None
 }
 

@@ -10,7 +10,8 @@
 //! A missing client skips its test with a loud warning, unless `CI` is set (and not `false`/`0`),
 //! where the test fails.
 
-use std::io::Write;
+mod common;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -29,26 +30,6 @@ fn python() -> String {
         .ok()
         .filter(|p| !p.is_empty())
         .unwrap_or_else(|| "python3".to_string())
-}
-
-fn on_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
-/// A client is missing: fail under CI, else warn loudly and let the caller return.
-fn skip_or_fail(test: &str, client: &str, reason: &str, hint: &str) {
-    if on_ci() {
-        panic!("{test} needs {client}: {reason}; {hint}");
-    }
-    // Written to the real stderr: libtest captures eprintln! output of passing tests.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-         !!! SKIPPED {test}: {reason}\n\
-         !!! {hint}\n\
-         !!! (with CI set, this test fails instead of skipping)\n\
-         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
-    );
 }
 
 /// A simulator for one client run: its own token, short actions.
@@ -112,10 +93,9 @@ async fn python_client_missing(python: &str) -> Option<String> {
 async fn official_python_client_works_against_the_simulator() {
     let python = python();
     if let Some(reason) = python_client_missing(&python).await {
-        skip_or_fail(
+        common::skip_or_fail(
             "official_python_client_works_against_the_simulator",
-            "hcloud-python",
-            &reason,
+            &format!("needs hcloud-python: {reason}"),
             INSTALL_HINT,
         );
         return;
@@ -170,10 +150,9 @@ async fn cli_missing(hcloud: &str) -> Option<String> {
 async fn official_hcloud_cli_works_against_the_simulator() {
     let hcloud = hcloud_cli();
     if let Some(reason) = cli_missing(&hcloud).await {
-        skip_or_fail(
+        common::skip_or_fail(
             "official_hcloud_cli_works_against_the_simulator",
-            "the hcloud CLI",
-            &reason,
+            &format!("needs the hcloud CLI: {reason}"),
             CLI_INSTALL_HINT,
         );
         return;

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -52,32 +51,6 @@ const FAMILIES: &[&str] = &[
     "vps_controller_process_max_fds",
     "vps_controller_process_start_time_seconds",
 ];
-
-/// The value of the sample `name{labels…}` whose labels include `labels` (in any order).
-fn value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        let (found, number) = match rest.strip_prefix('{') {
-            Some(rest) => {
-                let (inside, number) = rest.split_once("} ")?;
-                let found: BTreeMap<&str, &str> = inside
-                    .split(',')
-                    .filter_map(|pair| {
-                        let (key, value) = pair.split_once('=')?;
-                        Some((key, value.trim_matches('"')))
-                    })
-                    .collect();
-                (found, number)
-            }
-            None => (BTreeMap::new(), rest.strip_prefix(' ')?),
-        };
-        labels
-            .iter()
-            .all(|(key, wanted)| found.get(key) == Some(wanted))
-            .then(|| number.split_whitespace().next()?.parse().ok())
-            .flatten()
-    })
-}
 
 fn unix_now() -> f64 {
     std::time::SystemTime::now()
@@ -179,7 +152,7 @@ async fn every_metric_family_has_one_prefix_and_sane_values_and_json_logs_name_t
     .await;
     let http = http_client();
     wait_for_metrics(&http, &base_url, "a first resync", &controller, |m| {
-        value(
+        metric_value(
             m,
             "vps_controller_pass_duration_seconds_count",
             &[("pass", "resync")],
@@ -192,7 +165,7 @@ async fn every_metric_family_has_one_prefix_and_sane_values_and_json_logs_name_t
     drop(conn);
 
     let text = wait_for_metrics(&http, &base_url, "the row ready", &controller, |m| {
-        value(
+        metric_value(
             m,
             "vps_controller_subscriptions",
             &[("provisioning_status", "ready")],
@@ -221,7 +194,8 @@ async fn every_metric_family_has_one_prefix_and_sane_values_and_json_logs_name_t
 
     // Sane values after one subscription was provisioned.
     let at = |name: &str, labels: &[(&str, &str)]| {
-        value(&text, name, labels).unwrap_or_else(|| panic!("no sample {name}{labels:?}\n{text}"))
+        metric_value(&text, name, labels)
+            .unwrap_or_else(|| panic!("no sample {name}{labels:?}\n{text}"))
     };
     assert!(
         text.lines()
@@ -417,7 +391,7 @@ async fn a_rejected_token_shows_in_metrics_logs_readiness_and_on_the_waiting_row
     drop(conn);
     let http = http_client();
     wait_for_metrics(&http, &base_url, "401s counted", &controller, |m| {
-        value(
+        metric_value(
             m,
             "vps_controller_hcloud_requests_total",
             &[("code", "unauthorized")],
@@ -433,7 +407,7 @@ async fn a_rejected_token_shows_in_metrics_logs_readiness_and_on_the_waiting_row
         "the reconcile error by reason",
         &controller,
         |m| {
-            value(
+            metric_value(
                 m,
                 "vps_controller_reconcile_errors_total",
                 &[("reason", "unauthorized")],
@@ -600,17 +574,8 @@ fn the_database_url_can_come_from_a_file_and_two_sources_are_refused() {
 /// the README); the test asserts the takeover, not the time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_takes_over_when_the_leader_is_killed() {
-    let test_db = match common::postgres_db().await {
-        Ok(test_db) => test_db,
-        Err(reason)
-            if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0") =>
-        {
-            panic!("PostgreSQL is required in CI: {reason}")
-        }
-        Err(reason) => {
-            eprintln!("skipping: two replicas need PostgreSQL ({reason})");
-            return;
-        }
+    let Some(test_db) = common::postgres_or_skip("two replicas need PostgreSQL").await else {
+        return;
     };
     let http = http_client();
     let sim_dir = tempfile::tempdir().unwrap();
@@ -621,7 +586,9 @@ async fn the_standby_takes_over_when_the_leader_is_killed() {
     let leads = |url: &str| {
         let http = http.clone();
         let url = url.to_string();
-        async move { value(&metrics(&http, &url).await, "vps_controller_leader", &[]) == Some(1.0) }
+        async move {
+            metric_value(&metrics(&http, &url).await, "vps_controller_leader", &[]) == Some(1.0)
+        }
     };
     assert!(
         common::eventually(DEADLINE, || leads(&first_url)).await,

@@ -63,32 +63,6 @@ deletion_budget:
 shutdown_timeout_seconds: 2
 ";
 
-/// The value of the sample `name{labels…}` whose labels include `labels` (in any order).
-fn value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        let (found, number) = match rest.strip_prefix('{') {
-            Some(rest) => {
-                let (inside, number) = rest.split_once("} ")?;
-                let found: BTreeMap<&str, &str> = inside
-                    .split(',')
-                    .filter_map(|pair| {
-                        let (key, value) = pair.split_once('=')?;
-                        Some((key, value.trim_matches('"')))
-                    })
-                    .collect();
-                (found, number)
-            }
-            None => (BTreeMap::new(), rest.strip_prefix(' ')?),
-        };
-        labels
-            .iter()
-            .all(|(key, wanted)| found.get(key) == Some(wanted))
-            .then(|| number.split_whitespace().next()?.parse().ok())
-            .flatten()
-    })
-}
-
 /// One installation under test: a working directory, its database, a simulator (reached
 /// directly by the test, through `endpoint` by the controller) and the controller's config.
 struct Site {
@@ -245,11 +219,11 @@ async fn scrape(http: &reqwest::Client, base_url: &str) -> String {
 }
 
 async fn leads(http: &reqwest::Client, base_url: &str) -> bool {
-    value(&scrape(http, base_url).await, "vps_controller_leader", &[]) == Some(1.0)
+    metric_value(&scrape(http, base_url).await, "vps_controller_leader", &[]) == Some(1.0)
 }
 
 async fn resyncs(http: &reqwest::Client, base_url: &str) -> f64 {
-    value(
+    metric_value(
         &scrape(http, base_url).await,
         "vps_controller_pass_duration_seconds_count",
         &[("pass", "resync")],
@@ -1019,29 +993,11 @@ fn socket_of(url: &str) -> SocketAddr {
         .unwrap_or_else(|e| panic!("{url}: the test proxy needs an IP address: {e}"))
 }
 
-fn postgres_or_skip(result: Result<common::TestDb, String>) -> Option<common::TestDb> {
-    match result {
-        Ok(test_db) => Some(test_db),
-        Err(reason)
-            if std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0") =>
-        {
-            panic!("PostgreSQL is required in CI: {reason}")
-        }
-        Err(reason) => {
-            eprintln!(
-                "\n!!!!!!!!\n!!! SKIPPING the PostgreSQL outage test: PostgreSQL unavailable \
-                 ({reason})\n!!!!!!!!\n"
-            );
-            None
-        }
-    }
-}
-
 /// PostgreSQL cut off for 30 s through a proxy, first refusing connections (and closing the
 /// open ones), then accepting and never answering (open connections stall too).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_refusing_then_hanging_for_30_s() {
-    let Some(test_db) = postgres_or_skip(common::postgres_db().await) else {
+    let Some(test_db) = common::postgres_or_skip("the PostgreSQL outage test").await else {
         return;
     };
     let proxy = Proxy::start(socket_of(&test_db.url)).await;

@@ -10,7 +10,6 @@ mod common;
 
 use common::process::*;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -134,10 +133,6 @@ fn fleet_count(html: &str, status: &str) -> Option<i64> {
     rest[start..end].trim().parse().ok()
 }
 
-fn on_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
-}
-
 /// Chromium, or `None` after a loud skip notice (a panic under CI).
 fn chromium_or_skip(test: &str) -> Option<String> {
     let program = std::env::var("CHROMIUM")
@@ -157,18 +152,7 @@ fn chromium_or_skip(test: &str) -> Option<String> {
         ),
         Err(e) => format!("cannot run `{program}`: {e}"),
     };
-    if on_ci() {
-        panic!("{test} needs chromium: {reason}; {CHROMIUM_HINT}");
-    }
-    // Written to the real stderr: libtest captures eprintln! output of passing tests.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
-         !!! SKIPPED {test}: {reason}\n\
-         !!! {CHROMIUM_HINT}\n\
-         !!! (with CI set, this test fails instead of skipping)\n\
-         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
-    );
+    common::skip_or_fail(test, &format!("needs chromium: {reason}"), CHROMIUM_HINT);
     None
 }
 

@@ -95,7 +95,7 @@ pub async fn test_databases() -> Vec<TestDb> {
     let mut databases = vec![sqlite_db()];
     match postgres_db().await {
         Ok(database) => databases.push(database),
-        Err(reason) if running_in_ci() => {
+        Err(reason) if on_ci() => {
             panic!("PostgreSQL is required in CI but unavailable: {reason}")
         }
         Err(reason) => eprintln!(
@@ -157,10 +157,43 @@ pub async fn postgres_db() -> Result<TestDb, String> {
     })
 }
 
-fn running_in_ci() -> bool {
-    std::env::var("CI")
-        .map(|value| !value.is_empty() && value != "false" && value != "0")
-        .unwrap_or(false)
+/// `CI` is set and not `false`/`0`: a missing tool or database fails the test instead of
+/// skipping it.
+pub fn on_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| !value.is_empty() && value != "false" && value != "0")
+}
+
+/// Something a test needs is missing: panic under CI, else a loud notice on the real stderr
+/// (libtest captures `eprintln!` of passing tests) and the caller returns.
+pub fn skip_or_fail(test: &str, reason: &str, hint: &str) {
+    use std::io::Write as _;
+    if on_ci() {
+        panic!("{test}: {reason}; {hint}");
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+         !!! SKIPPED {test}: {reason}\n\
+         !!! {hint}\n\
+         !!! (with CI set, this test fails instead of skipping)\n\
+         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n"
+    );
+}
+
+/// A fresh PostgreSQL database for a test that cannot run without one (two replicas, a
+/// proxy in front of it): `None` after a loud skip, a panic under CI.
+pub async fn postgres_or_skip(test: &str) -> Option<TestDb> {
+    match postgres_db().await {
+        Ok(test_db) => Some(test_db),
+        Err(reason) => {
+            skip_or_fail(
+                test,
+                &format!("needs PostgreSQL: {reason}"),
+                "start it, or set TEST_POSTGRES_URL",
+            );
+            None
+        }
+    }
 }
 
 async fn admin_connection(admin_url: &str) -> Result<PgConnection, String> {

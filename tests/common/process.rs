@@ -312,3 +312,29 @@ pub fn signal(child: &ChildGuard, signal: &str) {
         .unwrap();
     assert!(sent.success(), "kill {signal} failed: {sent}");
 }
+
+/// The value of the sample `name{labels…}` whose labels include `labels` (in any order).
+pub fn metric_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (found, number) = match rest.strip_prefix('{') {
+            Some(rest) => {
+                let (inside, number) = rest.split_once("} ")?;
+                let found: std::collections::BTreeMap<&str, &str> = inside
+                    .split(',')
+                    .filter_map(|pair| {
+                        let (key, value) = pair.split_once('=')?;
+                        Some((key, value.trim_matches('"')))
+                    })
+                    .collect();
+                (found, number)
+            }
+            None => (std::collections::BTreeMap::new(), rest.strip_prefix(' ')?),
+        };
+        labels
+            .iter()
+            .all(|(key, wanted)| found.get(key) == Some(wanted))
+            .then(|| number.split_whitespace().next()?.parse().ok())
+            .flatten()
+    })
+}
