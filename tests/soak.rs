@@ -27,7 +27,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -527,13 +527,18 @@ async fn count(conn: &DatabaseConnection, sql: &str) -> i64 {
 }
 
 /// Resync passes the controller logged, finished or failed (`resync pass`, `resync pass
-/// failed; …`).
-fn resync_attempts(log: &Path) -> u64 {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|line| line.contains("\"message\":\"resync pass"))
-        .count() as u64
+/// failed; …`). The logs go to stderr; stdout is read too.
+fn resync_attempts(child: &ChildGuard) -> u64 {
+    [&child.stdout, &child.stderr]
+        .iter()
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|line| line.contains("\"message\":\"resync pass"))
+                .count() as u64
+        })
+        .sum()
 }
 
 fn endpoint_count(stats: &Value, key: &str) -> u64 {
@@ -572,7 +577,7 @@ async fn take_sample(
             "vps_controller_pass_duration_seconds_count",
             &[("pass", "resync")],
         ) as u64,
-        resync_attempts: resync_attempts(&child.stdout),
+        resync_attempts: resync_attempts(child),
         rows: count(conn, "SELECT count(*) AS n FROM subscriptions").await,
         wanting: count(
             conn,
@@ -665,8 +670,9 @@ fn within_factor(a: f64, b: f64, factor: f64) -> bool {
 }
 
 /// Log lines by level, and the most frequent messages of the warnings and errors.
-fn log_summary(stdout: &Path, stderr: &str) -> (BTreeMap<String, u64>, Vec<(u64, String)>, u64) {
-    let text = std::fs::read_to_string(stdout).unwrap_or_default();
+fn log_summary(child: &ChildGuard) -> (BTreeMap<String, u64>, Vec<(u64, String)>, u64) {
+    let read = |path: &PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+    let (text, stderr) = (read(&child.stdout), read(&child.stderr));
     let mut levels: BTreeMap<String, u64> = BTreeMap::new();
     let mut messages: BTreeMap<String, u64> = BTreeMap::new();
     for line in text.lines().chain(stderr.lines()) {
@@ -883,7 +889,7 @@ async fn soak_500_subscriptions_with_churn_and_faults_stays_flat() {
         rates(measured[0], measured[mid]);
     let (second_per_minute, second_resyncs_per_minute, second_per_resync) =
         rates(measured[mid], last);
-    let (levels, top_messages, panics) = log_summary(&child.stdout, &child.stderr());
+    let (levels, top_messages, panics) = log_summary(&child);
     let faults = faults_injected(&faults_at_end) - first.faults;
     let churn = last.churn;
 
@@ -903,7 +909,7 @@ async fn soak_500_subscriptions_with_churn_and_faults_stays_flat() {
         churn.failed
     );
     let summary = format!(
-        "{:.0} min, {} subscriptions (seed {}), {} churn operations, {} faults injected \
+        "{} min, {} subscriptions (seed {}), {} churn operations, {} faults injected \
          ({:.0} %), RSS {:.1} MiB after warm-up (max of the first quarter) -> {:.1} MiB at the \
          end ({:+.1} %, peak {:.1} MiB, VmHWM {:.1} MiB), fds {} -> {}, events {} rows (max {} \
          per subscription; bounds {MAX_EVENTS_PER_SUBSCRIPTION}/{MAX_EVENTS_TOTAL}), server \
