@@ -575,14 +575,7 @@ async fn simulator_on_port_0_prints_its_endpoint_and_runs_a_scaled_budget() {
 /// The text of `GET {base_url}/metrics`, or empty while it does not answer.
 /// Requests that change something at the simulated Hetzner (everything but GETs).
 async fn simulator_writes(http: &reqwest::Client, sim_url: &str) -> u64 {
-    let stats: Value = http
-        .get(format!("{sim_url}/__simulator/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats = simulator_stats(http, sim_url).await;
     stats["by_endpoint"]
         .as_object()
         .unwrap()

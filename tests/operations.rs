@@ -338,13 +338,7 @@ async fn a_hetzner_that_never_answers_fails_liveness_and_readiness_until_it_answ
     wait_for_probe(&http, &format!("{base_url}/healthz"), 200, &controller).await;
 
     // Connections are accepted and never answered.
-    let armed = http
-        .post(format!("{sim_url}/__simulator/faults"))
-        .json(&serde_json::json!({"black_hole": true}))
-        .send()
-        .await
-        .unwrap();
-    assert!(armed.status().is_success());
+    arm_faults(&http, &sim_url, &serde_json::json!({"black_hole": true})).await;
 
     let why = wait_for_probe(&http, &format!("{base_url}/healthz"), 503, &controller).await;
     assert!(why.contains("without a finished resync"), "{why}");
@@ -367,12 +361,7 @@ async fn a_hetzner_that_never_answers_fails_liveness_and_readiness_until_it_answ
         controller.output()
     );
 
-    let cleared = http
-        .delete(format!("{sim_url}/__simulator/faults"))
-        .send()
-        .await
-        .unwrap();
-    assert!(cleared.status().is_success());
+    clear_faults(&http, &sim_url).await;
     wait_for_probe(&http, &format!("{base_url}/healthz"), 200, &controller).await;
     wait_for_probe(&http, &format!("{base_url}/readyz"), 200, &controller).await;
     controller.assert_no_secret();

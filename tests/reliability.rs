@@ -140,40 +140,15 @@ impl Site {
     }
 
     async fn stats(&self) -> Value {
-        self.http
-            .get(format!("{}/__simulator/stats", self.sim_url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        simulator_stats(&self.http, &self.sim_url).await
     }
 
     async fn set_faults(&self, body: Value) {
-        let response = self
-            .http
-            .post(format!("{}/__simulator/faults", self.sim_url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            response.status().is_success(),
-            "arming {body}: {} {}",
-            response.status(),
-            response.text().await.unwrap_or_default()
-        );
+        arm_faults(&self.http, &self.sim_url, &body).await;
     }
 
     async fn clear_faults(&self) {
-        let response = self
-            .http
-            .delete(format!("{}/__simulator/faults", self.sim_url))
-            .send()
-            .await
-            .unwrap();
-        assert!(response.status().is_success());
+        clear_faults(&self.http, &self.sim_url).await;
     }
 
     async fn violations(&self, conn: &DatabaseConnection, installation: &str) -> Vec<String> {

@@ -141,33 +141,6 @@ impl Settings {
     }
 }
 
-/// The value of the sample `name{labels…}` whose labels include `labels` (in any order).
-/// (The same parser as tests/operations.rs and tests/reliability.rs.)
-fn value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        let (found, number) = match rest.strip_prefix('{') {
-            Some(rest) => {
-                let (inside, number) = rest.split_once("} ")?;
-                let found: BTreeMap<&str, &str> = inside
-                    .split(',')
-                    .filter_map(|pair| {
-                        let (key, value) = pair.split_once('=')?;
-                        Some((key, value.trim_matches('"')))
-                    })
-                    .collect();
-                (found, number)
-            }
-            None => (BTreeMap::new(), rest.strip_prefix(' ')?),
-        };
-        labels
-            .iter()
-            .all(|(key, wanted)| found.get(key) == Some(wanted))
-            .then(|| number.split_whitespace().next()?.parse().ok())
-            .flatten()
-    })
-}
-
 fn tail(text: &str, chars: usize) -> String {
     let skip = text.chars().count().saturating_sub(chars);
     text.chars().skip(skip).collect()
@@ -261,40 +234,15 @@ impl Site {
     }
 
     async fn stats(&self) -> Value {
-        self.http
-            .get(format!("{}/__simulator/stats", self.sim_url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        simulator_stats(&self.http, &self.sim_url).await
     }
 
     async fn set_faults(&self, body: Value) {
-        let response = self
-            .http
-            .post(format!("{}/__simulator/faults", self.sim_url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            response.status().is_success(),
-            "arming {body}: {} {}",
-            response.status(),
-            response.text().await.unwrap_or_default()
-        );
+        arm_faults(&self.http, &self.sim_url, &body).await;
     }
 
     async fn clear_faults(&self) {
-        let response = self
-            .http
-            .delete(format!("{}/__simulator/faults", self.sim_url))
-            .send()
-            .await
-            .unwrap();
-        assert!(response.status().is_success());
+        clear_faults(&self.http, &self.sim_url).await;
     }
 
     async fn violations(&self, conn: &DatabaseConnection, installation: &str) -> Vec<String> {
@@ -568,7 +516,8 @@ async fn take_sample(
     let pid = child.child.id();
     let (rss, hwm) = proc_memory(pid);
     let text = metrics(&site.http, base_url).await;
-    let metric = |name: &str, labels: &[(&str, &str)]| value(&text, name, labels).unwrap_or(0.0);
+    let metric =
+        |name: &str, labels: &[(&str, &str)]| metric_value(&text, name, labels).unwrap_or(0.0);
     let stats = site.stats().await;
     Sample {
         t,

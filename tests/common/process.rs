@@ -338,3 +338,40 @@ pub fn metric_value(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Optio
             .flatten()
     })
 }
+
+/// The simulator's `/__simulator/stats` (request counts by endpoint, faults, …).
+pub async fn simulator_stats(http: &reqwest::Client, sim_url: &str) -> serde_json::Value {
+    http.get(format!("{sim_url}/__simulator/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Arms the simulator's faults (`POST /__simulator/faults`, see simulator/src/control.rs).
+pub async fn arm_faults(http: &reqwest::Client, sim_url: &str, body: &serde_json::Value) {
+    let response = http
+        .post(format!("{sim_url}/__simulator/faults"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "arming {body}: {} {}",
+        response.status(),
+        response.text().await.unwrap_or_default()
+    );
+}
+
+/// Clears every armed fault and the black hole.
+pub async fn clear_faults(http: &reqwest::Client, sim_url: &str) {
+    let response = http
+        .delete(format!("{sim_url}/__simulator/faults"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success());
+}
