@@ -760,6 +760,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
         converged: usize,
     ) -> Dispatched {
         let mut results = Vec::with_capacity(jobs.len());
+        let added = jobs.len();
         for (claim, job) in jobs {
             let (result, receiver) = oneshot::channel();
             results.push(receiver);
@@ -771,12 +772,13 @@ impl<A: HcloudApi + 'static> Controller<A> {
                 lane,
                 queued_at: Instant::now(),
             };
-            let start = self.queue.push(lane, queued);
-            self.metrics.job_queued(lane.label(), self.queue.depth());
-            if start {
+            if self.queue.push(lane, queued) {
                 self.start_worker();
             }
         }
+        // Once per pass, not per job: a bulk insert queues thousands.
+        self.metrics
+            .jobs_queued(lane.label(), added, self.queue.depth());
         Dispatched {
             offered,
             converged,

@@ -276,9 +276,11 @@ impl Metrics {
         self.work_seconds.observe(took.as_secs_f64());
     }
 
-    /// A job was queued in `lane`; `depth` is (change, bulk) after it.
-    pub fn job_queued(&self, lane: &str, depth: (usize, usize)) {
-        self.queue_adds.get_or_create(&label("lane", lane)).inc();
+    /// `count` jobs were queued in `lane`; `depth` is (change, bulk) after them.
+    pub fn jobs_queued(&self, lane: &str, count: usize, depth: (usize, usize)) {
+        self.queue_adds
+            .get_or_create(&label("lane", lane))
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
         self.set_queue_depth(depth);
     }
 
