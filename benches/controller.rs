@@ -97,6 +97,7 @@ use vps_controller::hcloud::{Budget, Client, ClientConfig, Token};
 use vps_controller::keys::{self, KeyAlgorithm, Sealer};
 use vps_controller::reconcile::Reconciler;
 use vps_controller::reconcile::desired::Owner;
+use vps_controller::ssh::Bootstrapper;
 use vps_controller::telemetry::metrics::Metrics;
 
 const TOKEN: &str = "bench-token";
@@ -625,6 +626,13 @@ async fn controller(
         config.resync_seconds = (60.0 / budget.time_scale).round().max(1.0) as u64;
     }
     let owner = Owner::new(vps_controller::db::installation::id(db).await?, &config);
+    let metrics = Arc::new(Metrics::new());
+    // The bench measures Hetzner requests, CPU and memory of the loop; its simulator has no
+    // SSH endpoint, so `ready` means running as before.
+    let ssh = vps_controller::config::SshSettings {
+        enabled: false,
+        ..config.ssh.clone()
+    };
     let reconciler = Reconciler {
         api,
         db: db.clone(),
@@ -634,7 +642,8 @@ async fn controller(
         action_timeout: Duration::from_secs(60),
         leadership: Leadership::always(),
         key_checks: Default::default(),
-        metrics: Arc::new(Metrics::new()),
+        bootstrapper: Arc::new(Bootstrapper::new(ssh, Arc::clone(&metrics))),
+        metrics,
     };
     // As `run` does: the resync's budget in the same scaled time as the bucket.
     let scaled_per_hour = (f64::from(budget.per_hour) * budget.time_scale)

@@ -17,6 +17,7 @@ use vps_controller::keys::{self, KeyAlgorithm, Sealer};
 use vps_controller::reconcile::Reconciler;
 use vps_controller::reconcile::desired::Owner;
 use vps_controller::simulator::{self, SimulatorConfig};
+use vps_controller::ssh::Bootstrapper;
 use vps_controller::telemetry::metrics::Metrics;
 
 #[tokio::main]
@@ -57,6 +58,13 @@ async fn main() -> anyhow::Result<()> {
         ..Config::builtin()
     };
     let owner = Owner::new(vps_controller::db::installation::id(&db).await?, &config);
+    let metrics = Arc::new(Metrics::new());
+    // The bench measures Hetzner requests, CPU and memory of the loop; its simulator has no
+    // SSH endpoint, so `ready` means running as before.
+    let ssh = vps_controller::config::SshSettings {
+        enabled: false,
+        ..config.ssh.clone()
+    };
     let reconciler = Reconciler {
         api: api.clone(),
         db: db.clone(),
@@ -66,7 +74,8 @@ async fn main() -> anyhow::Result<()> {
         action_timeout: Duration::from_secs(60),
         leadership: Leadership::always(),
         key_checks: Default::default(),
-        metrics: Arc::new(Metrics::new()),
+        bootstrapper: Arc::new(Bootstrapper::new(ssh, Arc::clone(&metrics))),
+        metrics,
     };
     let controller = Controller::new(reconciler, 1_000_000);
     for i in 0..n {

@@ -77,6 +77,8 @@ struct UserData<'a> {
     disable_root: bool,
     ssh_pwauth: bool,
     ssh_authorized_keys: [&'a str; 1],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ssh_keys: Option<HostKeys<'a>>,
     package_update: bool,
     package_upgrade: bool,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
@@ -87,12 +89,21 @@ struct UserData<'a> {
     runcmd: Vec<String>,
 }
 
-/// Renders `user_data` for one server: the template plus `hostname` and the subscription's
-/// public key (`authorized_key`, an OpenSSH public key line).
+/// cloud-init's `ssh_keys`: the host key sshd presents (see `crate::ssh::host_key`).
+#[derive(Serialize)]
+struct HostKeys<'a> {
+    ed25519_private: &'a str,
+    ed25519_public: &'a str,
+}
+
+/// Renders `user_data` for one server: the template plus `hostname`, the subscription's
+/// public key (`authorized_key`, an OpenSSH public key line) and, when given, the server's
+/// Ed25519 host key (private OpenSSH key, public line) as cloud-init's `ssh_keys`.
 pub fn render(
     template: &CloudInitTemplate,
     hostname: &str,
     authorized_key: &str,
+    host_key: Option<(&str, &str)>,
 ) -> Result<String, CloudInitError> {
     if !is_rfc1123_label(hostname) {
         return Err(CloudInitError::InvalidHostname(hostname.to_owned()));
@@ -107,6 +118,10 @@ pub fn render(
         disable_root: false,
         ssh_pwauth: false,
         ssh_authorized_keys: [authorized_key],
+        ssh_keys: host_key.map(|(private, public)| HostKeys {
+            ed25519_private: private,
+            ed25519_public: public.trim(),
+        }),
         package_update: template.package_update,
         package_upgrade: template.package_upgrade,
         packages: &template.packages,
@@ -147,6 +162,8 @@ pub fn is_rfc1123_label(name: &str) -> bool {
 const MAX_HOSTNAME_LEN: usize = 63;
 /// An RSA-4096 `authorized_keys` line is about 725 bytes plus the comment; 1 KiB leaves room.
 const MAX_AUTHORIZED_KEY_LEN: usize = 1024;
+/// An Ed25519 host private key in OpenSSH format is about 420 bytes with its comment.
+const MAX_HOST_KEY_LEN: usize = 600;
 
 impl CloudInitTemplate {
     /// Checks the template, returning `(field, problem)` pairs with field paths relative to the
@@ -206,7 +223,10 @@ impl CloudInitTemplate {
         if problems.is_empty() {
             let hostname = "a".repeat(MAX_HOSTNAME_LEN);
             let key = format!("ssh-rsa {}", "A".repeat(MAX_AUTHORIZED_KEY_LEN - 8));
-            match render(self, &hostname, &key) {
+            // An Ed25519 host key in OpenSSH format is under 500 bytes.
+            let host_private = "A".repeat(MAX_HOST_KEY_LEN);
+            let host_public = format!("ssh-ed25519 {}", "A".repeat(68));
+            match render(self, &hostname, &key, Some((&host_private, &host_public))) {
                 Ok(_) => {}
                 Err(CloudInitError::TooLarge { size, limit }) => problems.push((
                     String::new(),
@@ -222,7 +242,8 @@ impl CloudInitTemplate {
     }
 }
 
-fn is_octal_mode(mode: &str) -> bool {
+/// `0644`, `755`: three or four octal digits.
+pub fn is_octal_mode(mode: &str) -> bool {
     (3..=4).contains(&mode.len()) && mode.bytes().all(|b| (b'0'..=b'7').contains(&b))
 }
 
@@ -260,7 +281,7 @@ mod tests {
             runcmd: vec!["echo {{hostname}} {{ other }}".into()],
             ..Default::default()
         };
-        let out = render(&template, "vps-abc", KEY).unwrap();
+        let out = render(&template, "vps-abc", KEY, None).unwrap();
         let doc: serde_norway::Value = serde_norway::from_str(&out).unwrap();
         assert_eq!(doc["write_files"][0]["content"], "Welcome to vps-abc\n");
         assert_eq!(doc["runcmd"][0], "echo vps-abc {{ other }}");
@@ -271,23 +292,23 @@ mod tests {
     fn bad_hostname_and_key_are_rejected() {
         let t = CloudInitTemplate::default();
         assert!(matches!(
-            render(&t, "Bad_Host", KEY),
+            render(&t, "Bad_Host", KEY, None),
             Err(CloudInitError::InvalidHostname(_))
         ));
         assert!(matches!(
-            render(&t, "", KEY),
+            render(&t, "", KEY, None),
             Err(CloudInitError::InvalidHostname(_))
         ));
         assert!(matches!(
-            render(&t, &"a".repeat(64), KEY),
+            render(&t, &"a".repeat(64), KEY, None),
             Err(CloudInitError::InvalidHostname(_))
         ));
         assert!(matches!(
-            render(&t, "ok", ""),
+            render(&t, "ok", "", None),
             Err(CloudInitError::InvalidAuthorizedKey)
         ));
         assert!(matches!(
-            render(&t, "ok", "ssh-ed25519 AAAA\nruncmd: [evil]"),
+            render(&t, "ok", "ssh-ed25519 AAAA\nruncmd: [evil]", None),
             Err(CloudInitError::InvalidAuthorizedKey)
         ));
     }
@@ -340,7 +361,7 @@ mod tests {
             ..Default::default()
         };
         // Fits with a short key ...
-        assert!(render(&template, "a", KEY).is_ok());
+        assert!(render(&template, "a", KEY, None).is_ok());
         // ... but not with a 63-character hostname and an RSA-4096 key, so the config rejects it.
         let problems = template.problems();
         assert_eq!(problems.len(), 1, "{problems:?}");

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cloud_init::{CloudInitTemplate, is_rfc1123_label};
+use crate::cloud_init::{CloudInitTemplate, is_octal_mode, is_rfc1123_label};
 use crate::keys::KeyAlgorithm;
 
 /// Stripe subscription statuses. The lifecycle lists may name others too (a status the
@@ -81,6 +81,86 @@ pub struct Config {
     /// Plans by name, as found in the `plan` column of `subscriptions`.
     #[serde(deserialize_with = "deserialize_plans")]
     pub plans: BTreeMap<String, Plan>,
+    /// The post-boot SSH check and bootstrap that `ready` waits for (see `crate::ssh`).
+    pub ssh: SshSettings,
+}
+
+/// How the controller logs in to a new server before calling it `ready`: as `user`, with the
+/// subscription's own key, checking the host key it put there (see `crate::ssh`).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SshSettings {
+    /// `false`: `ready` means Hetzner reports the server `running` (no SSH at all).
+    pub enabled: bool,
+    /// The port sshd listens on (tests point it at the simulator's SSH endpoint).
+    pub port: u16,
+    /// The login user: Hetzner's images log in as root.
+    pub user: String,
+    /// SSH sessions open at the same time, over all subscriptions.
+    pub concurrency: usize,
+    /// Seconds for the TCP connect, the handshake and the login together.
+    pub connect_timeout_seconds: u64,
+    /// Seconds `cloud-init status --wait` may take (first boot installs packages).
+    pub cloud_init_timeout_seconds: u64,
+    /// Seconds one bootstrap command or upload may take.
+    pub command_timeout_seconds: u64,
+    /// Longest wait between two attempts of a failing bootstrap (the first is 5 s, doubling).
+    pub retry_max_seconds: u64,
+}
+
+impl Default for SshSettings {
+    fn default() -> Self {
+        SshSettings {
+            enabled: true,
+            port: 22,
+            user: "root".to_owned(),
+            concurrency: 16,
+            connect_timeout_seconds: 20,
+            cloud_init_timeout_seconds: 1800,
+            command_timeout_seconds: 600,
+            retry_max_seconds: 300,
+        }
+    }
+}
+
+pub const MAX_SSH_CONCURRENCY: usize = 1024;
+pub const MAX_SSH_TIMEOUT_SECONDS: u64 = 24 * 60 * 60;
+/// Bootstrap limits: a bootstrap is a few files and commands, not a deployment system.
+pub const MAX_BOOTSTRAP_STEPS: usize = 100;
+pub const MAX_UPLOAD_BYTES: usize = 1024 * 1024;
+pub const MAX_BOOTSTRAP_VERSION_CHARS: usize = 64;
+
+/// What the controller does on a new server over SSH, once cloud-init finished, before the
+/// row is `ready`. Steps run in order; each one done is recorded in a marker file on the
+/// server together with `version`, so a bootstrap that was interrupted resumes after the last
+/// step done, and a new `version` runs every step again (on servers bootstrapped after the
+/// change: a server already `ready` is not bootstrapped again).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    /// Any text of letters, digits, '.', '_' and '-' (e.g. `"3"` or `"2026-12-01"`).
+    pub version: String,
+    pub steps: Vec<BootstrapStep>,
+}
+
+/// One bootstrap step: `upload: {path, mode, content}` or `run: "command"`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum BootstrapStep {
+    /// Write a file (parent directories created), then set its mode.
+    Upload(Upload),
+    /// Run a command through the login shell; a non-zero exit status fails the step.
+    Run(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upload {
+    /// Absolute path on the server.
+    pub path: String,
+    /// Octal mode such as `"0644"`.
+    pub mode: String,
+    pub content: String,
 }
 
 /// What a subscription's status means for its server. Matching is exact (case-sensitive):
@@ -218,6 +298,9 @@ pub struct Plan {
     /// The plan's part of the server's cloud-init `user_data`.
     #[serde(default)]
     pub cloud_init: CloudInitTemplate,
+    /// Files and commands applied over SSH after cloud-init finished (needs `ssh.enabled`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<Bootstrap>,
 }
 
 /// One Hetzner firewall rule (see API-NOTES §4).
@@ -395,6 +478,7 @@ impl Config {
             location: "fsn1".to_owned(),
             firewall_rules: firewall_rules.clone(),
             cloud_init: cloud_init.clone(),
+            bootstrap: None,
         };
         Config {
             instance: "default".to_owned(),
@@ -411,6 +495,7 @@ impl Config {
                 ("starter".to_owned(), plan("cx23")),
                 ("pro".to_owned(), plan("cpx32")),
             ]),
+            ssh: SshSettings::default(),
         }
     }
 
@@ -546,6 +631,7 @@ impl Config {
                 "true is not supported yet: a plan's server type change is reported (log and event), not applied; set it to false",
             );
         }
+        ssh_problems(&mut p, &self.ssh);
         if self.plans.is_empty() {
             p.add("plans", "must define at least one plan");
         }
@@ -687,6 +773,124 @@ fn plan_problems(p: &mut Problems, field: &str, plan: &Plan) {
             format!("{field}.cloud_init.{sub_field}")
         };
         p.add(path, problem);
+    }
+    if let Some(bootstrap) = &plan.bootstrap {
+        bootstrap_problems(p, &format!("{field}.bootstrap"), bootstrap);
+    }
+}
+
+fn ssh_problems(p: &mut Problems, ssh: &SshSettings) {
+    if ssh.port == 0 {
+        p.add("ssh.port", "0 is not a port (sshd listens on 22)");
+    }
+    if ssh.user.is_empty()
+        || !ssh
+            .user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+    {
+        p.add(
+            "ssh.user",
+            format!(
+                "{:?} is not a login name (letters, digits, '_', '-', '.')",
+                ssh.user
+            ),
+        );
+    }
+    if !(1..=MAX_SSH_CONCURRENCY).contains(&ssh.concurrency) {
+        p.add(
+            "ssh.concurrency",
+            format!(
+                "{} is out of range 1-{MAX_SSH_CONCURRENCY}",
+                ssh.concurrency
+            ),
+        );
+    }
+    for (field, value) in [
+        ("ssh.connect_timeout_seconds", ssh.connect_timeout_seconds),
+        (
+            "ssh.cloud_init_timeout_seconds",
+            ssh.cloud_init_timeout_seconds,
+        ),
+        ("ssh.command_timeout_seconds", ssh.command_timeout_seconds),
+        ("ssh.retry_max_seconds", ssh.retry_max_seconds),
+    ] {
+        if !(1..=MAX_SSH_TIMEOUT_SECONDS).contains(&value) {
+            p.add(
+                field,
+                format!("{value} is out of range 1-{MAX_SSH_TIMEOUT_SECONDS}"),
+            );
+        }
+    }
+}
+
+fn bootstrap_problems(p: &mut Problems, field: &str, bootstrap: &Bootstrap) {
+    let version = &bootstrap.version;
+    if version.is_empty()
+        || version.len() > MAX_BOOTSTRAP_VERSION_CHARS
+        || !version
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
+        p.add(
+            format!("{field}.version"),
+            format!(
+                "{version:?} must be 1-{MAX_BOOTSTRAP_VERSION_CHARS} letters, digits, '.', '_' or '-'"
+            ),
+        );
+    }
+    if bootstrap.steps.len() > MAX_BOOTSTRAP_STEPS {
+        p.add(
+            format!("{field}.steps"),
+            format!(
+                "has {} steps; at most {MAX_BOOTSTRAP_STEPS}",
+                bootstrap.steps.len()
+            ),
+        );
+    }
+    for (i, step) in bootstrap.steps.iter().enumerate() {
+        let field = format!("{field}.steps[{i}]");
+        match step {
+            BootstrapStep::Run(command) => {
+                if command.trim().is_empty() {
+                    p.add(format!("{field}.run"), "must not be empty");
+                } else if command.contains('\0') {
+                    p.add(format!("{field}.run"), "must not contain a NUL character");
+                }
+            }
+            BootstrapStep::Upload(upload) => {
+                if !upload.path.starts_with('/')
+                    || upload.path.ends_with('/')
+                    || upload.path.chars().any(char::is_control)
+                {
+                    p.add(
+                        format!("{field}.upload.path"),
+                        format!(
+                            "{:?} must be an absolute file path without control characters",
+                            upload.path
+                        ),
+                    );
+                }
+                if !is_octal_mode(&upload.mode) {
+                    p.add(
+                        format!("{field}.upload.mode"),
+                        format!(
+                            "{:?} is not an octal file mode such as \"0644\"",
+                            upload.mode
+                        ),
+                    );
+                }
+                if upload.content.len() > MAX_UPLOAD_BYTES {
+                    p.add(
+                        format!("{field}.upload.content"),
+                        format!(
+                            "is {} bytes; at most {MAX_UPLOAD_BYTES}",
+                            upload.content.len()
+                        ),
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -151,7 +151,7 @@ fn generate_rsa(comment: &str) -> Result<(ssh_key::PublicKey, Zeroizing<String>)
         algorithm: KeyAlgorithm::Rsa4096,
         reason,
     };
-    let private = rsa::PrivateKey::new(&mut rand::rng(), RSA_BITS)
+    let private = rsa::RsaPrivateKey::new(&mut rand::rng(), RSA_BITS)
         .map_err(|e| generation_failed(e.to_string()))?;
     let private_pem = private
         .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
@@ -196,7 +196,8 @@ pub fn public_blob_of_private(private: &str) -> Result<String, KeyError> {
         key.public_key().clone()
     } else {
         use rsa::pkcs8::DecodePrivateKey as _;
-        let key = rsa::PrivateKey::from_pkcs8_pem(private).map_err(|e| invalid(e.to_string()))?;
+        let key =
+            rsa::RsaPrivateKey::from_pkcs8_pem(private).map_err(|e| invalid(e.to_string()))?;
         let public = ssh_key::public::RsaPublicKey::try_from(key.as_public_key())
             .map_err(|e| invalid(e.to_string()))?;
         ssh_key::PublicKey::new(ssh_key::public::KeyData::Rsa(public), "")

@@ -13,6 +13,7 @@ pub mod fencing;
 pub mod hcloud;
 pub mod keys;
 pub mod reconcile;
+pub mod ssh;
 pub mod telemetry;
 
 /// The Hetzner Cloud API simulator (its own crate, so it cannot use controller code).

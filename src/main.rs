@@ -20,6 +20,7 @@ use vps_controller::keys::Sealer;
 use vps_controller::reconcile::Reconciler;
 use vps_controller::reconcile::desired::Owner;
 use vps_controller::simulator::{self, SimulatorConfig};
+use vps_controller::ssh::Bootstrapper;
 use vps_controller::telemetry::health::Health;
 use vps_controller::telemetry::metrics::{HcloudCollector, Metrics};
 use vps_controller::telemetry::{self, LogFormat};
@@ -100,8 +101,34 @@ enum Command {
     /// Re-seal the stored private keys under the current encryption key, or count them by key.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Open a subscription's private key for break-glass SSH access; print the ssh command.
+    ///
+    /// The key (0600) and a known_hosts with the pinned host key are written into a new 0700
+    /// directory, and the access is recorded as a Warning event `BreakGlassAccess` with the
+    /// operator and the reason. Nothing is run. Delete the directory when done.
+    Ssh(SshArgs),
     /// Serve the built-in Hetzner Cloud API simulator under /v1.
     Simulator(simulator::cli::ServeArgs),
+}
+
+#[derive(Args)]
+struct SshArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// The subscription whose server to log in to.
+    subscription: String,
+    /// Why the key is opened: recorded in the event, for the audit.
+    #[arg(long)]
+    reason: String,
+    /// Where to create the key's directory [default: the system's temporary directory].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// YAML config file (for `ssh.user` and `ssh.port`).
+    #[arg(long, env = "VPS_CONTROLLER_CONFIG")]
+    config: Option<PathBuf>,
+    /// The port the server's sshd listens on (overrides `ssh.port`).
+    #[arg(long, env = "VPS_CONTROLLER_SSH_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    ssh_port: Option<u16>,
 }
 
 #[derive(Args, Clone)]
@@ -283,6 +310,10 @@ struct ControllerArgs {
     /// Periodic full resync, seconds (overrides the config file).
     #[arg(long, env = "VPS_CONTROLLER_RESYNC_SECONDS")]
     resync_seconds: Option<u64>,
+    /// The port the servers' sshd listens on (overrides `ssh.port` of the config file; tests
+    /// point it at the simulator's SSH endpoint).
+    #[arg(long, env = "VPS_CONTROLLER_SSH_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    ssh_port: Option<u16>,
 }
 
 #[derive(Args)]
@@ -395,14 +426,59 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Deletions(command) => deletions(command).await,
         Command::Installation(command) => installation_command(command).await,
         Command::Keys(command) => keys_command(command).await,
+        Command::Ssh(args) => ssh_access(args).await,
         Command::Simulator(args) => serve_simulator(args).await,
     }
+}
+
+async fn ssh_access(args: SshArgs) -> Result<ExitCode> {
+    let config = Config::load(args.config.as_deref())?;
+    let sealer = Sealer::from_env()?.context(
+        "no encryption key: set VPS_CONTROLLER_ENCRYPTION_KEY or VPS_CONTROLLER_ENCRYPTION_KEY_FILE (the key the controller seals with)",
+    )?;
+    if args.reason.trim().is_empty() {
+        bail!("--reason must say why the key is opened (it is recorded for the audit)");
+    }
+    let conn = args.db.open_migrated(Access::Write).await?;
+    let operator = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "an unknown user".to_owned());
+    let parent = args.dir.unwrap_or_else(std::env::temp_dir);
+    let access = vps_controller::ssh::access::open(
+        &conn,
+        &sealer,
+        vps_controller::ssh::access::Request {
+            subscription_id: &args.subscription,
+            parent: &parent,
+            user: &config.ssh.user,
+            port: args.ssh_port.unwrap_or(config.ssh.port),
+            operator: &operator,
+            reason: args.reason.trim(),
+        },
+    )
+    .await?;
+    eprintln!(
+        "The private key of {:?} is in {} (recorded as event BreakGlassAccess).",
+        args.subscription,
+        access.directory.display()
+    );
+    if access.known_hosts.is_none() {
+        eprintln!(
+            "No host key is pinned for this server yet: compare the fingerprint ssh shows before you accept it."
+        );
+    }
+    eprintln!("Delete it when done: rm -r {}", access.directory.display());
+    println!("{}", access.command);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_config(args: &ControllerArgs) -> Result<Config> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(seconds) = args.resync_seconds {
         config.resync_seconds = seconds;
+    }
+    if let Some(port) = args.ssh_port {
+        config.ssh.port = port;
     }
     config.validate().context("configuration")?;
     Ok(config)
@@ -584,6 +660,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         leadership.clone(),
         api.budget().clone(),
     );
+    let bootstrapper = Arc::new(Bootstrapper::new(config.ssh.clone(), metrics.clone()));
     let reconciler = Reconciler {
         api,
         db: conn.clone(),
@@ -594,6 +671,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
         leadership: leadership.clone(),
         key_checks: Default::default(),
         metrics: metrics.clone(),
+        bootstrapper,
     };
     if time_scale != 1.0 {
         tracing::warn!(

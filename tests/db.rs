@@ -114,7 +114,7 @@ async fn migrating_again_changes_nothing() {
 
         db::migrate(&db).await.unwrap();
         let recorded = query_i64(&db, "SELECT count(*) FROM vps_controller_migrations").await;
-        assert_eq!(recorded, 3, "[{backend}] every migration recorded");
+        assert_eq!(recorded, 4, "[{backend}] every migration recorded");
         assert_eq!(
             desired_version(&db, "sub_1").await,
             2,
@@ -323,6 +323,7 @@ async fn spec_changes_bump_desired_version_and_status_writes_do_not() {
             ssh_private_key: Some(Some("sealed:v1:abc".into())),
             ssh_public_key: Some(Some("ssh-ed25519 AAAA vps-a".into())),
             ssh_key_origin: Some(Some("controller".into())),
+            ssh_host_key: Some(Some("ssh-ed25519 AAAAhost".into())),
             observed_version: Some(1),
         };
         subscriptions::write_status(&db, None, "a", &full)
@@ -338,6 +339,11 @@ async fn spec_changes_bump_desired_version_and_status_writes_do_not() {
         assert_eq!(row.hetzner_server_id, Some(9_000_000_001), "[{backend}]");
         assert_eq!(row.hetzner_ssh_key_id, Some(42), "[{backend}]");
         assert_eq!(row.hetzner_firewall_id, Some(43), "[{backend}]");
+        assert_eq!(
+            row.ssh_host_key.as_deref(),
+            Some("ssh-ed25519 AAAAhost"),
+            "[{backend}]"
+        );
         assert_eq!(
             row.vps_ip_address.as_deref(),
             Some("203.0.113.7"),
@@ -897,6 +903,7 @@ fn debug_output_never_shows_the_sealed_private_key() {
         last_reconciled_at: None,
         status_changed_at: None,
         ssh_key_origin: None,
+        ssh_host_key: None,
     };
     let printed = format!("{model:?}");
     assert!(!printed.contains("sealed-ciphertext-xyz"), "{printed}");

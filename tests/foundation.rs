@@ -123,7 +123,7 @@ async fn rsa_4096_pair_is_accepted_by_ssh_keygen_and_generated_off_the_runtime()
     );
     assert!(pem.trim_end().ends_with("-----END PRIVATE KEY-----"));
     use rsa::pkcs8::DecodePrivateKey as _;
-    let private = rsa::PrivateKey::from_pkcs8_pem(pem).unwrap();
+    let private = rsa::RsaPrivateKey::from_pkcs8_pem(pem).unwrap();
     let from_private = ssh_key::PublicKey::new(
         ssh_key::public::KeyData::Rsa(
             ssh_key::public::RsaPublicKey::try_from(private.as_public_key()).unwrap(),
@@ -494,7 +494,7 @@ fn ephemeral_sealers_work_and_differ() {
 fn user_data_parses_back_with_key_hostname_and_template() {
     let config = Config::builtin();
     let template = &config.plans["starter"].cloud_init;
-    let user_data = cloud_init::render(template, "vps-sub-1", FIXTURE_RSA).unwrap();
+    let user_data = cloud_init::render(template, "vps-sub-1", FIXTURE_RSA, None).unwrap();
     assert!(user_data.starts_with("#cloud-config\n"));
     let doc: serde_norway::Value = serde_norway::from_str(&user_data).unwrap();
     assert_eq!(doc["hostname"], "vps-sub-1");
@@ -520,7 +520,7 @@ fn user_data_parses_back_with_key_hostname_and_template() {
 #[test]
 fn empty_template_still_sets_hostname_and_key() {
     let user_data =
-        cloud_init::render(&CloudInitTemplate::default(), "h1", FIXTURE_ED25519).unwrap();
+        cloud_init::render(&CloudInitTemplate::default(), "h1", FIXTURE_ED25519, None).unwrap();
     let doc: serde_norway::Value = serde_norway::from_str(&user_data).unwrap();
     assert_eq!(doc["hostname"], "h1");
     assert_eq!(doc["ssh_authorized_keys"][0], FIXTURE_ED25519);
@@ -533,15 +533,15 @@ fn user_data_over_32_kib_is_too_large() {
         runcmd: vec![format!("echo y{}", "x".repeat(n))],
         ..Default::default()
     };
-    let base = cloud_init::render(&with_filler(0), "h", FIXTURE_ED25519)
+    let base = cloud_init::render(&with_filler(0), "h", FIXTURE_ED25519, None)
         .unwrap()
         .len();
     let exact = with_filler(USER_DATA_LIMIT - base);
-    let at_limit = cloud_init::render(&exact, "h", FIXTURE_ED25519).unwrap();
+    let at_limit = cloud_init::render(&exact, "h", FIXTURE_ED25519, None).unwrap();
     assert_eq!(at_limit.len(), USER_DATA_LIMIT);
 
     let over = with_filler(USER_DATA_LIMIT - base + 1);
-    let err = cloud_init::render(&over, "h", FIXTURE_ED25519).unwrap_err();
+    let err = cloud_init::render(&over, "h", FIXTURE_ED25519, None).unwrap_err();
     match err {
         CloudInitError::TooLarge { size, limit } => {
             assert_eq!((size, limit), (USER_DATA_LIMIT + 1, 32 * 1024));

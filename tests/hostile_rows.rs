@@ -933,6 +933,7 @@ fn model(status: Option<String>, plan: Option<String>, id: String) -> subscripti
         last_reconciled_at: None,
         status_changed_at: None,
         ssh_key_origin: None,
+        ssh_host_key: None,
     }
 }
 

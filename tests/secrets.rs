@@ -1002,6 +1002,7 @@ async fn a_fleet_provisioned_and_rotated_leaks_no_secret_anywhere() {
             &config.plans["starter"].cloud_init,
             "vps-x",
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl c",
+            None,
         )
         .unwrap();
         assert!(user_data.contains(USER_DATA_MARKER), "{user_data}");

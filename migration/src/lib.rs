@@ -9,6 +9,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20260214_000001_controller_schema;
 mod m20261130_000001_safety;
 mod m20261201_000001_long_ids;
+mod m20261202_000001_ssh_host_key;
 
 /// Name of the table recording applied migrations. Not sea-orm's default `seaql_migrations`
 /// so that, in a database shared with the web app, it is obvious which tool owns it.
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20260214_000001_controller_schema::Migration),
             Box::new(m20261130_000001_safety::Migration),
             Box::new(m20261201_000001_long_ids::Migration),
+            Box::new(m20261202_000001_ssh_host_key::Migration),
         ]
     }
 

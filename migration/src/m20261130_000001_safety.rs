@@ -257,7 +257,7 @@ impl MigrationTrait for Migration {
 }
 
 /// (column name, type) of `table`: PostgreSQL's `format_type` name, or SQLite's declared type.
-async fn existing_columns<C: ConnectionTrait>(
+pub(crate) async fn existing_columns<C: ConnectionTrait>(
     db: &C,
     backend: DbBackend,
     table: &str,

@@ -344,6 +344,10 @@ impl<A: HcloudApi + 'static> Controller<A> {
         for id in subscriptions::take_deletions(db, term.fence.as_ref()).await? {
             self.work.request(&desired::resource_key(&id), &id, now);
         }
+        // Bootstraps that ended: their rows become `ready` (or show the failure) now.
+        for id in self.reconciler.bootstrapper.take_finished() {
+            self.work.request(&desired::resource_key(&id), &id, now);
+        }
         let mut wanted: BTreeMap<String, (String, Option<i64>)> = BTreeMap::new();
         for (key, id) in self.work.due(now) {
             wanted.insert(key, (id, None));

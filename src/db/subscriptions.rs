@@ -26,7 +26,8 @@ const MAX_QUOTED_ID_CHARS: usize = 64;
 const COLUMNS: &str = "id, user_id, stripe_subscription_id, status, plan, hetzner_server_id, \
      hetzner_ssh_key_id, hetzner_firewall_id, vps_ip_address, vps_hostname, provisioning_status, \
      provisioning_error, provisioned_at, deprovisioned_at, ssh_private_key, ssh_public_key, \
-     desired_version, observed_version, last_reconciled_at, status_changed_at, ssh_key_origin";
+     desired_version, observed_version, last_reconciled_at, status_changed_at, ssh_key_origin, \
+     ssh_host_key";
 
 /// Every subscription the controller can read, and the ones it cannot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -180,6 +181,7 @@ fn decode(row: &QueryResult) -> Result<subscription::Model, String> {
         last_reconciled_at: column(row, "last_reconciled_at")?,
         status_changed_at: column(row, "status_changed_at")?,
         ssh_key_origin: column(row, "ssh_key_origin")?,
+        ssh_host_key: column(row, "ssh_host_key")?,
     })
 }
 
@@ -260,6 +262,8 @@ pub struct StatusUpdate {
     /// Where the row's key pair came from: `None`/`controller` (the controller generated and
     /// sealed it) or `external` (written by someone else; the controller cannot open it).
     pub ssh_key_origin: Option<Option<String>>,
+    /// The host key the server must present (public, OpenSSH line).
+    pub ssh_host_key: Option<Option<String>>,
     /// The desired_version a pass finished for (successfully or terminally failed). Setting it
     /// also stamps `last_reconciled_at` with the current time.
     pub observed_version: Option<i64>,
@@ -273,7 +277,7 @@ impl StatusUpdate {
 
     /// `(column, value)` for every field to write.
     fn assignments(&self) -> Vec<(&'static str, Value)> {
-        let fields: [(&'static str, Option<Value>); 13] = [
+        let fields: [(&'static str, Option<Value>); 14] = [
             (
                 "provisioning_status",
                 self.provisioning_status.clone().map(Value::from),
@@ -310,6 +314,7 @@ impl StatusUpdate {
                 "ssh_key_origin",
                 self.ssh_key_origin.clone().map(Value::from),
             ),
+            ("ssh_host_key", self.ssh_host_key.clone().map(Value::from)),
             ("observed_version", self.observed_version.map(Value::from)),
         ];
         let mut assignments: Vec<_> = fields
@@ -342,6 +347,7 @@ impl std::fmt::Debug for StatusUpdate {
             .field("ssh_private_key", &sealed)
             .field("ssh_public_key", &self.ssh_public_key)
             .field("ssh_key_origin", &self.ssh_key_origin)
+            .field("ssh_host_key", &self.ssh_host_key)
             .field("observed_version", &self.observed_version)
             .finish()
     }

@@ -401,6 +401,7 @@ mod tests {
             last_reconciled_at: None,
             status_changed_at: hours_in_status.map(|h| now - chrono::Duration::hours(h)),
             ssh_key_origin: None,
+            ssh_host_key: None,
         }
     }
 

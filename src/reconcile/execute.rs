@@ -334,7 +334,26 @@ impl<A: HcloudApi> Executor<'_, A> {
         let firewall_id = progress
             .firewall_id
             .ok_or_else(|| ReconcileError::Internal("no firewall for the server".into()))?;
-        let user_data = cloud_init::render(&spec.plan.cloud_init, &spec.name, &public_key)?;
+        let host_key = self.host_key(progress).await?;
+        let user_data = cloud_init::render(
+            &spec.plan.cloud_init,
+            &spec.name,
+            &public_key,
+            host_key
+                .as_ref()
+                .map(|k| (k.private_openssh.as_str(), k.public_openssh.as_str())),
+        )?;
+        if let Some(host_key) = &host_key {
+            // Pinned before the server exists: the first login checks it, also after a crash.
+            self.write(
+                progress,
+                StatusUpdate {
+                    ssh_host_key: Some(Some(host_key.public_openssh.clone())),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        }
         let request = CreateServer {
             name: spec.name.clone(),
             server_type: spec.plan.server_type.clone(),
@@ -374,6 +393,30 @@ impl<A: HcloudApi> Executor<'_, A> {
         progress.server = Some(server);
         self.persist_id(progress, Kind::Server, id, reason, &detail)
             .await
+    }
+
+    /// The host key a new server gets through cloud-init: derived from the subscription's
+    /// private key (`crate::ssh::host_key`), so only for a key pair this controller sealed.
+    /// `None` for a key the web app wrote: the controller cannot log in with it anyway.
+    async fn host_key(
+        &self,
+        progress: &Progress,
+    ) -> Result<Option<crate::ssh::host_key::HostKey>, ReconcileError> {
+        let Some(row) = subscriptions::get(self.db, &progress.subscription_id).await? else {
+            return Ok(None);
+        };
+        let sealed = match row.ssh_private_key.as_deref() {
+            Some(sealed)
+                if Sealer::looks_sealed(sealed)
+                    && row.ssh_key_origin.as_deref() != Some("external") =>
+            {
+                sealed
+            }
+            _ => return Ok(None),
+        };
+        let private = self.sealer.open(sealed, &progress.subscription_id)?;
+        let name = desired::resource_name(self.config, &progress.subscription_id);
+        Ok(Some(crate::ssh::host_key::derive(&private, &name)?))
     }
 
     /// Stores the id of a resource just created or adopted before anything else happens, so

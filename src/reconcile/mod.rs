@@ -24,6 +24,8 @@ use crate::db::subscriptions::{self, StatusUpdate};
 use crate::fencing::{Leadership, Term};
 use crate::hcloud::{self, HcloudApi};
 use crate::keys::Sealer;
+use crate::ssh::bootstrapper::{Context as BootstrapContext, Job as BootstrapJob};
+use crate::ssh::{BootstrapState, Bootstrapper, SshError};
 use crate::telemetry::metrics::Metrics;
 
 use desired::{Desired, MAX_ERROR_CHARS, Owner, Want};
@@ -55,6 +57,10 @@ pub enum ReconcileError {
     Internal(String),
     #[error("lost the leader lease; another replica takes over")]
     LostLease,
+    /// The server runs but is not bootstrapped: shown on the row and retried, except for a
+    /// host key mismatch, which stops the subscription.
+    #[error("bootstrap over SSH: {0}")]
+    Bootstrap(SshError),
 }
 
 impl From<DbError> for ReconcileError {
@@ -76,6 +82,7 @@ impl ReconcileError {
             ReconcileError::Api(e) => e.is_terminal() && !e.is_project_wide(),
             ReconcileError::CloudInit(_) | ReconcileError::ForeignResource(_) => true,
             ReconcileError::Seal(_) => true,
+            ReconcileError::Bootstrap(e) => e.is_terminal(),
             ReconcileError::Db(_)
             | ReconcileError::Key(_)
             | ReconcileError::Internal(_)
@@ -95,6 +102,7 @@ impl ReconcileError {
             ReconcileError::DeletionsPaused(_) => "deletions_paused",
             ReconcileError::Internal(_) => "internal",
             ReconcileError::LostLease => "lost_lease",
+            ReconcileError::Bootstrap(e) => e.metric_label(),
         }
     }
 }
@@ -115,6 +123,8 @@ pub struct Reconciler<A: HcloudApi> {
     pub key_checks: KeyChecks,
     /// Drift repairs and orphan deletions are counted here.
     pub metrics: Arc<Metrics>,
+    /// Runs the SSH bootstraps that a new server's `ready` waits for.
+    pub bootstrapper: Arc<Bootstrapper>,
 }
 
 /// What a reconcile of a row would do, judged without doing it (`Reconciler::verdict`).
@@ -204,12 +214,23 @@ impl<A: HcloudApi> Reconciler<A> {
             return Verdict::Work;
         }
         let progress = progress_before(&desired, &row_state, &observed, &plan);
+        let ready_server = ready_server(Some(row));
+        let gate = match self.bootstrap_gate(row, &row_state, ready_server, &plan, &progress) {
+            // Not started (since this process started) or failed: the reconcile starts it
+            // or reports the failure.
+            Some((_, BootstrapState::NotStarted | BootstrapState::Failed(_))) => {
+                return Verdict::Work;
+            }
+            Some((_, BootstrapState::Running)) => Gate::Waiting,
+            Some((_, BootstrapState::Done)) | None => Gate::Open,
+        };
         let context = Settle {
             desired: &desired,
             row_state: &row_state,
-            ready_server: ready_server(Some(row)),
+            ready_server,
             plan: &plan,
             adopting: observed.adopting,
+            gate,
         };
         match settlement(&context, Some(row), &progress) {
             Some(s) if s.update.is_empty() && s.done == Done::Settled => {
@@ -284,12 +305,35 @@ impl<A: HcloudApi> Reconciler<A> {
         match result {
             Ok(progress) => {
                 let recheck = desired.recheck_after;
+                let gate = match row.as_ref().and_then(|row| {
+                    self.bootstrap_gate(row, &row_state, ready_server, &plan, &progress)
+                        .map(|gate| (row, gate))
+                }) {
+                    None | Some((_, (_, BootstrapState::Done))) => Gate::Open,
+                    Some((_, (_, BootstrapState::Running))) => Gate::Waiting,
+                    Some((row, (server, BootstrapState::NotStarted))) => {
+                        match self.start_bootstrap(term, &desired, row, server) {
+                            Ok(()) => Gate::Waiting,
+                            Err(error) => {
+                                return self.failed(term, &desired, Some(row), error).await;
+                            }
+                        }
+                    }
+                    Some((row, (_, BootstrapState::Failed(error)))) => {
+                        // Reported once; the controller's backoff decides when to try again.
+                        self.bootstrapper.forget(&row.id);
+                        return self
+                            .failed(term, &desired, Some(row), ReconcileError::Bootstrap(error))
+                            .await;
+                    }
+                };
                 let context = Settle {
                     desired: &desired,
                     row_state: &row_state,
                     ready_server,
                     plan: &plan,
                     adopting: observed.adopting,
+                    gate,
                 };
                 match (
                     self.settle(term, context, row.as_ref(), progress).await?,
@@ -528,6 +572,79 @@ impl<A: HcloudApi> Reconciler<A> {
         }
     }
 
+    /// The server a `ready` would be for, and where its bootstrap stands; `None` when `ready`
+    /// does not wait for one: SSH is off, the plan does not end `ready`, the row is already
+    /// `ready` with this server (a repair), or the controller cannot log in (a key pair it
+    /// did not seal, or a server without IPv4).
+    fn bootstrap_gate<'p>(
+        &self,
+        row: &subscription::Model,
+        row_state: &RowState,
+        ready_server: Option<i64>,
+        plan: &Plan,
+        progress: &'p Progress,
+    ) -> Option<(&'p hcloud::Server, BootstrapState)> {
+        if !self.bootstrapper.enabled()
+            || plan.outcome != Outcome::Ready
+            || progress.needs_another_look
+            || !matches!(row_state.key, KeyState::Sealed { .. })
+            || !newly_ready(row, ready_server, progress)
+        {
+            return None;
+        }
+        let server = progress.server.as_ref()?;
+        server.public_net.ipv4.as_ref()?;
+        Some((server, self.bootstrapper.state(&row.id, server.id)))
+    }
+
+    /// Starts the bootstrap of `server` with the row's key and pinned host key.
+    fn start_bootstrap(
+        &self,
+        term: &Term,
+        desired: &Desired,
+        row: &subscription::Model,
+        server: &hcloud::Server,
+    ) -> Result<(), ReconcileError> {
+        let sealed = row
+            .ssh_private_key
+            .as_deref()
+            .ok_or_else(|| ReconcileError::Internal("no private key to log in with".into()))?;
+        let private_key = self.sealer.open(sealed, &row.id)?;
+        let address = server
+            .public_net
+            .ipv4
+            .as_ref()
+            .map(|ip| ip.ip.as_str())
+            .unwrap_or_default();
+        let address = address.parse().map_err(|_| {
+            ReconcileError::Bootstrap(SshError::Connect(format!(
+                "the server's IPv4 {:?} is not an address",
+                desired::bounded(address, 64)
+            )))
+        })?;
+        let bootstrap = match &desired.want {
+            Want::Vps(spec) => spec.plan.bootstrap.clone(),
+            _ => None,
+        };
+        tracing::info!(subscription = %desired::shown_id(&row.id), server = server.id, "server running; bootstrap over SSH started");
+        self.bootstrapper.start(
+            BootstrapContext {
+                db: self.db.clone(),
+                leadership: self.leadership.clone(),
+                term: term.clone(),
+            },
+            BootstrapJob {
+                subscription_id: row.id.clone(),
+                server_id: server.id,
+                address,
+                private_key,
+                host_key: row.ssh_host_key.clone(),
+                bootstrap,
+            },
+        );
+        Ok(())
+    }
+
     async fn execute(
         &self,
         term: &Term,
@@ -658,6 +775,9 @@ impl<A: HcloudApi> Reconciler<A> {
                 events::record(&self.db, &row.id, kind, reason, &message).await?;
             }
             subscriptions::write_status(&self.db, term.fence.as_ref(), &row.id, &update).await?;
+            if update.provisioning_status.as_deref() == Some("ready") {
+                self.bootstrapper.forget(&row.id);
+            }
         }
         Ok(done)
     }
@@ -679,6 +799,7 @@ impl<A: HcloudApi> Reconciler<A> {
         tracing::warn!(subscription = %desired::shown_id(&desired.subscription_id), error = %message, terminal = error.is_terminal(), "reconcile failed");
         let reason = match &error {
             ReconcileError::DeletionsPaused(_) => "DeletionsPaused",
+            ReconcileError::Bootstrap(SshError::HostKeyMismatch { .. }) => "HostKeyMismatch",
             e if e.is_terminal() => "Failed",
             _ => "Retrying",
         };
@@ -733,14 +854,12 @@ fn settlement(
         ready_server,
         plan,
         adopting,
-        ..
+        gate,
     } = *context;
     let (Some(row), Some(version)) = (row, desired.version) else {
         return None;
     };
-    let newly_ready = row.provisioned_at.is_none()
-        || ready_server.is_none()
-        || ready_server != progress.server.as_ref().map(|s| s.id);
+    let newly_ready = newly_ready(row, ready_server, progress);
     let mut done = Done::Settled;
     let mut update = StatusUpdate::default();
     let record_ids = |update: &mut StatusUpdate| {
@@ -759,6 +878,12 @@ fn settlement(
         Outcome::Ready if progress.needs_another_look => {
             update.provisioning_status = Some("provisioning".into());
             done = Done::Requeue(PROVISIONING_RECHECK);
+        }
+        // Running at Hetzner, bootstrap under way: the bootstrapper asks for another look
+        // when it ends. The address is shown already (for whoever watches the row).
+        Outcome::Ready if gate == Gate::Waiting => {
+            update.provisioning_status = Some("provisioning".into());
+            record_ids(&mut update);
         }
         Outcome::Ready => {
             update.provisioning_status = Some("ready".into());
@@ -811,6 +936,7 @@ fn settlement(
                 update.ssh_private_key = Some(None);
                 update.ssh_public_key = Some(None);
             }
+            update.ssh_host_key = Some(None);
             if row.deprovisioned_at.is_none() || row.provisioning_status != "deprovisioned" {
                 update.deprovisioned_at = Some(Some(Utc::now()));
             }
@@ -835,6 +961,23 @@ fn settlement(
         done,
         newly_ready,
     })
+}
+
+/// Whether a `ready` now would be a new provisioning (not a repair of a row `ready` with the
+/// same server).
+fn newly_ready(row: &subscription::Model, ready_server: Option<i64>, progress: &Progress) -> bool {
+    row.provisioned_at.is_none()
+        || ready_server.is_none()
+        || ready_server != progress.server.as_ref().map(|s| s.id)
+}
+
+/// Whether `ready` waits for the bootstrap (see `Reconciler::bootstrap_gate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gate {
+    /// Nothing to wait for: SSH is off, the server is not new, or its bootstrap is done.
+    Open,
+    /// The bootstrap runs (or is starting): the row stays `provisioning`.
+    Waiting,
 }
 
 /// See `settlement`.
@@ -911,6 +1054,7 @@ struct Settle<'a> {
     ready_server: Option<i64>,
     plan: &'a Plan,
     adopting: bool,
+    gate: Gate,
 }
 
 /// The Hetzner ids the row records.
@@ -1015,6 +1159,7 @@ fn only_changes(row: &subscription::Model, mut update: StatusUpdate) -> StatusUp
     keep_if_differs(&mut update.ssh_private_key, row.ssh_private_key.clone());
     keep_if_differs(&mut update.ssh_public_key, row.ssh_public_key.clone());
     keep_if_differs(&mut update.ssh_key_origin, row.ssh_key_origin.clone());
+    keep_if_differs(&mut update.ssh_host_key, row.ssh_host_key.clone());
     keep_if_differs(&mut update.observed_version, row.observed_version);
     update
 }

@@ -844,6 +844,7 @@ fn model(provisioning_status: &str) -> crate::db::entities::subscription::Model 
         last_reconciled_at: None,
         status_changed_at: None,
         ssh_key_origin: None,
+        ssh_host_key: None,
     }
 }
 
@@ -892,6 +893,7 @@ fn settle_canceled(row: &crate::db::entities::subscription::Model) -> crate::db:
         ready_server: crate::reconcile::ready_server(Some(row)),
         plan: &plan,
         adopting: false,
+        gate: crate::reconcile::Gate::Open,
     };
     let settlement = crate::reconcile::settlement(&context, Some(row), &progress)
         .expect("a row with a version always settles");

@@ -157,6 +157,8 @@ pub async fn plan_all<A: HcloudApi>(
             ready_server: super::ready_server(Some(row)),
             plan: &plan,
             adopting: observed.adopting,
+            // What Hetzner would see; the SSH bootstrap is not part of a plan.
+            gate: super::Gate::Open,
         };
         let update = super::settlement(&context, Some(row), &progress)
             .map(|settlement| StatusUpdate {

@@ -42,7 +42,13 @@ pub struct Metrics {
     invalid_rows: Gauge,
     drift_repairs: Family<Labels, Counter>,
     orphans_deleted: Family<Labels, Counter>,
+    ssh_bootstraps: Family<Labels, Counter>,
+    ssh_sessions: Gauge,
+    ssh_bootstraps_waiting: Gauge,
 }
+
+/// How a bootstrap attempt ended, as the `result` label of `ssh_bootstraps_total`.
+pub const BOOTSTRAP_RESULTS: [&str; 3] = ["success", "failure", "host_key_mismatch"];
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -199,6 +205,24 @@ impl Metrics {
             "Resources with our labels that no subscription wanted, deleted, by kind",
             orphans_deleted.clone(),
         );
+        let ssh_bootstraps = Family::<Labels, Counter>::default();
+        registry.register(
+            "ssh_bootstraps",
+            "Bootstrap attempts over SSH (cloud-init wait and the plan's steps), by result; host_key_mismatch stops the subscription",
+            ssh_bootstraps.clone(),
+        );
+        let ssh_sessions = Gauge::default();
+        registry.register(
+            "ssh_sessions",
+            "SSH sessions open now (at most ssh.concurrency)",
+            ssh_sessions.clone(),
+        );
+        let ssh_bootstraps_waiting = Gauge::default();
+        registry.register(
+            "ssh_bootstraps_waiting",
+            "Bootstraps waiting for one of the ssh.concurrency sessions",
+            ssh_bootstraps_waiting.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector::new()));
         let metrics = Metrics {
             registry: Mutex::new(registry),
@@ -221,6 +245,9 @@ impl Metrics {
             invalid_rows,
             drift_repairs,
             orphans_deleted,
+            ssh_bootstraps,
+            ssh_sessions,
+            ssh_bootstraps_waiting,
         };
         // Every labelled family shows its bounded label set from the start, so dashboards
         // and alerts see zeros instead of missing series.
@@ -238,8 +265,28 @@ impl Metrics {
             let _ = metrics.drift_repairs.get_or_create(&label("kind", kind));
             let _ = metrics.orphans_deleted.get_or_create(&label("kind", kind));
         }
+        for result in BOOTSTRAP_RESULTS {
+            let _ = metrics
+                .ssh_bootstraps
+                .get_or_create(&label("result", result));
+        }
         metrics.set_subscriptions(&BTreeMap::new());
         metrics
+    }
+
+    /// A bootstrap attempt ended with `result` (one of [`BOOTSTRAP_RESULTS`]).
+    pub fn bootstrap_finished(&self, result: &str) {
+        self.ssh_bootstraps
+            .get_or_create(&label("result", result))
+            .inc();
+    }
+
+    /// SSH sessions open now, and bootstraps waiting for one.
+    pub fn set_ssh_sessions(&self, open: usize, waiting: usize) {
+        self.ssh_sessions
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+        self.ssh_bootstraps_waiting
+            .set(i64::try_from(waiting).unwrap_or(i64::MAX));
     }
 
     /// Adds metrics computed at scrape time (e.g. the Hetzner client's request counters).

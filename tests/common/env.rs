@@ -8,7 +8,7 @@ use std::time::Duration;
 use sea_orm::{ConnectionTrait, DatabaseConnection};
 use serde_json::Value;
 
-use vps_controller::config::Config;
+use vps_controller::config::{Config, SshSettings};
 use vps_controller::controller::Controller;
 use vps_controller::controller::leader::Leadership;
 use vps_controller::db::{self, entities::subscription, subscriptions};
@@ -19,6 +19,7 @@ use vps_controller::keys::{KeyAlgorithm, Sealer};
 use vps_controller::reconcile::Reconciler;
 use vps_controller::reconcile::desired::Owner;
 use vps_controller::simulator::{self, RunningSimulator, SimulatorConfig};
+use vps_controller::ssh::Bootstrapper;
 use vps_controller::telemetry::metrics::Metrics;
 
 pub const TOKEN: &str = "test-token";
@@ -80,6 +81,12 @@ impl Default for Options {
                 // Key generation speed is not under test here (tests/foundation.rs covers RSA).
                 ssh_key_algorithm: KeyAlgorithm::Ed25519,
                 shutdown_timeout_seconds: 0,
+                // `ready` as Hetzner's `running`: the bootstrap tests (tests/bootstrap.rs)
+                // turn SSH on, against a simulator with its SSH endpoint.
+                ssh: SshSettings {
+                    enabled: false,
+                    ..SshSettings::default()
+                },
                 ..Config::builtin()
             },
             token: TOKEN.into(),
@@ -130,6 +137,8 @@ pub async fn env_custom(test_db: &super::TestDb, options: Options) -> Env {
     let config = options.config;
     let installation = db::installation::id(&db).await.unwrap();
     let owner = Owner::new(installation.clone(), &config);
+    let metrics = Arc::new(Metrics::new());
+    let ssh = config.ssh.clone();
     let reconciler = Reconciler {
         api,
         db: db.clone(),
@@ -139,7 +148,8 @@ pub async fn env_custom(test_db: &super::TestDb, options: Options) -> Env {
         action_timeout: Duration::from_secs(20),
         leadership: Leadership::always(),
         key_checks: Default::default(),
-        metrics: Arc::new(Metrics::new()),
+        bootstrapper: Arc::new(Bootstrapper::new(ssh, Arc::clone(&metrics))),
+        metrics,
     };
     let controller = Arc::new(Controller::new(reconciler, 3600));
     Env {

@@ -44,6 +44,9 @@ pub struct Model {
     /// NULL or `controller`: the controller generated and sealed the key pair; `external`: the
     /// key came from elsewhere (the web app) and the controller cannot open it.
     pub ssh_key_origin: Option<String>,
+    /// The SSH host key (OpenSSH public key line) the server must present: the one the
+    /// controller gave cloud-init, or pinned at the first login (see `crate::ssh`).
+    pub ssh_host_key: Option<String>,
 }
 
 impl std::fmt::Debug for Model {
@@ -73,6 +76,7 @@ impl std::fmt::Debug for Model {
             .field("last_reconciled_at", &self.last_reconciled_at)
             .field("status_changed_at", &self.status_changed_at)
             .field("ssh_key_origin", &self.ssh_key_origin)
+            .field("ssh_host_key", &self.ssh_host_key)
             .finish()
     }
 }
