@@ -104,8 +104,6 @@ pub struct SshSettings {
     pub cloud_init_timeout_seconds: u64,
     /// Seconds one bootstrap command or upload may take.
     pub command_timeout_seconds: u64,
-    /// Longest wait between two attempts of a failing bootstrap (the first is 5 s, doubling).
-    pub retry_max_seconds: u64,
 }
 
 impl Default for SshSettings {
@@ -118,7 +116,6 @@ impl Default for SshSettings {
             connect_timeout_seconds: 20,
             cloud_init_timeout_seconds: 1800,
             command_timeout_seconds: 600,
-            retry_max_seconds: 300,
         }
     }
 }
@@ -145,12 +142,59 @@ pub struct Bootstrap {
 
 /// One bootstrap step: `upload: {path, mode, content}` or `run: "command"`.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
+#[serde(try_from = "StepFields", into = "StepFields")]
 pub enum BootstrapStep {
     /// Write a file (parent directories created), then set its mode.
     Upload(Upload),
     /// Run a command through the login shell; a non-zero exit status fails the step.
     Run(String),
+}
+
+/// A step as written: YAML maps a single key to the step kind (serde_norway reads enums
+/// from `!tags` only, which nobody writes by hand).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct StepFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upload: Option<Upload>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    run: Option<String>,
+}
+
+impl TryFrom<StepFields> for BootstrapStep {
+    type Error = String;
+
+    fn try_from(fields: StepFields) -> Result<Self, Self::Error> {
+        match fields {
+            StepFields {
+                upload: Some(upload),
+                run: None,
+            } => Ok(BootstrapStep::Upload(upload)),
+            StepFields {
+                upload: None,
+                run: Some(command),
+            } => Ok(BootstrapStep::Run(command)),
+            _ => Err(
+                "a step is either `upload: {path, mode, content}` or `run: COMMAND`, exactly one"
+                    .to_owned(),
+            ),
+        }
+    }
+}
+
+impl From<BootstrapStep> for StepFields {
+    fn from(step: BootstrapStep) -> Self {
+        match step {
+            BootstrapStep::Upload(upload) => StepFields {
+                upload: Some(upload),
+                run: None,
+            },
+            BootstrapStep::Run(command) => StepFields {
+                upload: None,
+                run: Some(command),
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -813,7 +857,6 @@ fn ssh_problems(p: &mut Problems, ssh: &SshSettings) {
             ssh.cloud_init_timeout_seconds,
         ),
         ("ssh.command_timeout_seconds", ssh.command_timeout_seconds),
-        ("ssh.retry_max_seconds", ssh.retry_max_seconds),
     ] {
         if !(1..=MAX_SSH_TIMEOUT_SECONDS).contains(&value) {
             p.add(
@@ -1081,6 +1124,97 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A config of one plan with `extra` (YAML lines) inside the plan and `top` at the top.
+    fn with(top: &str, plan_extra: &str) -> Result<Config, ConfigError> {
+        let yaml = format!(
+            "{top}\nplans:\n  p:\n    server_type: cx23\n    image: ubuntu-24.04\n    location: fsn1\n    firewall_rules: []\n{plan_extra}"
+        );
+        Config::from_yaml_str(&yaml)
+    }
+
+    #[test]
+    fn a_bootstrap_parses_with_its_steps_in_order() {
+        let config = with(
+            "ssh: {port: 2222, concurrency: 4}",
+            "    bootstrap:\n      version: \"2026-12.1\"\n      steps:\n        - upload: {path: /etc/motd, mode: \"0644\", content: hi}\n        - run: systemctl restart ssh\n",
+        )
+        .unwrap();
+        assert_eq!(config.ssh.port, 2222);
+        assert_eq!(config.ssh.concurrency, 4);
+        assert!(config.ssh.enabled, "SSH is on unless turned off");
+        let bootstrap = config.plans["p"].bootstrap.as_ref().unwrap();
+        assert_eq!(bootstrap.version, "2026-12.1");
+        assert_eq!(
+            bootstrap.steps,
+            vec![
+                BootstrapStep::Upload(Upload {
+                    path: "/etc/motd".into(),
+                    mode: "0644".into(),
+                    content: "hi".into()
+                }),
+                BootstrapStep::Run("systemctl restart ssh".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_ssh_and_bootstrap_fields_are_named() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("ssh: {port: 0}", "", "ssh.port"),
+            ("ssh: {user: \"root; rm\"}", "", "ssh.user"),
+            ("ssh: {concurrency: 0}", "", "ssh.concurrency"),
+            (
+                "ssh: {connect_timeout_seconds: 0}",
+                "",
+                "ssh.connect_timeout_seconds",
+            ),
+            (
+                "ssh: {cloud_init_timeout_seconds: 90000}",
+                "",
+                "ssh.cloud_init_timeout_seconds",
+            ),
+            (
+                "",
+                "    bootstrap: {version: \"\", steps: []}\n",
+                "plans.p.bootstrap.version",
+            ),
+            (
+                "",
+                "    bootstrap: {version: \"a b\", steps: []}\n",
+                "plans.p.bootstrap.version",
+            ),
+            (
+                "",
+                "    bootstrap: {version: \"1\", steps: [{run: \" \"}]}\n",
+                "plans.p.bootstrap.steps[0].run",
+            ),
+            (
+                "",
+                "    bootstrap: {version: \"1\", steps: [{upload: {path: etc/x, mode: \"0644\", content: x}}]}\n",
+                "plans.p.bootstrap.steps[0].upload.path",
+            ),
+            (
+                "",
+                "    bootstrap: {version: \"1\", steps: [{run: ok}, {upload: {path: /x, mode: \"0999\", content: x}}]}\n",
+                "plans.p.bootstrap.steps[1].upload.mode",
+            ),
+        ];
+        for (top, plan, field) in cases {
+            let error = with(top, plan).unwrap_err();
+            assert!(
+                error.problems().iter().any(|p| p.field == *field),
+                "{top} {plan}: {error}"
+            );
+        }
+        // Unknown fields and unknown step kinds are parse errors that say where.
+        let error = with("ssh: {prot: 22}", "").unwrap_err().to_string();
+        assert!(error.contains("prot"), "{error}");
+        let error = with("", "    bootstrap: {version: \"1\", steps: [{copy: x}]}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("copy"), "{error}");
+    }
 
     #[test]
     fn ports() {
