@@ -96,6 +96,7 @@ impl Default for Options {
 
 pub async fn env_custom(test_db: &super::TestDb, options: Options) -> Env {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut config = options.config;
     let sim = match options.sim {
         Some(sim) => sim,
         None => Arc::new(
@@ -104,6 +105,11 @@ pub async fn env_custom(test_db: &super::TestDb, options: Options) -> Env {
                     token: Some(TOKEN.into()),
                     action_seconds: options.action_seconds,
                     fault_delay: Duration::from_secs(3),
+                    // Servers answer SSH when the controller is to log in to them.
+                    ssh: config.ssh.enabled.then(|| simulator::SshConfig {
+                        listen: "0.0.0.0:0".parse().unwrap(),
+                        cloud_init_seconds: 0.0,
+                    }),
                     ..SimulatorConfig::default()
                 },
                 "127.0.0.1:0".parse().unwrap(),
@@ -112,6 +118,9 @@ pub async fn env_custom(test_db: &super::TestDb, options: Options) -> Env {
             .unwrap(),
         ),
     };
+    if let Some(ssh) = sim.ssh_addr() {
+        config.ssh.port = ssh.port();
+    }
     let db = db::connect(&test_db.url).await.unwrap();
     if let Some(sql) = &options.web_app_table {
         db.execute_unprepared(sql).await.unwrap();
@@ -134,7 +143,6 @@ pub async fn env_custom(test_db: &super::TestDb, options: Options) -> Env {
         ..ClientConfig::new(sim.base_url(), Token::new(options.token.clone()))
     })
     .unwrap();
-    let config = options.config;
     let installation = db::installation::id(&db).await.unwrap();
     let owner = Owner::new(installation.clone(), &config);
     let metrics = Arc::new(Metrics::new());

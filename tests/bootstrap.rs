@@ -1,0 +1,348 @@
+//! Ready means reachable: a new server is `ready` only after the controller logged in over SSH
+//! with the subscription's key, saw cloud-init finish and applied the plan's bootstrap. Driven
+//! pass by pass against the simulator's SSH endpoint (each server answers on a loopback
+//! address of its own), on SQLite and PostgreSQL. The crash test (a real `kill -9` between
+//! steps) is in tests/cli.rs next to the other process tests.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use common::env::{Env, Options, env_custom};
+use common::process::metric_value;
+use vps_controller::config::{Bootstrap, BootstrapStep, Config, SshSettings, Upload};
+use vps_controller::db::events;
+use vps_controller::keys::KeyAlgorithm;
+
+/// How long a test waits for something the controller does on its own (a bootstrap).
+const DEADLINE: Duration = Duration::from_secs(60);
+
+const MOTD: &str = "Welcome, {{not substituted}} 'quoted' text\n";
+
+fn bootstrap() -> Bootstrap {
+    Bootstrap {
+        version: "1".into(),
+        steps: vec![
+            BootstrapStep::Upload(Upload {
+                path: "/etc/motd".into(),
+                mode: "0640".into(),
+                content: MOTD.into(),
+            }),
+            BootstrapStep::Run("systemctl enable --now my-agent".into()),
+        ],
+    }
+}
+
+fn config(concurrency: usize) -> Config {
+    let mut config = Config {
+        ssh_key_algorithm: KeyAlgorithm::Ed25519,
+        shutdown_timeout_seconds: 0,
+        ssh: SshSettings {
+            concurrency,
+            connect_timeout_seconds: 5,
+            cloud_init_timeout_seconds: 30,
+            command_timeout_seconds: 10,
+            ..SshSettings::default()
+        },
+        ..Config::builtin()
+    };
+    for plan in config.plans.values_mut() {
+        plan.bootstrap = Some(bootstrap());
+    }
+    config
+}
+
+async fn each_backend<F, Fut>(concurrency: usize, test: F)
+where
+    F: Fn(Env) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for test_db in common::test_databases().await {
+        let env = env_custom(
+            &test_db,
+            Options {
+                config: config(concurrency),
+                ..Options::default()
+            },
+        )
+        .await;
+        test(env).await;
+        test_db.cleanup().await;
+    }
+}
+
+async fn sim_get(env: &Env, path: &str) -> Value {
+    let url = format!("http://{}{path}", env.sim.addr());
+    let response = env.http.get(url).send().await.unwrap();
+    assert!(response.status().is_success(), "GET {path}");
+    response.json().await.unwrap()
+}
+
+async fn sim_post(env: &Env, path: &str, body: Value) {
+    let url = format!("http://{}{path}", env.sim.addr());
+    let response = env.http.post(url).json(&body).send().await.unwrap();
+    assert!(response.status().is_success(), "POST {path}");
+}
+
+async fn sim_delete(env: &Env, path: &str) {
+    let url = format!("http://{}{path}", env.sim.addr());
+    let response = env.http.delete(url).send().await.unwrap();
+    assert!(response.status().is_success(), "DELETE {path}");
+}
+
+/// What the simulated server of `id` saw over SSH.
+async fn ssh_log(env: &Env, id: &str) -> Value {
+    let server = env.row(id).await.hetzner_server_id.expect("a server");
+    sim_get(env, &format!("/__simulator/servers/{server}/ssh")).await
+}
+
+fn commands<'a>(log: &'a Value, starting: &str) -> Vec<&'a Value> {
+    log["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["command"].as_str().unwrap().starts_with(starting))
+        .collect()
+}
+
+/// Runs change passes until `done` holds for the row of `id` (the bootstrap runs on its own
+/// tasks and asks for the pass that settles the row).
+async fn drive_until<F>(env: &Env, id: &str, what: &str, done: F) -> vps_controller::db::entities::subscription::Model
+where
+    F: Fn(&vps_controller::db::entities::subscription::Model) -> bool,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let _ = env.controller.process_changes().await;
+        let row = env.row(id).await;
+        if done(&row) {
+            return row;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "[{}] {id}: {what} did not happen; row: {} {:?}",
+            env.backend,
+            row.provisioning_status,
+            row.provisioning_error
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn reasons(env: &Env, id: &str) -> Vec<String> {
+    events::recent(&env.db, Some(id), 50)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.reason)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_subscription_is_ready_only_after_cloud_init_finished_and_the_bootstrap_ran() {
+    each_backend(4, |env| async move {
+        // cloud-init is still running on every new server.
+        sim_post(&env, "/__simulator/ssh/faults", json!({"cloud_init": "running"})).await;
+        env.insert("boot-1", "active", "starter").await;
+        env.resync().await;
+
+        let row = env.row("boot-1").await;
+        assert_eq!(row.provisioning_status, "provisioning", "[{}]", env.backend);
+        let server = row.hetzner_server_id.expect("server created");
+        let (_, at_hetzner) = env.api("GET", &format!("/servers/{server}"), None).await;
+        assert_eq!(at_hetzner["server"]["status"], "running");
+        // The host key the controller expects was pinned before the create.
+        let pinned = row.ssh_host_key.clone().expect("host key pinned at create");
+
+        // The controller is waiting in `cloud-init status --wait`; nothing else ran.
+        let waiting = common::eventually(DEADLINE, || async {
+            let log = ssh_log(&env, "boot-1").await;
+            commands(&log, "cloud-init status --wait")
+                .iter()
+                .any(|c| c["exit_status"].is_null())
+        })
+        .await;
+        assert!(waiting, "[{}] the controller never waited for cloud-init", env.backend);
+        env.process_changes().await;
+        let row = env.row("boot-1").await;
+        assert_eq!(
+            row.provisioning_status, "provisioning",
+            "[{}] not ready while cloud-init runs",
+            env.backend
+        );
+        let log = ssh_log(&env, "boot-1").await;
+        assert!(log["files"].as_object().unwrap().is_empty(), "{log}");
+        let blob = |line: &str| line.split_whitespace().nth(1).map(str::to_owned);
+        assert_eq!(
+            log["host_key"].as_str().and_then(blob),
+            blob(&pinned),
+            "the server presents the host key the controller gave cloud-init: {log}"
+        );
+
+        // cloud-init finishes: the bootstrap runs, then the row is ready.
+        sim_delete(&env, "/__simulator/ssh/faults").await;
+        let row = drive_until(&env, "boot-1", "ready", |r| r.provisioning_status == "ready").await;
+        assert!(row.provisioning_error.is_none(), "{:?}", row.provisioning_error);
+        assert!(row.provisioned_at.is_some());
+        let address = row.vps_ip_address.clone().unwrap();
+        assert!(address.starts_with("127."), "{address}");
+
+        let log = ssh_log(&env, "boot-1").await;
+        let motd = &log["files"]["/etc/motd"];
+        assert_eq!(motd["content"], MOTD, "{log}");
+        assert_eq!(motd["mode"], "0640", "{log}");
+        assert_eq!(motd["writes"], 1, "{log}");
+        assert_eq!(commands(&log, "systemctl enable --now my-agent").len(), 1, "{log}");
+        assert_eq!(
+            log["files"]["/var/lib/vps-controller/bootstrap"]["content"],
+            "version=1\nsteps_done=2\n",
+            "{log}"
+        );
+        let reasons = reasons(&env, "boot-1").await;
+        assert!(reasons.contains(&"Bootstrapped".to_string()), "{reasons:?}");
+        assert!(reasons.contains(&"Ready".to_string()), "{reasons:?}");
+        let metrics = env.controller.metrics.render();
+        assert_eq!(
+            metric_value(&metrics, "vps_controller_ssh_bootstraps_total", &[("result", "success")]),
+            Some(1.0),
+            "{metrics}"
+        );
+
+        // Converged: later passes log in no more and change nothing.
+        let sessions = log["sessions"].as_u64().unwrap();
+        env.resync().await;
+        env.process_changes().await;
+        assert_eq!(ssh_log(&env, "boot-1").await["sessions"].as_u64(), Some(sessions));
+        assert_eq!(env.row("boot-1").await.provisioning_status, "ready");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_init_failure_shows_on_the_row_and_is_retried_until_it_succeeds() {
+    each_backend(4, |env| async move {
+        sim_post(&env, "/__simulator/ssh/faults", json!({"cloud_init": "error"})).await;
+        env.insert("boot-2", "active", "starter").await;
+        env.resync().await;
+        let row = drive_until(&env, "boot-2", "the failure on the row", |r| {
+            r.provisioning_error
+                .as_deref()
+                .is_some_and(|e| e.contains("cloud-init"))
+        })
+        .await;
+        assert_eq!(
+            row.provisioning_status, "provisioning",
+            "[{}] a failed cloud-init is retried, not terminal: {:?}",
+            env.backend, row.provisioning_error
+        );
+        // Retried on its own (the controller's backoff), still failing.
+        let retried = common::eventually(DEADLINE, || async {
+            let _ = env.controller.process_changes().await;
+            commands(&ssh_log(&env, "boot-2").await, "cloud-init status --wait").len() >= 2
+        })
+        .await;
+        assert!(retried, "[{}] the bootstrap was not retried", env.backend);
+        assert!(reasons(&env, "boot-2").await.contains(&"Retrying".to_string()));
+        let server = row.hetzner_server_id.unwrap();
+        let (status, _) = env.api("GET", &format!("/servers/{server}"), None).await;
+        assert_eq!(status, 200, "nothing is deleted on account of a failed bootstrap");
+
+        sim_delete(&env, "/__simulator/ssh/faults").await;
+        let row = drive_until(&env, "boot-2", "ready", |r| r.provisioning_status == "ready").await;
+        assert_eq!(row.provisioning_error, None);
+        assert_eq!(row.hetzner_server_id, Some(server), "the same server");
+        let log = ssh_log(&env, "boot-2").await;
+        assert_eq!(commands(&log, "systemctl enable --now my-agent").len(), 1, "{log}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_host_key_stops_the_bootstrap_and_alarms() {
+    each_backend(4, |env| async move {
+        sim_post(&env, "/__simulator/ssh/faults", json!({"wrong_host_key": true})).await;
+        env.insert("boot-3", "active", "starter").await;
+        env.resync().await;
+        let row = drive_until(&env, "boot-3", "failed", |r| r.provisioning_status == "failed").await;
+        let error = row.provisioning_error.clone().unwrap_or_default();
+        assert!(error.contains("host key"), "[{}] {error}", env.backend);
+        assert!(error.contains("SHA256:"), "names the keys: {error}");
+        let reasons = reasons(&env, "boot-3").await;
+        assert!(reasons.contains(&"HostKeyMismatch".to_string()), "{reasons:?}");
+        let metrics = env.controller.metrics.render();
+        assert_eq!(
+            metric_value(
+                &metrics,
+                "vps_controller_ssh_bootstraps_total",
+                &[("result", "host_key_mismatch")]
+            ),
+            Some(1.0),
+            "{metrics}"
+        );
+        // Nothing was sent to the impostor: no login, no command, no file.
+        let log = ssh_log(&env, "boot-3").await;
+        assert_eq!(log["sessions"], 0, "{log}");
+        assert!(log["commands"].as_array().unwrap().is_empty(), "{log}");
+        // Stopped: later passes do not try again, and the server is kept.
+        env.resync().await;
+        env.process_changes().await;
+        assert_eq!(ssh_log(&env, "boot-3").await["sessions"], 0);
+        assert_eq!(env.row("boot-3").await.provisioning_status, "failed");
+        let (status, _) = env
+            .api("GET", &format!("/servers/{}", row.hetzner_server_id.unwrap()), None)
+            .await;
+        assert_eq!(status, 200);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_subscriptions_bootstrap_with_at_most_the_configured_sessions_at_once() {
+    // SQLite only: the bound is the bootstrapper's, not the database's.
+    let test_db = common::sqlite_db();
+    let env = env_custom(
+        &test_db,
+        Options {
+            config: config(3),
+            ..Options::default()
+        },
+    )
+    .await;
+    for i in 0..100 {
+        env.insert(&format!("many-{i:03}"), "active", "starter").await;
+    }
+    env.resync().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let _ = env.controller.process_changes().await;
+        let ready = vps_controller::db::subscriptions::all(&env.db)
+            .await
+            .unwrap()
+            .rows
+            .iter()
+            .filter(|r| r.provisioning_status == "ready")
+            .count();
+        if ready == 100 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "only {ready} of 100 ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ssh = sim_get(&env, "/__simulator/ssh").await;
+    let max = ssh["max_active_sessions"].as_u64().unwrap();
+    assert!((1..=3).contains(&max), "at most ssh.concurrency = 3 sessions at once: {ssh}");
+    assert_eq!(ssh["auth_failures"], 0, "{ssh}");
+    let metrics = env.controller.metrics.render();
+    assert_eq!(
+        metric_value(&metrics, "vps_controller_ssh_bootstraps_total", &[("result", "success")]),
+        Some(100.0),
+        "one bootstrap per server: {metrics}"
+    );
+    for i in [0, 50, 99] {
+        let log = ssh_log(&env, &format!("many-{i:03}")).await;
+        assert_eq!(log["files"]["/etc/motd"]["writes"], 1, "{log}");
+    }
+    test_db.cleanup().await;
+}
