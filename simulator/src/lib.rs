@@ -23,6 +23,12 @@
 //! share `{"rate": F}`, targeted faults `{"faults": [{"kind", "endpoints"?, "count"?}]}`,
 //! `{"black_hole": true}`).
 //!
+//! Simulated SSH endpoint (`SimulatorConfig::ssh`, off by default; the `ssh` module): servers'
+//! public IPv4s become loopback addresses of their own and one listener answers SSH for each
+//! like a freshly booted Ubuntu with cloud-init (host key from user_data `ssh_keys`, root login
+//! with the server's keys, `cloud-init status --wait`, `cat`, `install`, faults), inspected and
+//! faulted under `/__simulator/ssh` and `/__simulator/servers/{id}/ssh`.
+//!
 //! Rate limit: a bucket of `rate_limit` requests refilling `rate_limit` per hour (API-NOTES
 //! §9), with `RateLimit-Limit`, `-Remaining` and `-Reset` on every `/v1` answer. Crossing
 //! several bucket-fulls at Hetzner's pace takes hours, so `budget_time_scale`
