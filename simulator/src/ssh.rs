@@ -350,6 +350,8 @@ enum Command {
         mode: String,
         path: String,
     },
+    /// `install` with a mode that is not 3 or 4 octal digits: exit 1, as install does.
+    InvalidMode(String),
     /// A program the simulator models, in a form it does not: exit 2 with this on stderr (a
     /// silent success would hide a client's mistake).
     Unsupported(String),
@@ -383,7 +385,7 @@ fn interpret(line: &str) -> Command {
                 mode,
                 path: path.to_string(),
             },
-            None => Command::Unsupported(format!("install: invalid mode '{mode}'\n")),
+            None => Command::InvalidMode(mode.to_string()),
         },
         [program, ..] if MODELLED.contains(program) => Command::Unsupported(format!(
             "simulator: unsupported form of {program} (supported: cloud-init status [--wait], \
@@ -727,14 +729,11 @@ impl russh::server::Handler for Conn {
                 self.spawn(task);
                 Ok(())
             }
-            Command::Unsupported(message) => {
-                let status = if message.starts_with("install: invalid mode") {
-                    1
-                } else {
-                    2
-                };
-                now(Vec::new(), message.into_bytes(), status, session)
+            Command::InvalidMode(mode) => {
+                let message = format!("install: invalid mode '{mode}'\n");
+                now(Vec::new(), message.into_bytes(), 1, session)
             }
+            Command::Unsupported(message) => now(Vec::new(), message.into_bytes(), 2, session),
             Command::Other => now(Vec::new(), Vec::new(), 0, session),
         }
     }
@@ -792,7 +791,7 @@ mod tests {
         for bad in ["0888", "12", "12345", "rwx", "-1"] {
             let line = format!("install -D -m {bad} /dev/stdin /etc/x");
             assert!(
-                matches!(interpret(&line), Command::Unsupported(m) if m.starts_with("install: invalid mode")),
+                interpret(&line) == Command::InvalidMode(bad.to_string()),
                 "{bad}"
             );
         }
