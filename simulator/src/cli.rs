@@ -3,7 +3,10 @@
 
 use std::net::SocketAddr;
 
-use crate::SimulatorConfig;
+use crate::{SimulatorConfig, SshConfig};
+
+/// `--ssh-listen` when not given.
+pub const DEFAULT_SSH_LISTEN: &str = "0.0.0.0:2222";
 
 /// Serve the Hetzner Cloud API simulator under /v1.
 #[derive(clap::Args, Clone, Debug)]
@@ -42,6 +45,19 @@ pub struct ServeArgs {
     /// Most finished actions kept; the oldest finished are dropped first.
     #[arg(long, default_value_t = 10_000)]
     pub max_finished_actions: usize,
+    /// Address of the simulated SSH endpoint [default: 0.0.0.0:2222]. Servers' public IPv4s
+    /// are loopback addresses of their own (127.1.x.y); dial one on this port. Bind 0.0.0.0
+    /// (or [::]): a socket on 127.0.0.1 does not receive connections to 127.1.x.y. If the
+    /// default port is taken, a free one is used (logged); an explicit address must bind.
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_ssh")]
+    pub ssh_listen: Option<SocketAddr>,
+    /// Turn the simulated SSH endpoint off (public IPv4s are then from 198.18.0.0/15).
+    #[arg(long)]
+    pub no_ssh: bool,
+    /// Seconds cloud-init runs after a server reaches `running` before `cloud-init status
+    /// --wait` answers `status: done` over SSH (fractions allowed).
+    #[arg(long, default_value_t = 0.0, value_name = "F")]
+    pub cloud_init_seconds: f64,
 }
 
 impl ServeArgs {
@@ -59,9 +75,19 @@ impl ServeArgs {
                 self.action_retention_seconds,
             ),
             max_finished_actions: self.max_finished_actions,
+            ssh: (!self.no_ssh).then(|| SshConfig {
+                listen: self.ssh_listen.unwrap_or_else(default_ssh_listen),
+                cloud_init_seconds: self.cloud_init_seconds,
+            }),
             ..SimulatorConfig::default()
         }
     }
+}
+
+fn default_ssh_listen() -> SocketAddr {
+    DEFAULT_SSH_LISTEN
+        .parse()
+        .unwrap_or_else(|_| SshConfig::default().listen)
 }
 
 /// Validates the flags, binds `--listen` and serves until `shutdown` completes.
@@ -79,6 +105,10 @@ pub async fn serve(
         .await
         .map_err(bind_error)?;
     let addr = listener.local_addr().map_err(bind_error)?;
+    let ssh_listener = match &config.ssh {
+        Some(ssh) => Some(bind_ssh(ssh.listen, args.ssh_listen.is_none()).await?),
+        None => None,
+    };
     // The one line on stdout (logs go to stderr): with `--listen 127.0.0.1:0` it is how a
     // parent process learns the port. Connections are queued from here on.
     {
@@ -87,9 +117,38 @@ pub async fn serve(
         let _ = writeln!(stdout, "http://{addr}/v1");
         let _ = stdout.flush();
     }
-    crate::serve(config, listener, shutdown)
-        .await
-        .map_err(ServeError::Serve)
+    match ssh_listener {
+        Some(ssh_listener) => crate::serve_with_ssh(config, listener, ssh_listener, shutdown).await,
+        None => crate::serve(config, listener, shutdown).await,
+    }
+    .map_err(ServeError::Serve)
+}
+
+/// Binds the SSH endpoint's address. The default port may be taken (another simulator, a
+/// real sshd on 2222): then a free port on the same address, with a warning, so SSH stays on
+/// and several simulators can run side by side. An address given with `--ssh-listen` must bind.
+async fn bind_ssh(
+    listen: SocketAddr,
+    is_default: bool,
+) -> Result<tokio::net::TcpListener, ServeError> {
+    let ssh_error = |source| ServeError::SshBind { listen, source };
+    match tokio::net::TcpListener::bind(listen).await {
+        Ok(listener) => Ok(listener),
+        Err(error) if is_default && error.kind() == std::io::ErrorKind::AddrInUse => {
+            let any_port = SocketAddr::new(listen.ip(), 0);
+            let listener = tokio::net::TcpListener::bind(any_port)
+                .await
+                .map_err(ssh_error)?;
+            tracing::warn!(
+                default = %listen,
+                bound = %listener.local_addr().map_or_else(|_| "?".to_string(), |a| a.to_string()),
+                "the default SSH port is taken: the simulated SSH endpoint uses a free port \
+                 (GET /__simulator/ssh shows it; --ssh-listen to choose)"
+            );
+            Ok(listener)
+        }
+        Err(error) => Err(ssh_error(error)),
+    }
 }
 
 /// Why [`serve`] stopped with an error.
@@ -99,6 +158,11 @@ pub enum ServeError {
     Config(crate::SimulatorConfigError),
     #[error("--listen {listen}: cannot bind: {source}")]
     Bind {
+        listen: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("--ssh-listen {listen}: cannot bind: {source}")]
+    SshBind {
         listen: SocketAddr,
         source: std::io::Error,
     },
@@ -147,6 +211,39 @@ mod tests {
             let config = Cli::parse_from(["sim", flag.as_str()]).serve.config();
             let error = config.validate().unwrap_err().to_string();
             assert!(error.contains("--budget-time-scale"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn ssh_is_on_by_default_and_the_flags_shape_it() {
+        let default = Cli::parse_from(["sim"]).serve.config();
+        let ssh = default
+            .ssh
+            .unwrap_or_else(|| panic!("SSH is off by default"));
+        assert_eq!(ssh.listen.to_string(), DEFAULT_SSH_LISTEN);
+        assert_eq!(ssh.cloud_init_seconds, 0.0);
+        let off = Cli::parse_from(["sim", "--no-ssh", "--cloud-init-seconds", "3"])
+            .serve
+            .config();
+        assert!(off.ssh.is_none());
+        let chosen = Cli::parse_from([
+            "sim",
+            "--ssh-listen",
+            "127.0.0.1:0",
+            "--cloud-init-seconds",
+            "2.5",
+        ])
+        .serve
+        .config();
+        let ssh = chosen.ssh.unwrap_or_else(|| panic!("SSH off"));
+        assert_eq!(ssh.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(ssh.cloud_init_seconds, 2.5);
+        assert!(Cli::try_parse_from(["sim", "--no-ssh", "--ssh-listen", "0.0.0.0:22"]).is_err());
+        for bad in ["-1", "NaN", "86401"] {
+            let flag = format!("--cloud-init-seconds={bad}");
+            let config = Cli::parse_from(["sim", flag.as_str()]).serve.config();
+            let error = config.validate().unwrap_err().to_string();
+            assert!(error.contains("--cloud-init-seconds"), "{bad}: {error}");
         }
     }
 }

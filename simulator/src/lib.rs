@@ -23,6 +23,12 @@
 //! share `{"rate": F}`, targeted faults `{"faults": [{"kind", "endpoints"?, "count"?}]}`,
 //! `{"black_hole": true}`).
 //!
+//! Simulated SSH endpoint (`SimulatorConfig::ssh`, off by default; the `ssh` module): servers'
+//! public IPv4s become loopback addresses of their own and one listener answers SSH for each
+//! like a freshly booted Ubuntu with cloud-init (host key from user_data `ssh_keys`, root login
+//! with the server's keys, `cloud-init status --wait`, `cat`, `install`, faults), inspected and
+//! faulted under `/__simulator/ssh` and `/__simulator/servers/{id}/ssh`.
+//!
 //! Rate limit: a bucket of `rate_limit` requests refilling `rate_limit` per hour (API-NOTES
 //! §9), with `RateLimit-Limit`, `-Remaining` and `-Reset` on every `/v1` answer. Crossing
 //! several bucket-fulls at Hetzner's pace takes hours, so `budget_time_scale`
@@ -82,6 +88,7 @@ mod labels;
 mod list;
 mod request;
 mod routes;
+mod ssh;
 mod state;
 mod validate;
 mod wire;
@@ -105,6 +112,8 @@ use error::ApiError;
 use request::Query;
 use routes::Routed;
 use state::{Clock, Retention, World};
+
+pub use ssh::SshConfig;
 
 const MAX_ACTION_SECONDS: f64 = 86_400.0;
 
@@ -149,6 +158,10 @@ pub struct SimulatorConfig {
     pub max_finished_actions: usize,
     /// `max_finished_actions` never drops an action finished less than this long ago.
     pub finished_action_min_age: Duration,
+    /// The simulated SSH endpoint (off by default; see [`SshConfig`] and the `ssh` module):
+    /// with it on, every server's public IPv4 is a loopback address of its own, and one
+    /// listener answers SSH for all of them like a freshly booted Ubuntu with cloud-init.
+    pub ssh: Option<SshConfig>,
 }
 
 impl Default for SimulatorConfig {
@@ -165,6 +178,7 @@ impl Default for SimulatorConfig {
             finished_action_retention: Retention::default().max_age,
             max_finished_actions: Retention::default().max_finished,
             finished_action_min_age: Retention::default().min_age,
+            ssh: None,
         }
     }
 }
@@ -183,6 +197,7 @@ impl std::fmt::Debug for SimulatorConfig {
             .field("finished_action_retention", &self.finished_action_retention)
             .field("max_finished_actions", &self.max_finished_actions)
             .field("finished_action_min_age", &self.finished_action_min_age)
+            .field("ssh", &self.ssh)
             .finish()
     }
 }
@@ -202,6 +217,10 @@ pub enum SimulatorConfigError {
     BudgetTimeScale(f64),
     #[error("token must not be empty (leave it unset to disable authentication)")]
     EmptyToken,
+    #[error(
+        "ssh.cloud_init_seconds (--cloud-init-seconds) must be a number from 0 to 86400 (one day), got {0}"
+    )]
+    CloudInitSeconds(f64),
 }
 
 impl SimulatorConfig {
@@ -224,6 +243,13 @@ impl SimulatorConfig {
         }
         if self.token.as_deref() == Some("") {
             return Err(SimulatorConfigError::EmptyToken);
+        }
+        if let Some(ssh) = &self.ssh
+            && !(0.0..=MAX_ACTION_SECONDS).contains(&ssh.cloud_init_seconds)
+        {
+            return Err(SimulatorConfigError::CloudInitSeconds(
+                ssh.cloud_init_seconds,
+            ));
         }
         Ok(())
     }
@@ -255,6 +281,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A simulator serving on a background task; dropped or shut down, it stops.
 pub struct RunningSimulator {
     addr: SocketAddr,
+    ssh_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -262,6 +289,12 @@ pub struct RunningSimulator {
 impl RunningSimulator {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address the simulated SSH endpoint bound (the port chosen, with port 0); `None`
+    /// when `SimulatorConfig::ssh` is off. Dial a server's public IPv4 on this port.
+    pub fn ssh_addr(&self) -> Option<SocketAddr> {
+        self.ssh_addr
     }
 
     /// `http://127.0.0.1:PORT/v1` — the API endpoint to give a client.
@@ -282,7 +315,8 @@ impl RunningSimulator {
     }
 }
 
-/// Binds `listen` (use port 0 for a free port) and serves on a tokio task.
+/// Binds `listen` (use port 0 for a free port), and `config.ssh`'s listen address if the SSH
+/// endpoint is on, and serves on a tokio task.
 pub async fn spawn(
     config: SimulatorConfig,
     listen: SocketAddr,
@@ -292,22 +326,62 @@ pub async fn spawn(
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    let ssh_listener = match &config.ssh {
+        Some(ssh) => Some(tokio::net::TcpListener::bind(ssh.listen).await?),
+        None => None,
+    };
+    let ssh_addr = ssh_listener
+        .as_ref()
+        .map(tokio::net::TcpListener::local_addr)
+        .transpose()?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(config, listener, async move {
+    let task = tokio::spawn(serve_inner(config, listener, ssh_listener, async move {
         // A dropped sender also stops the server.
         let _ = stopped.await;
     }));
     Ok(RunningSimulator {
         addr,
+        ssh_addr,
         stop: Some(stop),
         task,
     })
 }
 
-/// Serves the simulator on `listener` until `shutdown` completes.
+/// Serves the simulator on `listener` until `shutdown` completes; with `config.ssh` set, binds
+/// its listen address for the SSH endpoint too (and stops it at shutdown).
 pub async fn serve(
     config: SimulatorConfig,
     listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let ssh_listener = match &config.ssh {
+        Some(ssh) => Some(tokio::net::TcpListener::bind(ssh.listen).await?),
+        None => None,
+    };
+    serve_inner(config, listener, ssh_listener, shutdown).await
+}
+
+/// [`serve`] with an SSH listener bound by the caller (its address is used, not
+/// `config.ssh.listen`); `config.ssh` must be set (for `cloud_init_seconds`).
+pub async fn serve_with_ssh(
+    config: SimulatorConfig,
+    listener: tokio::net::TcpListener,
+    ssh_listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if config.ssh.is_none() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "serve_with_ssh needs SimulatorConfig::ssh (for cloud_init_seconds)",
+        ));
+    }
+    serve_inner(config, listener, Some(ssh_listener), shutdown).await
+}
+
+async fn serve_inner(
+    config: SimulatorConfig,
+    listener: tokio::net::TcpListener,
+    ssh_listener: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     config
@@ -321,6 +395,23 @@ pub async fn serve(
         max_age: config.finished_action_retention,
         max_finished: config.max_finished_actions,
         min_age: config.finished_action_min_age,
+    };
+    let ssh = match (&config.ssh, ssh_listener) {
+        (Some(ssh), Some(ssh_listener)) => {
+            let ssh_addr = ssh_listener.local_addr()?;
+            world.enable_ssh(ssh::machine::SshWorld::new(
+                ssh_addr,
+                Duration::from_secs_f64(ssh.cloud_init_seconds),
+            ));
+            tracing::info!(
+                addr = %ssh_addr,
+                cloud_init_seconds = ssh.cloud_init_seconds,
+                "simulated SSH endpoint listening (servers' public IPv4s are loopback addresses; \
+                 dial one on this port)"
+            );
+            Some(ssh_listener)
+        }
+        _ => None,
     };
     let shared = Arc::new(Shared {
         token: config.token.clone(),
@@ -344,8 +435,9 @@ pub async fn serve(
                 .post(faults_hook)
                 .delete(faults_clear_hook),
         )
+        .merge(ssh::hooks::routes())
         .fallback(entry)
-        .with_state(shared);
+        .with_state(shared.clone());
     // Plain fields, not `?` Debug: no `addr=Some(..)`, no `fault_delay: 3s` in a struct dump.
     let addr = listener
         .local_addr()
@@ -361,12 +453,26 @@ pub async fn serve(
         server_limit = config.server_limit,
         "Hetzner Cloud API simulator listening"
     );
-    axum::serve(listener, app)
+    let ssh_task = ssh.map(|ssh_listener| {
+        tokio::spawn(ssh::serve(
+            shared.clone(),
+            ssh_listener,
+            shared.stopping.clone(),
+        ))
+    });
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             let _ = stopping_tx.send(true);
         })
-        .await
+        .await;
+    // `stopping` is true (or its sender gone): the SSH endpoint closes its connections.
+    if let Some(task) = ssh_task
+        && let Err(e) = task.await
+    {
+        tracing::warn!(error = %e, "simulated SSH endpoint task failed");
+    }
+    served
 }
 
 async fn stats_hook(State(shared): State<Arc<Shared>>) -> Response {
@@ -395,6 +501,17 @@ fn actions_stats(shared: &Shared) -> Value {
 
 async fn reset_hook(State(shared): State<Arc<Shared>>) -> Response {
     lock(&shared.control).stats = Stats::default();
+    {
+        let mut world = lock(&shared.world);
+        let world = &mut *world;
+        if let Some(ssh) = &mut world.ssh {
+            ssh.reset_counters();
+            for machine in world.servers.values_mut().filter_map(|s| s.ssh.as_mut()) {
+                machine.sessions = 0;
+                machine.auth_failures = 0;
+            }
+        }
+    }
     StatusCode::NO_CONTENT.into_response()
 }
 

@@ -15,6 +15,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use crate::catalog::{IMAGES, LOCATIONS, SERVER_TYPES};
 use crate::control::SplitMix64;
 use crate::labels::{Labels, Selector};
+use crate::ssh::machine::{ServerSsh, SshWorld};
 use crate::wire::{
     ActionErrorOut, ActionOut, AppliedResourceOut, AppliedToOut, CreatedFromOut, FirewallOut,
     ImageOut, ImageProtection, Ipv4Out, Ipv6Out, PublicNetOut, ResourceRef, RuleOut, SelectorOut,
@@ -66,6 +67,8 @@ pub(crate) struct Server {
     /// Kept like Hetzner keeps it (reused by rebuild); never logged or returned.
     pub user_data: Option<String>,
     pub ssh_keys: Vec<i64>,
+    /// The server's side of the simulated SSH endpoint (`None` when the endpoint is off).
+    pub ssh: Option<ServerSsh>,
 }
 
 /// A public address and the ID of the Primary IP holding it. The API reports that ID as
@@ -314,6 +317,10 @@ pub(crate) struct World {
     held: BTreeSet<i64>,
     /// The server quota (`SimulatorConfig::server_limit`).
     pub server_limit: u32,
+    /// The simulated SSH endpoint, when it is on ([`World::enable_ssh`]).
+    pub ssh: Option<SshWorld>,
+    /// First address of the public IPv4 range (198.18.0.0, or 127.1.0.0 with SSH on).
+    ipv4_base: u32,
     next_server_id: i64,
     next_ssh_key_id: i64,
     next_firewall_id: i64,
@@ -330,6 +337,9 @@ const HELD_FOR: Duration = Duration::from_secs(365 * 86_400);
 
 /// Simulated IPv4 space: 198.18.0.0/15 (RFC 2544 benchmarking range).
 const IPV4_BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
+/// With the SSH endpoint on: 127.1.0.0 to 127.2.255.255, loopback addresses a client on this
+/// machine can dial, each telling the endpoint which server it wants (never 127.0.0.1).
+const IPV4_LOOPBACK_BASE: u32 = u32::from_be_bytes([127, 1, 0, 0]);
 const IPV4_SIZE: u32 = 1 << 17;
 
 impl World {
@@ -348,6 +358,8 @@ impl World {
             released_ipv4: VecDeque::new(),
             held: BTreeSet::new(),
             server_limit: u32::MAX,
+            ssh: None,
+            ipv4_base: IPV4_BASE,
             // Distinct ID ranges per kind, so a client mixing up IDs hits `not_found`.
             next_server_id: 100_001,
             next_ssh_key_id: 200_001,
@@ -360,6 +372,13 @@ impl World {
             next_ipv6: 1,
             passwords: SplitMix64::new(seed ^ 0x005e_ed0f_9a55_u64),
         }
+    }
+
+    /// Turns the simulated SSH endpoint on (before any server exists): public IPv4 addresses
+    /// become loopback addresses of their own, and servers get SSH state.
+    pub(crate) fn enable_ssh(&mut self, ssh: SshWorld) {
+        self.ssh = Some(ssh);
+        self.ipv4_base = IPV4_LOOPBACK_BASE;
     }
 
     pub(crate) fn new_server_id(&mut self) -> i64 {
@@ -392,15 +411,16 @@ impl World {
         PrimaryIp { id, addr }
     }
 
-    /// Next unused IPv4 in 198.18.0.0/15, skipping .0 and .255 host parts; once the range is
-    /// used up, addresses of deleted servers (oldest first); `None` when none is free.
+    /// Next unused IPv4 in 198.18.0.0/15 (127.1.0.0 to 127.2.255.255 with SSH on), skipping
+    /// .0 and .255 host parts; once the range is used up, addresses of deleted servers (oldest
+    /// first); `None` when none is free.
     pub(crate) fn allocate_ipv4(&mut self) -> Option<PrimaryIp<Ipv4Addr>> {
         while self.next_ipv4 < IPV4_SIZE {
             let candidate = self.next_ipv4;
             self.next_ipv4 += 1;
             let last = candidate & 0xff;
             if last != 0 && last != 255 {
-                return Some(self.new_primary_ip(Ipv4Addr::from(IPV4_BASE + candidate)));
+                return Some(self.new_primary_ip(Ipv4Addr::from(self.ipv4_base + candidate)));
             }
         }
         let addr = self.released_ipv4.pop_front()?;
@@ -565,6 +585,13 @@ impl World {
                 } => {
                     if let Some(s) = self.servers.get_mut(&server) {
                         s.status = if failed { failure } else { success };
+                        // cloud-init starts when the server first runs.
+                        if s.status == ServerStatus::Running
+                            && let Some(ssh) = &mut s.ssh
+                            && ssh.running_since.is_none()
+                        {
+                            ssh.running_since = Some(due);
+                        }
                     }
                 }
                 Effect::FirewallApply { firewall } => {

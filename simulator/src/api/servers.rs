@@ -9,6 +9,7 @@ use crate::error::ApiError;
 use crate::list::{PageRequest, SortKey, parse_sort, sort_by_keys};
 use crate::request::{Body, IdOrName};
 use crate::routes::ServerVerb;
+use crate::ssh::machine::ServerSsh;
 use crate::state::{Application, Effect, Server, ServerStatus, Target, World};
 use crate::validate::{MAX_USER_DATA_BYTES, hostname_problem};
 
@@ -284,6 +285,16 @@ pub(super) fn create_server(world: &mut World, ctx: &Ctx) -> Result<Reply, ApiEr
         None
     };
     let root_password = ssh_keys.is_empty().then(|| world.root_password());
+    // With the SSH endpoint on, the server's SSH side: the keys are copied now, as Hetzner
+    // copies them onto the disk (deleting a key object later does not lock root out).
+    let ssh = world.ssh.is_some().then(|| {
+        let keys = ssh_keys
+            .iter()
+            .filter_map(|id| world.ssh_keys.get(id))
+            .filter_map(|k| ssh_key::PublicKey::from_openssh(k.public_key.trim()).ok())
+            .collect();
+        ServerSsh::new(user_data.as_deref(), keys)
+    });
     let id = world.new_server_id();
     world.servers.insert(
         id,
@@ -301,6 +312,7 @@ pub(super) fn create_server(world: &mut World, ctx: &Ctx) -> Result<Reply, ApiEr
             ipv6,
             user_data,
             ssh_keys,
+            ssh,
         },
     );
     let fail = ctx.fail_actions;
@@ -558,6 +570,10 @@ pub(super) fn server_action(
             // Without user_data the previous one is reused.
             if user_data.is_some() {
                 server.user_data = user_data;
+            }
+            // A fresh install: new host key, empty disk, cloud-init runs again.
+            if let Some(ssh) = &mut server.ssh {
+                ssh.reinstall(server.user_data.as_deref());
             }
         }
     }
