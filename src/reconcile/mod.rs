@@ -584,10 +584,17 @@ impl<A: HcloudApi> Reconciler<A> {
         plan: &Plan,
         progress: &'p Progress,
     ) -> Option<(&'p hcloud::Server, BootstrapState)> {
+        // The key as the row holds it now: a pass that generated the pair started with none.
+        let key_sealed_here = row
+            .ssh_private_key
+            .as_deref()
+            .is_some_and(Sealer::looks_sealed)
+            && row.ssh_key_origin.as_deref() != Some("external")
+            && !matches!(row_state.key, KeyState::External | KeyState::Unusable(_));
         if !self.bootstrapper.enabled()
             || plan.outcome != Outcome::Ready
             || progress.needs_another_look
-            || !matches!(row_state.key, KeyState::Sealed { .. })
+            || !key_sealed_here
             || !newly_ready(row, ready_server, progress)
         {
             return None;
