@@ -566,7 +566,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let signal = shutdown_signal();
     // Everything that can be wrong in the pod's configuration is checked before the schema
     // is touched: a misconfigured replica must not migrate and then exit.
-    let config = load_config(&args.controller)?;
+    let mut config = load_config(&args.controller)?;
     let time_scale = budget_time_scale(
         &args.controller,
         (!args.simulate).then_some(args.controller.hcloud_endpoint.as_str()),
@@ -620,13 +620,22 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
                 action_seconds: 0.5,
                 rate_limit: args.controller.hcloud_rate_limit,
                 budget_time_scale: time_scale,
+                // Its servers answer SSH on loopback addresses, so `ready` means what it
+                // means against Hetzner: logged in, cloud-init done, bootstrap applied.
+                ssh: config.ssh.enabled.then(|| simulator::SshConfig {
+                    listen: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+                    cloud_init_seconds: 1.0,
+                }),
                 ..SimulatorConfig::default()
             },
             "127.0.0.1:0".parse()?,
         )
         .await
         .context("starting the in-process simulator")?;
-        tracing::warn!(endpoint = %running.base_url(), "simulator listening");
+        if let Some(ssh) = running.ssh_addr() {
+            config.ssh.port = ssh.port();
+        }
+        tracing::warn!(endpoint = %running.base_url(), ssh = ?running.ssh_addr(), "simulator listening");
         let api = client(&args.controller, &running.base_url(), token, time_scale)?;
         simulator = Some(running);
         api

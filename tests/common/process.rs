@@ -22,6 +22,10 @@ pub const PORT_ATTEMPTS: usize = 5;
 
 /// `vps-controller ARGS` in `dir`, with only PATH, HOME and `envs` in its environment, so
 /// nothing (DATABASE_URL, HCLOUD_*, VPS_CONTROLLER_*, RUST_LOG) leaks in from the caller.
+///
+/// A command pointed (`HCLOUD_ENDPOINT`) at a simulator [`spawn_simulator`] started also gets
+/// that simulator's SSH port (`VPS_CONTROLLER_SSH_PORT`), unless `envs` sets one: its servers
+/// answer SSH there, as the README's demo passes `--ssh-port`.
 pub fn command(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
@@ -34,7 +38,22 @@ pub fn command(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Command {
             cmd.env(name, value);
         }
     }
+    let sets = |name: &str| envs.iter().find(|(key, _)| *key == name).map(|(_, v)| *v);
+    if sets("VPS_CONTROLLER_SSH_PORT").is_none()
+        && let Some(endpoint) = sets("HCLOUD_ENDPOINT")
+        && let Some(port) = simulator_ssh_ports()
+            .get(endpoint.trim_end_matches('/').trim_end_matches("/v1"))
+    {
+        cmd.env("VPS_CONTROLLER_SSH_PORT", port.to_string());
+    }
     cmd
+}
+
+/// The SSH port of each simulator [`spawn_simulator`] started, by its base URL.
+fn simulator_ssh_ports() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, u16>> {
+    static PORTS: std::sync::Mutex<std::collections::BTreeMap<String, u16>> =
+        std::sync::Mutex::new(std::collections::BTreeMap::new());
+    PORTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The outcome of one finished run.
@@ -239,18 +258,39 @@ pub async fn spawn_listening(make: impl Fn(u16) -> Command, probe: &str) -> (Chi
     panic!("no free port after {PORT_ATTEMPTS} attempts");
 }
 
-/// `vps-controller simulator` on a free port, requiring [`SECRET_TOKEN`]; its base URL.
+/// `vps-controller simulator` on a free port, requiring [`SECRET_TOKEN`]; its base URL. Its
+/// SSH endpoint listens on a free port too (see [`command`]), unless `extra` says otherwise.
 pub async fn spawn_simulator(dir: &Path, extra: &[&str]) -> (ChildGuard, String) {
-    spawn_listening(
+    let own_ssh = extra.iter().any(|a| *a == "--ssh-listen" || *a == "--no-ssh");
+    let (child, url) = spawn_listening(
         |port| {
             let listen = format!("127.0.0.1:{port}");
             let mut args = vec!["simulator", "--listen", &listen, "--token", SECRET_TOKEN];
+            if !own_ssh {
+                args.extend(["--ssh-listen", "0.0.0.0:0"]);
+            }
             args.extend_from_slice(extra);
             command(dir, &args, &[])
         },
         "/__simulator/stats",
     )
-    .await
+    .await;
+    let ssh: serde_json::Value = match http_client()
+        .get(format!("{url}/__simulator/ssh"))
+        .send()
+        .await
+    {
+        Ok(response) if response.status().is_success() => response.json().await.unwrap(),
+        _ => serde_json::Value::Null,
+    };
+    if let Some(port) = ssh["listen"]
+        .as_str()
+        .and_then(|listen| listen.parse::<std::net::SocketAddr>().ok())
+        .map(|addr| addr.port())
+    {
+        simulator_ssh_ports().insert(url.clone(), port);
+    }
+    (child, url)
 }
 
 /// A valid VPS_CONTROLLER_ENCRYPTION_KEY: 32 bytes, base64.
