@@ -1,8 +1,9 @@
 //! Ready means reachable: a new server is `ready` only after the controller logged in over SSH
 //! with the subscription's key, saw cloud-init finish and applied the plan's bootstrap. Driven
 //! pass by pass against the simulator's SSH endpoint (each server answers on a loopback
-//! address of its own), on SQLite and PostgreSQL. The crash test (a real `kill -9` between
-//! steps) is in tests/cli.rs next to the other process tests.
+//! address of its own), on SQLite and PostgreSQL; and one crash test with the real
+//! executables: `vps-controller run` against `vps-controller simulator`, killed between two
+//! bootstrap steps.
 
 mod common;
 
@@ -109,7 +110,12 @@ fn commands<'a>(log: &'a Value, starting: &str) -> Vec<&'a Value> {
 
 /// Runs change passes until `done` holds for the row of `id` (the bootstrap runs on its own
 /// tasks and asks for the pass that settles the row).
-async fn drive_until<F>(env: &Env, id: &str, what: &str, done: F) -> vps_controller::db::entities::subscription::Model
+async fn drive_until<F>(
+    env: &Env,
+    id: &str,
+    what: &str,
+    done: F,
+) -> vps_controller::db::entities::subscription::Model
 where
     F: Fn(&vps_controller::db::entities::subscription::Model) -> bool,
 {
@@ -144,7 +150,12 @@ async fn reasons(env: &Env, id: &str) -> Vec<String> {
 async fn a_new_subscription_is_ready_only_after_cloud_init_finished_and_the_bootstrap_ran() {
     each_backend(4, |env| async move {
         // cloud-init is still running on every new server.
-        sim_post(&env, "/__simulator/ssh/faults", json!({"cloud_init": "running"})).await;
+        sim_post(
+            &env,
+            "/__simulator/ssh/faults",
+            json!({"cloud_init": "running"}),
+        )
+        .await;
         env.insert("boot-1", "active", "starter").await;
         env.resync().await;
 
@@ -164,7 +175,11 @@ async fn a_new_subscription_is_ready_only_after_cloud_init_finished_and_the_boot
                 .any(|c| c["exit_status"].is_null())
         })
         .await;
-        assert!(waiting, "[{}] the controller never waited for cloud-init", env.backend);
+        assert!(
+            waiting,
+            "[{}] the controller never waited for cloud-init",
+            env.backend
+        );
         env.process_changes().await;
         let row = env.row("boot-1").await;
         assert_eq!(
@@ -183,8 +198,15 @@ async fn a_new_subscription_is_ready_only_after_cloud_init_finished_and_the_boot
 
         // cloud-init finishes: the bootstrap runs, then the row is ready.
         sim_delete(&env, "/__simulator/ssh/faults").await;
-        let row = drive_until(&env, "boot-1", "ready", |r| r.provisioning_status == "ready").await;
-        assert!(row.provisioning_error.is_none(), "{:?}", row.provisioning_error);
+        let row = drive_until(&env, "boot-1", "ready", |r| {
+            r.provisioning_status == "ready"
+        })
+        .await;
+        assert!(
+            row.provisioning_error.is_none(),
+            "{:?}",
+            row.provisioning_error
+        );
         assert!(row.provisioned_at.is_some());
         let address = row.vps_ip_address.clone().unwrap();
         assert!(address.starts_with("127."), "{address}");
@@ -194,7 +216,11 @@ async fn a_new_subscription_is_ready_only_after_cloud_init_finished_and_the_boot
         assert_eq!(motd["content"], MOTD, "{log}");
         assert_eq!(motd["mode"], "0640", "{log}");
         assert_eq!(motd["writes"], 1, "{log}");
-        assert_eq!(commands(&log, "systemctl enable --now my-agent").len(), 1, "{log}");
+        assert_eq!(
+            commands(&log, "systemctl enable --now my-agent").len(),
+            1,
+            "{log}"
+        );
         assert_eq!(
             log["files"]["/var/lib/vps-controller/bootstrap"]["content"],
             "version=1\nsteps_done=2\n",
@@ -205,7 +231,11 @@ async fn a_new_subscription_is_ready_only_after_cloud_init_finished_and_the_boot
         assert!(reasons.contains(&"Ready".to_string()), "{reasons:?}");
         let metrics = env.controller.metrics.render();
         assert_eq!(
-            metric_value(&metrics, "vps_controller_ssh_bootstraps_total", &[("result", "success")]),
+            metric_value(
+                &metrics,
+                "vps_controller_ssh_bootstraps_total",
+                &[("result", "success")]
+            ),
             Some(1.0),
             "{metrics}"
         );
@@ -214,7 +244,10 @@ async fn a_new_subscription_is_ready_only_after_cloud_init_finished_and_the_boot
         let sessions = log["sessions"].as_u64().unwrap();
         env.resync().await;
         env.process_changes().await;
-        assert_eq!(ssh_log(&env, "boot-1").await["sessions"].as_u64(), Some(sessions));
+        assert_eq!(
+            ssh_log(&env, "boot-1").await["sessions"].as_u64(),
+            Some(sessions)
+        );
         assert_eq!(env.row("boot-1").await.provisioning_status, "ready");
     })
     .await;
@@ -223,7 +256,12 @@ async fn a_new_subscription_is_ready_only_after_cloud_init_finished_and_the_boot
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cloud_init_failure_shows_on_the_row_and_is_retried_until_it_succeeds() {
     each_backend(4, |env| async move {
-        sim_post(&env, "/__simulator/ssh/faults", json!({"cloud_init": "error"})).await;
+        sim_post(
+            &env,
+            "/__simulator/ssh/faults",
+            json!({"cloud_init": "error"}),
+        )
+        .await;
         env.insert("boot-2", "active", "starter").await;
         env.resync().await;
         let row = drive_until(&env, "boot-2", "the failure on the row", |r| {
@@ -244,17 +282,31 @@ async fn a_cloud_init_failure_shows_on_the_row_and_is_retried_until_it_succeeds(
         })
         .await;
         assert!(retried, "[{}] the bootstrap was not retried", env.backend);
-        assert!(reasons(&env, "boot-2").await.contains(&"Retrying".to_string()));
+        assert!(
+            reasons(&env, "boot-2")
+                .await
+                .contains(&"Retrying".to_string())
+        );
         let server = row.hetzner_server_id.unwrap();
         let (status, _) = env.api("GET", &format!("/servers/{server}"), None).await;
-        assert_eq!(status, 200, "nothing is deleted on account of a failed bootstrap");
+        assert_eq!(
+            status, 200,
+            "nothing is deleted on account of a failed bootstrap"
+        );
 
         sim_delete(&env, "/__simulator/ssh/faults").await;
-        let row = drive_until(&env, "boot-2", "ready", |r| r.provisioning_status == "ready").await;
+        let row = drive_until(&env, "boot-2", "ready", |r| {
+            r.provisioning_status == "ready"
+        })
+        .await;
         assert_eq!(row.provisioning_error, None);
         assert_eq!(row.hetzner_server_id, Some(server), "the same server");
         let log = ssh_log(&env, "boot-2").await;
-        assert_eq!(commands(&log, "systemctl enable --now my-agent").len(), 1, "{log}");
+        assert_eq!(
+            commands(&log, "systemctl enable --now my-agent").len(),
+            1,
+            "{log}"
+        );
     })
     .await;
 }
@@ -262,15 +314,26 @@ async fn a_cloud_init_failure_shows_on_the_row_and_is_retried_until_it_succeeds(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_host_key_stops_the_bootstrap_and_alarms() {
     each_backend(4, |env| async move {
-        sim_post(&env, "/__simulator/ssh/faults", json!({"wrong_host_key": true})).await;
+        sim_post(
+            &env,
+            "/__simulator/ssh/faults",
+            json!({"wrong_host_key": true}),
+        )
+        .await;
         env.insert("boot-3", "active", "starter").await;
         env.resync().await;
-        let row = drive_until(&env, "boot-3", "failed", |r| r.provisioning_status == "failed").await;
+        let row = drive_until(&env, "boot-3", "failed", |r| {
+            r.provisioning_status == "failed"
+        })
+        .await;
         let error = row.provisioning_error.clone().unwrap_or_default();
         assert!(error.contains("host key"), "[{}] {error}", env.backend);
         assert!(error.contains("SHA256:"), "names the keys: {error}");
         let reasons = reasons(&env, "boot-3").await;
-        assert!(reasons.contains(&"HostKeyMismatch".to_string()), "{reasons:?}");
+        assert!(
+            reasons.contains(&"HostKeyMismatch".to_string()),
+            "{reasons:?}"
+        );
         let metrics = env.controller.metrics.render();
         assert_eq!(
             metric_value(
@@ -291,7 +354,11 @@ async fn a_wrong_host_key_stops_the_bootstrap_and_alarms() {
         assert_eq!(ssh_log(&env, "boot-3").await["sessions"], 0);
         assert_eq!(env.row("boot-3").await.provisioning_status, "failed");
         let (status, _) = env
-            .api("GET", &format!("/servers/{}", row.hetzner_server_id.unwrap()), None)
+            .api(
+                "GET",
+                &format!("/servers/{}", row.hetzner_server_id.unwrap()),
+                None,
+            )
             .await;
         assert_eq!(status, 200);
     })
@@ -311,7 +378,8 @@ async fn a_hundred_subscriptions_bootstrap_with_at_most_the_configured_sessions_
     )
     .await;
     for i in 0..100 {
-        env.insert(&format!("many-{i:03}"), "active", "starter").await;
+        env.insert(&format!("many-{i:03}"), "active", "starter")
+            .await;
     }
     env.resync().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
@@ -327,16 +395,26 @@ async fn a_hundred_subscriptions_bootstrap_with_at_most_the_configured_sessions_
         if ready == 100 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "only {ready} of 100 ready");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {ready} of 100 ready"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ssh = sim_get(&env, "/__simulator/ssh").await;
     let max = ssh["max_active_sessions"].as_u64().unwrap();
-    assert!((1..=3).contains(&max), "at most ssh.concurrency = 3 sessions at once: {ssh}");
+    assert!(
+        (1..=3).contains(&max),
+        "at most ssh.concurrency = 3 sessions at once: {ssh}"
+    );
     assert_eq!(ssh["auth_failures"], 0, "{ssh}");
     let metrics = env.controller.metrics.render();
     assert_eq!(
-        metric_value(&metrics, "vps_controller_ssh_bootstraps_total", &[("result", "success")]),
+        metric_value(
+            &metrics,
+            "vps_controller_ssh_bootstraps_total",
+            &[("result", "success")]
+        ),
         Some(100.0),
         "one bootstrap per server: {metrics}"
     );
@@ -345,4 +423,142 @@ async fn a_hundred_subscriptions_bootstrap_with_at_most_the_configured_sessions_
         assert_eq!(log["files"]["/etc/motd"]["writes"], 1, "{log}");
     }
     test_db.cleanup().await;
+}
+
+/// `run` against `vps-controller simulator` (as the README starts them), killed with SIGKILL
+/// while a bootstrap step runs: the next start resumes after the last step done. Steps done
+/// are not repeated; the step that was running is, which is why steps should be idempotent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_bootstrap_steps_resumes_without_repeating_the_steps_done() {
+    use common::process::{
+        DEADLINE as PROCESS_DEADLINE, SECRET_TOKEN, command, encryption_key, http_client,
+        insert_subscription, run_cli, spawn_listening, spawn_simulator, sqlite_url,
+    };
+    let http = http_client();
+    let sim_dir = tempfile::tempdir().unwrap();
+    let (_simulator, sim_url) = spawn_simulator(sim_dir.path(), &["--action-seconds", "0.2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        "ssh_key_algorithm: ed25519\n\
+         ssh: {connect_timeout_seconds: 10, command_timeout_seconds: 120}\n\
+         plans:\n  starter:\n    server_type: cx23\n    image: ubuntu-24.04\n    location: fsn1\n    firewall_rules: []\n    \
+         bootstrap:\n      version: \"7\"\n      steps:\n        \
+         - upload: {path: /etc/one, mode: \"0600\", content: \"first\\n\"}\n        \
+         - run: echo step-two\n        \
+         - run: echo step-three\n        \
+         - upload: {path: /etc/four, mode: \"0644\", content: \"last\\n\"}\n",
+    )
+    .unwrap();
+    // Every server hangs in the third step until this is lifted.
+    let faults = http
+        .post(format!("{sim_url}/__simulator/ssh/faults"))
+        .json(&json!({"hang_command": "step-three"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(faults.status().is_success());
+
+    let endpoint = format!("{sim_url}/v1");
+    let key = encryption_key();
+    let database = sqlite_url(dir.path());
+    let config_path = config.display().to_string();
+    let env = [
+        ("DATABASE_URL", database.as_str()),
+        ("HCLOUD_ENDPOINT", endpoint.as_str()),
+        ("HCLOUD_TOKEN", SECRET_TOKEN),
+        ("VPS_CONTROLLER_ENCRYPTION_KEY", key.as_str()),
+        ("VPS_CONTROLLER_CONFIG", config_path.as_str()),
+    ];
+    run_cli(dir.path(), &["migrate"], &env).assert_code(0);
+    let conn = vps_controller::db::connect(&database).await.unwrap();
+    insert_subscription(&conn, "crash-1", "active", "starter").await;
+    let controller = |port: u16| {
+        let listen = format!("127.0.0.1:{port}");
+        command(dir.path(), &["run", "--listen", &listen], &env)
+    };
+    let ssh_log = |server: i64| {
+        let http = http.clone();
+        let url = format!("{sim_url}/__simulator/servers/{server}/ssh");
+        async move {
+            http.get(url)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let row = || async {
+        vps_controller::db::subscriptions::get(&conn, "crash-1")
+            .await
+            .unwrap()
+            .unwrap()
+    };
+
+    let (mut first, _) = spawn_listening(controller, "/healthz").await;
+    let in_step_three = common::eventually(PROCESS_DEADLINE, || async {
+        let Some(server) = row().await.hetzner_server_id else {
+            return false;
+        };
+        commands(&ssh_log(server).await, "echo step-three")
+            .iter()
+            .any(|c| c["exit_status"].is_null())
+    })
+    .await;
+    assert!(in_step_three, "never reached step 3\n{}", first.output());
+    assert_eq!(row().await.provisioning_status, "provisioning");
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    drop(first);
+
+    let lifted = http
+        .delete(format!("{sim_url}/__simulator/ssh/faults"))
+        .send()
+        .await
+        .unwrap();
+    assert!(lifted.status().is_success());
+    let (second, _) = spawn_listening(controller, "/healthz").await;
+    let ready = common::eventually(PROCESS_DEADLINE, || async {
+        row().await.provisioning_status == "ready"
+    })
+    .await;
+    assert!(ready, "not ready after the restart\n{}", second.output());
+
+    let server = row().await.hetzner_server_id.unwrap();
+    let log = ssh_log(server).await;
+    assert_eq!(
+        log["files"]["/etc/one"]["writes"], 1,
+        "step 1 not repeated: {log}"
+    );
+    assert_eq!(
+        commands(&log, "echo step-two").len(),
+        1,
+        "step 2 not repeated: {log}"
+    );
+    assert_eq!(
+        commands(&log, "echo step-three").len(),
+        2,
+        "step 3, interrupted, ran again: {log}"
+    );
+    assert_eq!(log["files"]["/etc/four"]["writes"], 1, "{log}");
+    assert_eq!(log["files"]["/etc/four"]["mode"], "0644", "{log}");
+    assert_eq!(
+        log["files"]["/var/lib/vps-controller/bootstrap"]["content"], "version=7\nsteps_done=4\n",
+        "{log}"
+    );
+    let bootstrapped = events::recent(&conn, Some("crash-1"), 50)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.reason == "Bootstrapped")
+        .expect("a Bootstrapped event");
+    assert!(
+        bootstrapped.message.contains("2 steps run, 2 done before"),
+        "{}",
+        bootstrapped.message
+    );
+    second.assert_no_secret();
 }

@@ -41,8 +41,8 @@ pub fn command(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Command {
     let sets = |name: &str| envs.iter().find(|(key, _)| *key == name).map(|(_, v)| *v);
     if sets("VPS_CONTROLLER_SSH_PORT").is_none()
         && let Some(endpoint) = sets("HCLOUD_ENDPOINT")
-        && let Some(port) = simulator_ssh_ports()
-            .get(endpoint.trim_end_matches('/').trim_end_matches("/v1"))
+        && let Some(port) =
+            simulator_ssh_ports().get(endpoint.trim_end_matches('/').trim_end_matches("/v1"))
     {
         cmd.env("VPS_CONTROLLER_SSH_PORT", port.to_string());
     }
@@ -50,10 +50,13 @@ pub fn command(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Command {
 }
 
 /// The SSH port of each simulator [`spawn_simulator`] started, by its base URL.
-fn simulator_ssh_ports() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, u16>> {
+fn simulator_ssh_ports() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, u16>>
+{
     static PORTS: std::sync::Mutex<std::collections::BTreeMap<String, u16>> =
         std::sync::Mutex::new(std::collections::BTreeMap::new());
-    PORTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    PORTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The outcome of one finished run.
@@ -261,7 +264,9 @@ pub async fn spawn_listening(make: impl Fn(u16) -> Command, probe: &str) -> (Chi
 /// `vps-controller simulator` on a free port, requiring [`SECRET_TOKEN`]; its base URL. Its
 /// SSH endpoint listens on a free port too (see [`command`]), unless `extra` says otherwise.
 pub async fn spawn_simulator(dir: &Path, extra: &[&str]) -> (ChildGuard, String) {
-    let own_ssh = extra.iter().any(|a| *a == "--ssh-listen" || *a == "--no-ssh");
+    let own_ssh = extra
+        .iter()
+        .any(|a| *a == "--ssh-listen" || *a == "--no-ssh");
     let (child, url) = spawn_listening(
         |port| {
             let listen = format!("127.0.0.1:{port}");
