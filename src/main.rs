@@ -431,6 +431,27 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
     }
 }
 
+/// Who runs this process, for the audit: the account of the real user id (from the system,
+/// not from a variable anyone can set), e.g. `alice (uid 1000)`.
+fn os_user() -> String {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let name = std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|passwd| {
+            passwd.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                let id = fields.nth(1)?;
+                (id.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+            })
+        });
+    match name {
+        Some(name) => format!("{name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
+}
+
 async fn ssh_access(args: SshArgs) -> Result<ExitCode> {
     let config = Config::load(args.config.as_deref())?;
     let sealer = Sealer::from_env()?.context(
@@ -440,9 +461,7 @@ async fn ssh_access(args: SshArgs) -> Result<ExitCode> {
         bail!("--reason must say why the key is opened (it is recorded for the audit)");
     }
     let conn = args.db.open_migrated(Access::Write).await?;
-    let operator = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "an unknown user".to_owned());
+    let operator = os_user();
     let parent = args.dir.unwrap_or_else(std::env::temp_dir);
     let access = vps_controller::ssh::access::open(
         &conn,

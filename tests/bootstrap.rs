@@ -561,4 +561,109 @@ async fn a_crash_between_bootstrap_steps_resumes_without_repeating_the_steps_don
         bootstrapped.message
     );
     second.assert_no_secret();
+
+    // Break-glass: the operator gets the key and the pinned host key, the access is recorded,
+    // and the printed command logs in with OpenSSH's own client, checking the host key.
+    let keys_dir = tempfile::tempdir().unwrap();
+    let keys_dir_arg = keys_dir.path().display().to_string();
+    let unknown = run_cli(dir.path(), &["ssh", "nobody", "--reason", "test"], &env);
+    unknown.assert_fails_naming("does not exist");
+    let access = run_cli(
+        dir.path(),
+        &[
+            "ssh",
+            "crash-1",
+            "--reason",
+            "ticket 42",
+            "--dir",
+            &keys_dir_arg,
+        ],
+        &env,
+    );
+    access.assert_code(0);
+    let row = row().await;
+    let command = access.stdout.trim().to_owned();
+    let port = ssh_port_of(&sim_url).await;
+    assert!(
+        command.contains(&format!("-p {port}"))
+            && command.contains("StrictHostKeyChecking=yes")
+            && command.ends_with(&format!("root@{}", row.vps_ip_address.clone().unwrap())),
+        "{command}"
+    );
+    let made: Vec<_> = std::fs::read_dir(keys_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(made.len(), 1, "one new directory: {made:?}");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&made[0]), 0o700);
+    let key_file = made[0].join("id");
+    assert_eq!(mode(&key_file), 0o600);
+    let private = std::fs::read_to_string(&key_file).unwrap();
+    assert_eq!(
+        vps_controller::keys::public_blob_of_private(&private).ok(),
+        row.ssh_public_key
+            .as_deref()
+            .and_then(|line| line.split_whitespace().nth(1))
+            .map(str::to_owned),
+        "the key file holds the subscription's private key"
+    );
+    let known_hosts = std::fs::read_to_string(made[0].join("known_hosts")).unwrap();
+    assert!(
+        known_hosts.contains(
+            row.ssh_host_key
+                .as_deref()
+                .unwrap()
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+        ),
+        "{known_hosts}"
+    );
+    assert!(!access.stdout.contains("PRIVATE KEY") && !access.stderr.contains("PRIVATE KEY"));
+    let audit = events::recent(&conn, Some("crash-1"), 50)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.reason == "BreakGlassAccess")
+        .expect("the access is recorded");
+    assert!(audit.message.contains("ticket 42"), "{}", audit.message);
+    assert_eq!(audit.kind, "Warning");
+
+    let mut words: Vec<String> = command
+        .split_whitespace()
+        .map(|w| w.trim_matches('\'').to_owned())
+        .collect();
+    words.extend([
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "cloud-init status".into(),
+    ]);
+    let ssh = std::process::Command::new(&words[0])
+        .args(&words[1..])
+        .output()
+        .expect("OpenSSH's client (openssh-client)");
+    assert!(
+        ssh.status.success() && String::from_utf8_lossy(&ssh.stdout).contains("status: done"),
+        "{ssh:?}"
+    );
+}
+
+/// The SSH port the simulator at `sim_url` listens on.
+async fn ssh_port_of(sim_url: &str) -> u16 {
+    let ssh: Value = common::process::http_client()
+        .get(format!("{sim_url}/__simulator/ssh"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    ssh["listen"]
+        .as_str()
+        .and_then(|l| l.parse::<std::net::SocketAddr>().ok())
+        .unwrap()
+        .port()
 }
