@@ -360,6 +360,8 @@ async fn run_simulate_serves_probes_provisions_a_subscription_and_stops_on_sigte
         "SshKeyCreated",
         "FirewallCreated",
         "ServerCreated",
+        // Ready means reachable: the simulated server was logged in to first.
+        "bootstrap finished",
         "\"Ready\"",
         "stopped",
     ] {
