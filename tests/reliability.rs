@@ -102,6 +102,13 @@ impl Site {
             ("VPS_CONTROLLER_ENCRYPTION_KEY", self.key.clone()),
             ("VPS_CONTROLLER_CONFIG", self.config.display().to_string()),
             ("HCLOUD_BUDGET_TIME_SCALE", BUDGET_TIME_SCALE.to_string()),
+            // The servers answer SSH at the simulator, also when the API goes through a proxy.
+            (
+                "VPS_CONTROLLER_SSH_PORT",
+                simulator_ssh_port(&self.sim_url)
+                    .expect("a simulator with SSH")
+                    .to_string(),
+            ),
         ]
     }
 

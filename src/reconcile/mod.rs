@@ -305,6 +305,11 @@ impl<A: HcloudApi> Reconciler<A> {
         match result {
             Ok(progress) => {
                 let recheck = desired.recheck_after;
+                if plan.outcome != Outcome::Ready {
+                    // No longer wants a running server (suspended, canceled, deleted): a
+                    // bootstrap still under way, or its outcome, is of no use.
+                    self.bootstrapper.forget(&desired.subscription_id);
+                }
                 let gate = match row.as_ref().and_then(|row| {
                     self.bootstrap_gate(row, &row_state, ready_server, &plan, &progress)
                         .map(|gate| (row, gate))

@@ -197,16 +197,15 @@ impl Bootstrapper {
     /// One attempt: wait for a session, log in, bootstrap; record what happened.
     async fn run(&self, db: &DatabaseConnection, term: &Term, job: &Job) -> Result<(), SshError> {
         let shown = shown_id(&job.subscription_id);
-        self.waiting.fetch_add(1, Ordering::Relaxed);
-        self.report_sessions();
+        let waiting = Counted::new(self, &self.waiting);
         let permit = Arc::clone(&self.permits).acquire_owned().await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        drop(waiting);
         let Ok(_permit) = permit else {
             return Err(SshError::Protocol(
                 "the bootstrapper is shutting down".into(),
             ));
         };
-        let _open = OpenSession::new(self);
+        let _open = Counted::new(self, &self.open);
         let started = Instant::now();
         let result = self.attempt(job).await;
         let (result, label) = match result {
@@ -335,20 +334,27 @@ impl Bootstrapper {
     }
 }
 
-/// Counts an open session for the metrics while it lives.
-struct OpenSession<'a>(&'a Bootstrapper);
+/// Counts a waiting bootstrap or an open session for the metrics while it lives, also when
+/// the task is stopped half-way (its future dropped).
+struct Counted<'a> {
+    bootstrapper: &'a Bootstrapper,
+    count: &'a AtomicUsize,
+}
 
-impl<'a> OpenSession<'a> {
-    fn new(bootstrapper: &'a Bootstrapper) -> Self {
-        bootstrapper.open.fetch_add(1, Ordering::Relaxed);
+impl<'a> Counted<'a> {
+    fn new(bootstrapper: &'a Bootstrapper, count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
         bootstrapper.report_sessions();
-        OpenSession(bootstrapper)
+        Counted {
+            bootstrapper,
+            count,
+        }
     }
 }
 
-impl Drop for OpenSession<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
-        self.0.report_sessions();
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.bootstrapper.report_sessions();
     }
 }

@@ -49,6 +49,13 @@ pub fn command(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Command {
     cmd
 }
 
+/// The SSH port of the simulator [`spawn_simulator`] started at `sim_url` (its base URL), for
+/// a controller that reaches its API another way (through a proxy).
+#[allow(dead_code)]
+pub fn simulator_ssh_port(sim_url: &str) -> Option<u16> {
+    simulator_ssh_ports().get(sim_url).copied()
+}
+
 /// The SSH port of each simulator [`spawn_simulator`] started, by its base URL.
 fn simulator_ssh_ports() -> std::sync::MutexGuard<'static, std::collections::BTreeMap<String, u16>>
 {
