@@ -892,10 +892,12 @@ fn settlement(
             done = Done::Requeue(PROVISIONING_RECHECK);
         }
         // Running at Hetzner, bootstrap under way: the bootstrapper asks for another look
-        // when it ends. The address is shown already (for whoever watches the row).
+        // when it ends, so this pass is finished (no change pass picks the row up meanwhile,
+        // which would list its resources every second). The address is shown already.
         Outcome::Ready if gate == Gate::Waiting => {
             update.provisioning_status = Some("provisioning".into());
             record_ids(&mut update);
+            update.observed_version = Some(version);
         }
         Outcome::Ready => {
             update.provisioning_status = Some("ready".into());
