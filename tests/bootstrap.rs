@@ -287,13 +287,28 @@ async fn a_cloud_init_failure_shows_on_the_row_and_is_retried_until_it_succeeds(
             "[{}] a failed cloud-init is retried, not terminal: {:?}",
             env.backend, row.provisioning_error
         );
-        // Retried on its own (the controller's backoff), still failing.
+        // Retried on its own (the controller's backoff), still failing, and the retries cost
+        // Hetzner nothing.
+        env.reset_stats().await;
         let retried = common::eventually(DEADLINE, || async {
             let _ = env.controller.process_changes().await;
             commands(&ssh_log(&env, "boot-2").await, "cloud-init status --wait").len() >= 2
         })
         .await;
         assert!(retried, "[{}] the bootstrap was not retried", env.backend);
+        let stats = env.stats().await;
+        assert_eq!(
+            stats["total"].as_u64(),
+            Some(0),
+            "[{}] {stats}",
+            env.backend
+        );
+        let error = env
+            .row("boot-2")
+            .await
+            .provisioning_error
+            .unwrap_or_default();
+        assert!(error.contains("attempt"), "says which attempt: {error}");
         assert!(
             reasons(&env, "boot-2")
                 .await

@@ -325,7 +325,8 @@ impl<A: HcloudApi> Reconciler<A> {
                         }
                     }
                     Some((row, (_, BootstrapState::Failed(error)))) => {
-                        // Reported once; the controller's backoff decides when to try again.
+                        // Only a host key mismatch ends a bootstrap (the bootstrapper retries
+                        // everything else): reported once, terminal.
                         self.bootstrapper.forget(&row.id);
                         return self
                             .failed(term, &desired, Some(row), ReconcileError::Bootstrap(error))

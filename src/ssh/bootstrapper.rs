@@ -2,9 +2,10 @@
 //! starts one (`start`) and settles the row as `provisioning`; the bootstrap runs on its own
 //! task, at most `ssh.concurrency` at a time, and when it ends it asks for the subscription to
 //! be reconciled again (`take_finished`). That reconcile sees the outcome (`state`): done
-//! makes the row `ready`; a failure is the reconcile's error (shown on the row, retried with
-//! the controller's backoff, or terminal for a host key mismatch). So SSH never holds a
-//! reconcile worker or Hetzner's request budget, and a slow server never blocks another.
+//! makes the row `ready`; a host key mismatch is the reconcile's terminal error. Other
+//! failures are retried here, with the controller's backoff, and shown on the row meanwhile.
+//! So SSH never holds a reconcile worker or Hetzner's request budget, and a slow server
+//! never blocks another.
 //!
 //! The outcome lives in memory: after a restart the next reconcile starts the bootstrap
 //! again, and the marker on the server makes it resume where it stopped.
@@ -162,7 +163,7 @@ impl Bootstrapper {
             let outcome = tokio::select! {
                 biased;
                 _ = leadership.ended(&term) => None,
-                outcome = this.run(&db, &term, &job) => Some(outcome),
+                outcome = this.run_until_done(&db, &term, &job) => Some(outcome),
             };
             if let Some(outcome) = outcome {
                 this.finish(&job, outcome);
@@ -192,6 +193,39 @@ impl Bootstrapper {
         }
         drop(entries);
         lock(&self.finished).push(job.subscription_id.clone());
+    }
+
+    /// Attempts until the bootstrap is done or stopped by a host key mismatch. A failed
+    /// attempt is written on the row and as an event, then retried after the controller's
+    /// backoff (2 s doubling to 5 min, with jitter). While it retries the row simply waits:
+    /// no reconcile, no Hetzner request.
+    async fn run_until_done(
+        &self,
+        db: &DatabaseConnection,
+        term: &Term,
+        job: &Job,
+    ) -> Result<(), SshError> {
+        let mut failures = 0;
+        loop {
+            match self.run(db, term, job).await {
+                Err(error) if !error.is_terminal() => {
+                    failures += 1;
+                    let delay = crate::controller::workset::backoff(failures);
+                    let message = crate::reconcile::desired::bounded(
+                        &format!(
+                            "bootstrap over SSH: {error} (attempt {failures}; next in {} s)",
+                            delay.as_secs().max(1)
+                        ),
+                        crate::reconcile::desired::MAX_ERROR_CHARS,
+                    );
+                    if let Err(e) = record_failure(db, term, job, &message).await {
+                        tracing::warn!(subscription = %shown_id(&job.subscription_id), error = %e, "could not record the failed bootstrap on the row");
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+                outcome => return outcome,
+            }
+        }
     }
 
     /// One attempt: wait for a session, log in, bootstrap; record what happened.
@@ -332,6 +366,28 @@ impl Bootstrapper {
             self.waiting.load(Ordering::Relaxed),
         );
     }
+}
+
+/// Shows a failed attempt on the row (fenced) and as a `Retrying` event.
+async fn record_failure(
+    db: &DatabaseConnection,
+    term: &Term,
+    job: &Job,
+    message: &str,
+) -> Result<(), crate::db::DbError> {
+    let update = StatusUpdate {
+        provisioning_error: Some(Some(message.to_owned())),
+        ..Default::default()
+    };
+    subscriptions::write_status(db, term.fence.as_ref(), &job.subscription_id, &update).await?;
+    events::record(
+        db,
+        &job.subscription_id,
+        EventKind::Warning,
+        "Retrying",
+        message,
+    )
+    .await
 }
 
 /// Counts a waiting bootstrap or an open session for the metrics while it lives, also when
