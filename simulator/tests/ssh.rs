@@ -158,6 +158,36 @@ impl Sim {
         self.get(&format!("/__simulator/servers/{server}/ssh"))
             .await
     }
+
+    /// Starts a simulator with a running `web-1` that root logs into with `key(1)` (object `ops`).
+    async fn with_server(cloud_init_seconds: f64) -> (Sim, Server) {
+        let sim = Sim::start(cloud_init_seconds).await;
+        let root_key = key(1);
+        let key_id = sim.ssh_key_object("ops", &root_key).await;
+        let (id, addr) = sim.server("web-1", &[key_id], None).await;
+        let server = Server {
+            id,
+            addr,
+            root_key,
+            key_id,
+        };
+        (sim, server)
+    }
+}
+
+/// The server [`Sim::with_server`] made: its ID, SSH address, root's key and its key object.
+struct Server {
+    id: i64,
+    addr: SocketAddr,
+    root_key: PrivateKey,
+    key_id: i64,
+}
+
+impl Server {
+    /// A connection to this server, logged in as root with `root_key`.
+    async fn logged_in(&self) -> Connection {
+        logged_in(self.addr, &self.root_key).await
+    }
 }
 
 /// A russh client that remembers the host key it was shown.
@@ -201,6 +231,13 @@ async fn connect(addr: SocketAddr) -> Connection {
     .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
     let host_key = seen.lock().unwrap().clone().expect("no host key shown");
     Connection { handle, host_key }
+}
+
+/// Connects to `addr` and logs in as root with `key`, failing the test if the login is refused.
+async fn logged_in(addr: SocketAddr, key: &PrivateKey) -> Connection {
+    let mut ssh = connect(addr).await;
+    assert!(ssh.login("root", key).await, "root login to {addr} refused");
+    ssh
 }
 
 impl Connection {
@@ -283,22 +320,18 @@ fn cloud_config(host: &PrivateKey, user: &PrivateKey) -> String {
 
 #[tokio::test]
 async fn an_attached_key_logs_in_as_root_and_cloud_init_is_done() {
-    let sim = Sim::start(0.0).await;
-    let root_key = key(1);
-    let key_id = sim.ssh_key_object("ops", &root_key).await;
-    let (id, addr) = sim.server("web-1", &[key_id], None).await;
+    let (sim, web) = Sim::with_server(0.0).await;
 
-    let mut ssh = connect(addr).await;
-    assert!(ssh.login("root", &root_key).await);
+    let ssh = web.logged_in().await;
     let out = ssh.run("cloud-init status --wait").await;
     assert_eq!(
         (out.stdout(), out.status, out.eof),
         ("status: done\n".to_string(), Some(0), true)
     );
     // The host key shown is the one the hook reports (generated at create).
-    let state = sim.ssh_state(id).await;
+    let state = sim.ssh_state(web.id).await;
     assert_eq!(state["host_key"], line(&ssh.host_key));
-    assert_eq!(state["ipv4"], addr.ip().to_string());
+    assert_eq!(state["ipv4"], web.addr.ip().to_string());
     assert_eq!(state["sessions"], 1);
     assert_eq!(state["commands"][0]["command"], "cloud-init status --wait");
     assert_eq!(state["commands"][0]["exit_status"], 0);
@@ -308,18 +341,15 @@ async fn an_attached_key_logs_in_as_root_and_cloud_init_is_done() {
 
 #[tokio::test]
 async fn a_key_not_attached_and_a_user_other_than_root_are_rejected_and_counted() {
-    let sim = Sim::start(0.0).await;
-    let attached = key(1);
-    let key_id = sim.ssh_key_object("ops", &attached).await;
+    let (sim, web) = Sim::with_server(0.0).await;
     // A key object that exists but was not given to this server.
     sim.ssh_key_object("other", &key(2)).await;
-    let (id, addr) = sim.server("web-1", &[key_id], None).await;
 
-    let mut ssh = connect(addr).await;
+    let mut ssh = connect(web.addr).await;
     assert!(!ssh.login("root", &key(2)).await);
-    assert!(!ssh.login("ubuntu", &attached).await);
-    assert!(ssh.login("root", &attached).await);
-    let state = sim.ssh_state(id).await;
+    assert!(!ssh.login("ubuntu", &web.root_key).await);
+    assert!(ssh.login("root", &web.root_key).await);
+    let state = sim.ssh_state(web.id).await;
     assert_eq!(state["auth_failures"], 2, "{state}");
     assert_eq!(state["sessions"], 1);
     let endpoint = sim.get("/__simulator/ssh").await;
@@ -365,12 +395,8 @@ async fn the_host_key_comes_from_user_data_and_wrong_host_key_presents_another()
 
 #[tokio::test]
 async fn install_then_cat_round_trips_content_and_mode() {
-    let sim = Sim::start(0.0).await;
-    let root_key = key(1);
-    let key_id = sim.ssh_key_object("ops", &root_key).await;
-    let (id, addr) = sim.server("web-1", &[key_id], None).await;
-    let mut ssh = connect(addr).await;
-    assert!(ssh.login("root", &root_key).await);
+    let (sim, web) = Sim::with_server(0.0).await;
+    let ssh = web.logged_in().await;
 
     let content = b"[agent]\nname = \"web 1\"\n";
     let install = ssh
@@ -399,7 +425,7 @@ async fn install_then_cat_round_trips_content_and_mode() {
     let other = ssh.run("systemctl restart agent").await;
     assert_eq!((other.status, other.stdout.len()), (Some(0), 0));
 
-    let state = sim.ssh_state(id).await;
+    let state = sim.ssh_state(web.id).await;
     let file = &state["files"]["/etc/agent/it's.toml"];
     assert_eq!(file["mode"], "0600", "{state}");
     assert_eq!(file["content"], String::from_utf8_lossy(content).as_ref());
@@ -420,7 +446,7 @@ async fn install_then_cat_round_trips_content_and_mode() {
         Some(b"v2"),
     )
     .await;
-    let state = sim.ssh_state(id).await;
+    let state = sim.ssh_state(web.id).await;
     let file = &state["files"]["/etc/agent/it's.toml"];
     assert_eq!(
         (&file["mode"], &file["content"], &file["writes"]),
@@ -432,22 +458,18 @@ async fn install_then_cat_round_trips_content_and_mode() {
 
 #[tokio::test]
 async fn cloud_init_running_blocks_until_the_fault_says_done() {
-    let sim = Sim::start(0.0).await;
-    let root_key = key(1);
-    let key_id = sim.ssh_key_object("ops", &root_key).await;
-    let (id, addr) = sim.server("web-1", &[key_id], None).await;
-    let faults = format!("/__simulator/servers/{id}/ssh/faults");
+    let (sim, web) = Sim::with_server(0.0).await;
+    let hook = format!("/__simulator/servers/{}/ssh", web.id);
+    let faults = format!("{hook}/faults");
     let (status, _) = sim.post(&faults, json!({"cloud_init": "running"})).await;
     assert_eq!(status, StatusCode::OK);
 
-    let mut ssh = connect(addr).await;
-    assert!(ssh.login("root", &root_key).await);
-    let ssh = Arc::new(ssh);
+    let ssh = Arc::new(web.logged_in().await);
     let waiting = tokio::spawn({
         let ssh = ssh.clone();
         async move { ssh.run("cloud-init status --wait").await }
     });
-    sim.wait_for(&format!("/__simulator/servers/{id}/ssh"), "waiting", |s| {
+    sim.wait_for(&hook, "waiting", |s| {
         s["commands"][0]["command"] == "cloud-init status --wait"
             && s["commands"][0]["exit_status"].is_null()
     })
@@ -472,10 +494,7 @@ async fn cloud_init_running_blocks_until_the_fault_says_done() {
 
 #[tokio::test]
 async fn cloud_init_error_and_fail_command_exit_1() {
-    let sim = Sim::start(0.0).await;
-    let root_key = key(1);
-    let key_id = sim.ssh_key_object("ops", &root_key).await;
-    let (_, addr) = sim.server("web-1", &[key_id], None).await;
+    let (sim, web) = Sim::with_server(0.0).await;
     // Defaults: every server without faults of its own.
     let (status, _) = sim
         .post(
@@ -485,8 +504,7 @@ async fn cloud_init_error_and_fail_command_exit_1() {
         .await;
     assert_eq!(status, StatusCode::OK);
 
-    let mut ssh = connect(addr).await;
-    assert!(ssh.login("root", &root_key).await);
+    let ssh = web.logged_in().await;
     let wait = ssh.run("cloud-init status --wait").await;
     assert_eq!(
         (wait.stdout(), wait.status),
@@ -520,8 +538,7 @@ async fn cloud_init_finishes_its_seconds_after_the_server_runs() {
     let key_id = sim.ssh_key_object("ops", &root_key).await;
     let before = Instant::now();
     let (id, addr) = sim.server("web-1", &[key_id], None).await;
-    let mut ssh = connect(addr).await;
-    assert!(ssh.login("root", &root_key).await);
+    let ssh = logged_in(addr, &root_key).await;
     let out = ssh.run("cloud-init status --wait").await;
     assert_eq!(
         (out.stdout(), out.status),
@@ -538,27 +555,23 @@ async fn cloud_init_finishes_its_seconds_after_the_server_runs() {
 
 #[tokio::test]
 async fn hang_command_never_answers_but_the_connection_still_works() {
-    let sim = Sim::start(0.0).await;
-    let root_key = key(1);
-    let key_id = sim.ssh_key_object("ops", &root_key).await;
-    let (id, addr) = sim.server("web-1", &[key_id], None).await;
-    let faults = format!("/__simulator/servers/{id}/ssh/faults");
+    let (sim, web) = Sim::with_server(0.0).await;
+    let hook = format!("/__simulator/servers/{}/ssh", web.id);
+    let faults = format!("{hook}/faults");
     sim.post(&faults, json!({"hang_command": "sleepy"})).await;
-    let mut ssh = connect(addr).await;
-    assert!(ssh.login("root", &root_key).await);
-    let ssh = Arc::new(ssh);
+    let ssh = Arc::new(web.logged_in().await);
     let hung = tokio::spawn({
         let ssh = ssh.clone();
         async move { ssh.run("sleepy --forever").await }
     });
-    sim.wait_for(&format!("/__simulator/servers/{id}/ssh"), "hanging", |s| {
+    sim.wait_for(&hook, "hanging", |s| {
         s["commands"][0]["command"] == "sleepy --forever"
     })
     .await;
     let other = ssh.run("true").await;
     assert_eq!(other.status, Some(0));
     assert!(!hung.is_finished());
-    assert!(sim.ssh_state(id).await["commands"][0]["exit_status"].is_null());
+    assert!(sim.ssh_state(web.id).await["commands"][0]["exit_status"].is_null());
     hung.abort();
     sim.sim.shutdown().await;
 }
@@ -650,16 +663,11 @@ async fn public_ipv4s_are_distinct_loopback_addresses() {
 
 #[tokio::test]
 async fn max_active_sessions_counts_concurrent_connections() {
-    let sim = Sim::start(0.0).await;
-    let root_key = key(1);
-    let key_id = sim.ssh_key_object("ops", &root_key).await;
-    let (_, first) = sim.server("web-1", &[key_id], None).await;
-    let (_, second) = sim.server("web-2", &[key_id], None).await;
+    let (sim, web) = Sim::with_server(0.0).await;
+    let (_, second) = sim.server("web-2", &[web.key_id], None).await;
     let mut open = Vec::new();
-    for addr in [first, second, first] {
-        let mut ssh = connect(addr).await;
-        assert!(ssh.login("root", &root_key).await);
-        open.push(ssh);
+    for addr in [web.addr, second, web.addr] {
+        open.push(logged_in(addr, &web.root_key).await);
     }
     let state = sim.get("/__simulator/ssh").await;
     assert_eq!(
@@ -679,7 +687,7 @@ async fn max_active_sessions_counts_concurrent_connections() {
         state["listen"]
             .as_str()
             .unwrap()
-            .ends_with(&format!(":{}", first.port()))
+            .ends_with(&format!(":{}", web.addr.port()))
     );
 
     // Reset zeroes the counters; the high-water mark restarts at what is open now.
@@ -694,14 +702,10 @@ async fn max_active_sessions_counts_concurrent_connections() {
 
 #[tokio::test]
 async fn deleting_a_server_closes_its_connections_and_shutdown_stops_the_listener() {
-    let sim = Sim::start(0.0).await;
-    let root_key = key(1);
-    let key_id = sim.ssh_key_object("ops", &root_key).await;
-    let (id, addr) = sim.server("web-1", &[key_id], None).await;
-    let mut ssh = connect(addr).await;
-    assert!(ssh.login("root", &root_key).await);
+    let (sim, web) = Sim::with_server(0.0).await;
+    let ssh = web.logged_in().await;
     assert_eq!(
-        sim.delete(&format!("/v1/servers/{id}")).await.0,
+        sim.delete(&format!("/v1/servers/{}", web.id)).await.0,
         StatusCode::OK
     );
     let deadline = Instant::now() + DEADLINE;
@@ -712,7 +716,7 @@ async fn deleting_a_server_closes_its_connections_and_shutdown_stops_the_listene
     let (status, body) = sim
         .send(
             reqwest::Method::GET,
-            &format!("/__simulator/servers/{id}/ssh"),
+            &format!("/__simulator/servers/{}/ssh", web.id),
             None,
         )
         .await;
@@ -723,9 +727,8 @@ async fn deleting_a_server_closes_its_connections_and_shutdown_stops_the_listene
     sim.wait_for("/__simulator/ssh", "idle", |s| s["active_sessions"] == 0)
         .await;
 
-    let (_, other) = sim.server("web-2", &[key_id], None).await;
-    let mut open = connect(other).await;
-    assert!(open.login("root", &root_key).await);
+    let (_, other) = sim.server("web-2", &[web.key_id], None).await;
+    let open = logged_in(other, &web.root_key).await;
     sim.sim.shutdown().await;
     let deadline = Instant::now() + DEADLINE;
     while !open.handle.is_closed() {
