@@ -352,6 +352,9 @@ impl<A: HcloudApi + 'static> Controller<A> {
         for (key, id) in self.work.due(now) {
             wanted.insert(key, (id, None));
         }
+        // Reconciles go on ending while the query runs and until the rows are claimed: one
+        // that ended after this reading already acted on what it shows.
+        let read_at = Instant::now();
         for (id, version) in subscriptions::changed(db).await? {
             wanted.insert(desired::resource_key(&id), (id, Some(version)));
         }
@@ -361,7 +364,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
             .iter()
             .filter_map(|(key, (_, version))| version.map(|v| (key.clone(), v)))
             .collect();
-        let claims = self.claim(wanted, false);
+        let claims = self.claim(wanted, Some(read_at), false);
         // A row toggled while it waits behind bulk work goes first now.
         self.queue.promote(|queued| {
             changed
@@ -553,7 +556,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
 
         let snapshot = Arc::new(snapshot);
         let offered = work.len();
-        let claims = self.claim(work, true);
+        let claims = self.claim(work, None, true);
         let jobs = claims
             .into_iter()
             .map(|(claim, version)| {
@@ -737,17 +740,19 @@ impl<A: HcloudApi + 'static> Controller<A> {
     }
 
     /// Claims every entry that is free (not in flight, not waiting); the rest come back when
-    /// due. `work` maps resource keys to the id to reconcile and the row version.
+    /// due. `work` maps resource keys to the id to reconcile and the row version, read from
+    /// the table at `read_at` (`WorkSet::try_claim`).
     fn claim(
         &self,
         work: BTreeMap<String, (String, Option<i64>)>,
+        read_at: Option<Instant>,
         resync: bool,
     ) -> Vec<(Claim, Option<i64>)> {
         let now = Instant::now();
         work.into_iter()
             .filter_map(|(key, (id, version))| {
                 self.work
-                    .try_claim(&key, &id, version, now, resync)
+                    .try_claim(&key, &id, version, read_at, now, resync)
                     .map(|claim| (claim, version))
             })
             .collect()
