@@ -505,15 +505,12 @@ impl<A: HcloudApi + 'static> Controller<A> {
             tracing::error!(subscription = %desired::bounded(id, 64), "{problem}");
             self.record_skipped(&term, id, problem).await;
         }
-        let size = [
-            snapshot.resources().servers.len(),
-            snapshot.resources().ssh_keys.len(),
-            snapshot.resources().firewalls.len(),
-            scan.ids.len(),
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0);
+        let size = snapshot
+            .counts()
+            .into_iter()
+            .chain([scan.ids.len()])
+            .max()
+            .unwrap_or(0);
         self.last_listing_size.store(size, Ordering::Relaxed);
         self.metrics.set_subscriptions(&scan.by_status);
         self.metrics.set_stuck(scan.stuck);
@@ -587,12 +584,8 @@ impl<A: HcloudApi + 'static> Controller<A> {
         let owner = &self.reconciler.owner;
         let legacy = observe::observe(&self.reconciler.api, &owner.legacy_selector()).await?;
         let claims = |kind, id| recorded.iter().filter(|r| r.get(kind) == Some(id)).count();
-        let claimed = legacy
-            .resources()
-            .filter(|kind, id, _, _| claims(kind, id) == 1);
-        let total = legacy.resources().servers.len()
-            + legacy.resources().ssh_keys.len()
-            + legacy.resources().firewalls.len();
+        let claimed = legacy.filter(|kind, id| claims(kind, id) == 1);
+        let total: usize = legacy.counts().into_iter().sum();
         let adopted = claimed.servers.len() + claimed.ssh_keys.len() + claimed.firewalls.len();
         if total > 0 {
             tracing::warn!(
