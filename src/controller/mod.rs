@@ -553,7 +553,10 @@ impl<A: HcloudApi + 'static> Controller<A> {
 
         let snapshot = Arc::new(snapshot);
         let offered = work.len();
-        let claims = self.claim(work, None, true);
+        // A row whose reconcile ended after the listing was stamped was judged against a
+        // listing older than what that reconcile saw (it may have created what the listing
+        // misses): that reconcile has the last word, the next resync judges the row again.
+        let claims = self.claim(work, Some(snapshot.taken_at), true);
         let jobs = claims
             .into_iter()
             .map(|(claim, version)| {
