@@ -707,6 +707,76 @@ async fn the_running_loop_on_sqlite_goes_quiet_once_converged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_insert_under_the_sqlite_watcher_reconciles_each_row_once() {
+    // The watcher wakes the change pass on every commit, the controller's own status writes
+    // included, so change passes read the unreconciled rows many times a second while
+    // reconciles end. A row whose reconcile ended between a pass's reading and its claiming
+    // must not be reconciled again on that reading: that second reconcile has no snapshot and
+    // lists its subscription's resources by label (3 requests), about 4 % of the rows at
+    // 10,000.
+    const N: usize = 40; // under one listing page (50) per kind: each listing is 1 request
+    let test_db = common::sqlite_db();
+    let env = Arc::new(env(&test_db).await);
+    let (counters, stop_watch, watcher) =
+        spawn_sqlite_watch(&test_db.url, env.controller.wake.clone());
+    let values: Vec<String> = (0..N)
+        .map(|i| format!("('bulk-{i}', 'user-{i}', 'active', 'starter')"))
+        .collect();
+    env.sql(&format!(
+        "INSERT INTO subscriptions (id, user_id, status, plan) VALUES {}",
+        values.join(", ")
+    ))
+    .await;
+    env.reset_stats().await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(env.controller.clone().run(stopped));
+    assert!(
+        common::eventually(Duration::from_secs(60), || async {
+            subscriptions::count_by_status(&env.db)
+                .await
+                .unwrap()
+                .get("ready")
+                .copied()
+                == Some(N as i64)
+        })
+        .await,
+        "converged"
+    );
+    // The loop goes quiet (no pass writes), so nothing more is on its way.
+    assert!(
+        common::eventually(Duration::from_secs(30), || async {
+            let pokes = counters.pokes.load(Ordering::SeqCst);
+            polls_pass(&counters, 100).await && counters.pokes.load(Ordering::SeqCst) == pokes
+        })
+        .await
+    );
+    stop.send(true).unwrap();
+    running.await.unwrap();
+    stop_watch.send(true).unwrap();
+    watcher.await.unwrap();
+
+    let metrics = env.controller.metrics.render();
+    let reconciles = common::process::metric_value(
+        &metrics,
+        "vps_controller_reconciles_total",
+        &[("result", "success")],
+    );
+    assert_eq!(reconciles, Some(N as f64), "one reconcile per row");
+    let stats = env.stats().await;
+    for endpoint in ["GET /servers", "GET /ssh_keys", "GET /firewalls"] {
+        // The first change pass's listing (it claimed every row), the first resync's and its
+        // look for resources labelled before installation ids (once per process); a
+        // reconcile without a snapshot would add one.
+        let listings = stats["by_endpoint"][endpoint].as_u64().unwrap_or(0);
+        assert!(listings <= 3, "{endpoint}: {listings} listings; {stats}");
+    }
+    for endpoint in ["POST /servers", "POST /ssh_keys", "POST /firewalls"] {
+        assert_eq!(stats["by_endpoint"][endpoint], N as u64, "{stats}");
+    }
+    test_db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_create_does_not_hold_up_other_subscriptions() {
     let test_db = common::sqlite_db();
     // Every Hetzner action takes 8 s, like a real server boot.

@@ -352,6 +352,9 @@ impl<A: HcloudApi + 'static> Controller<A> {
         for (key, id) in self.work.due(now) {
             wanted.insert(key, (id, None));
         }
+        // Reconciles go on ending while the query runs and until the rows are claimed: one
+        // that ended after this reading already acted on what it shows.
+        let read_at = Instant::now();
         for (id, version) in subscriptions::changed(db).await? {
             wanted.insert(desired::resource_key(&id), (id, Some(version)));
         }
@@ -361,7 +364,7 @@ impl<A: HcloudApi + 'static> Controller<A> {
             .iter()
             .filter_map(|(key, (_, version))| version.map(|v| (key.clone(), v)))
             .collect();
-        let claims = self.claim(wanted, false);
+        let claims = self.claim(wanted, Some(read_at), false);
         // A row toggled while it waits behind bulk work goes first now.
         self.queue.promote(|queued| {
             changed
@@ -502,15 +505,12 @@ impl<A: HcloudApi + 'static> Controller<A> {
             tracing::error!(subscription = %desired::bounded(id, 64), "{problem}");
             self.record_skipped(&term, id, problem).await;
         }
-        let size = [
-            snapshot.resources().servers.len(),
-            snapshot.resources().ssh_keys.len(),
-            snapshot.resources().firewalls.len(),
-            scan.ids.len(),
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0);
+        let size = snapshot
+            .counts()
+            .into_iter()
+            .chain([scan.ids.len()])
+            .max()
+            .unwrap_or(0);
         self.last_listing_size.store(size, Ordering::Relaxed);
         self.metrics.set_subscriptions(&scan.by_status);
         self.metrics.set_stuck(scan.stuck);
@@ -553,7 +553,10 @@ impl<A: HcloudApi + 'static> Controller<A> {
 
         let snapshot = Arc::new(snapshot);
         let offered = work.len();
-        let claims = self.claim(work, true);
+        // A row whose reconcile ended after the listing was stamped was judged against a
+        // listing older than what that reconcile saw (it may have created what the listing
+        // misses): that reconcile has the last word, the next resync judges the row again.
+        let claims = self.claim(work, Some(snapshot.taken_at), true);
         let jobs = claims
             .into_iter()
             .map(|(claim, version)| {
@@ -584,12 +587,8 @@ impl<A: HcloudApi + 'static> Controller<A> {
         let owner = &self.reconciler.owner;
         let legacy = observe::observe(&self.reconciler.api, &owner.legacy_selector()).await?;
         let claims = |kind, id| recorded.iter().filter(|r| r.get(kind) == Some(id)).count();
-        let claimed = legacy
-            .resources()
-            .filter(|kind, id, _, _| claims(kind, id) == 1);
-        let total = legacy.resources().servers.len()
-            + legacy.resources().ssh_keys.len()
-            + legacy.resources().firewalls.len();
+        let claimed = legacy.filter(|kind, id| claims(kind, id) == 1);
+        let total: usize = legacy.counts().into_iter().sum();
         let adopted = claimed.servers.len() + claimed.ssh_keys.len() + claimed.firewalls.len();
         if total > 0 {
             tracing::warn!(
@@ -737,17 +736,19 @@ impl<A: HcloudApi + 'static> Controller<A> {
     }
 
     /// Claims every entry that is free (not in flight, not waiting); the rest come back when
-    /// due. `work` maps resource keys to the id to reconcile and the row version.
+    /// due. `work` maps resource keys to the id to reconcile and the row version, read from
+    /// the table at `read_at` (`WorkSet::try_claim`).
     fn claim(
         &self,
         work: BTreeMap<String, (String, Option<i64>)>,
+        read_at: Option<Instant>,
         resync: bool,
     ) -> Vec<(Claim, Option<i64>)> {
         let now = Instant::now();
         work.into_iter()
             .filter_map(|(key, (id, version))| {
                 self.work
-                    .try_claim(&key, &id, version, now, resync)
+                    .try_claim(&key, &id, version, read_at, now, resync)
                     .map(|claim| (claim, version))
             })
             .collect()

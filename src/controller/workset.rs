@@ -71,11 +71,18 @@ impl WorkSet {
     /// version when known: a row changed since its failure skips the backoff. A full resync
     /// passes `resync = true`: it looks at every subscription anyway, so it does not wait out
     /// a requested requeue delay (only a failure backoff).
+    ///
+    /// `read_at` is when `version` was read, when it comes from a query: a reconcile of the
+    /// key that ended after that has already acted on the row as it was then (a change pass
+    /// reads every unreconciled row, then claims; reconciles end in between), so the key is
+    /// not claimed again on that reading. The next reading decides; a change seen while that
+    /// reconcile was in flight (`rerun`) still comes back at once.
     pub fn try_claim(
         self: &Arc<Self>,
         key: &str,
         id: &str,
         version: Option<i64>,
+        read_at: Option<Instant>,
         now: Instant,
         resync: bool,
     ) -> Option<Claim> {
@@ -88,6 +95,12 @@ impl WorkSet {
             if version.is_some() && version != state.claimed_version {
                 state.rerun = true;
             }
+            return None;
+        }
+        let read_before_last_end = read_at
+            .zip(state.last_done)
+            .is_some_and(|(read, done)| done > read);
+        if version.is_some() && read_before_last_end && !state.rerun {
             return None;
         }
         let changed_since_failure =
@@ -255,7 +268,7 @@ mod tests {
     fn a_recheck_comes_due_after_its_delay_however_long() {
         let set = Arc::new(WorkSet::default());
         let now = Instant::now();
-        let claim = set.try_claim("a", "a", Some(1), now, false).unwrap();
+        let claim = set.try_claim("a", "a", Some(1), None, now, false).unwrap();
         claim.finish(Finish::Recheck(Duration::from_secs(3 * 3600)));
         assert!(set.due(now + Duration::from_secs(3600)).is_empty());
         assert_eq!(set.due(now + Duration::from_secs(3 * 3600 + 60)).len(), 1);
@@ -277,7 +290,9 @@ mod tests {
             "sooner wins"
         );
         // In flight: the reconcile's own verdict decides.
-        let claim = set.try_claim("b", "b", None, now, true).expect("free");
+        let claim = set
+            .try_claim("b", "b", None, None, now, true)
+            .expect("free");
         set.recheck("b", "b", now);
         assert_eq!(
             set.due(now + Duration::from_secs(60)),
@@ -291,28 +306,30 @@ mod tests {
     fn one_claim_per_key_at_a_time() {
         let set = Arc::new(WorkSet::default());
         let now = Instant::now();
-        let claim = set.try_claim("a", "a", None, now, false).expect("free key");
+        let claim = set
+            .try_claim("a", "a", None, None, now, false)
+            .expect("free key");
         assert!(
-            set.try_claim("a", "a", None, now, false).is_none(),
+            set.try_claim("a", "a", None, None, now, false).is_none(),
             "second claim refused"
         );
         assert!(
-            set.try_claim("b", "b", None, now, false).is_some(),
+            set.try_claim("b", "b", None, None, now, false).is_some(),
             "other keys unaffected"
         );
         claim.finish(Finish::Success);
-        assert!(set.try_claim("a", "a", None, now, false).is_some());
+        assert!(set.try_claim("a", "a", None, None, now, false).is_some());
     }
 
     #[test]
     fn failures_back_off_until_the_row_changes() {
         let set = Arc::new(WorkSet::default());
         let now = Instant::now();
-        set.try_claim("a", "a", Some(1), now, false)
+        set.try_claim("a", "a", Some(1), None, now, false)
             .expect("free")
             .finish(Finish::Failure { version: Some(1) });
         assert!(
-            set.try_claim("a", "a", Some(1), Instant::now(), true)
+            set.try_claim("a", "a", Some(1), None, Instant::now(), true)
                 .is_none(),
             "same version waits"
         );
@@ -322,7 +339,7 @@ mod tests {
             vec![("a".to_string(), "a".to_string())]
         );
         assert!(
-            set.try_claim("a", "a", Some(2), Instant::now(), false)
+            set.try_claim("a", "a", Some(2), None, Instant::now(), false)
                 .is_some(),
             "changed row retried at once"
         );
@@ -332,15 +349,15 @@ mod tests {
     fn a_resync_does_not_wait_out_a_requeue_but_a_change_pass_does() {
         let set = Arc::new(WorkSet::default());
         let now = Instant::now();
-        set.try_claim("a", "a", None, now, false)
+        set.try_claim("a", "a", None, None, now, false)
             .expect("free")
             .finish(Finish::RetryAfter(Duration::from_secs(60)));
         assert!(
-            set.try_claim("a", "a", None, Instant::now(), false)
+            set.try_claim("a", "a", None, None, Instant::now(), false)
                 .is_none()
         );
         assert!(
-            set.try_claim("a", "a", None, Instant::now(), true)
+            set.try_claim("a", "a", None, None, Instant::now(), true)
                 .is_some()
         );
     }
@@ -351,7 +368,9 @@ mod tests {
         let delay = Duration::from_secs(2);
         let mut now = Instant::now();
         for expected in [2, 4, 8, 16, 32, 60, 60] {
-            let mut claim = set.try_claim("a", "a", None, now, false).expect("due");
+            let mut claim = set
+                .try_claim("a", "a", None, None, now, false)
+                .expect("due");
             claim.finished = true;
             drop(claim);
             set.finish("a", Some(Finish::RetryAfter(delay)), now);
@@ -373,7 +392,7 @@ mod tests {
         let set = Arc::new(WorkSet::default());
         let now = Instant::now();
         let claim = set
-            .try_claim("k", "id-1", Some(1), now, false)
+            .try_claim("k", "id-1", Some(1), None, now, false)
             .expect("free");
         set.request("k", "id-1", now);
         assert!(set.due(now).is_empty(), "in flight");
@@ -388,7 +407,7 @@ mod tests {
             1,
             "a pending request survives pruning"
         );
-        set.try_claim("k", "id-1", None, Instant::now(), false)
+        set.try_claim("k", "id-1", None, None, Instant::now(), false)
             .expect("due")
             .finish(Finish::Success);
         assert!(set.due(Instant::now()).is_empty(), "served once");
@@ -399,10 +418,10 @@ mod tests {
         let set = Arc::new(WorkSet::default());
         let delay = Duration::from_secs(30);
         let claim = set
-            .try_claim("k", "k", Some(1), Instant::now(), false)
+            .try_claim("k", "k", Some(1), None, Instant::now(), false)
             .expect("free");
         assert!(
-            set.try_claim("k", "k", Some(1), Instant::now(), false)
+            set.try_claim("k", "k", Some(1), None, Instant::now(), false)
                 .is_none()
         );
         claim.finish(Finish::RetryAfter(delay));
@@ -412,10 +431,10 @@ mod tests {
         );
 
         let claim = set
-            .try_claim("k", "k", Some(1), Instant::now(), true)
+            .try_claim("k", "k", Some(1), None, Instant::now(), true)
             .expect("resync");
         assert!(
-            set.try_claim("k", "k", Some(2), Instant::now(), false)
+            set.try_claim("k", "k", Some(2), None, Instant::now(), false)
                 .is_none()
         );
         claim.finish(Finish::RetryAfter(delay));
@@ -427,9 +446,58 @@ mod tests {
     }
 
     #[test]
+    fn a_reading_older_than_the_last_reconcile_claims_nothing() {
+        let set = Arc::new(WorkSet::default());
+        // A change pass reads the unreconciled rows; the reconcile in flight ends before the
+        // pass gets to claiming.
+        let read_at = Instant::now();
+        let ended = read_at + Duration::from_millis(1);
+        let mut claim = set
+            .try_claim("k", "k", Some(1), None, read_at, false)
+            .expect("free");
+        claim.finished = true;
+        drop(claim);
+        set.finish("k", Some(Finish::Success), ended);
+        assert!(
+            set.try_claim("k", "k", Some(1), Some(read_at), ended, false)
+                .is_none(),
+            "the reconcile that ended saw the row as read: no second reconcile on that reading"
+        );
+        let read_again = ended + Duration::from_millis(1);
+        assert!(
+            set.try_claim("k", "k", Some(1), Some(read_again), read_again, false)
+                .is_some(),
+            "a reading after it ended decides"
+        );
+    }
+
+    #[test]
+    fn a_change_seen_in_flight_is_claimed_even_on_an_older_reading() {
+        let set = Arc::new(WorkSet::default());
+        let read_at = Instant::now();
+        let ended = read_at + Duration::from_millis(1);
+        let mut claim = set
+            .try_claim("k", "k", Some(1), None, read_at, false)
+            .expect("free");
+        assert!(
+            set.try_claim("k", "k", Some(2), Some(read_at), read_at, false)
+                .is_none(),
+            "in flight"
+        );
+        claim.finished = true;
+        drop(claim);
+        set.finish("k", Some(Finish::Success), ended);
+        assert!(
+            set.try_claim("k", "k", Some(2), Some(read_at), ended, false)
+                .is_some(),
+            "version 2 was read while version 1 was being reconciled"
+        );
+    }
+
+    #[test]
     fn a_dropped_claim_counts_as_a_failure() {
         let set = Arc::new(WorkSet::default());
-        drop(set.try_claim("k", "k", None, Instant::now(), false));
+        drop(set.try_claim("k", "k", None, None, Instant::now(), false));
         assert_eq!(set.in_backoff(), 1);
     }
 
@@ -453,14 +521,14 @@ mod tests {
     fn success_resets_backoff() {
         let set = Arc::new(WorkSet::default());
         let now = Instant::now();
-        set.try_claim("a", "a", None, now, false)
+        set.try_claim("a", "a", None, None, now, false)
             .expect("free")
             .finish(Finish::Failure { version: None });
         let later = now + MAX_BACKOFF;
-        set.try_claim("a", "a", None, later, false)
+        set.try_claim("a", "a", None, None, later, false)
             .expect("due")
             .finish(Finish::Success);
         assert_eq!(set.in_backoff(), 0);
-        assert!(set.try_claim("a", "a", None, later, false).is_some());
+        assert!(set.try_claim("a", "a", None, None, later, false).is_some());
     }
 }

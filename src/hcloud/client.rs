@@ -471,7 +471,7 @@ pub fn error_from_answer(status: u16, body: &[u8], correlation_id: Option<&str>)
 
 /// Pages of list endpoints.
 trait ListPage: DeserializeOwned {
-    type Item;
+    type Item: Send;
     fn into_parts(self) -> (Vec<Self::Item>, Option<Meta>);
 }
 
@@ -800,6 +800,20 @@ impl Client {
         sorting: Sorting,
     ) -> Result<Vec<P::Item>, Error> {
         let mut items = Vec::new();
+        self.each_page::<P>(template, filters, sorting, |batch| items.extend(batch))
+            .await?;
+        Ok(items)
+    }
+
+    /// [`Client::list_pages`], handing each page to `on_page` as it arrives, so that a list
+    /// of thousands is never held whole.
+    async fn each_page<P: ListPage>(
+        &self,
+        template: &'static str,
+        filters: &[(&'static str, &str)],
+        sorting: Sorting,
+        mut on_page: impl FnMut(Vec<P::Item>) + Send,
+    ) -> Result<(), Error> {
         let mut page: i64 = 1;
         loop {
             let mut call = Call::new(Method::GET, template, template.to_owned());
@@ -815,9 +829,9 @@ impl Client {
                 .query("page", page.to_string())
                 .query("per_page", PER_PAGE.to_string());
             let (batch, meta) = self.fetch::<P>(call).await?.into_parts();
-            items.extend(batch);
+            on_page(batch);
             match meta.and_then(|meta| meta.pagination.next_page) {
-                None | Some(0) => return Ok(items),
+                None | Some(0) => return Ok(()),
                 // Any other next page would loop, or skip a page and with it objects that
                 // would then look gone.
                 Some(next) if Some(next) != page.checked_add(1) => {
@@ -911,6 +925,48 @@ impl HcloudApi for Client {
     async fn list_firewalls(&self, label_selector: &str) -> Result<Vec<Firewall>, Error> {
         self.list_all::<FirewallsPage>("/firewalls", &[("label_selector", label_selector)])
             .await
+    }
+
+    async fn each_server_page(
+        &self,
+        label_selector: &str,
+        on_page: impl FnMut(Vec<Server>) + Send,
+    ) -> Result<(), Error> {
+        self.each_page::<ServersPage>(
+            "/servers",
+            &[("label_selector", label_selector)],
+            Sorting::ById,
+            on_page,
+        )
+        .await
+    }
+
+    async fn each_ssh_key_page(
+        &self,
+        label_selector: &str,
+        on_page: impl FnMut(Vec<SshKey>) + Send,
+    ) -> Result<(), Error> {
+        self.each_page::<SshKeysPage>(
+            "/ssh_keys",
+            &[("label_selector", label_selector)],
+            Sorting::ById,
+            on_page,
+        )
+        .await
+    }
+
+    async fn each_firewall_page(
+        &self,
+        label_selector: &str,
+        on_page: impl FnMut(Vec<Firewall>) + Send,
+    ) -> Result<(), Error> {
+        self.each_page::<FirewallsPage>(
+            "/firewalls",
+            &[("label_selector", label_selector)],
+            Sorting::ById,
+            on_page,
+        )
+        .await
     }
 
     async fn server_by_name(&self, name: &str) -> Result<Option<Server>, Error> {

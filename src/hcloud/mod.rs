@@ -93,6 +93,25 @@ pub trait HcloudApi: Send + Sync {
         &self,
         label_selector: &str,
     ) -> impl Future<Output = Result<Vec<Firewall>, Error>> + Send;
+    /// [`HcloudApi::list_servers`], handing each page to `on_page` as it arrives: a listing of
+    /// the whole fleet is kept in whatever form the caller makes of it, never whole as sent.
+    fn each_server_page(
+        &self,
+        label_selector: &str,
+        on_page: impl FnMut(Vec<Server>) + Send,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// [`HcloudApi::list_ssh_keys`] a page at a time, like [`HcloudApi::each_server_page`].
+    fn each_ssh_key_page(
+        &self,
+        label_selector: &str,
+        on_page: impl FnMut(Vec<SshKey>) + Send,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// [`HcloudApi::list_firewalls`] a page at a time, like [`HcloudApi::each_server_page`].
+    fn each_firewall_page(
+        &self,
+        label_selector: &str,
+        on_page: impl FnMut(Vec<Firewall>) + Send,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
 
     fn server_by_name(
         &self,

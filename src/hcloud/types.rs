@@ -111,14 +111,14 @@ pub enum ServerFirewallStatus {
     Unknown,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ServerTypeRef {
     #[serde(deserialize_with = "positive_id")]
     pub id: i64,
     pub name: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct LocationRef {
     #[serde(deserialize_with = "positive_id")]
     pub id: i64,
@@ -127,7 +127,7 @@ pub struct LocationRef {
     pub network_zone: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ImageRef {
     #[serde(deserialize_with = "positive_id")]
     pub id: i64,
@@ -305,7 +305,7 @@ pub enum FirewallProtocol {
 ///
 /// In responses `port` is null for protocols without ports and both IP lists are always present;
 /// in requests empty lists and a missing port are omitted.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FirewallRule {
     pub direction: FirewallDirection,
     pub protocol: FirewallProtocol,

@@ -1,10 +1,17 @@
 //! Lists -> snapshot. One paginated list per resource kind, filtered by our instance label,
 //! so observing N subscriptions costs 3 * ceil(N / 50) requests, never a GET per object.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use crate::hcloud::{Error, Firewall, HcloudApi, Labels, Server, SshKey};
+use chrono::{DateTime, Utc};
+
+use crate::hcloud::{
+    Error, Firewall, FirewallResource, FirewallRule, HcloudApi, ImageRef, Labels, LocationRef,
+    Server, ServerProtection, ServerPublicNet, ServerStatus, ServerTypeRef, SshKey,
+};
 
 use super::desired::{INSTALLATION_LABEL, SUBSCRIPTION_LABEL};
 use super::plan::Kind;
@@ -20,49 +27,331 @@ impl RecordedIds {
 }
 
 /// What exists at Hetzner under our instance label, at one moment.
+///
+/// Kept compact: at 10,000 subscriptions a listing is 30,000 objects, and as sent each one
+/// carries its label map, names and nested objects as strings of its own (about 4 KB per
+/// subscription). Here what repeats across the listing (label keys and values, names shared
+/// by a subscription's three resources, server types, locations, images, firewall rules) is
+/// stored once and shared, and every resource is given back whole, exactly as listed
+/// ([`Stored::load`]), when a subscription's resources are looked up. The listing is
+/// compacted page by page as it arrives ([`observe`]), so it is never held whole as sent.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
-    resources: Observed,
+    servers: Vec<StoredServer>,
+    ssh_keys: Vec<StoredSshKey>,
+    firewalls: Vec<StoredFirewall>,
     pub taken_at: Instant,
     /// Where each subscription's resources are, so finding them costs a lookup, not a scan
     /// of the whole fleet (10,000 rows against 30,000 resources per resync).
     index: Index,
 }
 
-/// Positions in `Snapshot::resources`, by what `for_subscription` matches on.
+/// Positions in the snapshot's lists, by what `for_subscription` matches on.
 #[derive(Clone, Debug, Default)]
 struct Index {
     /// By the subscription label's value.
-    by_key: HashMap<String, Vec<(Kind, usize)>>,
+    by_key: HashMap<Arc<str>, Vec<(Kind, usize)>>,
     /// By name, for resources without a subscription label.
-    by_name: HashMap<String, Vec<(Kind, usize)>>,
+    by_name: HashMap<Arc<str>, Vec<(Kind, usize)>>,
     /// By id, for resources without an installation label (labelled before installation ids).
     legacy: HashMap<(Kind, i64), usize>,
 }
 
 impl Index {
-    fn of(resources: &Observed) -> Index {
+    fn of(snapshot: &Snapshot) -> Index {
         let mut index = Index::default();
-        let mut add = |kind: Kind, position: usize, id: i64, labels: &Labels, name: &str| {
-            match labels.get(SUBSCRIPTION_LABEL) {
-                Some(key) => index.by_key.entry(key.clone()).or_default(),
-                None => index.by_name.entry(name.to_string()).or_default(),
-            }
-            .push((kind, position));
-            if !labels.contains_key(INSTALLATION_LABEL) {
-                index.legacy.insert((kind, id), position);
-            }
-        };
-        for (i, r) in resources.servers.iter().enumerate() {
-            add(Kind::Server, i, r.id, &r.labels, &r.name);
+        for (i, r) in snapshot.servers.iter().enumerate() {
+            index.add(Kind::Server, i, r);
         }
-        for (i, r) in resources.ssh_keys.iter().enumerate() {
-            add(Kind::SshKey, i, r.id, &r.labels, &r.name);
+        for (i, r) in snapshot.ssh_keys.iter().enumerate() {
+            index.add(Kind::SshKey, i, r);
         }
-        for (i, r) in resources.firewalls.iter().enumerate() {
-            add(Kind::Firewall, i, r.id, &r.labels, &r.name);
+        for (i, r) in snapshot.firewalls.iter().enumerate() {
+            index.add(Kind::Firewall, i, r);
         }
         index
+    }
+
+    fn add<R: Stored>(&mut self, kind: Kind, position: usize, resource: &R) {
+        match resource.label(SUBSCRIPTION_LABEL) {
+            Some(key) => self.by_key.entry(Arc::clone(key)).or_default(),
+            None => self.by_name.entry(Arc::clone(resource.name())).or_default(),
+        }
+        .push((kind, position));
+        if resource.label(INSTALLATION_LABEL).is_none() {
+            self.legacy.insert((kind, resource.id()), position);
+        }
+    }
+}
+
+/// Labels as a snapshot keeps them: sorted like [`Labels`], keys and values shared.
+type StoredLabels = Arc<[(Arc<str>, Arc<str>)]>;
+
+/// What a listing shares across its resources while it is compacted: each distinct value is
+/// stored once. Dropped once the listing is in.
+#[derive(Default)]
+struct Interner {
+    strings: HashSet<Arc<str>>,
+    labels: HashSet<StoredLabels>,
+    server_types: HashSet<Arc<ServerTypeRef>>,
+    locations: HashSet<Arc<LocationRef>>,
+    images: HashSet<Arc<ImageRef>>,
+    rules: HashSet<Arc<[FirewallRule]>>,
+}
+
+/// The one shared copy of `value` in `set`.
+fn shared<T: Hash + Eq + ?Sized>(
+    set: &mut HashSet<Arc<T>>,
+    value: &T,
+    make: impl FnOnce() -> Arc<T>,
+) -> Arc<T> {
+    if let Some(found) = set.get(value) {
+        return Arc::clone(found);
+    }
+    let made = make();
+    set.insert(Arc::clone(&made));
+    made
+}
+
+impl Interner {
+    fn string(&mut self, value: &str) -> Arc<str> {
+        shared(&mut self.strings, value, || Arc::from(value))
+    }
+
+    fn labels(&mut self, labels: Labels) -> StoredLabels {
+        let pairs: Vec<(Arc<str>, Arc<str>)> = labels
+            .iter()
+            .map(|(key, value)| (self.string(key), self.string(value)))
+            .collect();
+        shared(&mut self.labels, pairs.as_slice(), || {
+            Arc::from(pairs.as_slice())
+        })
+    }
+
+    fn server_type(&mut self, value: ServerTypeRef) -> Arc<ServerTypeRef> {
+        shared(&mut self.server_types, &value, || Arc::new(value.clone()))
+    }
+
+    fn location(&mut self, value: LocationRef) -> Arc<LocationRef> {
+        shared(&mut self.locations, &value, || Arc::new(value.clone()))
+    }
+
+    fn image(&mut self, value: ImageRef) -> Arc<ImageRef> {
+        shared(&mut self.images, &value, || Arc::new(value.clone()))
+    }
+
+    fn rules(&mut self, rules: Vec<FirewallRule>) -> Arc<[FirewallRule]> {
+        shared(&mut self.rules, rules.as_slice(), || {
+            Arc::from(rules.as_slice())
+        })
+    }
+}
+
+fn load_labels(labels: &StoredLabels) -> Labels {
+    labels
+        .iter()
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .collect()
+}
+
+/// A resource as a snapshot keeps it.
+trait Stored {
+    type Wire;
+    fn id(&self) -> i64;
+    fn name(&self) -> &Arc<str>;
+    fn labels(&self) -> &StoredLabels;
+    /// The resource exactly as it was listed.
+    fn load(&self) -> Self::Wire;
+    fn label(&self, key: &str) -> Option<&Arc<str>> {
+        self.labels()
+            .iter()
+            .find(|(k, _)| k.as_ref() == key)
+            .map(|(_, value)| value)
+    }
+}
+
+// Every field of the wire types is kept: the destructuring below names each one, so a field
+// added to a wire type is a compile error here rather than lost in a snapshot.
+
+#[derive(Clone, Debug)]
+struct StoredServer {
+    id: i64,
+    name: Arc<str>,
+    status: ServerStatus,
+    created: DateTime<Utc>,
+    labels: StoredLabels,
+    locked: bool,
+    protection: ServerProtection,
+    public_net: ServerPublicNet,
+    server_type: Arc<ServerTypeRef>,
+    location: Arc<LocationRef>,
+    image: Option<Arc<ImageRef>>,
+}
+
+impl StoredServer {
+    fn store(server: Server, interner: &mut Interner) -> StoredServer {
+        let Server {
+            id,
+            name,
+            status,
+            created,
+            labels,
+            locked,
+            protection,
+            public_net,
+            server_type,
+            location,
+            image,
+        } = server;
+        StoredServer {
+            id,
+            name: interner.string(&name),
+            status,
+            created,
+            labels: interner.labels(labels),
+            locked,
+            protection,
+            public_net,
+            server_type: interner.server_type(server_type),
+            location: interner.location(location),
+            image: image.map(|image| interner.image(image)),
+        }
+    }
+}
+
+impl Stored for StoredServer {
+    type Wire = Server;
+    fn id(&self) -> i64 {
+        self.id
+    }
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+    fn labels(&self) -> &StoredLabels {
+        &self.labels
+    }
+    fn load(&self) -> Server {
+        Server {
+            id: self.id,
+            name: self.name.to_string(),
+            status: self.status,
+            created: self.created,
+            labels: load_labels(&self.labels),
+            locked: self.locked,
+            protection: self.protection,
+            public_net: self.public_net.clone(),
+            server_type: ServerTypeRef::clone(&self.server_type),
+            location: LocationRef::clone(&self.location),
+            image: self.image.as_deref().cloned(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct StoredSshKey {
+    id: i64,
+    name: Arc<str>,
+    fingerprint: Box<str>,
+    public_key: Box<str>,
+    labels: StoredLabels,
+    created: DateTime<Utc>,
+}
+
+impl StoredSshKey {
+    fn store(key: SshKey, interner: &mut Interner) -> StoredSshKey {
+        let SshKey {
+            id,
+            name,
+            fingerprint,
+            public_key,
+            labels,
+            created,
+        } = key;
+        StoredSshKey {
+            id,
+            name: interner.string(&name),
+            fingerprint: fingerprint.into_boxed_str(),
+            public_key: public_key.into_boxed_str(),
+            labels: interner.labels(labels),
+            created,
+        }
+    }
+}
+
+impl Stored for StoredSshKey {
+    type Wire = SshKey;
+    fn id(&self) -> i64 {
+        self.id
+    }
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+    fn labels(&self) -> &StoredLabels {
+        &self.labels
+    }
+    fn load(&self) -> SshKey {
+        SshKey {
+            id: self.id,
+            name: self.name.to_string(),
+            fingerprint: self.fingerprint.to_string(),
+            public_key: self.public_key.to_string(),
+            labels: load_labels(&self.labels),
+            created: self.created,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct StoredFirewall {
+    id: i64,
+    name: Arc<str>,
+    labels: StoredLabels,
+    created: DateTime<Utc>,
+    rules: Arc<[FirewallRule]>,
+    applied_to: Box<[FirewallResource]>,
+}
+
+impl StoredFirewall {
+    fn store(firewall: Firewall, interner: &mut Interner) -> StoredFirewall {
+        let Firewall {
+            id,
+            name,
+            labels,
+            created,
+            rules,
+            applied_to,
+        } = firewall;
+        StoredFirewall {
+            id,
+            name: interner.string(&name),
+            labels: interner.labels(labels),
+            created,
+            rules: interner.rules(rules),
+            applied_to: applied_to.into_boxed_slice(),
+        }
+    }
+}
+
+impl Stored for StoredFirewall {
+    type Wire = Firewall;
+    fn id(&self) -> i64 {
+        self.id
+    }
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+    fn labels(&self) -> &StoredLabels {
+        &self.labels
+    }
+    fn load(&self) -> Firewall {
+        Firewall {
+            id: self.id,
+            name: self.name.to_string(),
+            labels: load_labels(&self.labels),
+            created: self.created,
+            rules: self.rules.to_vec(),
+            applied_to: self.applied_to.to_vec(),
+        }
     }
 }
 
@@ -92,22 +381,38 @@ impl Observed {
     }
 }
 
-/// Lists everything matching `selector` (all three kinds concurrently).
+/// Lists everything matching `selector` (all three kinds concurrently), compacting each
+/// page as it arrives.
 pub async fn observe<A: HcloudApi>(api: &A, selector: &str) -> Result<Snapshot, Error> {
     // Stamped before listing: anything that changed while the lists ran counts as newer.
     let taken_at = Instant::now();
-    let (servers, ssh_keys, firewalls) = futures::try_join!(
-        api.list_servers(selector),
-        api.list_ssh_keys(selector),
-        api.list_firewalls(selector),
+    let interner = Mutex::new(Interner::default());
+    let lock = || interner.lock().unwrap_or_else(PoisonError::into_inner);
+    let (mut servers, mut ssh_keys, mut firewalls) = (Vec::new(), Vec::new(), Vec::new());
+    futures::try_join!(
+        api.each_server_page(selector, |page| {
+            let mut interner = lock();
+            servers.extend(
+                page.into_iter()
+                    .map(|r| StoredServer::store(r, &mut interner)),
+            );
+        }),
+        api.each_ssh_key_page(selector, |page| {
+            let mut interner = lock();
+            ssh_keys.extend(
+                page.into_iter()
+                    .map(|r| StoredSshKey::store(r, &mut interner)),
+            );
+        }),
+        api.each_firewall_page(selector, |page| {
+            let mut interner = lock();
+            firewalls.extend(
+                page.into_iter()
+                    .map(|r| StoredFirewall::store(r, &mut interner)),
+            );
+        }),
     )?;
-    let resources = Observed {
-        servers,
-        ssh_keys,
-        firewalls,
-        adopting: false,
-    };
-    Ok(Snapshot::new(resources, taken_at))
+    Ok(Snapshot::of(servers, ssh_keys, firewalls, taken_at))
 }
 
 /// Shared view of the three resource kinds, so matching rules are written once.
@@ -166,23 +471,97 @@ impl Observed {
 }
 
 impl Snapshot {
+    /// A snapshot of `resources`, as if listed at `taken_at`.
     pub fn new(resources: Observed, taken_at: Instant) -> Snapshot {
-        Snapshot {
-            index: Index::of(&resources),
-            resources,
+        let mut interner = Interner::default();
+        let Observed {
+            servers,
+            ssh_keys,
+            firewalls,
+            adopting: _,
+        } = resources;
+        Snapshot::of(
+            servers
+                .into_iter()
+                .map(|r| StoredServer::store(r, &mut interner))
+                .collect(),
+            ssh_keys
+                .into_iter()
+                .map(|r| StoredSshKey::store(r, &mut interner))
+                .collect(),
+            firewalls
+                .into_iter()
+                .map(|r| StoredFirewall::store(r, &mut interner))
+                .collect(),
             taken_at,
+        )
+    }
+
+    fn of(
+        mut servers: Vec<StoredServer>,
+        mut ssh_keys: Vec<StoredSshKey>,
+        mut firewalls: Vec<StoredFirewall>,
+        taken_at: Instant,
+    ) -> Snapshot {
+        servers.shrink_to_fit();
+        ssh_keys.shrink_to_fit();
+        firewalls.shrink_to_fit();
+        let mut snapshot = Snapshot {
+            servers,
+            ssh_keys,
+            firewalls,
+            taken_at,
+            index: Index::default(),
+        };
+        snapshot.index = Index::of(&snapshot);
+        snapshot
+    }
+
+    /// How many servers, SSH keys and firewalls were listed.
+    pub fn counts(&self) -> [usize; 3] {
+        [
+            self.servers.len(),
+            self.ssh_keys.len(),
+            self.firewalls.len(),
+        ]
+    }
+
+    /// The listed resources for which `keep(kind, id)` holds.
+    pub fn filter(&self, keep: impl Fn(Kind, i64) -> bool) -> Observed {
+        fn kept<R: Stored>(items: &[R], keep: impl Fn(i64) -> bool) -> Vec<R::Wire> {
+            items
+                .iter()
+                .filter(|r| keep(r.id()))
+                .map(Stored::load)
+                .collect()
+        }
+        Observed {
+            servers: kept(&self.servers, |id| keep(Kind::Server, id)),
+            ssh_keys: kept(&self.ssh_keys, |id| keep(Kind::SshKey, id)),
+            firewalls: kept(&self.firewalls, |id| keep(Kind::Firewall, id)),
+            adopting: false,
         }
     }
 
-    /// Everything listed.
-    pub fn resources(&self) -> &Observed {
-        &self.resources
-    }
-
-    /// Adds the resources of `other` not already present.
+    /// Adds the resources of `other` not already present (by kind and id).
     pub fn merge(&mut self, other: Observed) {
-        self.resources.merge(other);
-        self.index = Index::of(&self.resources);
+        let mut interner = Interner::default();
+        for r in other.servers {
+            if !self.servers.iter().any(|s| s.id == r.id) {
+                self.servers.push(StoredServer::store(r, &mut interner));
+            }
+        }
+        for r in other.ssh_keys {
+            if !self.ssh_keys.iter().any(|s| s.id == r.id) {
+                self.ssh_keys.push(StoredSshKey::store(r, &mut interner));
+            }
+        }
+        for r in other.firewalls {
+            if !self.firewalls.iter().any(|s| s.id == r.id) {
+                self.firewalls.push(StoredFirewall::store(r, &mut interner));
+            }
+        }
+        self.index = Index::of(self);
     }
 
     /// Resources of the subscription with resource key `key`: those with its subscription
@@ -213,17 +592,20 @@ impl Snapshot {
         self.at(self.index.by_key.get(key).map_or(&[], Vec::as_slice))
     }
 
-    /// The resources at these positions of the listing.
+    /// The resources at these positions of the listing, as listed.
     fn at(&self, positions: &[(Kind, usize)]) -> Observed {
-        let r = &self.resources;
         let mut observed = Observed::default();
         for &(kind, position) in positions {
             match kind {
-                Kind::Server => observed.servers.extend(r.servers.get(position).cloned()),
-                Kind::SshKey => observed.ssh_keys.extend(r.ssh_keys.get(position).cloned()),
+                Kind::Server => observed
+                    .servers
+                    .extend(self.servers.get(position).map(Stored::load)),
+                Kind::SshKey => observed
+                    .ssh_keys
+                    .extend(self.ssh_keys.get(position).map(Stored::load)),
                 Kind::Firewall => observed
                     .firewalls
-                    .extend(r.firewalls.get(position).cloned()),
+                    .extend(self.firewalls.get(position).map(Stored::load)),
             }
         }
         observed
@@ -231,22 +613,186 @@ impl Snapshot {
 
     /// Subscription keys named by the labels of the resources in this snapshot.
     pub fn subscription_keys(&self) -> BTreeSet<String> {
-        let r = &self.resources;
-        let servers = r.servers.iter().map(|s| s.labels());
-        let keys = r.ssh_keys.iter().map(|k| k.labels());
-        let firewalls = r.firewalls.iter().map(|f| f.labels());
-        servers
-            .chain(keys)
-            .chain(firewalls)
-            .filter_map(|labels| labels.get(SUBSCRIPTION_LABEL).cloned())
+        self.index
+            .by_key
+            .keys()
+            .map(|key| key.to_string())
             .collect()
     }
 
     /// Resources carrying our instance label but neither a subscription label nor a name
     /// that any known subscription would use: owned by us, wanted by nobody.
     pub fn unattributed(&self, known_names: &BTreeSet<String>) -> Observed {
-        self.resources.filter(|_, _, labels, name| {
-            !labels.contains_key(SUBSCRIPTION_LABEL) && !known_names.contains(name)
-        })
+        let mut positions: Vec<(Kind, usize)> = self
+            .index
+            .by_name
+            .iter()
+            .filter(|(name, _)| !known_names.contains(name.as_ref()))
+            .flat_map(|(_, found)| found.iter().copied())
+            .collect();
+        positions.sort_by_key(|(kind, position)| (*kind as u8, *position));
+        self.at(&positions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn labels(key: Option<&str>) -> serde_json::Value {
+        let mut labels = json!({
+            INSTALLATION_LABEL: "b1e7c0de-0000-4000-8000-000000000001",
+            "vps-controller/instance": "default",
+        });
+        if let Some(key) = key {
+            labels[SUBSCRIPTION_LABEL] = json!(key);
+        }
+        labels
+    }
+
+    fn server(id: i64, key: Option<&str>, name: &str) -> Server {
+        serde_json::from_value(json!({
+            "id": id, "name": name, "status": "running", "created": "2026-11-30T10:00:00Z",
+            "labels": labels(key), "locked": false,
+            "protection": {"delete": false, "rebuild": false},
+            "public_net": {
+                "ipv4": {"ip": format!("203.0.113.{id}"), "blocked": false, "dns_ptr": format!("static.{id}.example")},
+                "ipv6": {"ip": "2001:db8::/64", "blocked": false},
+                "firewalls": [{"id": 100 + id, "status": "applied"}],
+            },
+            "server_type": {"id": 1, "name": "cx23"},
+            "location": {"id": 1, "name": "fsn1", "network_zone": "eu-central"},
+            "image": {"id": 7, "name": "ubuntu-24.04", "os_flavor": "ubuntu"},
+        }))
+        .expect("a server")
+    }
+
+    fn ssh_key(id: i64, key: Option<&str>, name: &str) -> SshKey {
+        serde_json::from_value(json!({
+            "id": id, "name": name, "fingerprint": format!("aa:bb:{id:02}"),
+            "public_key": format!("ssh-ed25519 AAAA{id}"), "labels": labels(key),
+            "created": "2026-11-30T10:00:00Z",
+        }))
+        .expect("an SSH key")
+    }
+
+    fn firewall(id: i64, key: Option<&str>, name: &str) -> Firewall {
+        serde_json::from_value(json!({
+            "id": id, "name": name, "labels": labels(key), "created": "2026-11-30T10:00:00Z",
+            "rules": [{"direction": "in", "protocol": "tcp", "port": "22",
+                       "source_ips": ["0.0.0.0/0", "::/0"], "destination_ips": []}],
+            "applied_to": [{"type": "server", "server": {"id": id - 100}}],
+        }))
+        .expect("a firewall")
+    }
+
+    fn listing() -> Observed {
+        Observed {
+            servers: vec![
+                server(1, Some("k1"), "vps-1"),
+                server(2, Some("k2"), "vps-2"),
+                server(3, None, "vps-stray"),
+            ],
+            ssh_keys: vec![ssh_key(11, Some("k1"), "vps-1"), ssh_key(12, None, "vps-2")],
+            firewalls: vec![
+                firewall(101, Some("k1"), "vps-1"),
+                firewall(102, Some("k2"), "vps-2"),
+            ],
+            adopting: false,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_gives_back_every_resource_exactly_as_listed() {
+        let listed = listing();
+        let snapshot = Snapshot::new(listed.clone(), Instant::now());
+        assert_eq!(snapshot.filter(|_, _| true), listed);
+        assert_eq!(snapshot.counts(), [3, 2, 2]);
+        let none = RecordedIds::default();
+        assert_eq!(
+            snapshot.for_subscription("k1", "vps-1", &none),
+            Observed {
+                servers: vec![listed.servers[0].clone()],
+                ssh_keys: vec![listed.ssh_keys[0].clone()],
+                firewalls: vec![listed.firewalls[0].clone()],
+                adopting: false,
+            }
+        );
+        // The key whose subscription label is gone is found by name.
+        let two = snapshot.for_subscription("k2", "vps-2", &none);
+        assert_eq!(two.ssh_keys, vec![listed.ssh_keys[1].clone()]);
+        assert_eq!(
+            snapshot.subscription_keys(),
+            BTreeSet::from(["k1".to_string(), "k2".to_string()])
+        );
+        let known = BTreeSet::from(["vps-1".to_string(), "vps-2".to_string()]);
+        assert_eq!(
+            snapshot.unattributed(&known).servers,
+            vec![listed.servers[2].clone()]
+        );
+    }
+
+    #[test]
+    fn what_repeats_across_a_listing_is_stored_once() {
+        let snapshot = Snapshot::new(listing(), Instant::now());
+        let (one, two) = (&snapshot.firewalls[0], &snapshot.firewalls[1]);
+        assert!(Arc::ptr_eq(&one.rules, &two.rules), "rules");
+        assert!(
+            Arc::ptr_eq(&snapshot.servers[0].labels, &snapshot.ssh_keys[0].labels),
+            "a subscription's label set"
+        );
+        assert!(
+            Arc::ptr_eq(&snapshot.servers[0].name, &snapshot.firewalls[0].name),
+            "a subscription's name"
+        );
+        assert!(Arc::ptr_eq(
+            &snapshot.servers[0].server_type,
+            &snapshot.servers[1].server_type
+        ));
+        assert!(Arc::ptr_eq(
+            &snapshot.servers[0].labels[0].0,
+            &snapshot.servers[1].labels[0].0
+        ));
+    }
+
+    #[test]
+    fn merging_adds_only_what_is_not_there() {
+        let mut snapshot = Snapshot::new(listing(), Instant::now());
+        let mut legacy = Observed::default();
+        legacy.servers.push(server(1, Some("k1"), "vps-1"));
+        legacy.servers.push(server(4, None, "vps-4"));
+        snapshot.merge(legacy);
+        assert_eq!(snapshot.counts(), [4, 2, 2]);
+        let recorded = RecordedIds {
+            server: Some(4),
+            ..RecordedIds::default()
+        };
+        // Without an installation label it belongs to the row that records its id.
+        let mut unlabelled = server(5, None, "vps-5");
+        unlabelled.labels.clear();
+        snapshot.merge(Observed {
+            servers: vec![unlabelled.clone()],
+            ..Observed::default()
+        });
+        let recorded_five = RecordedIds {
+            server: Some(5),
+            ..RecordedIds::default()
+        };
+        assert_eq!(
+            snapshot
+                .for_subscription("k9", "vps-9", &recorded_five)
+                .servers,
+            vec![unlabelled]
+        );
+        assert_eq!(
+            snapshot
+                .for_subscription("k4", "vps-4", &recorded)
+                .servers
+                .len(),
+            1,
+            "by name"
+        );
     }
 }
