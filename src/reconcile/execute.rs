@@ -405,14 +405,8 @@ impl<A: HcloudApi> Executor<'_, A> {
         let Some(row) = subscriptions::get(self.db, &progress.subscription_id).await? else {
             return Ok(None);
         };
-        let sealed = match row.ssh_private_key.as_deref() {
-            Some(sealed)
-                if Sealer::looks_sealed(sealed)
-                    && row.ssh_key_origin.as_deref() != Some("external") =>
-            {
-                sealed
-            }
-            _ => return Ok(None),
+        let Some(sealed) = super::keycheck::sealed_by_controller(&row) else {
+            return Ok(None);
         };
         let private = self.sealer.open(sealed, &progress.subscription_id)?;
         let name = desired::resource_name(self.config, &progress.subscription_id);

@@ -16,6 +16,16 @@ use super::plan::KeyState;
 const RECOVERY: &str = "nothing was replaced (Hetzner injects keys only when a server is created, \
                         so a new key would open nothing); see README \"Recovering a lost key pair\"";
 
+/// The row's private key if this controller sealed it (the only kind it can open), `None`
+/// when there is none or it is the web app's (`ssh_key_origin = external`, or not in our
+/// sealed format): the rule `KeyChecks::check` starts with.
+pub fn sealed_by_controller(row: &subscription::Model) -> Option<&str> {
+    row.ssh_private_key
+        .as_deref()
+        .filter(|key| Sealer::looks_sealed(key))
+        .filter(|_| row.ssh_key_origin.as_deref() != Some("external"))
+}
+
 /// Results of key checks since this process started, by subscription id.
 #[derive(Debug, Default)]
 pub struct KeyChecks(Mutex<HashMap<String, (u64, KeyState)>>);

@@ -591,11 +591,7 @@ impl<A: HcloudApi> Reconciler<A> {
         progress: &'p Progress,
     ) -> Option<(&'p hcloud::Server, BootstrapState)> {
         // The key as the row holds it now: a pass that generated the pair started with none.
-        let key_sealed_here = row
-            .ssh_private_key
-            .as_deref()
-            .is_some_and(Sealer::looks_sealed)
-            && row.ssh_key_origin.as_deref() != Some("external")
+        let key_sealed_here = keycheck::sealed_by_controller(row).is_some()
             && !matches!(row_state.key, KeyState::External | KeyState::Unusable(_));
         if !self.bootstrapper.enabled()
             || plan.outcome != Outcome::Ready
@@ -618,9 +614,7 @@ impl<A: HcloudApi> Reconciler<A> {
         row: &subscription::Model,
         server: &hcloud::Server,
     ) -> Result<(), ReconcileError> {
-        let sealed = row
-            .ssh_private_key
-            .as_deref()
+        let sealed = keycheck::sealed_by_controller(row)
             .ok_or_else(|| ReconcileError::Internal("no private key to log in with".into()))?;
         let private_key = self.sealer.open(sealed, &row.id)?;
         let address = server

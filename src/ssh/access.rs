@@ -84,12 +84,7 @@ pub async fn open(
         .clone()
         .filter(|ip| !ip.is_empty())
         .ok_or_else(|| AccessError::NoAddress(subscription_id.to_owned()))?;
-    let sealed = row
-        .ssh_private_key
-        .as_deref()
-        .filter(|key| {
-            Sealer::looks_sealed(key) && row.ssh_key_origin.as_deref() != Some("external")
-        })
+    let sealed = crate::reconcile::keycheck::sealed_by_controller(&row)
         .ok_or_else(|| AccessError::NoKey(subscription_id.to_owned()))?;
     let private = sealer.open(sealed, subscription_id)?;
 
