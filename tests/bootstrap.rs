@@ -137,15 +137,6 @@ where
     }
 }
 
-async fn reasons(env: &Env, id: &str) -> Vec<String> {
-    events::recent(&env.db, Some(id), 50)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.reason)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_subscription_is_ready_only_after_cloud_init_finished_and_the_bootstrap_ran() {
     each_backend(4, |env| async move {
@@ -238,7 +229,7 @@ async fn a_new_subscription_is_ready_only_after_cloud_init_finished_and_the_boot
             "version=1\nsteps_done=2\n",
             "{log}"
         );
-        let reasons = reasons(&env, "boot-1").await;
+        let reasons = env.event_reasons("boot-1").await;
         assert!(reasons.contains(&"Bootstrapped".to_string()), "{reasons:?}");
         assert!(reasons.contains(&"Ready".to_string()), "{reasons:?}");
         let metrics = env.controller.metrics.render();
@@ -310,7 +301,7 @@ async fn a_cloud_init_failure_shows_on_the_row_and_is_retried_until_it_succeeds(
             .unwrap_or_default();
         assert!(error.contains("attempt"), "says which attempt: {error}");
         assert!(
-            reasons(&env, "boot-2")
+            env.event_reasons("boot-2")
                 .await
                 .contains(&"Retrying".to_string())
         );
@@ -356,7 +347,7 @@ async fn a_wrong_host_key_stops_the_bootstrap_and_alarms() {
         let error = row.provisioning_error.clone().unwrap_or_default();
         assert!(error.contains("host key"), "[{}] {error}", env.backend);
         assert!(error.contains("SHA256:"), "names the keys: {error}");
-        let reasons = reasons(&env, "boot-3").await;
+        let reasons = env.event_reasons("boot-3").await;
         assert!(
             reasons.contains(&"HostKeyMismatch".to_string()),
             "{reasons:?}"
@@ -610,7 +601,7 @@ async fn a_crash_between_bootstrap_steps_resumes_without_repeating_the_steps_don
     access.assert_code(0);
     let row = row().await;
     let command = access.stdout.trim().to_owned();
-    let port = ssh_port_of(&sim_url).await;
+    let port = common::process::simulator_ssh_port(&sim_url).expect("a simulator with SSH");
     assert!(
         command.contains(&format!("-p {port}"))
             && command.contains("StrictHostKeyChecking=yes")
@@ -676,21 +667,4 @@ async fn a_crash_between_bootstrap_steps_resumes_without_repeating_the_steps_don
         ssh.status.success() && String::from_utf8_lossy(&ssh.stdout).contains("status: done"),
         "{ssh:?}"
     );
-}
-
-/// The SSH port the simulator at `sim_url` listens on.
-async fn ssh_port_of(sim_url: &str) -> u16 {
-    let ssh: Value = common::process::http_client()
-        .get(format!("{sim_url}/__simulator/ssh"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    ssh["listen"]
-        .as_str()
-        .and_then(|l| l.parse::<std::net::SocketAddr>().ok())
-        .unwrap()
-        .port()
 }

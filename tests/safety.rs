@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use common::env::{Env, Options, env_custom, for_each_backend, ids};
 use vps_controller::config::{Config, DeletionBudget, Lifecycle};
-use vps_controller::db::{deletion_guard, events, subscriptions};
+use vps_controller::db::{deletion_guard, subscriptions};
 use vps_controller::keys::KeyAlgorithm;
 
 fn config(edit: impl FnOnce(&mut Config)) -> Config {
@@ -75,15 +75,6 @@ async fn backdate_status(env: &Env, id: &str, hours: u32) {
         "UPDATE subscriptions SET status_changed_at = {expression} WHERE id = '{id}'"
     ))
     .await;
-}
-
-async fn reasons(env: &Env, id: &str) -> Vec<String> {
-    events::recent(&env.db, Some(id), 50)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.reason)
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,7 +142,7 @@ async fn each_status_gets_its_lifecycle_policy_and_unknown_ones_are_held() {
                 Some("running"),
                 "[{backend}] {id} keeps its server"
             );
-            assert!(reasons(&env, id).await.contains(&"Held".to_string()));
+            assert!(env.event_reasons(id).await.contains(&"Held".to_string()));
         }
         // canceled: snapshot first, then deleted.
         let canceled = env.row("canceled").await;
@@ -172,7 +163,7 @@ async fn each_status_gets_its_lifecycle_policy_and_unknown_ones_are_held() {
             snapshots[0]["labels"]["vps-controller/snapshot"],
             "pre-delete"
         );
-        let reasons_canceled = reasons(&env, "canceled").await;
+        let reasons_canceled = env.event_reasons("canceled").await;
         assert!(
             reasons_canceled.contains(&"SnapshotTaken".to_string()),
             "{reasons_canceled:?}"
@@ -306,7 +297,7 @@ async fn a_mass_cancellation_deletes_only_the_budget_then_pauses_until_approved(
             "[{backend}] every kept server says why"
         );
         assert!(
-            reasons(&env, &waiting[0].id)
+            env.event_reasons(&waiting[0].id)
                 .await
                 .contains(&"DeletionsPaused".to_string())
         );
@@ -527,7 +518,7 @@ async fn servers_the_web_app_created_are_adopted_never_duplicated() {
         );
         assert_ne!(dangling.hetzner_server_id, Some(987654321));
         assert!(
-            reasons(&env, "dangling")
+            env.event_reasons("dangling")
                 .await
                 .contains(&"RecordedServerGone".to_string())
         );
@@ -741,7 +732,7 @@ async fn a_null_id_row_stops_nothing_and_a_corrupted_key_fails_its_row() {
             "{error}"
         );
         assert!(
-            reasons(&env, "broken-key")
+            env.event_reasons("broken-key")
                 .await
                 .contains(&"Failed".to_string())
         );

@@ -264,6 +264,14 @@ pub fn backoff(failures: u32) -> Duration {
 mod tests {
     use super::*;
 
+    /// Ends `claim` as `Claim::finish` does, but at `at` instead of now.
+    fn finish_at(mut claim: Claim, finish: Finish, at: Instant) {
+        claim.finished = true;
+        let (set, key) = (Arc::clone(&claim.set), claim.key.clone());
+        drop(claim);
+        set.finish(&key, Some(finish), at);
+    }
+
     #[test]
     fn a_recheck_comes_due_after_its_delay_however_long() {
         let set = Arc::new(WorkSet::default());
@@ -368,12 +376,10 @@ mod tests {
         let delay = Duration::from_secs(2);
         let mut now = Instant::now();
         for expected in [2, 4, 8, 16, 32, 60, 60] {
-            let mut claim = set
+            let claim = set
                 .try_claim("a", "a", None, None, now, false)
                 .expect("due");
-            claim.finished = true;
-            drop(claim);
-            set.finish("a", Some(Finish::RetryAfter(delay)), now);
+            finish_at(claim, Finish::RetryAfter(delay), now);
             let due_at = now + Duration::from_secs(expected);
             assert!(
                 set.due(due_at - Duration::from_millis(1500)).is_empty(),
@@ -452,12 +458,10 @@ mod tests {
         // pass gets to claiming.
         let read_at = Instant::now();
         let ended = read_at + Duration::from_millis(1);
-        let mut claim = set
+        let claim = set
             .try_claim("k", "k", Some(1), None, read_at, false)
             .expect("free");
-        claim.finished = true;
-        drop(claim);
-        set.finish("k", Some(Finish::Success), ended);
+        finish_at(claim, Finish::Success, ended);
         assert!(
             set.try_claim("k", "k", Some(1), Some(read_at), ended, false)
                 .is_none(),
@@ -476,7 +480,7 @@ mod tests {
         let set = Arc::new(WorkSet::default());
         let read_at = Instant::now();
         let ended = read_at + Duration::from_millis(1);
-        let mut claim = set
+        let claim = set
             .try_claim("k", "k", Some(1), None, read_at, false)
             .expect("free");
         assert!(
@@ -484,9 +488,7 @@ mod tests {
                 .is_none(),
             "in flight"
         );
-        claim.finished = true;
-        drop(claim);
-        set.finish("k", Some(Finish::Success), ended);
+        finish_at(claim, Finish::Success, ended);
         assert!(
             set.try_claim("k", "k", Some(2), Some(read_at), ended, false)
                 .is_some(),

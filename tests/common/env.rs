@@ -226,15 +226,17 @@ impl Env {
     }
 
     pub async fn stats(&self) -> Value {
-        let url = format!("http://{}/__simulator/stats", self.sim.addr());
-        self.http
-            .get(url)
-            .send()
+        super::process::simulator_stats(&self.http, &format!("http://{}", self.sim.addr())).await
+    }
+
+    /// The reasons of the subscription's recent events, newest first.
+    pub async fn event_reasons(&self, id: &str) -> Vec<String> {
+        vps_controller::db::events::recent(&self.db, Some(id), 50)
             .await
             .unwrap()
-            .json()
-            .await
-            .unwrap()
+            .into_iter()
+            .map(|e| e.reason)
+            .collect()
     }
 
     pub async fn reset_stats(&self) {
