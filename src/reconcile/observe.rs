@@ -147,6 +147,11 @@ impl Interner {
     }
 }
 
+/// Compacts `page` onto the end of `into`.
+fn store_all<R: Stored>(into: &mut Vec<R>, page: Vec<R::Wire>, interner: &mut Interner) {
+    into.extend(page.into_iter().map(|wire| R::store(wire, interner)));
+}
+
 fn load_labels(labels: &StoredLabels) -> Labels {
     labels
         .iter()
@@ -155,8 +160,10 @@ fn load_labels(labels: &StoredLabels) -> Labels {
 }
 
 /// A resource as a snapshot keeps it.
-trait Stored {
-    type Wire;
+trait Stored: Sized {
+    type Wire: Resource;
+    /// Compacts a listed resource, sharing what repeats through `interner`.
+    fn store(wire: Self::Wire, interner: &mut Interner) -> Self;
     fn id(&self) -> i64;
     fn name(&self) -> &Arc<str>;
     fn labels(&self) -> &StoredLabels;
@@ -188,8 +195,9 @@ struct StoredServer {
     image: Option<Arc<ImageRef>>,
 }
 
-impl StoredServer {
-    fn store(server: Server, interner: &mut Interner) -> StoredServer {
+impl Stored for StoredServer {
+    type Wire = Server;
+    fn store(server: Server, interner: &mut Interner) -> Self {
         let Server {
             id,
             name,
@@ -217,10 +225,6 @@ impl StoredServer {
             image: image.map(|image| interner.image(image)),
         }
     }
-}
-
-impl Stored for StoredServer {
-    type Wire = Server;
     fn id(&self) -> i64 {
         self.id
     }
@@ -257,8 +261,9 @@ struct StoredSshKey {
     created: DateTime<Utc>,
 }
 
-impl StoredSshKey {
-    fn store(key: SshKey, interner: &mut Interner) -> StoredSshKey {
+impl Stored for StoredSshKey {
+    type Wire = SshKey;
+    fn store(key: SshKey, interner: &mut Interner) -> Self {
         let SshKey {
             id,
             name,
@@ -276,10 +281,6 @@ impl StoredSshKey {
             created,
         }
     }
-}
-
-impl Stored for StoredSshKey {
-    type Wire = SshKey;
     fn id(&self) -> i64 {
         self.id
     }
@@ -311,8 +312,9 @@ struct StoredFirewall {
     applied_to: Box<[FirewallResource]>,
 }
 
-impl StoredFirewall {
-    fn store(firewall: Firewall, interner: &mut Interner) -> StoredFirewall {
+impl Stored for StoredFirewall {
+    type Wire = Firewall;
+    fn store(firewall: Firewall, interner: &mut Interner) -> Self {
         let Firewall {
             id,
             name,
@@ -330,10 +332,6 @@ impl StoredFirewall {
             applied_to: applied_to.into_boxed_slice(),
         }
     }
-}
-
-impl Stored for StoredFirewall {
-    type Wire = Firewall;
     fn id(&self) -> i64 {
         self.id
     }
@@ -390,27 +388,13 @@ pub async fn observe<A: HcloudApi>(api: &A, selector: &str) -> Result<Snapshot, 
     let lock = || interner.lock().unwrap_or_else(PoisonError::into_inner);
     let (mut servers, mut ssh_keys, mut firewalls) = (Vec::new(), Vec::new(), Vec::new());
     futures::try_join!(
-        api.each_server_page(selector, |page| {
-            let mut interner = lock();
-            servers.extend(
-                page.into_iter()
-                    .map(|r| StoredServer::store(r, &mut interner)),
-            );
-        }),
-        api.each_ssh_key_page(selector, |page| {
-            let mut interner = lock();
-            ssh_keys.extend(
-                page.into_iter()
-                    .map(|r| StoredSshKey::store(r, &mut interner)),
-            );
-        }),
-        api.each_firewall_page(selector, |page| {
-            let mut interner = lock();
-            firewalls.extend(
-                page.into_iter()
-                    .map(|r| StoredFirewall::store(r, &mut interner)),
-            );
-        }),
+        api.each_server_page(selector, |page| store_all(&mut servers, page, &mut lock())),
+        api.each_ssh_key_page(selector, |page| store_all(&mut ssh_keys, page, &mut lock())),
+        api.each_firewall_page(selector, |page| store_all(
+            &mut firewalls,
+            page,
+            &mut lock()
+        )),
     )?;
     Ok(Snapshot::of(servers, ssh_keys, firewalls, taken_at))
 }
@@ -453,21 +437,6 @@ impl Observed {
             adopting: false,
         }
     }
-
-    /// Adds the resources of `other` not already present (by kind and id).
-    pub fn merge(&mut self, other: Observed) {
-        fn add<T: Resource>(into: &mut Vec<T>, from: Vec<T>) {
-            for item in from {
-                if !into.iter().any(|r| r.id() == item.id()) {
-                    into.push(item);
-                }
-            }
-        }
-        add(&mut self.servers, other.servers);
-        add(&mut self.ssh_keys, other.ssh_keys);
-        add(&mut self.firewalls, other.firewalls);
-        self.adopting |= other.adopting;
-    }
 }
 
 impl Snapshot {
@@ -480,21 +449,12 @@ impl Snapshot {
             firewalls,
             adopting: _,
         } = resources;
-        Snapshot::of(
-            servers
-                .into_iter()
-                .map(|r| StoredServer::store(r, &mut interner))
-                .collect(),
-            ssh_keys
-                .into_iter()
-                .map(|r| StoredSshKey::store(r, &mut interner))
-                .collect(),
-            firewalls
-                .into_iter()
-                .map(|r| StoredFirewall::store(r, &mut interner))
-                .collect(),
-            taken_at,
-        )
+        let (mut stored_servers, mut stored_keys, mut stored_firewalls) =
+            (Vec::new(), Vec::new(), Vec::new());
+        store_all(&mut stored_servers, servers, &mut interner);
+        store_all(&mut stored_keys, ssh_keys, &mut interner);
+        store_all(&mut stored_firewalls, firewalls, &mut interner);
+        Snapshot::of(stored_servers, stored_keys, stored_firewalls, taken_at)
     }
 
     fn of(
@@ -545,22 +505,17 @@ impl Snapshot {
 
     /// Adds the resources of `other` not already present (by kind and id).
     pub fn merge(&mut self, other: Observed) {
+        fn add<R: Stored>(into: &mut Vec<R>, from: Vec<R::Wire>, interner: &mut Interner) {
+            for wire in from {
+                if !into.iter().any(|r| r.id() == wire.id()) {
+                    into.push(R::store(wire, interner));
+                }
+            }
+        }
         let mut interner = Interner::default();
-        for r in other.servers {
-            if !self.servers.iter().any(|s| s.id == r.id) {
-                self.servers.push(StoredServer::store(r, &mut interner));
-            }
-        }
-        for r in other.ssh_keys {
-            if !self.ssh_keys.iter().any(|s| s.id == r.id) {
-                self.ssh_keys.push(StoredSshKey::store(r, &mut interner));
-            }
-        }
-        for r in other.firewalls {
-            if !self.firewalls.iter().any(|s| s.id == r.id) {
-                self.firewalls.push(StoredFirewall::store(r, &mut interner));
-            }
-        }
+        add(&mut self.servers, other.servers, &mut interner);
+        add(&mut self.ssh_keys, other.ssh_keys, &mut interner);
+        add(&mut self.firewalls, other.firewalls, &mut interner);
         self.index = Index::of(self);
     }
 
