@@ -434,7 +434,19 @@ mod contract {
             Some("ubuntu-24.04")
         );
         assert_eq!(created.action.status, ActionStatus::Running);
-        assert_eq!(created.action_ids(), vec![1, 13]);
+        assert_eq!(
+            created.actions(),
+            vec![
+                ActionRef {
+                    id: 1,
+                    on_server: true
+                },
+                ActionRef {
+                    id: 13,
+                    on_server: true
+                }
+            ]
+        );
         assert_eq!(
             created.root_password.as_deref(),
             Some("YItygq1v3GYjjMomLaKc")
@@ -996,9 +1008,12 @@ mod against_simulator {
             .unwrap();
         assert_eq!(created.server.name, "vps-s1");
         assert_eq!(created.root_password, None, "created with an SSH key");
-        let ids = created.action_ids();
-        let done = api.wait_for_actions(&ids, WAIT).await.unwrap();
-        assert_eq!(done.iter().map(|a| a.id).collect::<Vec<_>>(), ids);
+        let actions = created.actions();
+        let done = api.wait_for_actions(&actions, WAIT).await.unwrap();
+        assert_eq!(
+            done.iter().map(|a| a.id).collect::<Vec<_>>(),
+            actions.iter().map(|a| a.id).collect::<Vec<_>>()
+        );
         assert!(
             done.iter()
                 .all(|a| a.status == ActionStatus::Success && a.finished.is_some())
@@ -1037,7 +1052,9 @@ mod against_simulator {
             .server_power(server.id, ServerPowerAction::PowerOff)
             .await
             .unwrap();
-        api.wait_for_actions(&[off.id], WAIT).await.unwrap();
+        api.wait_for_actions(&[ActionRef::from(&off)], WAIT)
+            .await
+            .unwrap();
         assert_eq!(
             api.get_server(server.id).await.unwrap().status,
             ServerStatus::Off
@@ -1046,7 +1063,9 @@ mod against_simulator {
             .server_power(server.id, ServerPowerAction::PowerOn)
             .await
             .unwrap();
-        api.wait_for_actions(&[on.id], WAIT).await.unwrap();
+        api.wait_for_actions(&[ActionRef::from(&on)], WAIT)
+            .await
+            .unwrap();
         assert_eq!(
             api.get_server(server.id).await.unwrap().status,
             ServerStatus::Running
@@ -1055,7 +1074,10 @@ mod against_simulator {
             .server_power(server.id, ServerPowerAction::Shutdown)
             .await
             .unwrap();
-        let finished = api.wait_for_actions(&[shutdown.id], WAIT).await.unwrap();
+        let finished = api
+            .wait_for_actions(&[ActionRef::from(&shutdown)], WAIT)
+            .await
+            .unwrap();
         assert_eq!(api.get_action(shutdown.id).await.unwrap(), finished[0]);
 
         // Firewall rules and attachment.
@@ -1071,7 +1093,7 @@ mod against_simulator {
             },
         ];
         let actions = api.set_firewall_rules(firewall.id, &rules).await.unwrap();
-        api.wait_for_actions(&actions.iter().map(|a| a.id).collect::<Vec<_>>(), WAIT)
+        api.wait_for_actions(&ActionRef::all(&actions), WAIT)
             .await
             .unwrap();
         assert_eq!(api.get_firewall(firewall.id).await.unwrap().rules, rules);
@@ -1079,7 +1101,7 @@ mod against_simulator {
             .remove_firewall(firewall.id, &[server.id])
             .await
             .unwrap();
-        api.wait_for_actions(&removed.iter().map(|a| a.id).collect::<Vec<_>>(), WAIT)
+        api.wait_for_actions(&ActionRef::all(&removed), WAIT)
             .await
             .unwrap();
         assert!(
@@ -1090,7 +1112,7 @@ mod against_simulator {
                 .is_empty()
         );
         let applied = api.apply_firewall(firewall.id, &[server.id]).await.unwrap();
-        api.wait_for_actions(&applied.iter().map(|a| a.id).collect::<Vec<_>>(), WAIT)
+        api.wait_for_actions(&ActionRef::all(&applied), WAIT)
             .await
             .unwrap();
         let attached = api.get_firewall(firewall.id).await.unwrap();
@@ -1114,7 +1136,9 @@ mod against_simulator {
 
         // Delete everything; afterwards only not_found.
         let deleting = api.delete_server(server.id).await.unwrap();
-        api.wait_for_actions(&[deleting.id], WAIT).await.unwrap();
+        api.wait_for_actions(&[ActionRef::from(&deleting)], WAIT)
+            .await
+            .unwrap();
         assert!(api.get_server(server.id).await.unwrap_err().is_not_found());
         api.delete_firewall(firewall.id).await.unwrap();
         api.delete_ssh_key(key.id).await.unwrap();
@@ -1267,7 +1291,7 @@ mod against_simulator {
             })
             .await
             .unwrap();
-        api.wait_for_actions(&created.action_ids(), WAIT)
+        api.wait_for_actions(&created.actions(), WAIT)
             .await
             .unwrap();
         let server = created.server;
@@ -1291,7 +1315,10 @@ mod against_simulator {
             })
         );
         assert_eq!(snap.action.command, "create_image");
-        let done = api.wait_for_actions(&[snap.action.id], WAIT).await.unwrap();
+        let done = api
+            .wait_for_actions(&[ActionRef::from(&snap.action)], WAIT)
+            .await
+            .unwrap();
         assert_eq!(done[0].status, ActionStatus::Success);
         // Another snapshot of the same server, outside the selector, generated description.
         let other = api
@@ -1299,7 +1326,7 @@ mod against_simulator {
             .await
             .unwrap();
         assert!(!other.image.description.is_empty());
-        api.wait_for_actions(&[other.action.id], WAIT)
+        api.wait_for_actions(&[ActionRef::from(&other.action)], WAIT)
             .await
             .unwrap();
 
@@ -1326,7 +1353,9 @@ mod against_simulator {
 
         // Snapshots outlive their server.
         let deleting = api.delete_server(server.id).await.unwrap();
-        api.wait_for_actions(&[deleting.id], WAIT).await.unwrap();
+        api.wait_for_actions(&[ActionRef::from(&deleting)], WAIT)
+            .await
+            .unwrap();
         assert_eq!(
             api.list_snapshots("vps-controller/instance=snap")
                 .await
@@ -1383,8 +1412,9 @@ mod against_simulator {
         assert_eq!(system.code(), Some(&ErrorCode::Forbidden), "{system}");
         assert!(api.get_image(ubuntu[0].id).await.is_ok());
 
-        // Every paginated list went out sorted by ID, except server types (the spec has no sort
-        // there); `GET /actions?id=..` is a lookup by ID without pages.
+        // Every paginated list went out sorted by ID, the server action waits among them,
+        // except server types (the spec has no sort there); this test's waits were all on
+        // server actions, so `GET /actions?id=..` (a lookup by ID without pages) was not used.
         let sorts = stats(&sim).await["list_sorts"].clone();
         let unsorted: Vec<&String> = sorts
             .as_object()
@@ -1392,9 +1422,9 @@ mod against_simulator {
             .keys()
             .filter(|k| !k.ends_with(" sort=id:asc"))
             .collect();
-        assert_eq!(
-            unsorted,
-            ["GET /actions unsorted", "GET /server_types unsorted"],
+        assert_eq!(unsorted, ["GET /server_types unsorted"], "{sorts}");
+        assert!(
+            sorts["GET /servers/actions sort=id:asc"].as_u64() > Some(0),
             "{sorts}"
         );
         assert!(
@@ -1550,8 +1580,7 @@ mod against_simulator {
             let (outcome, attempts, seen) = if i % 2 == 1 {
                 let (result, attempts, seen) = observe(&sim, &api, async {
                     let actions = api.set_firewall_rules(firewall.id, &[ssh_rule()]).await?;
-                    let ids: Vec<i64> = actions.iter().map(|a| a.id).collect();
-                    api.wait_for_actions(&ids, WAIT).await
+                    api.wait_for_actions(&ActionRef::all(&actions), WAIT).await
                 })
                 .await;
                 let outcome = match result {
@@ -1748,7 +1777,7 @@ mod against_simulator {
                 .set_firewall_rules(firewall.id, &[ssh_rule()])
                 .await
                 .unwrap();
-            action_ids.extend(actions.iter().map(|a| a.id));
+            action_ids.extend(ActionRef::all(&actions));
         }
         assert_eq!(action_ids.len(), 30);
         post_control(&sim, "reset", Value::Null).await;
@@ -1757,6 +1786,48 @@ mod against_simulator {
         // One poll round over 30 IDs: 25 + 5.
         assert_eq!(requests_to(&stats(&sim).await, "GET /actions"), 2);
         assert!(api.wait_for_actions(&[], WAIT).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_action_servers_actions_leaves_out_is_asked_at_actions_in_the_same_round() {
+        let sim = simulator(SimulatorConfig {
+            action_seconds: 0.0,
+            ..Default::default()
+        })
+        .await;
+        let api = client(&sim);
+        let firewall = api
+            .create_firewall(&CreateFirewall {
+                name: "no-servers".into(),
+                labels: Labels::new(),
+                rules: vec![],
+                apply_to: vec![],
+            })
+            .await
+            .unwrap()
+            .firewall;
+        let actions = api
+            .set_firewall_rules(firewall.id, &[ssh_rule()])
+            .await
+            .unwrap();
+        assert!(!ActionRef::all(&actions).iter().any(|a| a.on_server));
+        // Claimed to touch a server (as if the API listed it elsewhere than we guessed).
+        let claimed: Vec<ActionRef> = actions
+            .iter()
+            .map(|a| ActionRef {
+                id: a.id,
+                on_server: true,
+            })
+            .collect();
+        post_control(&sim, "reset", Value::Null).await;
+        let done = api.wait_for_actions(&claimed, WAIT).await.unwrap();
+        assert_eq!(
+            done.iter().map(|a| a.id).collect::<Vec<_>>(),
+            actions.iter().map(|a| a.id).collect::<Vec<_>>()
+        );
+        let stats = stats(&sim).await;
+        assert_eq!(requests_to(&stats, "GET /servers/actions"), 1);
+        assert_eq!(requests_to(&stats, "GET /actions"), 1);
     }
 
     #[tokio::test]
@@ -1777,15 +1848,14 @@ mod against_simulator {
             .await
             .unwrap()
             .firewall;
-        let ids: Vec<i64> = api
-            .set_firewall_rules(firewall.id, &[ssh_rule()])
-            .await
-            .unwrap()
-            .iter()
-            .map(|a| a.id)
-            .collect();
+        let actions = ActionRef::all(
+            &api.set_firewall_rules(firewall.id, &[ssh_rule()])
+                .await
+                .unwrap(),
+        );
+        let ids: Vec<i64> = actions.iter().map(|a| a.id).collect();
         let err = api
-            .wait_for_actions(&ids, Duration::from_millis(100))
+            .wait_for_actions(&actions, Duration::from_millis(100))
             .await
             .unwrap_err();
         assert!(
@@ -1793,7 +1863,7 @@ mod against_simulator {
             "{err}"
         );
         post_control(&sim, "reset", Value::Null).await;
-        let done = api.wait_for_actions(&ids, WAIT).await.unwrap();
+        let done = api.wait_for_actions(&actions, WAIT).await.unwrap();
         assert_eq!(done[0].status, ActionStatus::Success);
         // Polled more than once, but with growing gaps (20 ms → 100 ms), not in a tight loop.
         let polls = requests_to(&stats(&sim).await, "GET /actions");
@@ -1820,13 +1890,13 @@ mod against_simulator {
     /// An SSH key and a firewall for `count` servers, which are created concurrently (one task
     /// each, on clones of `api`, as the controller runs reconciles); once every create has
     /// answered, each task waits on its own server's actions, with the timeout `timeout(i)`.
-    /// Returns each server's action IDs and its wait's outcome.
+    /// Returns each server's actions and its wait's outcome.
     async fn create_and_wait(
         api: &Client,
         prefix: &str,
         count: usize,
         timeout: impl Fn(usize) -> Duration,
-    ) -> Vec<(Vec<i64>, Result<Vec<Action>, Error>)> {
+    ) -> Vec<(Vec<ActionRef>, Result<Vec<Action>, Error>)> {
         let owner = labels(&[("vps-controller/instance", prefix)]);
         let key = api
             .create_ssh_key(&CreateSshKey {
@@ -1858,10 +1928,10 @@ mod against_simulator {
                 let request = server_request(&format!("{prefix}-{i}"), key.id, firewall.id, &owner);
                 let timeout = timeout(i);
                 tokio::spawn(async move {
-                    let ids = api.create_server(&request).await.unwrap().action_ids();
+                    let actions = api.create_server(&request).await.unwrap().actions();
                     barrier.wait().await;
-                    let outcome = api.wait_for_actions(&ids, timeout).await;
-                    (ids, outcome)
+                    let outcome = api.wait_for_actions(&actions, timeout).await;
+                    (actions, outcome)
                 })
             })
             .collect();
@@ -1873,7 +1943,7 @@ mod against_simulator {
     }
 
     #[tokio::test]
-    async fn concurrent_waits_share_get_actions_requests() {
+    async fn concurrent_waits_share_requests_fifty_server_actions_each() {
         let sim = simulator(SimulatorConfig {
             action_seconds: 0.05,
             ..Default::default()
@@ -1884,23 +1954,29 @@ mod against_simulator {
         let mut ids = 0;
         for (asked, outcome) in &results {
             let done = outcome.as_ref().unwrap();
-            assert_eq!(done.iter().map(|a| a.id).collect::<Vec<_>>(), *asked);
+            assert_eq!(
+                done.iter().map(|a| a.id).collect::<Vec<_>>(),
+                asked.iter().map(|a| a.id).collect::<Vec<_>>()
+            );
             assert!(done.iter().all(|a| a.status == ActionStatus::Success));
+            assert!(asked.iter().all(|a| a.on_server), "{asked:?}");
             ids += asked.len() as u64;
         }
         // create_server, start_server, apply_firewall per server.
         assert_eq!(ids, 120);
         let rounds = api.action_poll_rounds();
-        let polls = requests_to(&stats(&sim).await, "GET /actions");
+        let stats = stats(&sim).await;
+        let polls = requests_to(&stats, "GET /servers/actions");
         // All waits began within one poll interval: at most two rounds (the first serves the
-        // waits already due when it starts), each one request per 25 IDs; alone, every wait
-        // would have sent at least one request of its own.
+        // waits already due when it starts), each one request per 50 IDs, since every action
+        // touches a server; alone, every wait would have sent at least one request of its own.
         assert!((1..=2).contains(&rounds), "{rounds} rounds");
         assert!(
-            polls <= ids.div_ceil(25) * rounds,
-            "{polls} GET /actions in {rounds} rounds"
+            polls <= ids.div_ceil(50) * rounds,
+            "{polls} GET /servers/actions in {rounds} rounds"
         );
-        assert!(polls <= 10, "{polls} GET /actions for 40 waits");
+        assert!(polls <= 6, "{polls} GET /servers/actions for 40 waits");
+        assert_eq!(requests_to(&stats, "GET /actions"), 0);
         assert_eq!(api.pending_action_waits(), 0);
     }
 
@@ -1929,7 +2005,7 @@ mod against_simulator {
         let (ids, err) = failed[0];
         assert!(
             matches!(err, Error::ActionFailed { action_id, code, .. }
-                if *action_id == ids[0] && code == "action_failed"),
+                if *action_id == ids[0].id && code == "action_failed"),
             "{err}"
         );
         for (ids, outcome) in &results {
@@ -1940,8 +2016,8 @@ mod against_simulator {
         assert_eq!(api.pending_action_waits(), 0);
     }
 
-    /// Action IDs of a server whose start_server action runs until the faults are cleared.
-    async fn stuck_server(sim: &RunningSimulator, api: &Client, prefix: &str) -> Vec<i64> {
+    /// The actions of a server whose start_server action runs until the faults are cleared.
+    async fn stuck_server(sim: &RunningSimulator, api: &Client, prefix: &str) -> Vec<ActionRef> {
         post_control(
             sim,
             "faults",
@@ -1953,7 +2029,7 @@ mod against_simulator {
         let created = create_and_wait(api, prefix, 1, |_| Duration::ZERO).await;
         let (ids, outcome) = &created[0];
         assert!(
-            matches!(outcome, Err(Error::ActionTimeout { ids: left }) if left.contains(&ids[1])),
+            matches!(outcome, Err(Error::ActionTimeout { ids: left }) if left.contains(&ids[1].id)),
             "{outcome:?}"
         );
         ids.clone()
@@ -1976,7 +2052,7 @@ mod against_simulator {
         );
         // Only start_server was still running; create_server and apply_firewall finished.
         assert!(
-            matches!(&timed_out, Err(Error::ActionTimeout { ids }) if *ids == vec![stuck[1]]),
+            matches!(&timed_out, Err(Error::ActionTimeout { ids }) if *ids == vec![stuck[1].id]),
             "{timed_out:?}"
         );
         for (ids, outcome) in &others {
@@ -2012,9 +2088,12 @@ mod against_simulator {
             "the stuck action finished: {cancelled:?}"
         );
         assert_eq!(api.pending_action_waits(), 0);
-        let polls = requests_to(&stats(&sim).await, "GET /actions");
+        let polls = requests_to(&stats(&sim).await, "GET /servers/actions");
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert_eq!(requests_to(&stats(&sim).await, "GET /actions"), polls);
+        assert_eq!(
+            requests_to(&stats(&sim).await, "GET /servers/actions"),
+            polls
+        );
 
         // A leader cancelled while its round's request hangs hands the round over: the other
         // wait is answered long before the held answer (3 s) would have come.
@@ -2022,7 +2101,7 @@ mod against_simulator {
             &sim,
             "faults",
             serde_json::json!({"faults": [
-                {"kind": "timeout", "endpoints": ["GET /actions"], "count": 1}
+                {"kind": "timeout", "endpoints": ["GET /servers/actions"], "count": 1}
             ]}),
         )
         .await;
@@ -2037,7 +2116,7 @@ mod against_simulator {
         };
         let (leader, follower) = tokio::join!(leader, follower);
         assert!(leader.is_err(), "the leader was not cancelled: {leader:?}");
-        assert_eq!(follower.unwrap()[0].id, stuck[2]);
+        assert_eq!(follower.unwrap()[0].id, stuck[2].id);
         assert!(
             started.elapsed() < Duration::from_secs(2),
             "{:?}",
@@ -2061,7 +2140,7 @@ mod against_simulator {
             &sim,
             "faults",
             serde_json::json!({"faults": [
-                {"kind": "http_500", "endpoints": ["GET /actions"], "count": 1}
+                {"kind": "http_500", "endpoints": ["GET /servers/actions"], "count": 1}
             ]}),
         )
         .await;
@@ -2074,7 +2153,7 @@ mod against_simulator {
             assert_eq!(err.metric_label(), "server_error", "{err}");
         }
         // The next waits poll again: one of them asks about an action that does not exist.
-        let unknown = [first[0], 999_999_999];
+        let unknown = [first[0], ActionRef::id(999_999_999)];
         let (a, b) = tokio::join!(
             api.wait_for_actions(&unknown, WAIT),
             api.wait_for_actions(second, WAIT)

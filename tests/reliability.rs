@@ -339,6 +339,7 @@ const READS: &[&str] = &[
     "GET /ssh_keys",
     "GET /firewalls",
     "GET /actions",
+    "GET /servers/actions",
 ];
 const STARTS_ACTIONS: &[&str] = &[
     "POST /servers",

@@ -1,6 +1,9 @@
 //! Action waits batched across callers: every [`super::HcloudApi::wait_for_actions`] of one
-//! client registers here, and one poll round asks `GET /actions?id=…` about the running
-//! actions of every caller that is due, 25 IDs per request.
+//! client registers here, and one poll round asks about the running actions of every caller
+//! that is due: those that touch a server at `GET /servers/actions?id=…`, 50 IDs per page,
+//! the others at `GET /actions?id=…`, 25 IDs per request (that answer has no pagination, and
+//! 25 is its default page size). An ID `/servers/actions` leaves out is asked at `/actions` in
+//! the same round, and only there afterwards, so a wrong guess costs one request, not the wait.
 //!
 //! No background task: the first due caller of a round drives it (the leader) and the others
 //! wait for the round to end ([`Notify`]). Pacing per caller is the single-caller one (first
@@ -8,8 +11,8 @@
 //! one addition that makes batching happen: a round starts at most once per `initial`, so the
 //! callers that fall due in between are served together by the next round (a caller is then
 //! answered up to `initial` later than alone, never earlier) — unless the due callers'
-//! running actions already fill a request (25 IDs): then a round starts at once and polls as
-//! many whole requests' worth of them as there are, oldest callers first. Under load every
+//! running actions already fill a request: then a round starts at once and polls as many whole
+//! requests' worth of them as there are, oldest callers first. Under load every
 //! request is full and nobody waits for the gap; when little is going on the process polls no
 //! faster than one hcloud CLI waiter.
 //!
@@ -29,10 +32,33 @@ use tokio::time::Instant;
 
 use super::client::ActionPollBackoff;
 use super::error::Error;
-use super::types::{Action, ActionStatus};
+use super::types::{Action, ActionRef, ActionStatus};
 
 /// IDs per `GET /actions` request, as hcloud-go does.
 pub(super) const ACTION_IDS_PER_REQUEST: usize = 25;
+/// IDs per `GET /servers/actions` request: one page of the most the API pages (50).
+pub(super) const SERVER_ACTION_IDS_PER_REQUEST: usize = 50;
+
+/// A request's worth of IDs, in units where an ID asked at `/servers/actions` weighs 1 and
+/// one asked at `/actions` weighs 2.
+const REQUEST_UNITS: usize = SERVER_ACTION_IDS_PER_REQUEST;
+
+/// Where a round asks about an action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Endpoint {
+    /// `GET /actions?id=…`
+    Actions,
+    /// `GET /servers/actions?id=…&per_page=50`
+    ServerActions,
+}
+
+fn units(on_server: bool) -> usize {
+    if on_server {
+        REQUEST_UNITS / SERVER_ACTION_IDS_PER_REQUEST
+    } else {
+        REQUEST_UNITS / ACTION_IDS_PER_REQUEST
+    }
+}
 
 /// Deadline of a wait whose timeout does not fit an `Instant`.
 const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -61,6 +87,8 @@ struct Caller {
     order: Vec<i64>,
     /// Not yet seen finished, in `order`'s order.
     pending: Vec<i64>,
+    /// The IDs to ask at `/servers/actions` (until it leaves one out).
+    on_server: HashSet<i64>,
     finished: HashMap<i64, Action>,
     deadline: Instant,
     /// The sleep before the next poll once the current one is done.
@@ -75,15 +103,29 @@ impl Caller {
     fn due(&self) -> Instant {
         self.next_poll.min(self.deadline)
     }
+
+    fn pending_units(&self) -> usize {
+        self.pending
+            .iter()
+            .map(|id| units(self.on_server.contains(id)))
+            .sum()
+    }
 }
 
 /// What a caller does next.
 enum Step {
     Done(Result<Vec<Action>, Error>),
     /// Poll these IDs for the round just started.
-    Lead(Vec<i64>),
+    Lead(RoundIds),
     /// Until the round ends, or until the instant (if any).
     Wait(Option<Instant>),
+}
+
+/// The IDs one round asks about, by endpoint.
+#[derive(Default)]
+struct RoundIds {
+    server: Vec<i64>,
+    other: Vec<i64>,
 }
 
 /// What one round learnt.
@@ -91,6 +133,8 @@ struct RoundResult {
     /// Every ID of the requests that were answered.
     asked: HashSet<i64>,
     answers: HashMap<i64, Action>,
+    /// IDs `/servers/actions` left out (then asked at `/actions`).
+    off_server: HashSet<i64>,
     /// The request error that ended the round early.
     error: Option<Error>,
 }
@@ -121,28 +165,33 @@ impl ActionWaiter {
         self.lock().rounds
     }
 
-    /// Waits until every action in `ids` finished, polling through `fetch` (one call per
-    /// request of at most [`ACTION_IDS_PER_REQUEST`] IDs).
+    /// Waits until every action in `actions` finished, polling through `fetch` (one call per
+    /// request of at most [`ACTION_IDS_PER_REQUEST`] or [`SERVER_ACTION_IDS_PER_REQUEST`]
+    /// IDs, by endpoint).
     pub(super) async fn wait<F, Fut>(
         &self,
-        ids: &[i64],
+        actions: &[ActionRef],
         timeout: Duration,
         fetch: F,
     ) -> Result<Vec<Action>, Error>
     where
-        F: Fn(Vec<i64>) -> Fut,
+        F: Fn(Endpoint, Vec<i64>) -> Fut,
         Fut: Future<Output = Result<Vec<Action>, Error>>,
     {
-        let mut order: Vec<i64> = Vec::with_capacity(ids.len());
-        for id in ids {
-            if !order.contains(id) {
-                order.push(*id);
+        let mut order: Vec<i64> = Vec::with_capacity(actions.len());
+        let mut on_server = HashSet::new();
+        for action in actions {
+            if !order.contains(&action.id) {
+                order.push(action.id);
+            }
+            if action.on_server {
+                on_server.insert(action.id);
             }
         }
         if order.is_empty() {
             return Ok(Vec::new());
         }
-        let mut registration = self.register(order, timeout);
+        let mut registration = self.register(order, on_server, timeout);
         loop {
             // Created before the state is read, so a round ending in between still wakes us.
             let round_over = self.round_over.notified();
@@ -168,7 +217,12 @@ impl ActionWaiter {
         }
     }
 
-    fn register(&self, order: Vec<i64>, timeout: Duration) -> Registration<'_> {
+    fn register(
+        &self,
+        order: Vec<i64>,
+        on_server: HashSet<i64>,
+        timeout: Duration,
+    ) -> Registration<'_> {
         let now = Instant::now();
         let mut state = self.lock();
         let key = state.next_key;
@@ -178,6 +232,7 @@ impl ActionWaiter {
             Caller {
                 pending: order.clone(),
                 order,
+                on_server,
                 finished: HashMap::new(),
                 deadline: now.checked_add(timeout).unwrap_or_else(|| now + FAR_FUTURE),
                 interval: self.poll.initial,
@@ -231,14 +286,14 @@ impl ActionWaiter {
         match gap_end {
             Some(gap_end) if now < gap_end => {
                 // Too soon after the last round, unless the due waits fill a request.
-                let due_ids: usize = state
+                let due_units: usize = state
                     .callers
                     .values()
                     .filter(|c| c.outcome.is_none() && !c.in_round && c.due() <= now)
-                    .map(|c| c.pending.len())
+                    .map(Caller::pending_units)
                     .sum();
-                if due_ids >= ACTION_IDS_PER_REQUEST {
-                    let whole = due_ids - due_ids % ACTION_IDS_PER_REQUEST;
+                if due_units >= REQUEST_UNITS {
+                    let whole = due_units - due_units % REQUEST_UNITS;
                     return Step::Lead(Self::start_round(&mut state, now, Some(whole)));
                 }
                 Step::Wait(Some(gap_end.min(deadline)))
@@ -248,53 +303,72 @@ impl ActionWaiter {
     }
 
     /// Marks the due callers as part of a new round, oldest first; returns the IDs to poll.
-    /// With a `limit`, only whole callers that keep the IDs within it (but at least one).
-    fn start_round(state: &mut State, now: Instant, limit: Option<usize>) -> Vec<i64> {
+    /// With a `limit` (in request units), only whole callers that keep the IDs within it (but
+    /// at least one).
+    fn start_round(state: &mut State, now: Instant, limit: Option<usize>) -> RoundIds {
         state.in_round = true;
         state.last_round_start = Some(now);
         state.rounds += 1;
-        let mut ids = Vec::new();
+        let mut ids = RoundIds::default();
+        let mut taken = 0;
         let mut seen = HashSet::new();
         for caller in state.callers.values_mut() {
             if caller.outcome.is_some() || caller.in_round || caller.due() > now {
                 continue;
             }
             if let Some(limit) = limit {
-                let new = caller
+                let new: usize = caller
                     .pending
                     .iter()
                     .filter(|id| !seen.contains(*id))
-                    .count();
-                if !ids.is_empty() && ids.len() + new > limit {
+                    .map(|id| units(caller.on_server.contains(id)))
+                    .sum();
+                if taken > 0 && taken + new > limit {
                     continue;
                 }
             }
             caller.in_round = true;
             for id in &caller.pending {
                 if seen.insert(*id) {
-                    ids.push(*id);
+                    let on_server = caller.on_server.contains(id);
+                    taken += units(on_server);
+                    if on_server {
+                        ids.server.push(*id);
+                    } else {
+                        ids.other.push(*id);
+                    }
                 }
             }
         }
         ids
     }
 
-    async fn poll_round<F, Fut>(&self, ids: &[i64], fetch: &F) -> RoundResult
+    async fn poll_round<F, Fut>(&self, ids: &RoundIds, fetch: &F) -> RoundResult
     where
-        F: Fn(Vec<i64>) -> Fut,
+        F: Fn(Endpoint, Vec<i64>) -> Fut,
         Fut: Future<Output = Result<Vec<Action>, Error>>,
     {
+        let total = ids.server.len() + ids.other.len();
         let mut result = RoundResult {
-            asked: HashSet::with_capacity(ids.len()),
-            answers: HashMap::with_capacity(ids.len()),
+            asked: HashSet::with_capacity(total),
+            answers: HashMap::with_capacity(total),
+            off_server: HashSet::new(),
             error: None,
         };
-        for chunk in ids.chunks(ACTION_IDS_PER_REQUEST) {
-            match fetch(chunk.to_vec()).await {
+        let mut other = ids.other.clone();
+        for chunk in ids.server.chunks(SERVER_ACTION_IDS_PER_REQUEST) {
+            match fetch(Endpoint::ServerActions, chunk.to_vec()).await {
                 Ok(actions) => {
-                    result.asked.extend(chunk.iter().copied());
                     for action in actions {
                         result.answers.insert(action.id, action);
+                    }
+                    for id in chunk {
+                        if result.answers.contains_key(id) {
+                            result.asked.insert(*id);
+                        } else {
+                            result.off_server.insert(*id);
+                            other.push(*id);
+                        }
                     }
                 }
                 Err(err) => {
@@ -303,8 +377,24 @@ impl ActionWaiter {
                 }
             }
         }
+        if result.error.is_none() {
+            for chunk in other.chunks(ACTION_IDS_PER_REQUEST) {
+                match fetch(Endpoint::Actions, chunk.to_vec()).await {
+                    Ok(actions) => {
+                        result.asked.extend(chunk.iter().copied());
+                        for action in actions {
+                            result.answers.insert(action.id, action);
+                        }
+                    }
+                    Err(err) => {
+                        result.error = Some(err);
+                        break;
+                    }
+                }
+            }
+        }
         tracing::debug!(
-            ids = ids.len(),
+            ids = total,
             answered = result.asked.len(),
             failed = result.error.is_some(),
             "hcloud action poll round"
@@ -320,6 +410,9 @@ impl ActionWaiter {
                 continue;
             }
             caller.in_round = false;
+            caller
+                .on_server
+                .retain(|id| !result.off_server.contains(id));
             if let Some(outcome) = self.judge(caller, &result, now) {
                 caller.outcome = Some(outcome);
             }
@@ -455,13 +548,16 @@ mod tests {
         Duration::from_millis(n)
     }
 
-    /// A scripted `GET /actions`: each known action runs until its finish time, then ends in
-    /// its final status; unknown IDs are left out, as the API does.
+    /// A scripted `GET /actions` and `GET /servers/actions`: each known action runs until its
+    /// finish time, then ends in its final status; unknown IDs are left out, as the API does,
+    /// and `/servers/actions` also leaves out those in `off_server`.
     struct Fake {
         start: Instant,
         finish: HashMap<i64, (Duration, ActionStatus)>,
+        off_server: HashSet<i64>,
         /// (time since start, IDs) of every request.
         calls: Mutex<Vec<(Duration, Vec<i64>)>>,
+        endpoints: Mutex<Vec<Endpoint>>,
         /// Requests (0-based) that fail, and that never answer.
         failing: HashSet<usize>,
         hanging: HashSet<usize>,
@@ -475,7 +571,9 @@ mod tests {
                     .iter()
                     .map(|(id, at, status)| (*id, (ms(*at), *status)))
                     .collect(),
+                off_server: HashSet::new(),
                 calls: Mutex::new(Vec::new()),
+                endpoints: Mutex::new(Vec::new()),
                 failing: HashSet::new(),
                 hanging: HashSet::new(),
             }
@@ -485,11 +583,16 @@ mod tests {
             self.calls.lock().unwrap().clone()
         }
 
-        async fn fetch(&self, ids: Vec<i64>) -> Result<Vec<Action>, Error> {
+        fn endpoints(&self) -> Vec<Endpoint> {
+            self.endpoints.lock().unwrap().clone()
+        }
+
+        async fn fetch(&self, endpoint: Endpoint, ids: Vec<i64>) -> Result<Vec<Action>, Error> {
             let now = self.start.elapsed();
             let n = {
                 let mut calls = self.calls.lock().unwrap();
                 calls.push((now, ids.clone()));
+                self.endpoints.lock().unwrap().push(endpoint);
                 calls.len() - 1
             };
             if self.hanging.contains(&n) {
@@ -506,6 +609,7 @@ mod tests {
             }
             Ok(ids
                 .iter()
+                .filter(|id| endpoint == Endpoint::Actions || !self.off_server.contains(*id))
                 .filter_map(|id| {
                     let (at, status) = self.finish.get(id)?;
                     let status = if now >= *at {
@@ -539,18 +643,38 @@ mod tests {
         }
     }
 
+    /// Waits on actions known by ID only (asked at `/actions`).
     async fn wait(
         waiter: &ActionWaiter,
         fake: &Arc<Fake>,
         ids: &[i64],
         timeout: Duration,
     ) -> Result<Vec<Action>, Error> {
+        let actions: Vec<ActionRef> = ids.iter().map(|id| ActionRef::id(*id)).collect();
+        wait_refs(waiter, fake, &actions, timeout).await
+    }
+
+    async fn wait_refs(
+        waiter: &ActionWaiter,
+        fake: &Arc<Fake>,
+        actions: &[ActionRef],
+        timeout: Duration,
+    ) -> Result<Vec<Action>, Error> {
         waiter
-            .wait(ids, timeout, |chunk| {
+            .wait(actions, timeout, |endpoint, chunk| {
                 let fake = fake.clone();
-                async move { fake.fetch(chunk).await }
+                async move { fake.fetch(endpoint, chunk).await }
             })
             .await
+    }
+
+    fn on_server(ids: &[i64]) -> Vec<ActionRef> {
+        ids.iter()
+            .map(|id| ActionRef {
+                id: *id,
+                on_server: true,
+            })
+            .collect()
     }
 
     fn ids_of(result: &Result<Vec<Action>, Error>) -> Vec<i64> {
@@ -581,6 +705,107 @@ mod tests {
         assert!(calls.iter().all(|(at, _)| *at == INITIAL), "{calls:?}");
         assert_eq!(waiter.rounds(), 1);
         assert_eq!(waiter.pending_waits(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn server_actions_are_asked_fifty_to_a_request_and_the_rest_twenty_five() {
+        let finish: Vec<(i64, u64, ActionStatus)> =
+            (1..=90).map(|id| (id, 0, ActionStatus::Success)).collect();
+        let fake = Arc::new(Fake::new(&finish));
+        let waiter = ActionWaiter::new(poll());
+        // 60 waits on one server action each, 30 on one other action each.
+        let waits = (1..=90).map(|id| {
+            let (waiter, fake) = (&waiter, &fake);
+            async move {
+                let action = ActionRef {
+                    id,
+                    on_server: id <= 60,
+                };
+                wait_refs(waiter, fake, &[action], Duration::from_secs(10)).await
+            }
+        });
+        let results = futures::future::join_all(waits).await;
+        for (id, result) in (1..=90).zip(&results) {
+            assert_eq!(ids_of(result), vec![id]);
+        }
+        let sizes: Vec<(Endpoint, usize)> = fake
+            .endpoints()
+            .into_iter()
+            .zip(fake.calls().iter().map(|(_, ids)| ids.len()))
+            .collect();
+        assert_eq!(
+            sizes,
+            vec![
+                (Endpoint::ServerActions, 50),
+                (Endpoint::ServerActions, 10),
+                (Endpoint::Actions, 25),
+                (Endpoint::Actions, 5),
+            ]
+        );
+        assert_eq!(waiter.rounds(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_id_servers_actions_leaves_out_is_asked_at_actions_then_only_there() {
+        let mut fake = Fake::new(&[
+            (1, 150, ActionStatus::Success),
+            (2, 0, ActionStatus::Success),
+        ]);
+        fake.off_server.insert(1);
+        let fake = Arc::new(fake);
+        let waiter = ActionWaiter::new(poll());
+        let result = wait_refs(&waiter, &fake, &on_server(&[1, 2]), Duration::from_secs(10)).await;
+        assert_eq!(ids_of(&result), vec![1, 2]);
+        // Round 1 (100 ms): both at /servers/actions, which leaves 1 out; 1 at /actions in the
+        // same round (still running). Round 2 (300 ms): 1 at /actions only.
+        assert_eq!(
+            fake.calls(),
+            vec![
+                (ms(100), vec![1, 2]),
+                (ms(100), vec![1]),
+                (ms(300), vec![1])
+            ]
+        );
+        assert_eq!(
+            fake.endpoints(),
+            vec![
+                Endpoint::ServerActions,
+                Endpoint::Actions,
+                Endpoint::Actions
+            ]
+        );
+        // Left out by both: the wait fails naming it, as before.
+        let result = wait_refs(&waiter, &fake, &on_server(&[2, 7]), Duration::from_secs(10)).await;
+        assert!(
+            matches!(&result, Err(Error::InvalidResponse { snippet, .. }) if snippet.contains("[7]")),
+            "{result:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fifty_due_server_actions_fill_a_request() {
+        let mut finish = vec![(1, 0, ActionStatus::Success)];
+        finish.extend((10..60).map(|id| (id, 0, ActionStatus::Success)));
+        let fake = Arc::new(Fake::new(&finish));
+        let waiter = ActionWaiter::new(poll());
+        let late = |ids: Vec<i64>| {
+            let (waiter, fake) = (&waiter, &fake);
+            async move {
+                tokio::time::sleep(ms(20)).await;
+                let result =
+                    wait_refs(waiter, fake, &on_server(&ids), Duration::from_secs(10)).await;
+                assert_eq!(ids_of(&result), ids);
+                fake.start.elapsed()
+            }
+        };
+        // At 120 ms 25 waits of 2 server IDs are due (50: a whole request) inside the gap.
+        let (lone, answered) = tokio::join!(
+            wait(&waiter, &fake, &[1], Duration::from_secs(10)),
+            futures::future::join_all((0..25).map(|k| late(vec![10 + 2 * k, 11 + 2 * k]))),
+        );
+        assert_eq!(ids_of(&lone), vec![1]);
+        assert_eq!(answered, vec![ms(120); 25]);
+        assert_eq!(fake.calls().len(), 2);
     }
 
     #[tokio::test(start_paused = true)]

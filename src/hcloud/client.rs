@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
-use super::action_waiter::ActionWaiter;
+use super::action_waiter::{ActionWaiter, Endpoint};
 use super::budget::Budget;
 use super::error::{Error, ErrorCode};
 use super::types::*;
@@ -475,6 +475,13 @@ trait ListPage: DeserializeOwned {
     fn into_parts(self) -> (Vec<Self::Item>, Option<Meta>);
 }
 
+impl ListPage for ActionsEnvelope {
+    type Item = Action;
+    fn into_parts(self) -> (Vec<Action>, Option<Meta>) {
+        (self.actions, self.meta)
+    }
+}
+
 impl ListPage for ServersPage {
     type Item = Server;
     fn into_parts(self) -> (Vec<Server>, Option<Meta>) {
@@ -622,8 +629,8 @@ impl Client {
         self.inner.actions.pending_waits()
     }
 
-    /// Action poll rounds so far: each asks `GET /actions?id=…` about every due wait at once
-    /// (one request per 25 IDs).
+    /// Action poll rounds so far: each asks about every due wait's actions at once (one
+    /// `GET /servers/actions` per 50 IDs that touch a server, one `GET /actions` per 25 others).
     pub fn action_poll_rounds(&self) -> u64 {
         self.inner.actions.rounds()
     }
@@ -888,6 +895,14 @@ impl Client {
             call = call.query("id", id.to_string());
         }
         Ok(self.fetch::<ActionsEnvelope>(call).await?.actions)
+    }
+
+    /// `GET /servers/actions?id=..` for at most 50 IDs (one page; the waiter chunks them).
+    async fn server_actions_by_ids(&self, ids: &[i64]) -> Result<Vec<Action>, Error> {
+        let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+        let filters: Vec<(&'static str, &str)> = ids.iter().map(|id| ("id", id.as_str())).collect();
+        self.list_all::<ActionsEnvelope>("/servers/actions", &filters)
+            .await
     }
 
     async fn update_labels<T: DeserializeOwned>(
@@ -1198,11 +1213,18 @@ impl HcloudApi for Client {
             .collect())
     }
 
-    async fn wait_for_actions(&self, ids: &[i64], timeout: Duration) -> Result<Vec<Action>, Error> {
+    async fn wait_for_actions(
+        &self,
+        actions: &[ActionRef],
+        timeout: Duration,
+    ) -> Result<Vec<Action>, Error> {
         self.inner
             .actions
-            .wait(ids, timeout, |chunk| async move {
-                self.actions_by_ids(&chunk).await
+            .wait(actions, timeout, |endpoint, chunk| async move {
+                match endpoint {
+                    Endpoint::Actions => self.actions_by_ids(&chunk).await,
+                    Endpoint::ServerActions => self.server_actions_by_ids(&chunk).await,
+                }
             })
             .await
     }

@@ -229,17 +229,18 @@ pub trait HcloudApi: Send + Sync {
     /// deprecated ones included (check [`Image::deprecated`]); empty when there is none.
     fn image_by_name(&self, name: &str) -> impl Future<Output = Result<Vec<Image>, Error>> + Send;
 
-    /// Polls `GET /actions?id=..` (at most 25 IDs per request) until every action finished.
-    /// Returns the finished actions in the order of `ids` (duplicates removed);
+    /// Polls until every action finished: those that touch a server at
+    /// `GET /servers/actions?id=..` (50 IDs per request), the others at `GET /actions?id=..`
+    /// (25). Returns the finished actions in the order of `actions` (duplicates removed);
     /// [`Error::ActionFailed`] as soon as one ends in `error`; [`Error::ActionTimeout`] with the
     /// still-running IDs once `timeout` has passed.
     ///
     /// [`Client`] polls the waits of all its callers together (one round asks about every due
-    /// wait's IDs), so concurrent reconciles share `GET /actions` requests; an outcome (failed
+    /// wait's IDs), so concurrent reconciles share requests; an outcome (failed
     /// action, timeout, failed request) still reaches only the waits it concerns.
     fn wait_for_actions(
         &self,
-        ids: &[i64],
+        actions: &[ActionRef],
         timeout: Duration,
     ) -> impl Future<Output = Result<Vec<Action>, Error>> + Send;
 }

@@ -220,11 +220,9 @@ pub struct CreateServerResponse {
 }
 
 impl CreateServerResponse {
-    /// IDs of `action` and every `next_actions` entry, for [`super::HcloudApi::wait_for_actions`].
-    pub fn action_ids(&self) -> Vec<i64> {
-        std::iter::once(self.action.id)
-            .chain(self.next_actions.iter().map(|action| action.id))
-            .collect()
+    /// `action` and every `next_actions` entry, for [`super::HcloudApi::wait_for_actions`].
+    pub fn actions(&self) -> Vec<ActionRef> {
+        ActionRef::all(std::iter::once(&self.action).chain(&self.next_actions))
     }
 }
 
@@ -594,6 +592,37 @@ pub struct Action {
     pub error: Option<ActionError>,
 }
 
+/// An action to wait for. One that touches a server is asked about at `GET /servers/actions`,
+/// which pages 50 actions per request, where `GET /actions?id=…` answers 25.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ActionRef {
+    pub id: i64,
+    pub on_server: bool,
+}
+
+impl ActionRef {
+    /// An action known only by its ID: asked about at `GET /actions`.
+    pub fn id(id: i64) -> Self {
+        Self {
+            id,
+            on_server: false,
+        }
+    }
+
+    pub fn all<'a>(actions: impl IntoIterator<Item = &'a Action>) -> Vec<Self> {
+        actions.into_iter().map(Self::from).collect()
+    }
+}
+
+impl From<&Action> for ActionRef {
+    fn from(action: &Action) -> Self {
+        Self {
+            id: action.id,
+            on_server: action.resources.iter().any(|r| r.kind == "server"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActionResource {
     #[serde(deserialize_with = "positive_id")]
@@ -707,9 +736,12 @@ pub struct ActionEnvelope {
     pub action: Action,
 }
 
+/// `{actions}` of a mutation, or a page of `GET /servers/actions` (with `meta`).
 #[derive(Debug, Deserialize)]
 pub struct ActionsEnvelope {
     pub actions: Vec<Action>,
+    #[serde(default)]
+    pub meta: Option<Meta>,
 }
 
 #[derive(Debug, Serialize)]

@@ -13,8 +13,8 @@ use crate::db::state;
 use crate::db::subscriptions::{self, StatusUpdate};
 use crate::fencing::{Leadership, Term};
 use crate::hcloud::{
-    CreateFirewall, CreateServer, CreateServerFirewall, CreateSshKey, Error as ApiError, ErrorCode,
-    HcloudApi, ImageStatus, Labels, Server, ServerPowerAction, ServerStatus,
+    ActionRef, CreateFirewall, CreateServer, CreateServerFirewall, CreateSshKey, Error as ApiError,
+    ErrorCode, HcloudApi, ImageStatus, Labels, Server, ServerPowerAction, ServerStatus,
 };
 use crate::keys::{self, Sealer};
 
@@ -54,7 +54,7 @@ pub struct Progress {
     pub firewall_id: Option<i64>,
     pub server: Option<Server>,
     /// Actions started and not yet waited for.
-    pub pending_actions: Vec<i64>,
+    pub pending_actions: Vec<ActionRef>,
     /// The server was adopted in whatever state it had: look at it again before `ready`.
     pub needs_another_look: bool,
     /// When the row entered its status: a snapshot taken before that belongs to an earlier
@@ -93,9 +93,7 @@ impl<A: HcloudApi> Executor<'_, A> {
                     .api
                     .set_firewall_rules(*firewall_id, &need(spec)?.firewall_rules)
                     .await?;
-                progress
-                    .pending_actions
-                    .extend(actions.iter().map(|a| a.id));
+                progress.pending_actions.extend(ActionRef::all(&actions));
                 self.event(
                     progress,
                     EventKind::Normal,
@@ -112,7 +110,7 @@ impl<A: HcloudApi> Executor<'_, A> {
                     .api
                     .server_power(*server_id, ServerPowerAction::PowerOn)
                     .await?;
-                progress.pending_actions.push(action.id);
+                progress.pending_actions.push(ActionRef::from(&action));
                 self.event(
                     progress,
                     EventKind::Normal,
@@ -126,9 +124,7 @@ impl<A: HcloudApi> Executor<'_, A> {
                     .firewall_id
                     .ok_or_else(|| ReconcileError::Internal("no firewall to apply".into()))?;
                 match self.api.apply_firewall(firewall_id, &[*server_id]).await {
-                    Ok(actions) => progress
-                        .pending_actions
-                        .extend(actions.iter().map(|a| a.id)),
+                    Ok(actions) => progress.pending_actions.extend(ActionRef::all(&actions)),
                     Err(e) if e.code() == Some(&ErrorCode::FirewallAlreadyApplied) => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -292,7 +288,7 @@ impl<A: HcloudApi> Executor<'_, A> {
             Ok(created) => {
                 progress
                     .pending_actions
-                    .extend(created.actions.iter().map(|a| a.id));
+                    .extend(ActionRef::all(&created.actions));
                 (created.firewall, "FirewallCreated")
             }
             Err(e) if e.is_uniqueness_error() => {
@@ -370,10 +366,7 @@ impl<A: HcloudApi> Executor<'_, A> {
         };
         let (server, reason) = match self.api.create_server(&request).await {
             Ok(created) => {
-                progress.pending_actions.push(created.action.id);
-                progress
-                    .pending_actions
-                    .extend(created.next_actions.iter().map(|a| a.id));
+                progress.pending_actions.extend(created.actions());
                 (created.server, "ServerCreated")
             }
             Err(e) if e.is_uniqueness_error() => {
@@ -463,7 +456,7 @@ impl<A: HcloudApi> Executor<'_, A> {
                 ignore_not_found(self.api.server_power(id, ServerPowerAction::PowerOff).await)?
         {
             self.api
-                .wait_for_actions(&[action.id], self.action_timeout)
+                .wait_for_actions(&[ActionRef::from(&action)], self.action_timeout)
                 .await?;
         }
         if let Some(server) = progress.server.as_mut().filter(|s| s.id == id) {
@@ -527,7 +520,7 @@ impl<A: HcloudApi> Executor<'_, A> {
             .create_snapshot(server_id, &description, &labels)
             .await?;
         self.api
-            .wait_for_actions(&[created.action.id], self.action_timeout)
+            .wait_for_actions(&[ActionRef::from(&created.action)], self.action_timeout)
             .await?;
         self.ensure_leader()?;
         self.event(
@@ -629,7 +622,7 @@ impl<A: HcloudApi> Executor<'_, A> {
         if let Some(action) = ignore_not_found(self.api.delete_server(id).await)? {
             // The firewall can only go once the server has released it.
             self.api
-                .wait_for_actions(&[action.id], self.action_timeout)
+                .wait_for_actions(&[ActionRef::from(&action)], self.action_timeout)
                 .await?;
         }
         if progress.server.as_ref().is_some_and(|s| s.id == id) {
@@ -661,7 +654,11 @@ impl<A: HcloudApi> Executor<'_, A> {
         let mut poll = Poll::until(Instant::now() + grace);
         // Success only means the ACPI signal was sent; a failed or slow action changes
         // nothing: the server is deleted when the grace period ends either way.
-        match self.api.wait_for_actions(&[action.id], grace).await {
+        match self
+            .api
+            .wait_for_actions(&[ActionRef::from(&action)], grace)
+            .await
+        {
             Ok(_) | Err(ApiError::ActionFailed { .. } | ApiError::ActionTimeout { .. }) => {}
             Err(e) => return Err(e.into()),
         }
@@ -690,8 +687,9 @@ impl<A: HcloudApi> Executor<'_, A> {
         if !attached_servers.is_empty() {
             match self.api.remove_firewall(id, attached_servers).await {
                 Ok(actions) => {
-                    let ids: Vec<i64> = actions.iter().map(|a| a.id).collect();
-                    self.api.wait_for_actions(&ids, self.action_timeout).await?;
+                    self.api
+                        .wait_for_actions(&ActionRef::all(&actions), self.action_timeout)
+                        .await?;
                 }
                 // Already detached (e.g. its server was deleted a moment ago) or already gone.
                 Err(e)
@@ -732,8 +730,10 @@ impl<A: HcloudApi> Executor<'_, A> {
         if progress.pending_actions.is_empty() {
             return Ok(());
         }
-        let ids = std::mem::take(&mut progress.pending_actions);
-        self.api.wait_for_actions(&ids, self.action_timeout).await?;
+        let actions = std::mem::take(&mut progress.pending_actions);
+        self.api
+            .wait_for_actions(&actions, self.action_timeout)
+            .await?;
         Ok(())
     }
 
