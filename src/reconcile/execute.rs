@@ -22,6 +22,7 @@ use super::ReconcileError;
 use super::desired::{
     self, Owner, PRE_DELETE_SNAPSHOT, SNAPSHOT_LABEL, SUBSCRIPTION_LABEL, VpsSpec,
 };
+use super::keycheck::KeyChecks;
 use super::plan::{Kind, Op};
 
 /// How long deleting a firewall retries `resource_in_use` (Hetzner detaches asynchronously).
@@ -32,6 +33,8 @@ pub struct Executor<'a, A: HcloudApi> {
     pub api: &'a A,
     pub db: &'a DatabaseConnection,
     pub sealer: &'a Sealer,
+    /// Told about a key pair generated here, so the next pass does not open it to check it.
+    pub key_checks: &'a KeyChecks,
     pub config: &'a Config,
     pub owner: &'a Owner,
     /// Upper bound for waiting on Hetzner actions.
@@ -209,12 +212,14 @@ impl<A: HcloudApi> Executor<'_, A> {
             progress,
             StatusUpdate {
                 provisioning_status: Some("provisioning".into()),
-                ssh_private_key: Some(Some(sealed)),
+                ssh_private_key: Some(Some(sealed.clone())),
                 ssh_public_key: Some(Some(pair.public_openssh.clone())),
                 ..Default::default()
             },
         )
         .await?;
+        self.key_checks
+            .record_generated(&progress.subscription_id, &sealed, &pair.public_openssh);
         progress.public_key = Some(pair.public_openssh);
         self.event(
             progress,

@@ -58,6 +58,21 @@ impl KeyChecks {
         state
     }
 
+    /// Records a key pair this process just generated, sealed and stored as `sealed` and
+    /// `public`: it belongs together by construction, so the next pass over the row (a
+    /// resync's verdict, 10,000 of them after a bulk provisioning) need not open it.
+    pub fn record_generated(&self, subscription_id: &str, sealed: &str, public: &str) {
+        let state = match keys::md5_fingerprint(public) {
+            Ok(fingerprint) => KeyState::Sealed { fingerprint },
+            // Never for a key generated here; checked the long way next time.
+            Err(_) => return,
+        };
+        self.lock().insert(
+            subscription_id.to_string(),
+            (digest_of(Some(sealed), Some(public)), state),
+        );
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, KeyState)>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -94,10 +109,17 @@ fn check_sealed(sealer: &Sealer, row: &subscription::Model, sealed: &str) -> Key
 
 /// Identifies the key columns' content, so a changed column invalidates the cached check.
 fn digest(row: &subscription::Model) -> u64 {
+    digest_of(
+        row.ssh_private_key.as_deref(),
+        row.ssh_public_key.as_deref(),
+    )
+}
+
+fn digest_of(private: Option<&str>, public: Option<&str>) -> u64 {
     use std::hash::{DefaultHasher, Hash, Hasher};
     let mut hasher = DefaultHasher::new();
-    row.ssh_private_key.hash(&mut hasher);
-    row.ssh_public_key.hash(&mut hasher);
+    private.hash(&mut hasher);
+    public.hash(&mut hasher);
     hasher.finish()
 }
 
@@ -153,4 +175,91 @@ pub async fn check_sealer_opens_stored_keys(
         sealed.len(),
         seen.join(", ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine;
+
+    use super::*;
+    use crate::keys::KeyAlgorithm;
+
+    fn sealer(byte: u8) -> Sealer {
+        let key = base64::engine::general_purpose::STANDARD.encode([byte; 32]);
+        Sealer::from_base64(&key, &[]).expect("a valid test key")
+    }
+
+    fn row(private: &str, public: &str) -> subscription::Model {
+        subscription::Model {
+            id: "sub-1".into(),
+            user_id: None,
+            stripe_subscription_id: None,
+            status: Some("active".into()),
+            plan: Some("starter".into()),
+            hetzner_server_id: None,
+            hetzner_ssh_key_id: None,
+            hetzner_firewall_id: None,
+            vps_ip_address: None,
+            vps_hostname: None,
+            provisioning_status: "ready".into(),
+            provisioning_error: None,
+            provisioned_at: None,
+            deprovisioned_at: None,
+            ssh_private_key: Some(private.into()),
+            ssh_public_key: Some(public.into()),
+            desired_version: 1,
+            observed_version: 1,
+            last_reconciled_at: None,
+            status_changed_at: None,
+            ssh_key_origin: None,
+            ssh_host_key: None,
+        }
+    }
+
+    /// The checks are told about a key generated here and do not open it again; anything
+    /// else is opened. A sealer with the wrong key shows which: opening fails with it.
+    #[test]
+    fn a_generated_key_is_not_opened_again_until_its_columns_change() {
+        let pair = keys::generate_blocking(KeyAlgorithm::Ed25519, "vps-1").unwrap();
+        let sealed = sealer(1).seal(pair.private_pem(), "sub-1").unwrap();
+        let public = pair.public_openssh.clone();
+        let generated = row(&sealed, &public);
+        let wrong = sealer(2);
+
+        let untold = KeyChecks::default();
+        assert!(matches!(
+            untold.check(&wrong, &generated, false),
+            KeyState::Unusable(_)
+        ));
+
+        let told = KeyChecks::default();
+        told.record_generated("sub-1", &sealed, &public);
+        let fingerprint = keys::md5_fingerprint(&public).unwrap();
+        assert_eq!(
+            told.check(&wrong, &generated, false),
+            KeyState::Sealed {
+                fingerprint: fingerprint.clone()
+            }
+        );
+        // The right sealer agrees with what was recorded.
+        assert_eq!(
+            told.check(&sealer(1), &generated, true),
+            KeyState::Sealed { fingerprint }
+        );
+        // A fresh check, or changed columns, open the key.
+        let told = KeyChecks::default();
+        told.record_generated("sub-1", &sealed, &public);
+        assert!(matches!(
+            told.check(&wrong, &generated, true),
+            KeyState::Unusable(_)
+        ));
+        let told = KeyChecks::default();
+        told.record_generated("sub-1", &sealed, &public);
+        let other = keys::generate_blocking(KeyAlgorithm::Ed25519, "vps-1").unwrap();
+        let replaced = row(&sealed, &other.public_openssh);
+        assert!(matches!(
+            told.check(&wrong, &replaced, false),
+            KeyState::Unusable(_)
+        ));
+    }
 }

@@ -672,6 +672,7 @@ impl<A: HcloudApi> Reconciler<A> {
             api: &self.api,
             db: &self.db,
             sealer: &self.sealer,
+            key_checks: &self.key_checks,
             config: &self.config,
             owner: &self.owner,
             action_timeout: self.action_timeout,
