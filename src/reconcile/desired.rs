@@ -3,6 +3,7 @@
 //! policy of its status, or why the row is held or cannot be acted on.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -184,9 +185,10 @@ pub struct VpsSpec {
     pub name: String,
     pub labels: Labels,
     pub plan_name: String,
-    pub plan: Plan,
+    /// Shared by every row on the plan ([`shared_plan`]).
+    pub plan: Arc<Plan>,
     /// The plan's firewall rules in wire form, canonicalised for comparison.
-    pub firewall_rules: Vec<FirewallRule>,
+    pub firewall_rules: Arc<[FirewallRule]>,
     /// Powered off and kept (suspend policy, grace period over, deletion delayed): nothing
     /// missing is created, the server is not started.
     pub suspended: bool,
@@ -246,14 +248,17 @@ pub fn desired_for_row(
                     bounded(plan_name, 64),
                     config.plans.keys().cloned().collect::<Vec<_>>().join(", ")
                 )),
-                Some(plan) => Want::Vps(Box::new(VpsSpec {
-                    name: resource_name(config, &row.id),
-                    labels: owner.labels(&key, Some(plan_name)),
-                    plan_name: plan_name.to_string(),
-                    plan: plan.clone(),
-                    firewall_rules: plan_firewall_rules(plan),
-                    suspended,
-                })),
+                Some(plan) => {
+                    let (plan, firewall_rules) = shared_plan(plan);
+                    Want::Vps(Box::new(VpsSpec {
+                        name: resource_name(config, &row.id),
+                        labels: owner.labels(&key, Some(plan_name)),
+                        plan_name: plan_name.to_string(),
+                        plan,
+                        firewall_rules,
+                        suspended,
+                    }))
+                }
             },
         },
     };
@@ -298,6 +303,29 @@ pub fn desired_for_missing_row(config: &Config, subscription_id: &str, key: &str
 }
 
 /// The plan's firewall rules in wire form, canonicalised (see `canonical_rules`).
+/// Plans seen lately, each with its canonical rules: a resync judges every row, and cloning the
+/// plan and canonicalising its rules for each would be most of what judging a converged row
+/// allocates. Found by content, so an edited plan (or another configuration) never gets a
+/// stale entry; cleared when full, so it stays small whatever passes through.
+static SHARED_PLANS: Mutex<Vec<SharedPlan>> = Mutex::new(Vec::new());
+const SHARED_PLANS_MAX: usize = 64;
+
+type SharedPlan = (Arc<Plan>, Arc<[FirewallRule]>);
+
+/// `plan` and its canonical firewall rules, as copies shared with every row on the same plan.
+pub fn shared_plan(plan: &Plan) -> SharedPlan {
+    let mut shared = SHARED_PLANS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((found, rules)) = shared.iter().find(|(found, _)| **found == *plan) {
+        return (Arc::clone(found), Arc::clone(rules));
+    }
+    if shared.len() >= SHARED_PLANS_MAX {
+        shared.clear();
+    }
+    let entry = (Arc::new(plan.clone()), Arc::from(plan_firewall_rules(plan)));
+    shared.push(entry.clone());
+    entry
+}
+
 pub fn plan_firewall_rules(plan: &Plan) -> Vec<FirewallRule> {
     let rules = plan
         .firewall_rules

@@ -286,7 +286,7 @@ impl<A: HcloudApi> Executor<'_, A> {
         let request = CreateFirewall {
             name: spec.name.clone(),
             labels: spec.labels.clone(),
-            rules: spec.firewall_rules.clone(),
+            rules: spec.firewall_rules.to_vec(),
             apply_to: vec![],
         };
         let (firewall, reason) = match self.api.create_firewall(&request).await {

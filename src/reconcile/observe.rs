@@ -1,12 +1,13 @@
 //! Lists -> snapshot. One paginated list per resource kind, filtered by our instance label,
 //! so observing N subscriptions costs 3 * ceil(N / 50) requests, never a GET per object.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::hash::Hash;
+use std::collections::BTreeSet;
+use std::hash::{BuildHasher, Hash};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
+use foldhash::{HashMap, HashSet};
 
 use crate::hcloud::{
     Error, Firewall, FirewallResource, FirewallRule, HcloudApi, ImageRef, Labels, LocationRef,
@@ -100,8 +101,8 @@ struct Interner {
 }
 
 /// The one shared copy of `value` in `set`.
-fn shared<T: Hash + Eq + ?Sized>(
-    set: &mut HashSet<Arc<T>>,
+fn shared<T: Hash + Eq + ?Sized, S: BuildHasher>(
+    set: &mut std::collections::HashSet<Arc<T>, S>,
     value: &T,
     make: impl FnOnce() -> Arc<T>,
 ) -> Arc<T> {

@@ -408,7 +408,11 @@ fn plan_vps(spec: &VpsSpec, row: &RowState, observed: &Observed) -> Plan {
     match firewall {
         None => ops.push(Op::CreateFirewall),
         Some(fw) => {
-            if canonical_rules(fw.rules.clone()) != spec.firewall_rules {
+            // Hetzner gives rules back canonical, so the exact comparison settles almost
+            // every firewall without canonicalising (parsing every CIDR) again.
+            if fw.rules.as_slice() != &*spec.firewall_rules
+                && canonical_rules(fw.rules.clone()).as_slice() != &*spec.firewall_rules
+            {
                 ops.push(Op::SetFirewallRules { firewall_id: fw.id });
             }
             ops.extend(label_update(Kind::Firewall, fw, &spec.labels));

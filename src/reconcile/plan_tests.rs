@@ -29,8 +29,8 @@ fn spec() -> VpsSpec {
         name: NAME.into(),
         labels: owner().labels(ID, Some("starter")),
         plan_name: "starter".into(),
-        firewall_rules: desired::plan_firewall_rules(&plan),
-        plan,
+        firewall_rules: desired::plan_firewall_rules(&plan).into(),
+        plan: plan.into(),
         suspended: false,
     }
 }
@@ -118,7 +118,7 @@ fn server(id: i64, status: ServerStatus) -> Server {
         },
         server_type: ServerTypeRef {
             id: 1,
-            name: spec().plan.server_type,
+            name: spec().plan.server_type.clone(),
         },
         location: LocationRef {
             id: 1,
@@ -146,7 +146,7 @@ fn firewall(id: i64) -> Firewall {
         name: NAME.into(),
         labels: spec().labels,
         created: created(),
-        rules: spec().firewall_rules,
+        rules: spec().firewall_rules.to_vec(),
         applied_to: vec![FirewallResource::server(SERVER)],
     }
 }
@@ -221,7 +221,7 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let mut other_rules = spec().firewall_rules;
+    let mut other_rules = spec().firewall_rules.to_vec();
     other_rules.pop();
     let mut wrong_labels = spec().labels;
     wrong_labels.insert(desired::PLAN_LABEL.into(), "pro".into());
@@ -663,7 +663,7 @@ fn cases() -> Vec<Case> {
             ops: vec![Op::ReportServerTypeDrift {
                 server_id: SERVER,
                 observed: "cx53".into(),
-                wanted: spec().plan.server_type,
+                wanted: spec().plan.server_type.clone(),
             }],
             outcome: Outcome::Ready,
         },
