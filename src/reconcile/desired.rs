@@ -302,7 +302,6 @@ pub fn desired_for_missing_row(config: &Config, subscription_id: &str, key: &str
     }
 }
 
-/// The plan's firewall rules in wire form, canonicalised (see `canonical_rules`).
 /// Plans seen lately, each with its canonical rules: a resync judges every row, and cloning the
 /// plan and canonicalising its rules for each would be most of what judging a converged row
 /// allocates. Found by content, so an edited plan (or another configuration) never gets a
@@ -326,6 +325,7 @@ pub fn shared_plan(plan: &Plan) -> SharedPlan {
     entry
 }
 
+/// The plan's firewall rules in wire form, canonicalised (see `canonical_rules`).
 pub fn plan_firewall_rules(plan: &Plan) -> Vec<FirewallRule> {
     let rules = plan
         .firewall_rules
@@ -431,6 +431,38 @@ mod tests {
             ssh_key_origin: None,
             ssh_host_key: None,
         }
+    }
+
+    /// Rows on one plan share one copy of it and its rules; an edited plan gets its own.
+    #[test]
+    fn rows_share_their_plan_until_it_changes() {
+        let config = Config::builtin();
+        let now = Utc::now();
+        let owner = Owner::new("0123456789abcdef", &config);
+        let spec = |config: &Config, id: &str| {
+            let mut row = row(Some("active"), None, now);
+            row.id = id.into();
+            match desired_for_row(config, &owner, &row, now).want {
+                Want::Vps(spec) => spec,
+                other => panic!("{other:?}"),
+            }
+        };
+        let (a, b) = (spec(&config, "sub-a"), spec(&config, "sub-b"));
+        assert!(Arc::ptr_eq(&a.plan, &b.plan));
+        assert!(Arc::ptr_eq(&a.firewall_rules, &b.firewall_rules));
+
+        let mut edited = config.clone();
+        let starter = edited.plans.get_mut("starter").unwrap();
+        starter.firewall_rules[0].source_ips = vec!["2001:DB8:0:0::/64".into()];
+        let c = spec(&edited, "sub-a");
+        assert!(!Arc::ptr_eq(&a.plan, &c.plan));
+        assert_eq!(*c.plan, edited.plans["starter"]);
+        // Canonicalised: the address in RFC 5952 form.
+        assert_eq!(c.firewall_rules[0].source_ips, vec!["2001:db8::/64"]);
+        // The first configuration's plan is still found, unchanged.
+        let d = spec(&config, "sub-c");
+        assert_eq!(d.firewall_rules, a.firewall_rules);
+        assert_eq!(*d.plan, config.plans["starter"]);
     }
 
     /// What a status wants, and for how long, at the boundaries of the grace period and the
