@@ -11,10 +11,10 @@
 //! one addition that makes batching happen: a round starts at most once per `initial`, so the
 //! callers that fall due in between are served together by the next round (a caller is then
 //! answered up to `initial` later than alone, never earlier) — unless the due callers'
-//! running actions already fill half a request: then a round starts at once and polls them
-//! all if they fit in one request, else as many whole requests' worth as there are, oldest
-//! callers first. Under load every request is at least half full and nobody waits for the
-//! gap; when little is going on the process polls no faster than one hcloud CLI waiter.
+//! running actions already fill a request: then a round starts at once and polls as many whole
+//! requests' worth of them as there are, oldest callers first. Under load every
+//! request is full and nobody waits for the gap; when little is going on the process polls no
+//! faster than one hcloud CLI waiter.
 //!
 //! Outcomes stay per caller: an action in `error` fails the callers waiting for it, a deadline
 //! fails its own caller, an ID the API leaves out fails the callers that asked for it, and a
@@ -42,11 +42,6 @@ pub(super) const SERVER_ACTION_IDS_PER_REQUEST: usize = 50;
 /// A request's worth of IDs, in units where an ID asked at `/servers/actions` weighs 1 and
 /// one asked at `/actions` weighs 2.
 const REQUEST_UNITS: usize = SERVER_ACTION_IDS_PER_REQUEST;
-
-/// Due waits this heavy start a round before the gap ends: half a request. Waiting for whole
-/// ones held each reconcile of a bulk provisioning longer (N = 10,000 converged in 313 s,
-/// against 234 s with 25-ID requests); half keeps every such request at least half full.
-const EARLY_ROUND_UNITS: usize = REQUEST_UNITS / 2;
 
 /// Where a round asks about an action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,21 +285,16 @@ impl ActionWaiter {
         }
         match gap_end {
             Some(gap_end) if now < gap_end => {
-                // Too soon after the last round, unless the due waits fill half a request:
-                // then all of them if they fit in one, else whole requests' worth.
+                // Too soon after the last round, unless the due waits fill a request.
                 let due_units: usize = state
                     .callers
                     .values()
                     .filter(|c| c.outcome.is_none() && !c.in_round && c.due() <= now)
                     .map(Caller::pending_units)
                     .sum();
-                if due_units >= EARLY_ROUND_UNITS {
-                    let limit = if due_units < REQUEST_UNITS {
-                        REQUEST_UNITS
-                    } else {
-                        due_units - due_units % REQUEST_UNITS
-                    };
-                    return Step::Lead(Self::start_round(&mut state, now, Some(limit)));
+                if due_units >= REQUEST_UNITS {
+                    let whole = due_units - due_units % REQUEST_UNITS;
+                    return Step::Lead(Self::start_round(&mut state, now, Some(whole)));
                 }
                 Step::Wait(Some(gap_end.min(deadline)))
             }
@@ -793,9 +783,9 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn more_than_a_request_of_due_waits_polls_whole_requests_early() {
+    async fn fifty_due_server_actions_fill_a_request() {
         let mut finish = vec![(1, 0, ActionStatus::Success)];
-        finish.extend((10..70).map(|id| (id, 0, ActionStatus::Success)));
+        finish.extend((10..60).map(|id| (id, 0, ActionStatus::Success)));
         let fake = Arc::new(Fake::new(&finish));
         let waiter = ActionWaiter::new(poll());
         let late = |ids: Vec<i64>| {
@@ -808,50 +798,14 @@ mod tests {
                 fake.start.elapsed()
             }
         };
-        // At 120 ms 30 waits of 2 server IDs are due (60) inside the gap: the 25 oldest (one
-        // full request) at once, the other 5 once the gap after that round has passed.
+        // At 120 ms 25 waits of 2 server IDs are due (50: a whole request) inside the gap.
         let (lone, answered) = tokio::join!(
             wait(&waiter, &fake, &[1], Duration::from_secs(10)),
-            futures::future::join_all((0..30).map(|k| late(vec![10 + 2 * k, 11 + 2 * k]))),
+            futures::future::join_all((0..25).map(|k| late(vec![10 + 2 * k, 11 + 2 * k]))),
         );
         assert_eq!(ids_of(&lone), vec![1]);
-        assert_eq!(answered[..25], [ms(120); 25]);
-        assert_eq!(answered[25..], [ms(220); 5]);
-        let sizes: Vec<usize> = fake.calls().iter().map(|(_, ids)| ids.len()).collect();
-        assert_eq!(sizes, vec![1, 50, 10]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn half_a_request_of_due_waits_starts_a_round_early_and_less_does_not() {
-        for (waits, answered_at) in [(13, 120), (12, 200)] {
-            let mut finish = vec![(1, 0, ActionStatus::Success)];
-            finish.extend((10..10 + 2 * waits).map(|id| (id, 0, ActionStatus::Success)));
-            let fake = Arc::new(Fake::new(&finish));
-            let waiter = ActionWaiter::new(poll());
-            let late = |ids: Vec<i64>| {
-                let (waiter, fake) = (&waiter, &fake);
-                async move {
-                    tokio::time::sleep(ms(20)).await;
-                    let result =
-                        wait_refs(waiter, fake, &on_server(&ids), Duration::from_secs(10)).await;
-                    assert_eq!(ids_of(&result), ids);
-                    fake.start.elapsed()
-                }
-            };
-            let (lone, answered) = tokio::join!(
-                wait(&waiter, &fake, &[1], Duration::from_secs(10)),
-                futures::future::join_all(
-                    (0..waits).map(|k| late(vec![10 + 2 * k, 11 + 2 * k]))
-                ),
-            );
-            assert_eq!(ids_of(&lone), vec![1]);
-            // 13 waits of 2 server IDs (26 of 50) start a round at 120 ms, inside the gap, in
-            // one request; 12 (24) wait for the gap to end.
-            assert_eq!(answered, vec![ms(answered_at); waits as usize], "{waits} waits");
-            let calls = fake.calls();
-            assert_eq!(calls.len(), 2, "{calls:?}");
-            assert_eq!(calls[1].1.len(), 2 * waits as usize);
-        }
+        assert_eq!(answered, vec![ms(120); 25]);
+        assert_eq!(fake.calls().len(), 2);
     }
 
     #[tokio::test(start_paused = true)]
