@@ -36,9 +36,43 @@ struct KeyState {
     requeues: u32,
 }
 
+impl KeyState {
+    /// What this entry adds to [`Keys::failing`] and [`Keys::scheduled`].
+    fn counted(&self) -> (usize, usize) {
+        (
+            usize::from(self.failures > 0),
+            usize::from(self.not_before.is_some()),
+        )
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct WorkSet {
-    keys: Mutex<HashMap<String, KeyState>>,
+    keys: Mutex<Keys>,
+}
+
+/// The entries, and two counts the control loop reads every tick, kept as entries change so
+/// that an idle loop over 10,000 subscriptions does not walk them all twice a second.
+#[derive(Debug, Default)]
+struct Keys {
+    map: HashMap<String, KeyState>,
+    /// Entries backing off after a failure.
+    failing: usize,
+    /// Entries with a time to look again: only they can come due.
+    scheduled: usize,
+}
+
+impl Keys {
+    /// Applies `change` to `key`'s entry (a new one if missing), keeping the counts.
+    fn update<R>(&mut self, key: &str, change: impl FnOnce(&mut KeyState) -> R) -> R {
+        let state = self.map.entry(key.to_string()).or_default();
+        let before = state.counted();
+        let out = change(state);
+        let after = state.counted();
+        self.failing = self.failing + after.0 - before.0;
+        self.scheduled = self.scheduled + after.1 - before.1;
+        out
+    }
 }
 
 /// Marks a key in flight until dropped.
@@ -62,7 +96,7 @@ pub enum Finish {
 }
 
 impl WorkSet {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, KeyState>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Keys> {
         // A panic elsewhere never leaves the map half-updated: every update is one statement.
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -86,34 +120,36 @@ impl WorkSet {
         now: Instant,
         resync: bool,
     ) -> Option<Claim> {
-        let mut keys = self.lock();
-        let state = keys.entry(key.to_string()).or_default();
-        state.id = id.to_string();
-        if state.in_flight {
-            // A row that changed after the reconcile in flight read it comes back as soon as
-            // that reconcile ends.
-            if version.is_some() && version != state.claimed_version {
-                state.rerun = true;
+        let claimed = self.lock().update(key, |state| {
+            state.id = id.to_string();
+            if state.in_flight {
+                // A row that changed after the reconcile in flight read it comes back as soon
+                // as that reconcile ends.
+                if version.is_some() && version != state.claimed_version {
+                    state.rerun = true;
+                }
+                return false;
             }
-            return None;
-        }
-        let read_before_last_end = read_at
-            .zip(state.last_done)
-            .is_some_and(|(read, done)| done > read);
-        if version.is_some() && read_before_last_end && !state.rerun {
-            return None;
-        }
-        let changed_since_failure =
-            version.is_some() && state.failed_version.is_some() && version != state.failed_version;
-        let waiting = state.not_before.is_some_and(|t| t > now);
-        let failing = state.failures > 0;
-        if waiting && (failing || !resync) && !changed_since_failure {
-            return None;
-        }
-        state.in_flight = true;
-        state.rerun = false;
-        state.claimed_version = version;
-        Some(Claim {
+            let read_before_last_end = read_at
+                .zip(state.last_done)
+                .is_some_and(|(read, done)| done > read);
+            if version.is_some() && read_before_last_end && !state.rerun {
+                return false;
+            }
+            let changed_since_failure = version.is_some()
+                && state.failed_version.is_some()
+                && version != state.failed_version;
+            let waiting = state.not_before.is_some_and(|t| t > now);
+            let failing = state.failures > 0;
+            if waiting && (failing || !resync) && !changed_since_failure {
+                return false;
+            }
+            state.in_flight = true;
+            state.rerun = false;
+            state.claimed_version = version;
+            true
+        });
+        claimed.then(|| Claim {
             set: Arc::clone(self),
             key: key.to_string(),
             id: id.to_string(),
@@ -125,32 +161,36 @@ impl WorkSet {
     /// ran (e.g. its row was deleted: the notice is consumed, this keeps it). A failure
     /// backoff still applies.
     pub fn request(&self, key: &str, id: &str, now: Instant) {
-        let mut keys = self.lock();
-        let state = keys.entry(key.to_string()).or_default();
-        state.id = id.to_string();
-        state.rerun = true;
-        if !state.in_flight && state.failures == 0 {
-            state.not_before = Some(now);
-        }
+        self.lock().update(key, |state| {
+            state.id = id.to_string();
+            state.rerun = true;
+            if !state.in_flight && state.failures == 0 {
+                state.not_before = Some(now);
+            }
+        });
     }
 
     /// Asks for `key` to be looked at again at `at` (a grace period or a deletion delay ends
     /// then), unless it is in flight, backing off, or already due sooner.
     pub fn recheck(&self, key: &str, id: &str, at: Instant) {
-        let mut keys = self.lock();
-        let state = keys.entry(key.to_string()).or_default();
-        state.id = id.to_string();
-        if state.in_flight || state.failures > 0 {
-            return;
-        }
-        if state.not_before.is_none_or(|due| due > at) {
-            state.not_before = Some(at);
-        }
+        self.lock().update(key, |state| {
+            state.id = id.to_string();
+            if state.in_flight || state.failures > 0 {
+                return;
+            }
+            if state.not_before.is_none_or(|due| due > at) {
+                state.not_before = Some(at);
+            }
+        });
     }
 
     /// `(key, id)` of the entries whose requeue or backoff delay has passed.
     pub fn due(&self, now: Instant) -> Vec<(String, String)> {
-        self.lock()
+        let keys = self.lock();
+        if keys.scheduled == 0 {
+            return Vec::new();
+        }
+        keys.map
             .iter()
             .filter(|(_, s)| !s.in_flight && s.not_before.is_some_and(|t| t <= now))
             .map(|(k, s)| (k.clone(), s.id.clone()))
@@ -159,22 +199,38 @@ impl WorkSet {
 
     /// When `key` last finished a reconcile (to know whether a snapshot is still fresh).
     pub fn last_done(&self, key: &str) -> Option<Instant> {
-        self.lock().get(key).and_then(|s| s.last_done)
+        self.lock().map.get(key).and_then(|s| s.last_done)
     }
 
     /// Forgets keys `keep` rejects (deleted subscriptions), except those in flight.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
-        self.lock()
-            .retain(|key, state| state.in_flight || state.rerun || keep(key));
+        let mut keys = self.lock();
+        let Keys {
+            map,
+            failing,
+            scheduled,
+        } = &mut *keys;
+        map.retain(|key, state| {
+            let kept = state.in_flight || state.rerun || keep(key);
+            if !kept {
+                let (was_failing, was_scheduled) = state.counted();
+                *failing -= was_failing;
+                *scheduled -= was_scheduled;
+            }
+            kept
+        });
     }
 
     pub fn in_backoff(&self) -> usize {
-        self.lock().values().filter(|s| s.failures > 0).count()
+        self.lock().failing
     }
 
     fn finish(&self, key: &str, finish: Option<Finish>, now: Instant) {
-        let mut keys = self.lock();
-        let state = keys.entry(key.to_string()).or_default();
+        self.lock()
+            .update(key, |state| Self::finish_entry(state, finish, now));
+    }
+
+    fn finish_entry(state: &mut KeyState, finish: Option<Finish>, now: Instant) {
         state.in_flight = false;
         state.last_done = Some(now);
         match finish {
@@ -270,6 +326,59 @@ mod tests {
         let (set, key) = (Arc::clone(&claim.set), claim.key.clone());
         drop(claim);
         set.finish(&key, Some(finish), at);
+    }
+
+    /// The counts the loop reads (`in_backoff`, whether anything can be `due`) follow every
+    /// kind of change, against a count of the entries themselves.
+    #[test]
+    fn the_kept_counts_match_the_entries_after_every_change() {
+        fn check(set: &WorkSet, step: &str) {
+            let keys = set.lock();
+            let failing = keys.map.values().filter(|s| s.failures > 0).count();
+            let scheduled = keys.map.values().filter(|s| s.not_before.is_some()).count();
+            assert_eq!(
+                (keys.failing, keys.scheduled),
+                (failing, scheduled),
+                "after {step}"
+            );
+        }
+        let set = Arc::new(WorkSet::default());
+        let now = Instant::now();
+        let keys = ["a", "b", "c", "d", "e"];
+        for round in 0..4u32 {
+            for (i, key) in keys.iter().enumerate() {
+                let Some(claim) = set.try_claim(key, key, Some(1), None, now, true) else {
+                    check(&set, &format!("a refused claim of {key}"));
+                    continue;
+                };
+                check(&set, &format!("claiming {key}"));
+                match (i + round as usize) % 5 {
+                    0 => claim.finish(Finish::Success),
+                    1 => claim.finish(Finish::Failure { version: Some(1) }),
+                    2 => claim.finish(Finish::RetryAfter(Duration::from_secs(1))),
+                    3 => claim.finish(Finish::Recheck(Duration::from_secs(60))),
+                    _ => drop(claim),
+                }
+                check(&set, &format!("finishing {key} in round {round}"));
+            }
+            set.request("a", "a", now);
+            check(&set, "a request");
+            set.recheck("b", "b", now + Duration::from_secs(5));
+            check(&set, "a recheck");
+            // Claimed at a later time, so backoffs and requeues have passed.
+            let later = now + Duration::from_secs(3600);
+            if let Some(claim) = set.try_claim("c", "c", Some(2), None, later, false) {
+                claim.finish(Finish::Success);
+            }
+            check(&set, "a success after a failure");
+            set.retain(|key| key != "d" && key != "e");
+            check(&set, "forgetting d and e");
+        }
+        assert!(set.in_backoff() <= keys.len());
+        // Only a key asked for again ("a") outlives forgetting everything.
+        set.retain(|_| false);
+        check(&set, "forgetting all");
+        assert_eq!(set.lock().map.keys().collect::<Vec<_>>(), ["a"]);
     }
 
     #[test]
