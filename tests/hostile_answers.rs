@@ -875,6 +875,20 @@ async fn a_listing_fails_rather_than_come_back_short() {
     assert_eq!(all.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1, 2]);
 }
 
+/// The most the kernel may buffer for one loopback connection: the receive and send buffers'
+/// maxima (`net.ipv4.tcp_rmem`, `tcp_wmem`), 32 MiB together if they cannot be read.
+fn socket_buffers_max() -> u64 {
+    let max_of = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+            .ok()
+            .and_then(|text| text.split_whitespace().nth(2)?.parse::<u64>().ok())
+    };
+    match (max_of("tcp_rmem"), max_of("tcp_wmem")) {
+        (Some(receive), Some(send)) => receive + send,
+        _ => 32 << 20,
+    }
+}
+
 /// A body larger than `MAX_BODY_BYTES` fails clearly, and the client stops reading: with a
 /// `Content-Length` it reads nothing, without one it stops soon after the limit, however much
 /// the server would send (1 GiB here).
@@ -904,10 +918,13 @@ async fn a_huge_body_is_refused_without_being_read() {
             "{what}: {text}"
         );
         let streamed = h.script.streamed.load(Ordering::SeqCst);
-        // Whatever sits in socket buffers is streamed too; reading stops near the limit.
+        // Reading stops at the limit; what the kernel buffers on both sides of the socket is
+        // streamed too (Linux grows a receive buffer up to tcp_rmem's maximum, 32 MiB on the
+        // machine where the fixed bound of 16 MiB failed 2 runs in 5), plus a chunk in flight.
+        let bound = MAX_BODY_BYTES as u64 + socket_buffers_max() + (1 << 20);
         assert!(
-            streamed < (MAX_BODY_BYTES as u64) * 4,
-            "{what}: the server streamed {streamed} bytes"
+            streamed < bound,
+            "{what}: the server streamed {streamed} bytes (bound {bound})"
         );
         assert!(started.elapsed() < Duration::from_secs(10), "{what}");
     }
