@@ -1753,6 +1753,23 @@ mod against_simulator {
         assert_eq!(stats["total"], 6, "{stats}");
     }
 
+    /// The actions of setting the SSH rule on a new firewall that is applied nowhere.
+    async fn rules_set_on_a_new_firewall(api: &Client, name: &str) -> Vec<Action> {
+        let firewall = api
+            .create_firewall(&CreateFirewall {
+                name: name.into(),
+                labels: Labels::new(),
+                rules: vec![],
+                apply_to: vec![],
+            })
+            .await
+            .unwrap()
+            .firewall;
+        api.set_firewall_rules(firewall.id, &[ssh_rule()])
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn waiting_for_actions_batches_ids_and_reports_outcomes() {
         let sim = simulator(SimulatorConfig {
@@ -1763,21 +1780,9 @@ mod against_simulator {
         let api = client(&sim);
         let mut action_ids = Vec::new();
         for i in 0..30 {
-            let firewall = api
-                .create_firewall(&CreateFirewall {
-                    name: format!("batch-{i}"),
-                    labels: Labels::new(),
-                    rules: vec![],
-                    apply_to: vec![],
-                })
-                .await
-                .unwrap()
-                .firewall;
-            let actions = api
-                .set_firewall_rules(firewall.id, &[ssh_rule()])
-                .await
-                .unwrap();
-            action_ids.extend(ActionRef::all(&actions));
+            action_ids.extend(ActionRef::all(
+                &rules_set_on_a_new_firewall(&api, &format!("batch-{i}")).await,
+            ));
         }
         assert_eq!(action_ids.len(), 30);
         post_control(&sim, "reset", Value::Null).await;
@@ -1796,20 +1801,7 @@ mod against_simulator {
         })
         .await;
         let api = client(&sim);
-        let firewall = api
-            .create_firewall(&CreateFirewall {
-                name: "no-servers".into(),
-                labels: Labels::new(),
-                rules: vec![],
-                apply_to: vec![],
-            })
-            .await
-            .unwrap()
-            .firewall;
-        let actions = api
-            .set_firewall_rules(firewall.id, &[ssh_rule()])
-            .await
-            .unwrap();
+        let actions = rules_set_on_a_new_firewall(&api, "no-servers").await;
         assert!(!ActionRef::all(&actions).iter().any(|a| a.on_server));
         // Claimed to touch a server (as if the API listed it elsewhere than we guessed).
         let claimed: Vec<ActionRef> = actions
@@ -1838,21 +1830,7 @@ mod against_simulator {
         })
         .await;
         let api = client(&sim);
-        let firewall = api
-            .create_firewall(&CreateFirewall {
-                name: "slow".into(),
-                labels: Labels::new(),
-                rules: vec![],
-                apply_to: vec![],
-            })
-            .await
-            .unwrap()
-            .firewall;
-        let actions = ActionRef::all(
-            &api.set_firewall_rules(firewall.id, &[ssh_rule()])
-                .await
-                .unwrap(),
-        );
+        let actions = ActionRef::all(&rules_set_on_a_new_firewall(&api, "slow").await);
         let ids: Vec<i64> = actions.iter().map(|a| a.id).collect();
         let err = api
             .wait_for_actions(&actions, Duration::from_millis(100))

@@ -408,28 +408,12 @@ mod tests {
         now: DateTime<Utc>,
     ) -> subscription::Model {
         subscription::Model {
-            id: "sub-1".into(),
             user_id: Some("u".into()),
-            stripe_subscription_id: None,
             status: status.map(str::to_owned),
-            plan: Some("starter".into()),
-            hetzner_server_id: None,
-            hetzner_ssh_key_id: None,
-            hetzner_firewall_id: None,
-            vps_ip_address: None,
-            vps_hostname: None,
             provisioning_status: "ready".into(),
-            provisioning_error: None,
-            provisioned_at: None,
-            deprovisioned_at: None,
-            ssh_private_key: None,
-            ssh_public_key: None,
-            desired_version: 1,
             observed_version: 1,
-            last_reconciled_at: None,
             status_changed_at: hours_in_status.map(|h| now - chrono::Duration::hours(h)),
-            ssh_key_origin: None,
-            ssh_host_key: None,
+            ..subscription::Model::example("sub-1")
         }
     }
 

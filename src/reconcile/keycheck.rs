@@ -191,28 +191,9 @@ mod tests {
 
     fn row(private: &str, public: &str) -> subscription::Model {
         subscription::Model {
-            id: "sub-1".into(),
-            user_id: None,
-            stripe_subscription_id: None,
-            status: Some("active".into()),
-            plan: Some("starter".into()),
-            hetzner_server_id: None,
-            hetzner_ssh_key_id: None,
-            hetzner_firewall_id: None,
-            vps_ip_address: None,
-            vps_hostname: None,
-            provisioning_status: "ready".into(),
-            provisioning_error: None,
-            provisioned_at: None,
-            deprovisioned_at: None,
             ssh_private_key: Some(private.into()),
             ssh_public_key: Some(public.into()),
-            desired_version: 1,
-            observed_version: 1,
-            last_reconciled_at: None,
-            status_changed_at: None,
-            ssh_key_origin: None,
-            ssh_host_key: None,
+            ..subscription::Model::example("sub-1")
         }
     }
 

@@ -823,28 +823,12 @@ fn planning_twice_gives_the_same_plan() {
 /// the spec changed once since the controller last looked (`desired_version` 2).
 fn model(provisioning_status: &str) -> crate::db::entities::subscription::Model {
     crate::db::entities::subscription::Model {
-        id: ID.into(),
         user_id: Some("user-1".into()),
-        stripe_subscription_id: None,
         status: Some("canceled".into()),
-        plan: Some("starter".into()),
-        hetzner_server_id: None,
-        hetzner_ssh_key_id: None,
-        hetzner_firewall_id: None,
-        vps_ip_address: None,
-        vps_hostname: None,
         provisioning_status: provisioning_status.into(),
-        provisioning_error: None,
-        provisioned_at: None,
-        deprovisioned_at: None,
-        ssh_private_key: None,
-        ssh_public_key: None,
         desired_version: 2,
         observed_version: 1,
-        last_reconciled_at: None,
-        status_changed_at: None,
-        ssh_key_origin: None,
-        ssh_host_key: None,
+        ..crate::db::entities::subscription::Model::example(ID)
     }
 }
 

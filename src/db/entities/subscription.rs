@@ -85,3 +85,35 @@ impl std::fmt::Debug for Model {
 pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
+
+#[cfg(test)]
+impl Model {
+    /// A row as the web app inserts it for unit tests: `active` on the `starter` plan, every
+    /// controller column at its default. Tests set what they are about with `..`.
+    pub fn example(id: &str) -> Model {
+        Model {
+            id: id.into(),
+            user_id: None,
+            stripe_subscription_id: None,
+            status: Some("active".into()),
+            plan: Some("starter".into()),
+            hetzner_server_id: None,
+            hetzner_ssh_key_id: None,
+            hetzner_firewall_id: None,
+            vps_ip_address: None,
+            vps_hostname: None,
+            provisioning_status: "pending".into(),
+            provisioning_error: None,
+            provisioned_at: None,
+            deprovisioned_at: None,
+            ssh_private_key: None,
+            ssh_public_key: None,
+            desired_version: 1,
+            observed_version: 0,
+            last_reconciled_at: None,
+            status_changed_at: None,
+            ssh_key_origin: None,
+            ssh_host_key: None,
+        }
+    }
+}
