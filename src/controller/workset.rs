@@ -97,7 +97,7 @@ pub enum Finish {
 
 impl WorkSet {
     fn lock(&self) -> std::sync::MutexGuard<'_, Keys> {
-        // A panic elsewhere never leaves the map half-updated: every update is one statement.
+        // A panic elsewhere never leaves the set half-updated: nothing in an update panics.
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
