@@ -178,6 +178,21 @@ trait Stored: Sized {
     }
 }
 
+/// The accessors of [`Stored`], the same for every kind (their fields share names).
+macro_rules! stored_fields {
+    () => {
+        fn id(&self) -> i64 {
+            self.id
+        }
+        fn name(&self) -> &Arc<str> {
+            &self.name
+        }
+        fn labels(&self) -> &StoredLabels {
+            &self.labels
+        }
+    };
+}
+
 // Every field of the wire types is kept: the destructuring below names each one, so a field
 // added to a wire type is a compile error here rather than lost in a snapshot.
 
@@ -226,15 +241,7 @@ impl Stored for StoredServer {
             image: image.map(|image| interner.image(image)),
         }
     }
-    fn id(&self) -> i64 {
-        self.id
-    }
-    fn name(&self) -> &Arc<str> {
-        &self.name
-    }
-    fn labels(&self) -> &StoredLabels {
-        &self.labels
-    }
+    stored_fields!();
     fn load(&self) -> Server {
         Server {
             id: self.id,
@@ -282,15 +289,7 @@ impl Stored for StoredSshKey {
             created,
         }
     }
-    fn id(&self) -> i64 {
-        self.id
-    }
-    fn name(&self) -> &Arc<str> {
-        &self.name
-    }
-    fn labels(&self) -> &StoredLabels {
-        &self.labels
-    }
+    stored_fields!();
     fn load(&self) -> SshKey {
         SshKey {
             id: self.id,
@@ -333,15 +332,7 @@ impl Stored for StoredFirewall {
             applied_to: applied_to.into_boxed_slice(),
         }
     }
-    fn id(&self) -> i64 {
-        self.id
-    }
-    fn name(&self) -> &Arc<str> {
-        &self.name
-    }
-    fn labels(&self) -> &StoredLabels {
-        &self.labels
-    }
+    stored_fields!();
     fn load(&self) -> Firewall {
         Firewall {
             id: self.id,
