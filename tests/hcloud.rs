@@ -2131,7 +2131,7 @@ mod against_simulator {
             assert_eq!(err.metric_label(), "server_error", "{err}");
         }
         // The next waits poll again: one of them asks about an action that does not exist.
-        let unknown = [first[0], ActionRef::id(999_999_999)];
+        let unknown = [first[0], ActionRef::from_id(999_999_999)];
         let (a, b) = tokio::join!(
             api.wait_for_actions(&unknown, WAIT),
             api.wait_for_actions(second, WAIT)

@@ -650,7 +650,7 @@ mod tests {
         ids: &[i64],
         timeout: Duration,
     ) -> Result<Vec<Action>, Error> {
-        let actions: Vec<ActionRef> = ids.iter().map(|id| ActionRef::id(*id)).collect();
+        let actions: Vec<ActionRef> = ids.iter().map(|id| ActionRef::from_id(*id)).collect();
         wait_refs(waiter, fake, &actions, timeout).await
     }
 

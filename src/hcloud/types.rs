@@ -602,7 +602,7 @@ pub struct ActionRef {
 
 impl ActionRef {
     /// An action known only by its ID: asked about at `GET /actions`.
-    pub fn id(id: i64) -> Self {
+    pub fn from_id(id: i64) -> Self {
         Self {
             id,
             on_server: false,
