@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use vps_controller::config::Config;
 use vps_controller::controller::{Controller, leader, triggers};
 use vps_controller::db::{self, deletion_guard, installation, subscriptions};
-use vps_controller::hcloud::{Budget, Client, ClientConfig, HcloudApi, Token};
+use vps_controller::hcloud::{Budget, Client, ClientConfig, HcloudApi, Token, WriteGate};
 use vps_controller::keys::Sealer;
 use vps_controller::reconcile::Reconciler;
 use vps_controller::reconcile::desired::Owner;
@@ -572,8 +572,15 @@ fn scaled_rate_limit(rate_limit: u32, time_scale: f64) -> u32 {
         .clamp(1.0, f64::from(u32::MAX)) as u32
 }
 
-fn client(args: &ControllerArgs, endpoint: &str, token: Token, time_scale: f64) -> Result<Client> {
+fn client(
+    args: &ControllerArgs,
+    endpoint: &str,
+    token: Token,
+    time_scale: f64,
+    write_gate: WriteGate,
+) -> Result<Client> {
     let config = ClientConfig {
+        write_gate: Some(write_gate),
         budget: Arc::new(Budget::new(args.hcloud_rate_limit).with_time_scale(time_scale)?),
         timeout: Duration::from_secs(args.hcloud_timeout_seconds),
         ..ClientConfig::new(endpoint, token)
@@ -622,6 +629,12 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     tracing::info!(installation = %owner.installation, instance = %owner.instance, "resources are owned through label {}={}", vps_controller::reconcile::desired::INSTALLATION_LABEL, owner.installation);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let leadership = leader::Leadership::default();
+    // Nothing that changes Hetzner leaves this process unless it leads at that very moment.
+    let write_gate = {
+        let leadership = leadership.clone();
+        WriteGate::new(move || leadership.is_leader())
+    };
     let mut simulator = None;
     let api = if args.simulate {
         tracing::warn!("==============================================================");
@@ -655,7 +668,13 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             config.ssh.port = ssh.port();
         }
         tracing::warn!(endpoint = %running.base_url(), ssh = ?running.ssh_addr(), "simulator listening");
-        let api = client(&args.controller, &running.base_url(), token, time_scale)?;
+        let api = client(
+            &args.controller,
+            &running.base_url(),
+            token,
+            time_scale,
+            write_gate,
+        )?;
         simulator = Some(running);
         api
     } else {
@@ -664,6 +683,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
             &args.controller.hcloud_endpoint,
             token,
             time_scale,
+            write_gate,
         )?
     };
     // An ephemeral demo key never opens an earlier run's keys; that is expected there.
@@ -682,7 +702,6 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
     let health = Arc::new(Health::new(Some(Box::new(move || {
         reachability.reachability()
     }))));
-    let leadership = leader::Leadership::default();
     let status_page = telemetry::status_page::StatusPage::new(
         owner.installation.clone(),
         leadership.clone(),
@@ -834,6 +853,8 @@ async fn plan(args: PlanArgs) -> Result<ExitCode> {
         &args.controller.hcloud_endpoint,
         read_token(&args.controller)?,
         time_scale,
+        // `plan` only reads: a request that would change anything is a bug, and is not sent.
+        WriteGate::new(|| false),
     )?;
     let report = vps_controller::reconcile::report::plan_all(&api, &conn, &config).await?;
     print!("{}", report.render());

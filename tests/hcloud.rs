@@ -1508,6 +1508,74 @@ mod against_simulator {
         assert_eq!(api.retry_count() + intruder.retry_count(), 0);
     }
 
+    /// The leader lease as the client sees it: a write is sent only while the gate is open,
+    /// asked again before each retry; reads always go out.
+    #[tokio::test]
+    async fn a_write_is_sent_only_while_the_gate_is_open_and_each_retry_asks_again() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let sim = simulator(SimulatorConfig::default()).await;
+        // Open for exactly one ask: the first attempt goes out, its retry must not.
+        let asked = Arc::new(AtomicUsize::new(0));
+        let gate = {
+            let asked = Arc::clone(&asked);
+            WriteGate::new(move || asked.fetch_add(1, Ordering::SeqCst) == 0)
+        };
+        let api = Client::new(ClientConfig {
+            write_gate: Some(gate),
+            ..config(&sim)
+        })
+        .unwrap();
+        post_control(
+            &sim,
+            "faults",
+            serde_json::json!({"faults": [
+                {"kind": "http_502_html", "endpoints": ["POST /ssh_keys"], "count": 1}
+            ]}),
+        )
+        .await;
+        let request = CreateSshKey {
+            name: "gated".into(),
+            public_key: public_key(21),
+            labels: Labels::new(),
+        };
+        let err = api.create_ssh_key(&request).await.unwrap_err();
+        assert!(matches!(err, Error::NotLeading), "{err}");
+        assert_eq!(err.metric_label(), "not_leading");
+        let seen = stats(&sim).await;
+        assert_eq!(
+            requests_to(&seen, "POST /ssh_keys"),
+            1,
+            "the retry was held back"
+        );
+        assert_eq!(asked.load(Ordering::SeqCst), 2, "asked before each attempt");
+
+        // Shut: reads go out, writes of every method do not.
+        assert!(api.list_ssh_keys("").await.unwrap().is_empty());
+        assert!(matches!(
+            api.create_ssh_key(&request).await,
+            Err(Error::NotLeading)
+        ));
+        assert!(matches!(
+            api.delete_ssh_key(1).await,
+            Err(Error::NotLeading)
+        ));
+        let seen = stats(&sim).await;
+        assert_eq!(requests_to(&seen, "GET /ssh_keys"), 1);
+        assert_eq!(requests_to(&seen, "POST /ssh_keys"), 1);
+        assert_eq!(requests_to(&seen, "DELETE /ssh_keys/{id}"), 0);
+        let counted = api
+            .request_counts()
+            .into_iter()
+            .filter(|c| c.outcome == "not_leading")
+            .map(|c| c.count)
+            .sum::<u64>();
+        assert_eq!(
+            counted, 3,
+            "each held-back write shows in the request metric"
+        );
+    }
+
     /// Per call: every attempt's outcome label (from the client's counters) and how many
     /// requests the simulator saw.
     async fn observe<T>(

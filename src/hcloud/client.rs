@@ -158,6 +158,32 @@ pub struct ClientConfig {
     /// Pages (of 50) a listing may have; a listing with more fails with [`Error::PageLimit`]
     /// instead of returning a truncated list.
     pub max_pages: u32,
+    /// Asked right before every attempt of a request that changes something; `None` sends
+    /// them all (single-process tools).
+    pub write_gate: Option<WriteGate>,
+}
+
+/// Whether a request that changes something may be sent now. The controller's gate is its
+/// leader lease, read with the real clock: checked as the last step before each attempt
+/// (retries, and each call of a several-call step, included), it leaves a replica that wakes
+/// from a pause past its lease no room to send anything new.
+#[derive(Clone)]
+pub struct WriteGate(Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl WriteGate {
+    pub fn new(allows: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        WriteGate(Arc::new(allows))
+    }
+
+    fn allows(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for WriteGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WriteGate")
+    }
 }
 
 impl ClientConfig {
@@ -173,6 +199,7 @@ impl ClientConfig {
             budget: Arc::new(Budget::default()),
             max_budget_wait: Duration::from_secs(60),
             max_pages: DEFAULT_MAX_PAGES,
+            write_gate: None,
         }
     }
 }
@@ -194,7 +221,8 @@ pub struct RequestCount {
     /// e.g. `/servers/{id}/actions/poweron`
     pub path_template: &'static str,
     /// HTTP status for successes (`"200"`), [`Error::metric_label`] for failures, and
-    /// `"budget_exhausted"` for requests the budget refused to send.
+    /// `"budget_exhausted"` for requests the budget refused to send, `"not_leading"` for
+    /// writes the [`WriteGate`] held back.
     pub outcome: String,
     pub count: u64,
 }
@@ -264,6 +292,7 @@ struct Inner {
     budget: Arc<Budget>,
     max_budget_wait: Duration,
     max_pages: u32,
+    write_gate: Option<WriteGate>,
     counts: Mutex<HashMap<CountKey, u64>>,
     /// Every `wait_for_actions` of this client (and its clones) polls through it.
     actions: ActionWaiter,
@@ -583,6 +612,7 @@ impl Client {
                 budget: config.budget,
                 max_budget_wait: config.max_budget_wait,
                 max_pages: config.max_pages,
+                write_gate: config.write_gate,
                 counts: Mutex::new(HashMap::new()),
                 actions: ActionWaiter::new(config.action_poll),
                 retries: AtomicU64::new(0),
@@ -676,6 +706,14 @@ impl Client {
             if let Err(refused) = self.inner.budget.acquire(self.inner.max_budget_wait).await {
                 self.count(&call.method, call.template, "budget_exhausted".into());
                 return Err(refused);
+            }
+            // After the budget wait, so nothing stands between this check and the send.
+            if call.method != Method::GET
+                && let Some(gate) = &self.inner.write_gate
+                && !gate.allows()
+            {
+                self.count(&call.method, call.template, "not_leading".into());
+                return Err(Error::NotLeading);
             }
             let started = Instant::now();
             let result = match self.send_once(call).await {

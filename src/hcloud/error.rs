@@ -247,6 +247,12 @@ pub enum Error {
     PageLimit { path: &'static str, max_pages: u32 },
     #[error("hcloud client configuration: {0}")]
     Config(String),
+    /// A request that changes something was not sent: the client's [`WriteGate`] is closed
+    /// (this replica no longer holds the leader lease).
+    ///
+    /// [`WriteGate`]: super::WriteGate
+    #[error("hcloud request not sent: this replica does not hold the leader lease")]
+    NotLeading,
 }
 
 fn api_display(
@@ -412,6 +418,7 @@ impl Error {
             Error::ActionTimeout { .. } => "action_timeout",
             Error::PageLimit { .. } => "page_limit",
             Error::Config(_) => "config",
+            Error::NotLeading => "not_leading",
         }
     }
 

@@ -40,7 +40,7 @@ use std::time::Duration;
 pub use budget::Budget;
 pub use client::{
     ActionPollBackoff, Client, ClientConfig, DEFAULT_ENDPOINT, DEFAULT_MAX_PAGES, MAX_BODY_BYTES,
-    Reachability, RequestCount, RequestLabels, RetryBackoff, Token, decode_answer,
+    Reachability, RequestCount, RequestLabels, RetryBackoff, Token, WriteGate, decode_answer,
     error_from_answer,
 };
 pub use error::{Error, ErrorCode, TransportKind};

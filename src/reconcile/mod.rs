@@ -38,7 +38,7 @@ use plan::{KeyState, Kind, Op, Outcome, Plan, RowState};
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     #[error("Hetzner API: {0}")]
-    Api(#[from] hcloud::Error),
+    Api(hcloud::Error),
     #[error("database: {0}")]
     Db(DbError),
     #[error("SSH key: {0}")]
@@ -61,6 +61,16 @@ pub enum ReconcileError {
     /// host key mismatch, which stops the subscription.
     #[error("bootstrap over SSH: {0}")]
     Bootstrap(SshError),
+}
+
+impl From<hcloud::Error> for ReconcileError {
+    fn from(error: hcloud::Error) -> Self {
+        match error {
+            // A write the client's gate held back: this replica's term is over.
+            hcloud::Error::NotLeading => ReconcileError::LostLease,
+            error => ReconcileError::Api(error),
+        }
+    }
 }
 
 impl From<DbError> for ReconcileError {
