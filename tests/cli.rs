@@ -575,24 +575,38 @@ async fn simulator_on_port_0_prints_its_endpoint_and_runs_a_scaled_budget() {
 }
 
 /// The text of `GET {base_url}/metrics`, or empty while it does not answer.
-/// Requests that change something at the simulated Hetzner (everything but GETs).
-async fn simulator_writes(http: &reqwest::Client, sim_url: &str) -> u64 {
-    let stats = simulator_stats(http, sim_url).await;
-    stats["by_endpoint"]
-        .as_object()
-        .unwrap()
+/// The `hcloud request` log lines (JSON, debug) of writes that started at or after `at`:
+/// each line is logged when the request ends, with how long it took.
+fn writes_started_at_or_after(stderr: &str, at: chrono::DateTime<chrono::Utc>) -> Vec<String> {
+    let started = |event: &Value| -> Option<chrono::DateTime<chrono::Utc>> {
+        let ended: chrono::DateTime<chrono::Utc> = event["timestamp"].as_str()?.parse().ok()?;
+        Some(ended - chrono::Duration::milliseconds(event["elapsed_ms"].as_i64()?))
+    };
+    let requests: Vec<Value> = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| event["message"] == "hcloud request")
+        .collect();
+    // Its start-up and resync listings at least: the lines are there to be checked.
+    assert!(
+        !requests.is_empty(),
+        "the log shows the replica's requests (debug level on): {stderr}"
+    );
+    requests
         .iter()
-        .filter(|(endpoint, _)| !endpoint.starts_with("GET "))
-        .map(|(_, n)| n.as_u64().unwrap_or(0))
-        .sum()
+        .filter(|event| event["method"] != "GET")
+        .filter(|event| started(event).is_none_or(|started| started >= at))
+        .map(Value::to_string)
+        .collect()
 }
 
 /// Issue 7: a leader SIGSTOPped right after rows were activated, for longer than its lease,
-/// wakes up after another replica took over and provisioned them. It must make no Hetzner
-/// call and write no row (key pairs included): every stored private key keeps matching the
+/// wakes up after another replica took over and provisioned them. It must change nothing at
+/// Hetzner and write no row (key pairs included): every stored private key keeps matching the
 /// key its server was created with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_paused_past_its_lease_neither_calls_hetzner_nor_writes_after_waking() {
+async fn a_leader_paused_past_its_lease_changes_nothing_at_hetzner_nor_in_the_database_after_waking()
+ {
     let Some(test_db) = common::postgres_or_skip("two replicas need PostgreSQL").await else {
         return;
     };
@@ -608,6 +622,9 @@ async fn a_leader_paused_past_its_lease_neither_calls_hetzner_nor_writes_after_w
         ("HCLOUD_TOKEN", SECRET_TOKEN),
         ("VPS_CONTROLLER_ENCRYPTION_KEY", key.as_str()),
         ("VPS_CONTROLLER_RESYNC_SECONDS", "3"),
+        // Every Hetzner request as a JSON line: when it ended and how long it took.
+        ("VPS_CONTROLLER_LOG_FORMAT", "json"),
+        ("RUST_LOG", "info,vps_controller::hcloud::client=debug"),
     ];
     run_cli(dir.path(), &["migrate"], &env).assert_code(0);
     let conn = db::connect(&test_db.url).await.unwrap();
@@ -618,6 +635,31 @@ async fn a_leader_paused_past_its_lease_neither_calls_hetzner_nor_writes_after_w
     let leads = |base_url: String| {
         let http = http.clone();
         async move { sample(&metrics(&http, &base_url).await, "vps_controller_leader") == Some(1.0) }
+    };
+
+    let list = |kind: &'static str| {
+        let http = http.clone();
+        let endpoint = endpoint.clone();
+        async move {
+            let body: Value = http
+                .get(format!("{endpoint}/{kind}?per_page=50"))
+                .bearer_auth(SECRET_TOKEN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body[kind].as_array().unwrap().clone()
+        }
+    };
+    // Everything at Hetzner, as its API shows it.
+    let at_hetzner = || async {
+        [
+            list("servers").await,
+            list("ssh_keys").await,
+            list("firewalls").await,
+        ]
     };
 
     let (first, first_url) = spawn_listening(replica, "/healthz").await;
@@ -658,8 +700,9 @@ async fn a_leader_paused_past_its_lease_neither_calls_hetzner_nor_writes_after_w
         .await
         .unwrap()
         .rows;
-    let writes_before = simulator_writes(&http, &sim_url).await;
+    let hetzner_before = at_hetzner().await;
 
+    let woke_at = chrono::Utc::now();
     signal(&first, "-CONT");
     // Awake: it reports that it no longer leads, and the new leader finishes two more
     // resyncs meanwhile (time for any stale work of the old leader to show).
@@ -681,6 +724,16 @@ async fn a_leader_paused_past_its_lease_neither_calls_hetzner_nor_writes_after_w
     })
     .await;
     assert!(awake, "{}", first.output());
+    assert!(
+        common::eventually(DEADLINE, || async {
+            first
+                .stderr()
+                .contains("lost the lease: stopped reconciling")
+        })
+        .await,
+        "the old leader says it stopped\n{}",
+        first.output()
+    );
     let start = resyncs(second_url.clone()).await;
     assert!(
         common::eventually(DEADLINE, || async {
@@ -691,11 +744,22 @@ async fn a_leader_paused_past_its_lease_neither_calls_hetzner_nor_writes_after_w
         second.output()
     );
 
-    assert_eq!(
-        simulator_writes(&http, &sim_url).await,
-        writes_before,
-        "no Hetzner call changed anything after the old leader woke\n{}",
+    // No write started after waking. Not counted at the simulator: a request whose bytes were
+    // already leaving the process at the instant it froze arrives after it wakes (Hetzner
+    // takes no fencing token to refuse it), but it started under the lease.
+    let late = writes_started_at_or_after(&first.stderr(), woke_at);
+    assert!(
+        late.is_empty(),
+        "the old leader started writes after waking: {late:?}\n{}",
         first.output()
+    );
+    // And what Hetzner holds did not change.
+    assert_eq!(
+        at_hetzner().await,
+        hetzner_before,
+        "Hetzner changed after the old leader woke\nold leader: {}\nnew leader: {}",
+        first.output(),
+        second.output()
     );
     let rows_after = vps_controller::db::subscriptions::all(&conn)
         .await
@@ -718,26 +782,10 @@ async fn a_leader_paused_past_its_lease_neither_calls_hetzner_nor_writes_after_w
     // Exactly one server, key and firewall per row, and every stored private key is the
     // pair of the key object its server was created with.
     let sealer = vps_controller::keys::Sealer::from_base64(&key, &[]).unwrap();
-    let list = |kind: &'static str| {
-        let http = http.clone();
-        let endpoint = endpoint.clone();
-        async move {
-            let body: Value = http
-                .get(format!("{endpoint}/{kind}?per_page=50"))
-                .bearer_auth(SECRET_TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            body[kind].as_array().unwrap().clone()
-        }
-    };
-    let keys_at_hetzner = list("ssh_keys").await;
-    assert_eq!(list("servers").await.len(), 8, "no duplicate server");
+    let [servers, keys_at_hetzner, firewalls] = hetzner_before;
+    assert_eq!(servers.len(), 8, "no duplicate server");
     assert_eq!(keys_at_hetzner.len(), 8, "no duplicate key");
-    assert_eq!(list("firewalls").await.len(), 8, "no duplicate firewall");
+    assert_eq!(firewalls.len(), 8, "no duplicate firewall");
     for row in &rows_after {
         let private = sealer
             .open(row.ssh_private_key.as_deref().unwrap(), &row.id)

@@ -33,8 +33,10 @@ pub async fn run(
     leadership: Leadership,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // What the last round saw, not `is_leader()` now: a lease that ran out while the process
+    // was paused must still be reported as lost.
+    let mut was = false;
     loop {
-        let was = leadership.is_leader();
         let asked_at = Instant::now();
         let renew = leases::try_acquire(&db, LEASE_NAME, &holder, LEASE_TTL);
         match tokio::time::timeout(RENEW_EVERY, renew).await {
@@ -57,6 +59,7 @@ pub async fn run(
         } else if !is && was {
             tracing::warn!(%holder, "lost the lease: stopped reconciling");
         }
+        was = is;
         // Renew every RENEW_EVERY from the start of the last renew, however slow it was.
         tokio::select! {
             _ = tokio::time::sleep(RENEW_EVERY.saturating_sub(asked_at.elapsed())) => {}
