@@ -574,7 +574,6 @@ async fn simulator_on_port_0_prints_its_endpoint_and_runs_a_scaled_budget() {
     assert_eq!(answer.headers()["ratelimit-limit"], "100");
 }
 
-/// The text of `GET {base_url}/metrics`, or empty while it does not answer.
 /// The `hcloud request` log lines (JSON, debug) of writes that started at or after `at`:
 /// each line is logged when the request ends, with how long it took.
 fn writes_started_at_or_after(stderr: &str, at: chrono::DateTime<chrono::Utc>) -> Vec<String> {
@@ -605,8 +604,7 @@ fn writes_started_at_or_after(stderr: &str, at: chrono::DateTime<chrono::Utc>) -
 /// Hetzner and write no row (key pairs included): every stored private key keeps matching the
 /// key its server was created with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_paused_past_its_lease_changes_nothing_at_hetzner_nor_in_the_database_after_waking()
- {
+async fn a_leader_paused_past_its_lease_changes_nothing_after_waking() {
     let Some(test_db) = common::postgres_or_skip("two replicas need PostgreSQL").await else {
         return;
     };
