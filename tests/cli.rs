@@ -635,28 +635,13 @@ async fn a_leader_paused_past_its_lease_changes_nothing_after_waking() {
         async move { sample(&metrics(&http, &base_url).await, "vps_controller_leader") == Some(1.0) }
     };
 
-    let list = |kind: &'static str| {
-        let http = http.clone();
-        let endpoint = endpoint.clone();
-        async move {
-            let body: Value = http
-                .get(format!("{endpoint}/{kind}?per_page=50"))
-                .bearer_auth(SECRET_TOKEN)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            body[kind].as_array().unwrap().clone()
-        }
-    };
     // Everything at Hetzner, as its API shows it.
     let at_hetzner = || async {
+        let list = |kind| common::invariants::list(&http, &endpoint, kind);
         [
-            list("servers").await,
-            list("ssh_keys").await,
-            list("firewalls").await,
+            list("servers").await.unwrap(),
+            list("ssh_keys").await.unwrap(),
+            list("firewalls").await.unwrap(),
         ]
     };
 
