@@ -866,6 +866,12 @@ mod against_simulator {
         assert!(status.is_success(), "{hook}: {status}");
     }
 
+    /// Arms one fault of `kind` for the next request to `endpoint` (`"POST /servers"`).
+    async fn fault_once(sim: &RunningSimulator, kind: &str, endpoint: &str) {
+        let fault = serde_json::json!({"kind": kind, "endpoints": [endpoint], "count": 1});
+        post_control(sim, "faults", serde_json::json!({ "faults": [fault] })).await;
+    }
+
     fn requests_to(stats: &Value, endpoint: &str) -> u64 {
         stats["by_endpoint"][endpoint].as_u64().unwrap_or(0)
     }
@@ -1526,14 +1532,7 @@ mod against_simulator {
             ..config(&sim)
         })
         .unwrap();
-        post_control(
-            &sim,
-            "faults",
-            serde_json::json!({"faults": [
-                {"kind": "http_502_html", "endpoints": ["POST /ssh_keys"], "count": 1}
-            ]}),
-        )
-        .await;
+        fault_once(&sim, "http_502_html", "POST /ssh_keys").await;
         let request = CreateSshKey {
             name: "gated".into(),
             public_key: public_key(21),
@@ -2034,14 +2033,7 @@ mod against_simulator {
         })
         .await;
         let api = batching_client(&sim, Duration::from_millis(100));
-        post_control(
-            &sim,
-            "faults",
-            serde_json::json!({"faults": [
-                {"kind": "action_error", "endpoints": ["POST /servers"], "count": 1}
-            ]}),
-        )
-        .await;
+        fault_once(&sim, "action_error", "POST /servers").await;
         let results = create_and_wait(&api, "fail", 6, |_| WAIT).await;
         let failed: Vec<_> = results
             .iter()
@@ -2064,14 +2056,7 @@ mod against_simulator {
 
     /// The actions of a server whose start_server action runs until the faults are cleared.
     async fn stuck_server(sim: &RunningSimulator, api: &Client, prefix: &str) -> Vec<ActionRef> {
-        post_control(
-            sim,
-            "faults",
-            serde_json::json!({"faults": [
-                {"kind": "server_stuck_starting", "endpoints": ["POST /servers"], "count": 1}
-            ]}),
-        )
-        .await;
+        fault_once(sim, "server_stuck_starting", "POST /servers").await;
         let created = create_and_wait(api, prefix, 1, |_| Duration::ZERO).await;
         let (ids, outcome) = &created[0];
         assert!(
@@ -2143,14 +2128,7 @@ mod against_simulator {
 
         // A leader cancelled while its round's request hangs hands the round over: the other
         // wait is answered long before the held answer (3 s) would have come.
-        post_control(
-            &sim,
-            "faults",
-            serde_json::json!({"faults": [
-                {"kind": "timeout", "endpoints": ["GET /servers/actions"], "count": 1}
-            ]}),
-        )
-        .await;
+        fault_once(&sim, "timeout", "GET /servers/actions").await;
         let started = tokio::time::Instant::now();
         let leader = tokio::time::timeout(
             Duration::from_millis(300),
@@ -2182,14 +2160,7 @@ mod against_simulator {
         let api = batching_client(&sim, Duration::from_millis(50));
         let created = create_and_wait(&api, "poll", 2, |_| WAIT).await;
         let (first, second) = (&created[0].0, &created[1].0);
-        post_control(
-            &sim,
-            "faults",
-            serde_json::json!({"faults": [
-                {"kind": "http_500", "endpoints": ["GET /servers/actions"], "count": 1}
-            ]}),
-        )
-        .await;
+        fault_once(&sim, "http_500", "GET /servers/actions").await;
         let (a, b) = tokio::join!(
             api.wait_for_actions(first, WAIT),
             api.wait_for_actions(second, WAIT)
