@@ -882,28 +882,13 @@ fn debug_output_never_shows_the_sealed_private_key() {
     assert!(printed.contains("<sealed>"), "{printed}");
 
     let model = subscription::Model {
-        id: "a".into(),
         user_id: Some("u".into()),
-        stripe_subscription_id: None,
-        status: Some("active".into()),
         plan: Some("pro".into()),
-        hetzner_server_id: None,
-        hetzner_ssh_key_id: None,
-        hetzner_firewall_id: None,
-        vps_ip_address: None,
-        vps_hostname: None,
         provisioning_status: "ready".into(),
-        provisioning_error: None,
-        provisioned_at: None,
-        deprovisioned_at: None,
         ssh_private_key: Some("sealed-ciphertext-xyz".into()),
         ssh_public_key: Some("ssh-ed25519 AAAA".into()),
-        desired_version: 1,
         observed_version: 1,
-        last_reconciled_at: None,
-        status_changed_at: None,
-        ssh_key_origin: None,
-        ssh_host_key: None,
+        ..subscription::Model::example("a")
     };
     let printed = format!("{model:?}");
     assert!(!printed.contains("sealed-ciphertext-xyz"), "{printed}");

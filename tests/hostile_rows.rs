@@ -912,28 +912,9 @@ async fn a_hostile_corpus_fails_or_holds_each_bad_row_alone_and_the_good_ones_co
 
 fn model(status: Option<String>, plan: Option<String>, id: String) -> subscription::Model {
     subscription::Model {
-        id,
-        user_id: None,
-        stripe_subscription_id: None,
         status,
         plan,
-        hetzner_server_id: None,
-        hetzner_ssh_key_id: None,
-        hetzner_firewall_id: None,
-        vps_ip_address: None,
-        vps_hostname: None,
-        provisioning_status: "pending".into(),
-        provisioning_error: None,
-        provisioned_at: None,
-        deprovisioned_at: None,
-        ssh_private_key: None,
-        ssh_public_key: None,
-        desired_version: 1,
-        observed_version: 0,
-        last_reconciled_at: None,
-        status_changed_at: None,
-        ssh_key_origin: None,
-        ssh_host_key: None,
+        ..subscription::Model::example(&id)
     }
 }
 

@@ -86,10 +86,11 @@ pub enum Relation {}
 
 impl ActiveModelBehavior for ActiveModel {}
 
-#[cfg(test)]
 impl Model {
-    /// A row as the web app inserts it for unit tests: `active` on the `starter` plan, every
-    /// controller column at its default. Tests set what they are about with `..`.
+    /// A row as the web app inserts it: `active` on the `starter` plan, every controller
+    /// column at its default. For tests (unit and integration), which set what they are
+    /// about with `..`.
+    #[doc(hidden)]
     pub fn example(id: &str) -> Model {
         Model {
             id: id.into(),
