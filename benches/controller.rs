@@ -34,7 +34,8 @@
 //!    (`Controller::run`, with PostgreSQL NOTIFY wake-ups on PostgreSQL, the `data_version`
 //!    watcher on SQLite) runs; converge = until every row is `ready`. Requests by endpoint
 //!    come from the simulator's `/__simulator/stats`.
-//! 2. Idle: with the loop still running and nothing to do, controller CPU over `--idle-seconds`.
+//! 2. Idle: with the loop still running and nothing to do, controller CPU over `--idle-seconds`,
+//!    from one second after the loop's next resync has finished (so the window holds none).
 //! 3. Steady resync: `Controller::resync()` three times on the converged fleet: requests and
 //!    controller CPU per resync. A resync that takes over `STEADY_RESYNC_LIMIT` (120 s) is
 //!    recorded as timed out (its reconciles run on) and ends the phase.
@@ -737,6 +738,14 @@ impl Loop {
     }
 }
 
+/// When the controller last finished a resync's scan, from its own metrics.
+fn last_resync(controller: &Controller<Client>) -> Option<String> {
+    controller.metrics.render().lines().find_map(|line| {
+        line.strip_prefix("vps_controller_last_successful_resync_timestamp_seconds ")
+            .map(str::to_owned)
+    })
+}
+
 async fn run_controller(
     args: &Args,
     n: usize,
@@ -780,8 +789,21 @@ async fn run_controller(
         status_mib("self", "VmHWM")
     );
 
-    // 2. Idle: the loop runs, nothing changes.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // 2. Idle between resyncs: the loop runs, nothing changes. The window opens once the
+    // loop's next resync has finished, so it holds no resync (at 10,000 a resync's listing
+    // takes seconds and otherwise often overlapped a window opened at a random phase).
+    let seen = last_resync(&controller);
+    let wait_limit = controller.resync_interval() * 2 + Duration::from_secs(60);
+    let waiting = Instant::now();
+    while last_resync(&controller) == seen {
+        if waiting.elapsed() > wait_limit {
+            eprintln!("  no resync finished within {wait_limit:?}; measuring idle anyway");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // What the resync dispatched (nothing, on a converged fleet) settles.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let before = total(&sim.stats().await);
     let cpu = controller_cpu();
     let started = Instant::now();
