@@ -3062,3 +3062,71 @@ async fn an_action_fault_is_not_spent_on_a_refused_request() {
     assert_eq!(sim.fault_counts().await, counts(&[("action_error", 1)]));
     sim.sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_server_listing_shows_each_server_its_own_firewalls() {
+    let sim = Sim::start(SimulatorConfig {
+        action_seconds: 0.05,
+        ..SimulatorConfig::default()
+    })
+    .await;
+    let firewall = |name: &'static str, apply_to: Value| {
+        let sim = &sim;
+        async move {
+            let made = sim
+                .post("/v1/firewalls", json!({"name": name, "apply_to": apply_to}))
+                .await;
+            assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+            made.body["firewall"]["id"].as_i64().unwrap()
+        }
+    };
+    let web = json!([{"type": "label_selector", "label_selector": {"selector": "tier=web"}}]);
+    let direct = firewall("direct", json!([])).await;
+    let by_label = firewall("by-label", web.clone()).await;
+    let both = firewall("both", web).await;
+    for (name, tier, firewalls) in [
+        ("web-1", "web", vec![direct]),
+        ("web-2", "web", vec![both]),
+        ("db-1", "db", vec![direct]),
+        ("plain", "none", vec![]),
+    ] {
+        let firewalls: Vec<Value> = firewalls.iter().map(|id| json!({"firewall": id})).collect();
+        let made = sim
+            .post(
+                "/v1/servers",
+                json!({"name": name, "server_type": "cx22", "image": "debian-12",
+                       "labels": {"tier": tier}, "firewalls": firewalls}),
+            )
+            .await;
+        assert_eq!(made.status, StatusCode::CREATED, "{}", made.body);
+    }
+    let listing = sim
+        .wait_for("/v1/servers?sort=id", "every firewall applied", |b| {
+            !b.to_string().contains("pending")
+        })
+        .await;
+    let applied = |ids: &[i64]| -> Value {
+        ids.iter()
+            .map(|id| json!({"id": id, "status": "applied"}))
+            .collect()
+    };
+    let expected = [
+        ("web-1", applied(&[direct, by_label, both])),
+        ("web-2", applied(&[by_label, both])),
+        ("db-1", applied(&[direct])),
+        ("plain", applied(&[])),
+    ];
+    let servers = listing["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), expected.len());
+    for (server, (name, firewalls)) in servers.iter().zip(expected) {
+        assert_eq!(server["name"], name);
+        assert_eq!(server["public_net"]["firewalls"], firewalls, "{name}");
+        // One server asked for alone shows the same.
+        let alone = sim.get(&format!("/v1/servers/{}", server["id"])).await;
+        assert_eq!(
+            alone.body["server"]["public_net"]["firewalls"], firewalls,
+            "{name}"
+        );
+    }
+    sim.sim.shutdown().await;
+}

@@ -60,9 +60,12 @@ pub(super) fn list_servers(world: &World, ctx: &Ctx) -> Result<Reply, ApiError> 
         |s| s.id,
     );
     let (servers, pagination) = page.apply(servers);
+    let mut ids: Vec<i64> = servers.iter().map(|s| s.id).collect();
+    ids.sort_unstable();
+    let firewalls = world.firewall_index(|id| ids.binary_search(&id).is_ok());
     let out: Vec<Value> = servers
         .iter()
-        .map(|s| to_value(world.server_out(s)))
+        .map(|s| to_value(world.server_out_in(s, &firewalls)))
         .collect();
     Ok(Reply::list("servers", Value::Array(out), pagination))
 }
