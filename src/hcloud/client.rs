@@ -12,8 +12,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use rand::RngExt;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
 use reqwest::{Method, StatusCode};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::action_waiter::{ActionWaiter, Endpoint};
@@ -441,6 +441,34 @@ pub fn decode_answer<T: DeserializeOwned>(status: u16, body: &[u8]) -> Result<T,
     decode(status, body, false)
 }
 
+/// One page of a listing, as the bytes Hetzner sent. The snapshot decodes its pages straight
+/// into its compact form, borrowing strings from these bytes ([`ListedPage::borrowed`]):
+/// through the wire types, every name, label and rule of a 10,000-server fleet would be
+/// copied once more on each resync, only to be dropped.
+pub struct ListedPage<'a> {
+    status: u16,
+    body: &'a [u8],
+}
+
+impl<'a> ListedPage<'a> {
+    /// The page as `P` (which may borrow from the page), or `None` when it does not decode
+    /// so; [`ListedPage::decode`] then says what is wrong.
+    pub fn borrowed<P: Deserialize<'a>>(&self) -> Option<P> {
+        serde_json::from_slice(self.body).ok()
+    }
+
+    /// The page as the wire type `P`; an error names the field, as [`decode_answer`] does.
+    pub fn decode<P: DeserializeOwned>(&self) -> Result<P, Error> {
+        decode(self.status, self.body, false)
+    }
+
+    /// A page of `body` as if Hetzner had answered `200 OK` with it (for tests).
+    #[doc(hidden)]
+    pub fn of(body: &'a [u8]) -> Self {
+        ListedPage { status: 200, body }
+    }
+}
+
 fn decode<T: DeserializeOwned>(status: u16, body: &[u8], sensitive: bool) -> Result<T, Error> {
     serde_json::from_slice(body).map_err(|err| Error::InvalidResponse {
         status,
@@ -699,7 +727,7 @@ impl Client {
     async fn execute<T>(
         &self,
         call: &Call,
-        decode_ok: impl Fn(StatusCode, &[u8]) -> Result<T, Error>,
+        mut decode_ok: impl FnMut(StatusCode, &[u8]) -> Result<T, Error>,
     ) -> Result<T, Error> {
         let mut retry = 0;
         loop {
@@ -859,6 +887,24 @@ impl Client {
         sorting: Sorting,
         mut on_page: impl FnMut(Vec<P::Item>) + Send,
     ) -> Result<(), Error> {
+        self.each_listed_page(template, filters, sorting, |page| {
+            let (batch, meta) = page.decode::<P>()?.into_parts();
+            on_page(batch);
+            Ok(meta)
+        })
+        .await
+    }
+
+    /// Every page of a list as Hetzner sent it, for `on_page` to decode (it returns the
+    /// page's `meta`). Decoding happens inside the request, so a page that does not decode
+    /// is counted and reported like any other invalid answer.
+    async fn each_listed_page(
+        &self,
+        template: &'static str,
+        filters: &[(&'static str, &str)],
+        sorting: Sorting,
+        mut on_page: impl FnMut(ListedPage<'_>) -> Result<Option<Meta>, Error> + Send,
+    ) -> Result<(), Error> {
         let mut page: i64 = 1;
         loop {
             let mut call = Call::new(Method::GET, template, template.to_owned());
@@ -873,8 +919,14 @@ impl Client {
             call = call
                 .query("page", page.to_string())
                 .query("per_page", PER_PAGE.to_string());
-            let (batch, meta) = self.fetch::<P>(call).await?.into_parts();
-            on_page(batch);
+            let meta = self
+                .execute(&call, |status, body| {
+                    on_page(ListedPage {
+                        status: status.as_u16(),
+                        body,
+                    })
+                })
+                .await?;
             match meta.and_then(|meta| meta.pagination.next_page) {
                 None | Some(0) => return Ok(()),
                 // Any other next page would loop, or skip a page and with it objects that
@@ -983,9 +1035,9 @@ impl HcloudApi for Client {
     async fn each_server_page(
         &self,
         label_selector: &str,
-        on_page: impl FnMut(Vec<Server>) + Send,
+        on_page: impl FnMut(ListedPage<'_>) -> Result<Option<Meta>, Error> + Send,
     ) -> Result<(), Error> {
-        self.each_page::<ServersPage>(
+        self.each_listed_page(
             "/servers",
             &[("label_selector", label_selector)],
             Sorting::ById,
@@ -997,9 +1049,9 @@ impl HcloudApi for Client {
     async fn each_ssh_key_page(
         &self,
         label_selector: &str,
-        on_page: impl FnMut(Vec<SshKey>) + Send,
+        on_page: impl FnMut(ListedPage<'_>) -> Result<Option<Meta>, Error> + Send,
     ) -> Result<(), Error> {
-        self.each_page::<SshKeysPage>(
+        self.each_listed_page(
             "/ssh_keys",
             &[("label_selector", label_selector)],
             Sorting::ById,
@@ -1011,9 +1063,9 @@ impl HcloudApi for Client {
     async fn each_firewall_page(
         &self,
         label_selector: &str,
-        on_page: impl FnMut(Vec<Firewall>) + Send,
+        on_page: impl FnMut(ListedPage<'_>) -> Result<Option<Meta>, Error> + Send,
     ) -> Result<(), Error> {
-        self.each_page::<FirewallsPage>(
+        self.each_listed_page(
             "/firewalls",
             &[("label_selector", label_selector)],
             Sorting::ById,

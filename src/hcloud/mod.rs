@@ -39,9 +39,9 @@ use std::time::Duration;
 
 pub use budget::Budget;
 pub use client::{
-    ActionPollBackoff, Client, ClientConfig, DEFAULT_ENDPOINT, DEFAULT_MAX_PAGES, MAX_BODY_BYTES,
-    Reachability, RequestCount, RequestLabels, RetryBackoff, Token, WriteGate, decode_answer,
-    error_from_answer,
+    ActionPollBackoff, Client, ClientConfig, DEFAULT_ENDPOINT, DEFAULT_MAX_PAGES, ListedPage,
+    MAX_BODY_BYTES, Reachability, RequestCount, RequestLabels, RetryBackoff, Token, WriteGate,
+    decode_answer, error_from_answer,
 };
 pub use error::{Error, ErrorCode, TransportKind};
 pub use types::*;
@@ -93,24 +93,26 @@ pub trait HcloudApi: Send + Sync {
         &self,
         label_selector: &str,
     ) -> impl Future<Output = Result<Vec<Firewall>, Error>> + Send;
-    /// [`HcloudApi::list_servers`], handing each page to `on_page` as it arrives: a listing of
-    /// the whole fleet is kept in whatever form the caller makes of it, never whole as sent.
+    /// [`HcloudApi::list_servers`], handing each page to `on_page` as it arrives, to decode
+    /// into a form of its own (it returns the page's `meta`, which says whether another page
+    /// follows): a listing of the whole fleet is never held whole, nor copied into the wire
+    /// types first.
     fn each_server_page(
         &self,
         label_selector: &str,
-        on_page: impl FnMut(Vec<Server>) + Send,
+        on_page: impl FnMut(ListedPage<'_>) -> Result<Option<Meta>, Error> + Send,
     ) -> impl Future<Output = Result<(), Error>> + Send;
     /// [`HcloudApi::list_ssh_keys`] a page at a time, like [`HcloudApi::each_server_page`].
     fn each_ssh_key_page(
         &self,
         label_selector: &str,
-        on_page: impl FnMut(Vec<SshKey>) + Send,
+        on_page: impl FnMut(ListedPage<'_>) -> Result<Option<Meta>, Error> + Send,
     ) -> impl Future<Output = Result<(), Error>> + Send;
     /// [`HcloudApi::list_firewalls`] a page at a time, like [`HcloudApi::each_server_page`].
     fn each_firewall_page(
         &self,
         label_selector: &str,
-        on_page: impl FnMut(Vec<Firewall>) + Send,
+        on_page: impl FnMut(ListedPage<'_>) -> Result<Option<Meta>, Error> + Send,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
     fn server_by_name(

@@ -13,7 +13,9 @@ use super::Labels;
 
 /// Hetzner ids are 1 or more (the spec: int64, 1 … 2^53−1). A zero or negative id is not an
 /// object the controller can act on: decoding fails there, naming the field.
-fn positive_id<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+pub(crate) fn positive_id<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<i64, D::Error> {
     let id = i64::deserialize(deserializer)?;
     if id >= 1 {
         Ok(id)
@@ -680,9 +682,10 @@ pub struct ServerEnvelope {
     pub server: Server,
 }
 
+/// A page of the list; `T` may be a borrowing form of [`Server`] (see [`super::ListedPage`]).
 #[derive(Debug, Deserialize)]
-pub struct ServersPage {
-    pub servers: Vec<Server>,
+pub struct ServersPage<T = Server> {
+    pub servers: Vec<T>,
     pub meta: Option<Meta>,
 }
 
@@ -691,9 +694,10 @@ pub struct SshKeyEnvelope {
     pub ssh_key: SshKey,
 }
 
+/// A page of the list; `T` may be a borrowing form of [`SshKey`] (see [`super::ListedPage`]).
 #[derive(Debug, Deserialize)]
-pub struct SshKeysPage {
-    pub ssh_keys: Vec<SshKey>,
+pub struct SshKeysPage<T = SshKey> {
+    pub ssh_keys: Vec<T>,
     pub meta: Option<Meta>,
 }
 
@@ -702,9 +706,10 @@ pub struct FirewallEnvelope {
     pub firewall: Firewall,
 }
 
+/// A page of the list; `T` may be a borrowing form of [`Firewall`] (see [`super::ListedPage`]).
 #[derive(Debug, Deserialize)]
-pub struct FirewallsPage {
-    pub firewalls: Vec<Firewall>,
+pub struct FirewallsPage<T = Firewall> {
+    pub firewalls: Vec<T>,
     pub meta: Option<Meta>,
 }
 

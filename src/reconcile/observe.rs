@@ -2,16 +2,26 @@
 //! so observing N subscriptions costs 3 * ceil(N / 50) requests, never a GET per object.
 
 use std::collections::BTreeSet;
-use std::hash::{BuildHasher, Hash};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use foldhash::{HashMap, HashSet};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use crate::hcloud::{
-    Error, Firewall, FirewallResource, FirewallRule, HcloudApi, ImageRef, Labels, LocationRef,
-    Server, ServerProtection, ServerPublicNet, ServerStatus, ServerTypeRef, SshKey,
+    Error, Firewall, FirewallResource, FirewallRule, FirewallsPage, HcloudApi, ImageRef, Labels,
+    ListedPage, LocationRef, Meta, Server, ServerProtection, ServerPublicNet, ServerStatus,
+    ServerTypeRef, ServersPage, SshKey, SshKeysPage,
+};
+
+mod view;
+
+use view::{
+    FirewallView, ImageView, LabelsView, LocationView, RuleView, ServerTypeView, ServerView,
+    SshKeyView,
 };
 
 use super::desired::{INSTALLATION_LABEL, SUBSCRIPTION_LABEL};
@@ -93,64 +103,146 @@ type StoredLabels = Arc<[(Arc<str>, Arc<str>)]>;
 #[derive(Default)]
 struct Interner {
     strings: HashSet<Arc<str>>,
-    labels: HashSet<StoredLabels>,
-    server_types: HashSet<Arc<ServerTypeRef>>,
-    locations: HashSet<Arc<LocationRef>>,
-    images: HashSet<Arc<ImageRef>>,
-    rules: HashSet<Arc<[FirewallRule]>>,
+    labels: Shared<[(Arc<str>, Arc<str>)]>,
+    server_types: Shared<ServerTypeRef>,
+    locations: Shared<LocationRef>,
+    images: Shared<ImageRef>,
+    rules: Shared<[FirewallRule]>,
+    hasher: foldhash::fast::RandomState,
 }
 
-/// The one shared copy of `value` in `set`.
-fn shared<T: Hash + Eq + ?Sized, S: BuildHasher>(
-    set: &mut std::collections::HashSet<Arc<T>, S>,
-    value: &T,
-    make: impl FnOnce() -> Arc<T>,
-) -> Arc<T> {
-    if let Some(found) = set.get(value) {
-        return Arc::clone(found);
+/// Shared values by a hash of the borrowed form they were read from, so a value already
+/// stored (a subscription's three resources carry the same labels; the fleet shares a few
+/// rule sets) is found by comparing fields, without building an owned copy to look it up.
+struct Shared<T: ?Sized>(HashMap<u64, Vec<Arc<T>>>);
+
+impl<T: ?Sized> Default for Shared<T> {
+    fn default() -> Self {
+        Shared(HashMap::default())
     }
-    let made = make();
-    set.insert(Arc::clone(&made));
-    made
+}
+
+impl<T: ?Sized> Shared<T> {
+    fn get_or_add(
+        &mut self,
+        hash: u64,
+        is: impl Fn(&T) -> bool,
+        make: impl FnOnce() -> Arc<T>,
+    ) -> Arc<T> {
+        let candidates = self.0.entry(hash).or_default();
+        if let Some(found) = candidates.iter().find(|stored| is(stored)) {
+            return Arc::clone(found);
+        }
+        let made = make();
+        candidates.push(Arc::clone(&made));
+        made
+    }
 }
 
 impl Interner {
     fn string(&mut self, value: &str) -> Arc<str> {
-        shared(&mut self.strings, value, || Arc::from(value))
+        if let Some(found) = self.strings.get(value) {
+            return Arc::clone(found);
+        }
+        let made: Arc<str> = Arc::from(value);
+        self.strings.insert(Arc::clone(&made));
+        made
     }
 
-    fn labels(&mut self, labels: Labels) -> StoredLabels {
-        let pairs: Vec<(Arc<str>, Arc<str>)> = labels
-            .iter()
-            .map(|(key, value)| (self.string(key), self.string(value)))
-            .collect();
-        shared(&mut self.labels, pairs.as_slice(), || {
-            Arc::from(pairs.as_slice())
-        })
+    fn labels(&mut self, labels: &LabelsView) -> StoredLabels {
+        let hash = self.hasher.hash_one(labels);
+        let is = |stored: &[(Arc<str>, Arc<str>)]| {
+            stored.len() == labels.len()
+                && stored
+                    .iter()
+                    .zip(labels)
+                    .all(|((k, v), (key, value))| **k == *key.as_str() && **v == *value.as_str())
+        };
+        // Taken out while strings are interned into `self`.
+        let mut sets = std::mem::take(&mut self.labels);
+        let found = sets.get_or_add(hash, is, || {
+            labels
+                .iter()
+                .map(|(key, value)| (self.string(key.as_str()), self.string(value.as_str())))
+                .collect()
+        });
+        self.labels = sets;
+        found
     }
 
-    fn server_type(&mut self, value: ServerTypeRef) -> Arc<ServerTypeRef> {
-        shared(&mut self.server_types, &value, || Arc::new(value.clone()))
+    fn server_type(&mut self, value: &ServerTypeView) -> Arc<ServerTypeRef> {
+        let hash = self.hasher.hash_one(value);
+        self.server_types
+            .get_or_add(hash, |stored| value.is(stored), || Arc::new(value.owned()))
     }
 
-    fn location(&mut self, value: LocationRef) -> Arc<LocationRef> {
-        shared(&mut self.locations, &value, || Arc::new(value.clone()))
+    fn location(&mut self, value: &LocationView) -> Arc<LocationRef> {
+        let hash = self.hasher.hash_one(value);
+        self.locations
+            .get_or_add(hash, |stored| value.is(stored), || Arc::new(value.owned()))
     }
 
-    fn image(&mut self, value: ImageRef) -> Arc<ImageRef> {
-        shared(&mut self.images, &value, || Arc::new(value.clone()))
+    fn image(&mut self, value: &ImageView) -> Arc<ImageRef> {
+        let hash = self.hasher.hash_one(value);
+        self.images
+            .get_or_add(hash, |stored| value.is(stored), || Arc::new(value.owned()))
     }
 
-    fn rules(&mut self, rules: Vec<FirewallRule>) -> Arc<[FirewallRule]> {
-        shared(&mut self.rules, rules.as_slice(), || {
-            Arc::from(rules.as_slice())
-        })
+    fn rules(&mut self, rules: &[RuleView]) -> Arc<[FirewallRule]> {
+        let hash = self.hasher.hash_one(rules);
+        let is = |stored: &[FirewallRule]| {
+            stored.len() == rules.len() && rules.iter().zip(stored).all(|(r, s)| r.is(s))
+        };
+        self.rules
+            .get_or_add(hash, is, || rules.iter().map(RuleView::owned).collect())
     }
 }
 
-/// Compacts `page` onto the end of `into`.
-fn store_all<R: Stored>(into: &mut Vec<R>, page: Vec<R::Wire>, interner: &mut Interner) {
-    into.extend(page.into_iter().map(|wire| R::store(wire, interner)));
+/// A page of a listing of `R`s, as decoded.
+trait Page<T> {
+    fn into_parts(self) -> (Vec<T>, Option<Meta>);
+}
+
+macro_rules! impl_page {
+    ($($page:ident . $items:ident),*) => {$(
+        impl<T> Page<T> for $page<T> {
+            fn into_parts(self) -> (Vec<T>, Option<Meta>) {
+                (self.$items, self.meta)
+            }
+        }
+    )*};
+}
+impl_page!(
+    ServersPage.servers,
+    SshKeysPage.ssh_keys,
+    FirewallsPage.firewalls
+);
+
+/// Compacts `page` onto the end of `into` and returns its `meta`. The page is read through
+/// the borrowing views; one they refuse is read as the wire types, whose error names the
+/// field, or, if those accept it, stored from them (through the same views).
+fn store_page<'a, R: Stored>(
+    page: &ListedPage<'a>,
+    into: &mut Vec<R>,
+    interner: &mut Interner,
+) -> Result<Option<Meta>, Error>
+where
+    R::Page<R::View<'a>>: Deserialize<'a>,
+    R::Page<R::Wire>: DeserializeOwned,
+{
+    if let Some(views) = page.borrowed::<R::Page<R::View<'a>>>() {
+        let (views, meta) = views.into_parts();
+        into.extend(views.iter().map(|view| R::store(view, interner)));
+        return Ok(meta);
+    }
+    let (wires, meta) = page.decode::<R::Page<R::Wire>>()?.into_parts();
+    store_all(into, &wires, interner);
+    Ok(meta)
+}
+
+/// Compacts `wires` onto the end of `into`.
+fn store_all<R: Stored>(into: &mut Vec<R>, wires: &[R::Wire], interner: &mut Interner) {
+    into.extend(wires.iter().map(|wire| R::store(&R::view(wire), interner)));
 }
 
 fn load_labels(labels: &StoredLabels) -> Labels {
@@ -163,8 +255,13 @@ fn load_labels(labels: &StoredLabels) -> Labels {
 /// A resource as a snapshot keeps it.
 trait Stored: Sized {
     type Wire: Resource;
+    /// The wire type's form that borrows its strings from a page ([`view`]).
+    type View<'a>;
+    /// The page type of the listing, holding wire objects or views.
+    type Page<T>: Page<T>;
+    fn view(wire: &Self::Wire) -> Self::View<'_>;
     /// Compacts a listed resource, sharing what repeats through `interner`.
-    fn store(wire: Self::Wire, interner: &mut Interner) -> Self;
+    fn store(view: &Self::View<'_>, interner: &mut Interner) -> Self;
     fn id(&self) -> i64;
     fn name(&self) -> &Arc<str>;
     fn labels(&self) -> &StoredLabels;
@@ -193,8 +290,8 @@ macro_rules! stored_fields {
     };
 }
 
-// Every field of the wire types is kept: the destructuring below names each one, so a field
-// added to a wire type is a compile error here rather than lost in a snapshot.
+// Every field of the wire types is kept: the views name each one (see `view`), so a field
+// added to a wire type is a compile error there rather than lost in a snapshot.
 
 #[derive(Clone, Debug)]
 struct StoredServer {
@@ -213,32 +310,24 @@ struct StoredServer {
 
 impl Stored for StoredServer {
     type Wire = Server;
-    fn store(server: Server, interner: &mut Interner) -> Self {
-        let Server {
-            id,
-            name,
-            status,
-            created,
-            labels,
-            locked,
-            protection,
-            public_net,
-            server_type,
-            location,
-            image,
-        } = server;
+    type View<'a> = ServerView<'a>;
+    type Page<T> = ServersPage<T>;
+    fn view(server: &Server) -> ServerView<'_> {
+        ServerView::of(server)
+    }
+    fn store(server: &ServerView, interner: &mut Interner) -> Self {
         StoredServer {
-            id,
-            name: interner.string(&name),
-            status,
-            created,
-            labels: interner.labels(labels),
-            locked,
-            protection,
-            public_net,
-            server_type: interner.server_type(server_type),
-            location: interner.location(location),
-            image: image.map(|image| interner.image(image)),
+            id: server.id,
+            name: interner.string(server.name.as_str()),
+            status: server.status,
+            created: server.created,
+            labels: interner.labels(&server.labels),
+            locked: server.locked,
+            protection: server.protection,
+            public_net: server.public_net.owned(),
+            server_type: interner.server_type(&server.server_type),
+            location: interner.location(&server.location),
+            image: server.image.as_ref().map(|image| interner.image(image)),
         }
     }
     stored_fields!();
@@ -271,22 +360,19 @@ struct StoredSshKey {
 
 impl Stored for StoredSshKey {
     type Wire = SshKey;
-    fn store(key: SshKey, interner: &mut Interner) -> Self {
-        let SshKey {
-            id,
-            name,
-            fingerprint,
-            public_key,
-            labels,
-            created,
-        } = key;
+    type View<'a> = SshKeyView<'a>;
+    type Page<T> = SshKeysPage<T>;
+    fn view(key: &SshKey) -> SshKeyView<'_> {
+        SshKeyView::of(key)
+    }
+    fn store(key: &SshKeyView, interner: &mut Interner) -> Self {
         StoredSshKey {
-            id,
-            name: interner.string(&name),
-            fingerprint: fingerprint.into_boxed_str(),
-            public_key: public_key.into_boxed_str(),
-            labels: interner.labels(labels),
-            created,
+            id: key.id,
+            name: interner.string(key.name.as_str()),
+            fingerprint: key.fingerprint.as_str().into(),
+            public_key: key.public_key.as_str().into(),
+            labels: interner.labels(&key.labels),
+            created: key.created,
         }
     }
     stored_fields!();
@@ -314,22 +400,19 @@ struct StoredFirewall {
 
 impl Stored for StoredFirewall {
     type Wire = Firewall;
-    fn store(firewall: Firewall, interner: &mut Interner) -> Self {
-        let Firewall {
-            id,
-            name,
-            labels,
-            created,
-            rules,
-            applied_to,
-        } = firewall;
+    type View<'a> = FirewallView<'a>;
+    type Page<T> = FirewallsPage<T>;
+    fn view(firewall: &Firewall) -> FirewallView<'_> {
+        FirewallView::of(firewall)
+    }
+    fn store(firewall: &FirewallView, interner: &mut Interner) -> Self {
         StoredFirewall {
-            id,
-            name: interner.string(&name),
-            labels: interner.labels(labels),
-            created,
-            rules: interner.rules(rules),
-            applied_to: applied_to.into_boxed_slice(),
+            id: firewall.id,
+            name: interner.string(firewall.name.as_str()),
+            labels: interner.labels(&firewall.labels),
+            created: firewall.created,
+            rules: interner.rules(&firewall.rules),
+            applied_to: firewall.applied_to.as_slice().into(),
         }
     }
     stored_fields!();
@@ -380,11 +463,19 @@ pub async fn observe<A: HcloudApi>(api: &A, selector: &str) -> Result<Snapshot, 
     let lock = || interner.lock().unwrap_or_else(PoisonError::into_inner);
     let (mut servers, mut ssh_keys, mut firewalls) = (Vec::new(), Vec::new(), Vec::new());
     futures::try_join!(
-        api.each_server_page(selector, |page| store_all(&mut servers, page, &mut lock())),
-        api.each_ssh_key_page(selector, |page| store_all(&mut ssh_keys, page, &mut lock())),
-        api.each_firewall_page(selector, |page| store_all(
+        api.each_server_page(selector, |page| store_page(
+            &page,
+            &mut servers,
+            &mut lock()
+        )),
+        api.each_ssh_key_page(selector, |page| store_page(
+            &page,
+            &mut ssh_keys,
+            &mut lock()
+        )),
+        api.each_firewall_page(selector, |page| store_page(
+            &page,
             &mut firewalls,
-            page,
             &mut lock()
         )),
     )?;
@@ -443,9 +534,9 @@ impl Snapshot {
         } = resources;
         let (mut stored_servers, mut stored_keys, mut stored_firewalls) =
             (Vec::new(), Vec::new(), Vec::new());
-        store_all(&mut stored_servers, servers, &mut interner);
-        store_all(&mut stored_keys, ssh_keys, &mut interner);
-        store_all(&mut stored_firewalls, firewalls, &mut interner);
+        store_all(&mut stored_servers, &servers, &mut interner);
+        store_all(&mut stored_keys, &ssh_keys, &mut interner);
+        store_all(&mut stored_firewalls, &firewalls, &mut interner);
         Snapshot::of(stored_servers, stored_keys, stored_firewalls, taken_at)
     }
 
@@ -500,7 +591,7 @@ impl Snapshot {
         fn add<R: Stored>(into: &mut Vec<R>, from: Vec<R::Wire>, interner: &mut Interner) {
             for wire in from {
                 if !into.iter().any(|r| r.id() == wire.id()) {
-                    into.push(R::store(wire, interner));
+                    into.push(R::store(&R::view(&wire), interner));
                 }
             }
         }
@@ -740,6 +831,158 @@ mod tests {
                 .len(),
             1,
             "by name"
+        );
+    }
+
+    /// Servers as Hetzner lists them, with what a reader might get wrong: fields the wire
+    /// types do not read, escapes and non-ASCII text, nulls and absent optional fields, a
+    /// label key given twice.
+    const SERVERS_PAGE: &str = r#"{"servers": [
+        {"id": 1, "name": "vps-1", "status": "running", "created": "2026-11-30T10:00:00+00:00",
+         "labels": {"vps-controller/subscription": "k1", "note": "caf\u00e9 \"quoted\"", "note": "last wins"},
+         "locked": false, "protection": {"delete": true, "rebuild": false},
+         "public_net": {"ipv4": {"id": 9, "ip": "203.0.113.1", "blocked": false, "dns_ptr": "static.1.example"},
+                        "ipv6": null, "floating_ips": [], "firewalls": [{"id": 101, "status": "pending"}]},
+         "server_type": {"id": 1, "name": "cx23", "cores": 2, "prices": [{"location": "fsn1"}]},
+         "location": {"id": 1, "name": "fsn1"},
+         "image": null, "datacenter": {"id": 4, "name": "fsn1-dc14"}, "rescue_enabled": false},
+        {"id": 2, "name": "vps-\u00fc\n2", "status": "some_new_status", "created": "2026-11-30T10:00:00Z",
+         "locked": true, "protection": {"delete": false, "rebuild": true},
+         "public_net": {"ipv4": null, "ipv6": {"ip": "2001:db8::/64", "blocked": true, "dns_ptr": []}},
+         "server_type": {"id": 1, "name": "cx23"},
+         "location": {"id": 1, "name": "fsn1", "network_zone": "eu-central"},
+         "image": {"id": 7, "name": null, "os_flavor": "ubuntu", "type": "snapshot"}}
+    ], "meta": {"pagination": {"page": 1, "per_page": 50, "next_page": 2}}}"#;
+
+    const SSH_KEYS_PAGE: &str = r#"{"ssh_keys": [
+        {"id": 11, "name": "vps-1", "fingerprint": "aa:bb", "public_key": "ssh-ed25519 AAAA\/x+ c\u00e9",
+         "labels": {"vps-controller/subscription": "k1"}, "created": "2026-11-30T10:00:00Z"},
+        {"id": 12, "name": "vps-2", "fingerprint": "cc:dd", "public_key": "ssh-ed25519 BBBB",
+         "created": "2026-11-30T10:00:00Z"}
+    ], "meta": null}"#;
+
+    const FIREWALLS_PAGE: &str = r#"{"firewalls": [
+        {"id": 101, "name": "vps-1", "labels": {}, "created": "2026-11-30T10:00:00Z",
+         "rules": [{"direction": "in", "protocol": "tcp", "port": "22", "source_ips": ["0.0.0.0/0", "::/0"],
+                    "destination_ips": [], "description": "ssh \"admin\""},
+                   {"direction": "out", "protocol": "icmp", "destination_ips": ["10.0.0.0/8"]}],
+         "applied_to": [{"type": "label_selector", "label_selector": {"selector": "a=b"},
+                         "applied_to_resources": [{"type": "server", "server": {"id": 1}}]}]},
+        {"id": 102, "name": "vps-2", "created": "2026-11-30T10:00:00Z",
+         "rules": [{"direction": "in", "protocol": "tcp", "port": "22", "source_ips": ["0.0.0.0/0", "::/0"],
+                    "destination_ips": [], "description": "ssh \"admin\""},
+                   {"direction": "out", "protocol": "icmp", "destination_ips": ["10.0.0.0/8"]}]}
+    ]}"#;
+
+    /// `body` read as a page of `R`, through the views, and as the wire types.
+    fn both_ways<R: Stored>(body: &str) -> (Vec<R::Wire>, Vec<R::Wire>, Option<Meta>)
+    where
+        for<'a> R::Page<R::View<'a>>: Deserialize<'a>,
+        R::Page<R::Wire>: DeserializeOwned,
+    {
+        let page = ListedPage::of(body.as_bytes());
+        assert!(
+            page.borrowed::<R::Page<R::View<'_>>>().is_some(),
+            "the views read the page themselves"
+        );
+        let mut stored: Vec<R> = Vec::new();
+        let meta = store_page(&page, &mut stored, &mut Interner::default()).expect("decodes");
+        let (wires, wire_meta) = page
+            .decode::<R::Page<R::Wire>>()
+            .expect("decodes")
+            .into_parts();
+        assert_eq!(meta, wire_meta);
+        (stored.iter().map(Stored::load).collect(), wires, meta)
+    }
+
+    #[test]
+    fn a_page_read_through_the_views_is_what_the_wire_types_read() {
+        let (servers, wires, meta) = both_ways::<StoredServer>(SERVERS_PAGE);
+        assert_eq!(servers, wires);
+        assert_eq!(meta.and_then(|m| m.pagination.next_page), Some(2));
+        assert_eq!(servers[0].labels["note"], "last wins");
+        assert_eq!(servers[1].name, "vps-\u{fc}\n2");
+        assert_eq!(servers[1].status, ServerStatus::Unknown);
+        let (keys, wires, _) = both_ways::<StoredSshKey>(SSH_KEYS_PAGE);
+        assert_eq!(keys, wires);
+        assert_eq!(keys[0].public_key, "ssh-ed25519 AAAA/x+ c\u{e9}");
+        let (firewalls, wires, meta) = both_ways::<StoredFirewall>(FIREWALLS_PAGE);
+        assert_eq!(firewalls, wires);
+        assert_eq!(meta, None);
+        assert_eq!(
+            firewalls[0].rules[0].description.as_deref(),
+            Some("ssh \"admin\"")
+        );
+    }
+
+    #[test]
+    fn a_page_the_views_refuse_fails_with_the_wire_types_error() {
+        for (body, field) in [
+            (
+                SERVERS_PAGE.replacen(
+                    r#""id": 1, "name": "vps-1""#,
+                    r#""id": 0, "name": "vps-1""#,
+                    1,
+                ),
+                "servers[0].id",
+            ),
+            (
+                SERVERS_PAGE.replacen(r#""location": {"id": 1, "name": "fsn1"},"#, "", 1),
+                "servers[0]",
+            ),
+            (
+                SERVERS_PAGE.replacen(r#""name": "cx23", "cores""#, r#""name": 23, "cores""#, 1),
+                "servers[0].server_type.name",
+            ),
+            (
+                FIREWALLS_PAGE.replacen(r#""protocol": "icmp""#, r#""protocol": "sctp""#, 1),
+                "firewalls[0].rules[1].protocol",
+            ),
+        ] {
+            let page = ListedPage::of(body.as_bytes());
+            let wire = match page.decode::<ServersPage>() {
+                Err(e) if field.starts_with("servers") => e.to_string(),
+                _ => page
+                    .decode::<FirewallsPage>()
+                    .expect_err("refused")
+                    .to_string(),
+            };
+            assert!(wire.contains(field), "{field}: {wire}");
+            let through_views = if field.starts_with("servers") {
+                store_page(
+                    &page,
+                    &mut Vec::<StoredServer>::new(),
+                    &mut Interner::default(),
+                )
+            } else {
+                store_page(
+                    &page,
+                    &mut Vec::<StoredFirewall>::new(),
+                    &mut Interner::default(),
+                )
+            };
+            assert_eq!(through_views.expect_err("refused").to_string(), wire);
+        }
+    }
+
+    #[test]
+    fn a_page_read_through_the_views_shares_what_repeats() {
+        let page = ListedPage::of(FIREWALLS_PAGE.as_bytes());
+        let mut interner = Interner::default();
+        let mut firewalls: Vec<StoredFirewall> = Vec::new();
+        store_page(&page, &mut firewalls, &mut interner).expect("decodes");
+        assert!(Arc::ptr_eq(&firewalls[0].rules, &firewalls[1].rules));
+        let page = ListedPage::of(SERVERS_PAGE.as_bytes());
+        let mut servers: Vec<StoredServer> = Vec::new();
+        store_page(&page, &mut servers, &mut interner).expect("decodes");
+        assert!(Arc::ptr_eq(
+            &servers[0].server_type,
+            &servers[1].server_type
+        ));
+        assert!(Arc::ptr_eq(&servers[0].name, &firewalls[0].name));
+        assert!(
+            !Arc::ptr_eq(&servers[0].location, &servers[1].location),
+            "zones differ"
         );
     }
 }
