@@ -114,11 +114,12 @@ struct Interner {
 /// Shared values by a hash of the borrowed form they were read from, so a value already
 /// stored (a subscription's three resources carry the same labels; the fleet shares a few
 /// rule sets) is found by comparing fields, without building an owned copy to look it up.
-struct Shared<T: ?Sized>(HashMap<u64, Vec<Arc<T>>>);
+/// Each entry keeps its hash, for when the table grows.
+struct Shared<T: ?Sized>(hashbrown::HashTable<(u64, Arc<T>)>);
 
 impl<T: ?Sized> Default for Shared<T> {
     fn default() -> Self {
-        Shared(HashMap::default())
+        Shared(hashbrown::HashTable::new())
     }
 }
 
@@ -129,12 +130,12 @@ impl<T: ?Sized> Shared<T> {
         is: impl Fn(&T) -> bool,
         make: impl FnOnce() -> Arc<T>,
     ) -> Arc<T> {
-        let candidates = self.0.entry(hash).or_default();
-        if let Some(found) = candidates.iter().find(|stored| is(stored)) {
+        if let Some((_, found)) = self.0.find(hash, |(h, stored)| *h == hash && is(stored)) {
             return Arc::clone(found);
         }
         let made = make();
-        candidates.push(Arc::clone(&made));
+        self.0
+            .insert_unique(hash, (hash, Arc::clone(&made)), |(h, _)| *h);
         made
     }
 }
@@ -198,7 +199,7 @@ impl Interner {
     }
 }
 
-/// A page of a listing of `R`s, as decoded.
+/// A listing page as decoded, holding `T`s (wire objects or views).
 trait Page<T> {
     fn into_parts(self) -> (Vec<T>, Option<Meta>);
 }
@@ -255,7 +256,7 @@ fn load_labels(labels: &StoredLabels) -> Labels {
 /// A resource as a snapshot keeps it.
 trait Stored: Sized {
     type Wire: Resource;
-    /// The wire type's form that borrows its strings from a page ([`view`]).
+    /// The wire type's form that borrows its strings from a page (module `view`).
     type View<'a>;
     /// The page type of the listing, holding wire objects or views.
     type Page<T>: Page<T>;
