@@ -667,7 +667,7 @@ impl World {
                 match &application.target {
                     Target::Server(server) if wanted(*server) => {
                         let on = index.direct.entry(*server).or_default();
-                        // The first application naming the server counts, as in the spec.
+                        // The first application naming the server counts.
                         if on.last().is_none_or(|(id, _)| *id != fw.id) {
                             on.push((fw.id, application));
                         }
