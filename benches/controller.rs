@@ -13,7 +13,9 @@
 //! provisions only the first min(N, M) subscriptions; default N), `--budget` (`unlimited`, the
 //! default, or `real`), `--budget-time-scale F` (with `--budget real`; default 60),
 //! `--steady-seconds S` (with `--budget real`: how long the converged fleet is watched;
-//! default three resync intervals, at most 120 s), `--json FILE`. With `RUST_LOG` set (e.g.
+//! default three resync intervals, at most 120 s), `--steady-resyncs K` (default 3, 1..=50:
+//! on a noisy machine more resyncs and their median make an A/B comparison meaningful),
+//! `--json FILE`. With `RUST_LOG` set (e.g.
 //! `RUST_LOG=vps_controller=info`) the controller's logs go to stderr.
 //! PostgreSQL comes from `TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/test`);
 //! a database is created for each case and dropped after it. Unreachable PostgreSQL skips the
@@ -36,9 +38,11 @@
 //!    come from the simulator's `/__simulator/stats`.
 //! 2. Idle: with the loop still running and nothing to do, controller CPU over `--idle-seconds`,
 //!    from one second after the loop's next resync has finished (so the window holds none).
-//! 3. Steady resync: `Controller::resync()` three times on the converged fleet: requests and
-//!    controller CPU per resync. A resync that takes over `STEADY_RESYNC_LIMIT` (120 s) is
-//!    recorded as timed out (its reconciles run on) and ends the phase.
+//! 3. Steady resync: `Controller::resync()` `--steady-resyncs` times (default 3) on the
+//!    converged fleet: requests and controller CPU per resync (mean and median); then, as
+//!    often, its listing alone and its table scan alone, which split that CPU. A resync
+//!    that takes over `STEADY_RESYNC_LIMIT` (120 s) is recorded as timed out (its reconciles
+//!    run on) and ends the phase.
 //! 4. Toggles: `--toggles` rows, one at a time, `UPDATE … SET status = 'canceled'`; latency is
 //!    from issuing the UPDATE until the simulator has counted the first non-GET request (polled
 //!    every 5 ms from its stats). The next toggle waits until the row is `deprovisioned`, so
@@ -93,11 +97,13 @@ use tokio::sync::watch;
 use vps_controller::config::{Config, DeletionBudget};
 use vps_controller::controller::leader::Leadership;
 use vps_controller::controller::{Controller, triggers};
+use vps_controller::db::subscriptions;
 use vps_controller::hcloud::budget::check_time_scale;
 use vps_controller::hcloud::{Budget, Client, ClientConfig, Token};
 use vps_controller::keys::{self, KeyAlgorithm, Sealer};
 use vps_controller::reconcile::Reconciler;
 use vps_controller::reconcile::desired::Owner;
+use vps_controller::reconcile::observe;
 use vps_controller::ssh::Bootstrapper;
 use vps_controller::telemetry::metrics::Metrics;
 
@@ -136,6 +142,7 @@ struct Args {
     budget: BudgetMode,
     budget_time_scale: f64,
     steady_seconds: Option<f64>,
+    steady_resyncs: usize,
     json: Option<PathBuf>,
 }
 
@@ -150,6 +157,7 @@ fn parse_args() -> Result<Args> {
         budget: BudgetMode::Unlimited,
         budget_time_scale: 60.0,
         steady_seconds: None,
+        steady_resyncs: 3,
         json: None,
     };
     let mut scale_given = false;
@@ -191,9 +199,12 @@ fn parse_args() -> Result<Args> {
             "--steady-seconds" => {
                 args.steady_seconds = Some(value()?.parse().context("--steady-seconds")?)
             }
+            "--steady-resyncs" => {
+                args.steady_resyncs = value()?.parse().context("--steady-resyncs")?
+            }
             "--json" => args.json = Some(value()?.into()),
             other => bail!(
-                "unknown argument {other:?}; flags: --n 100,1000 --db sqlite,postgres --toggles 100 --idle-seconds 5 --action-seconds 0.1 --naive-n M --budget unlimited|real --budget-time-scale 60 --steady-seconds S --json FILE"
+                "unknown argument {other:?}; flags: --n 100,1000 --db sqlite,postgres --toggles 100 --idle-seconds 5 --action-seconds 0.1 --naive-n M --steady-resyncs 3 --budget unlimited|real --budget-time-scale 60 --steady-seconds S --json FILE"
             ),
         }
     }
@@ -205,6 +216,9 @@ fn parse_args() -> Result<Args> {
     }
     if args.dbs.iter().any(|db| db != "sqlite" && db != "postgres") {
         bail!("--db: sqlite and/or postgres");
+    }
+    if !(1..=50).contains(&args.steady_resyncs) {
+        bail!("--steady-resyncs: 1..=50");
     }
     if args.toggles > 1000
         || args.idle_seconds > 120
@@ -538,6 +552,10 @@ struct ControllerResult {
     steady_resync_cpu_seconds: Vec<f64>,
     steady_resync_seconds: Vec<f64>,
     simulator_steady_resync_cpu_seconds: Vec<f64>,
+    /// The steady resync's listing alone (`observe::observe`), as often as the resyncs ran.
+    steady_listing_cpu_seconds: Vec<f64>,
+    /// The steady resync's table scan alone (`subscriptions::scan`, rows decoded, no verdict).
+    steady_scan_cpu_seconds: Vec<f64>,
     /// Steady resyncs that did not finish within `STEADY_RESYNC_LIMIT` (the phase stopped).
     steady_resyncs_timed_out: usize,
     /// The bench process's peak RSS during the controller phases: the controller's own.
@@ -814,7 +832,7 @@ async fn run_controller(
     out.idle_requests = total(&sim.stats().await) - before;
 
     // 3. Steady resyncs on the converged fleet (the loop keeps running, idle).
-    for _ in 0..3 {
+    for _ in 0..args.steady_resyncs {
         let before = total(&sim.stats().await);
         let cpu = controller_cpu();
         let sim_cpu = sim.cpu();
@@ -842,6 +860,25 @@ async fn run_controller(
                 out.steady_resyncs_timed_out += 1;
                 break;
             }
+        }
+    }
+
+    // Where a steady resync's CPU goes: its two inputs measured alone, the listing (three
+    // kinds, compacted into a snapshot) and the table scan (every row decoded); the rest is
+    // the verdicts and the pass's bookkeeping.
+    let reconciler = &controller.reconciler;
+    let selector = reconciler.owner.selector();
+    for _ in 0..args.steady_resyncs {
+        let cpu = controller_cpu();
+        let snapshot = observe::observe(&reconciler.api, &selector).await?;
+        out.steady_listing_cpu_seconds.push(controller_cpu() - cpu);
+        drop(snapshot);
+        let cpu = controller_cpu();
+        let mut rows = 0usize;
+        subscriptions::scan(&db, |row| rows += usize::from(row.is_ok())).await?;
+        out.steady_scan_cpu_seconds.push(controller_cpu() - cpu);
+        if rows != n {
+            eprintln!("  the scan alone read {rows} rows of {n}");
         }
     }
 
@@ -1071,6 +1108,32 @@ async fn run_naive(n: usize, sim: &Sim) -> Result<NaiveResult> {
 
 fn mean(values: &[f64]) -> f64 {
     values.iter().sum::<f64>() / values.len().max(1) as f64
+}
+
+/// Per-resync request counts: `600 × 15` when every resync made the same number.
+fn request_counts(counts: &[u64]) -> String {
+    match counts {
+        [first, rest @ ..] if rest.iter().all(|c| c == first) && !rest.is_empty() => {
+            format!("{first} × {}", counts.len())
+        }
+        _ => counts
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}
+
+/// The middle value (the mean of the two middle ones for an even count): on a noisy machine
+/// one slow resync moves the mean, not the median.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 async fn case_db(n: usize, backend: &str) -> Result<Option<BenchDb>> {
@@ -1478,30 +1541,27 @@ fn print_budget_table(results: &[BudgetCase]) {
 fn print_table(results: &[CaseResult]) {
     println!();
     println!(
-        "| N | db | converge s | requests (req/sub) | req/steady resync | CPU s/resync | idle CPU % core | peak RSS MiB (at start) | toggle→first write p50 / p99 / max ms | sim CPU s: converge / resync | sim peak RSS MiB |"
+        "| N | db | converge s | requests (req/sub) | req/steady resync | CPU s/resync: mean / median | idle CPU % core | peak RSS MiB (at start) | toggle→first write p50 / p99 / max ms | sim CPU s: converge / resync | sim peak RSS MiB |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in results {
         let c = &r.controller;
         println!(
-            "| {} | {} | {:.1}{} | {} ({:.2}) | {} | {:.2} | {:.1}{} | {:.0} ({:.0}) | {:.0} / {:.0} / {:.0}{} | {:.1} / {:.2} | {:.0} |",
+            "| {} | {} | {:.1}{} | {} ({:.2}) | {} | {:.2} / {:.2} | {:.1}{} | {:.0} ({:.0}) | {:.0} / {:.0} / {:.0}{} | {:.1} / {:.2} | {:.0} |",
             r.n,
             r.db,
             c.converge_seconds,
             if c.converged { "" } else { " (not converged)" },
             c.provision_requests,
             c.requests_per_subscription,
-            c.steady_resync_requests
-                .iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
+            request_counts(&c.steady_resync_requests)
                 + if c.steady_resyncs_timed_out > 0 {
                     " (timed out)"
                 } else {
                     ""
                 },
             mean(&c.steady_resync_cpu_seconds),
+            median(&c.steady_resync_cpu_seconds),
             c.idle_cpu_percent_of_core,
             if c.idle_requests > 0 {
                 format!(" ({} requests)", c.idle_requests)
@@ -1524,6 +1584,23 @@ fn print_table(results: &[CaseResult]) {
             c.simulator_provision_cpu_seconds,
             mean(&c.simulator_steady_resync_cpu_seconds),
             c.simulator_peak_rss_mib,
+        );
+    }
+    println!();
+    println!(
+        "| N | db | steady resync CPU s (median) | its listing alone | its table scan alone | the rest: verdicts, bookkeeping |"
+    );
+    println!("|---|---|---:|---:|---:|---:|");
+    for r in results {
+        let c = &r.controller;
+        let resync = median(&c.steady_resync_cpu_seconds);
+        let listing = median(&c.steady_listing_cpu_seconds);
+        let scan = median(&c.steady_scan_cpu_seconds);
+        println!(
+            "| {} | {} | {resync:.2} | {listing:.2} | {scan:.2} | {:.2} |",
+            r.n,
+            r.db,
+            resync - listing - scan,
         );
     }
     println!();
