@@ -872,7 +872,9 @@ async fn run_controller(
         let cpu = controller_cpu();
         let snapshot = observe::observe(&reconciler.api, &selector).await?;
         out.steady_listing_cpu_seconds.push(controller_cpu() - cpu);
+        // As a resync does when it ends: the peak RSS stays the controller's.
         drop(snapshot);
+        vps_controller::telemetry::release_freed_memory();
         let cpu = controller_cpu();
         let mut rows = 0usize;
         subscriptions::scan(&db, |row| rows += usize::from(row.is_ok())).await?;

@@ -33,6 +33,7 @@ use crate::hcloud::{self, HcloudApi};
 use crate::reconcile::desired::{self, PRE_DELETE_SNAPSHOT, SNAPSHOT_LABEL};
 use crate::reconcile::observe::{self, Observed, RecordedIds, Snapshot};
 use crate::reconcile::{self, Done, ReconcileError, Reconciler, Verdict};
+use crate::telemetry;
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics::Metrics;
 
@@ -572,6 +573,10 @@ impl<A: HcloudApi + 'static> Controller<A> {
             .collect();
         let dispatched = self.enqueue(&term, Lane::Bulk, jobs, offered, converged);
         self.metrics.pass_finished("resync", started.elapsed());
+        // The scan's maps are gone and so is the snapshot, unless queued reconciles hold it:
+        // give the freed pages back, so the next resync does not stack on this one's.
+        drop(snapshot);
+        telemetry::release_freed_memory();
         Ok(dispatched)
     }
 

@@ -59,3 +59,18 @@ pub fn limit_malloc_arenas() {
         }
     }
 }
+
+/// Hands the pages glibc's malloc holds free back to the kernel (`malloc_trim`). glibc keeps
+/// freed memory in its arenas for reuse, so without this the process's RSS after a resync or
+/// a burst of provisioning stays at its high-water mark, and the next resync's working set
+/// lands on top of it. Called after each loop resync, when the snapshot and the scan's maps
+/// have just been freed. Cheap next to a resync: the call takes 1–5 ms at 10,000
+/// subscriptions, and faulting the pages back in costs the next resync a few hundredths of a
+/// CPU second (BENCHMARKS.md, seventh session). Elsewhere a no-op.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes the arenas' own locks; it frees nothing that is in use.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
