@@ -63,8 +63,8 @@ pub fn limit_malloc_arenas() {
 /// Hands the pages glibc's malloc holds free back to the kernel (`malloc_trim`). glibc keeps
 /// freed memory in its arenas for reuse, so without this the process's RSS after a resync or
 /// a burst of provisioning stays at its high-water mark, and the next resync's working set
-/// lands on top of it. Called after each loop resync, when the snapshot and the scan's maps
-/// have just been freed. Cheap next to a resync: the call takes 1–5 ms at 10,000
+/// lands on top of it. Called at the end of every resync pass, when the snapshot and the
+/// scan's maps have just been freed. Cheap next to a resync: the call takes 1–5 ms at 10,000
 /// subscriptions, and faulting the pages back in costs the next resync a few hundredths of a
 /// CPU second (BENCHMARKS.md, seventh session). Elsewhere a no-op.
 pub fn release_freed_memory() {
