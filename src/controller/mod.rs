@@ -422,6 +422,16 @@ impl<A: HcloudApi + 'static> Controller<A> {
     }
 
     async fn start_resync(&self) -> Result<Dispatched, ReconcileError> {
+        let dispatched = self.judge_and_queue().await;
+        // The pass's scan maps are freed now, and so is its snapshot unless queued reconciles
+        // hold it: give the pages back, so the next resync does not stack on this one's.
+        telemetry::release_freed_memory();
+        dispatched
+    }
+
+    /// One resync pass: the listing, the table scan with a verdict per row, and only what
+    /// would change queued.
+    async fn judge_and_queue(&self) -> Result<Dispatched, ReconcileError> {
         let term = self.term()?;
         let started = Instant::now();
         let reconciler = &self.reconciler;
@@ -573,10 +583,6 @@ impl<A: HcloudApi + 'static> Controller<A> {
             .collect();
         let dispatched = self.enqueue(&term, Lane::Bulk, jobs, offered, converged);
         self.metrics.pass_finished("resync", started.elapsed());
-        // The scan's maps are gone and so is the snapshot, unless queued reconciles hold it:
-        // give the freed pages back, so the next resync does not stack on this one's.
-        drop(snapshot);
-        telemetry::release_freed_memory();
         Ok(dispatched)
     }
 
