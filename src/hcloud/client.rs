@@ -454,7 +454,10 @@ impl<'a> ListedPage<'a> {
     /// The page as `P` (which may borrow from the page), or `None` when it does not decode
     /// so; [`ListedPage::decode`] then says what is wrong.
     pub fn borrowed<P: Deserialize<'a>>(&self) -> Option<P> {
-        serde_json::from_slice(self.body).ok()
+        // Checked as UTF-8 once, whole: read from bytes, serde_json checks each string it
+        // borrows on its own, which cost a twentieth of a listing's CPU.
+        let text = std::str::from_utf8(self.body).ok()?;
+        serde_json::from_str(text).ok()
     }
 
     /// The page as the wire type `P`; an error names the field, as [`decode_answer`] does.
