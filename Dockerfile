@@ -22,6 +22,8 @@ WORKDIR /src
 # image never builds benches). Examples and tests are discovered, so leaving them out is
 # fine. Plain layers, not cache mounts, so the cache exports to a registry / CI cache.
 COPY Cargo.toml Cargo.lock ./
+# Build settings (.cargo/config.toml: SQLite's compile-time options), before anything builds.
+COPY .cargo .cargo
 COPY migration/Cargo.toml migration/Cargo.toml
 COPY simulator/Cargo.toml simulator/Cargo.toml
 RUN mkdir -p src migration/src simulator/src benches \
