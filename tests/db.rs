@@ -1736,3 +1736,29 @@ async fn a_copied_database_is_told_apart_from_the_original() {
         test_db.cleanup().await;
     }
 }
+
+/// The SQLite compiled into the binary is built without memory statistics
+/// (`.cargo/config.toml`): with them on, every allocation takes one global mutex, and the
+/// resync's table scan (values allocated on the driver's thread, freed on a tokio worker)
+/// spent a third of its CPU contending on it. Fails when the build option is lost, or when
+/// the build links a system SQLite instead.
+#[tokio::test]
+async fn embedded_sqlite_is_built_without_memory_statistics() {
+    let test_db = common::sqlite_db();
+    let db = db::connect(&test_db.url).await.unwrap();
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            db.get_database_backend(),
+            "PRAGMA compile_options",
+        ))
+        .await
+        .unwrap();
+    let options: Vec<String> = rows
+        .iter()
+        .map(|row| row.try_get_by_index(0).unwrap())
+        .collect();
+    assert!(
+        options.iter().any(|option| option == "DEFAULT_MEMSTATUS=0"),
+        "SQLite's compile options: {options:?}"
+    );
+}
