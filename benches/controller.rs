@@ -106,6 +106,7 @@ use vps_controller::reconcile::desired::Owner;
 use vps_controller::reconcile::observe;
 use vps_controller::ssh::Bootstrapper;
 use vps_controller::telemetry::metrics::Metrics;
+use vps_controller::telemetry::metrics::stat_cpu_seconds;
 
 const TOKEN: &str = "bench-token";
 const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -241,21 +242,11 @@ fn parse_args() -> Result<Args> {
 // ---------------------------------------------------------------------------------------------
 // Process measurements (Linux /proc).
 
-/// utime + stime in seconds from a /proc `stat` line (USER_HZ = 100).
-fn stat_cpu(stat: &str) -> Option<f64> {
-    // The command name is in parentheses and may contain spaces: count fields after it.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
-}
-
 /// CPU seconds of a process (`"self"` or a pid) so far.
 fn process_cpu(process: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{process}/stat"))
         .ok()
-        .and_then(|s| stat_cpu(&s))
+        .and_then(|s| stat_cpu_seconds(&s))
         .unwrap_or(f64::NAN)
 }
 

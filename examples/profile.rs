@@ -44,7 +44,7 @@ use vps_controller::keys::{self, KeyAlgorithm};
 use vps_controller::reconcile::desired::{self, Owner};
 use vps_controller::reconcile::observe;
 use vps_controller::simulator::{self, SimulatorConfig};
-use vps_controller::telemetry;
+use vps_controller::telemetry::{self, metrics::stat_cpu_seconds};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -109,42 +109,29 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-/// utime + stime, in clock ticks, from a `/proc/.../stat` line; and the command name.
-fn cpu_ticks(stat: &str) -> anyhow::Result<(&str, u64)> {
-    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-        bail!("/proc stat: no command name");
-    };
-    // After the command: state is field 3, utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-    let mut ticks = 0;
-    for index in [11, 12] {
-        ticks += fields
-            .get(index)
-            .and_then(|field| field.parse::<u64>().ok())
-            .context("/proc stat: no utime/stime")?;
-    }
-    Ok((&stat[open + 1..close], ticks))
-}
-
 /// CPU seconds used so far by this process, leaving out the simulator's threads (`sim-*`,
 /// which live as long as the process; threads that ended still count in the process's) when
 /// `without_simulator`.
 fn process_cpu_seconds(without_simulator: bool) -> anyhow::Result<f64> {
-    let ticks_per_second = 100.0; // USER_HZ on Linux
-    let (_, mut ticks) = cpu_ticks(&std::fs::read_to_string("/proc/self/stat")?)?;
+    let cpu_seconds = |stat_path: &std::path::Path| -> anyhow::Result<f64> {
+        stat_cpu_seconds(&std::fs::read_to_string(stat_path)?)
+            .with_context(|| format!("{}: no utime/stime", stat_path.display()))
+    };
+    let mut seconds = cpu_seconds("/proc/self/stat".as_ref())?;
     if !without_simulator {
-        return Ok(ticks as f64 / ticks_per_second);
+        return Ok(seconds);
     }
     for task in std::fs::read_dir("/proc/self/task")? {
-        let Ok(stat) = std::fs::read_to_string(task?.path().join("stat")) else {
-            continue; // the thread ended meanwhile
+        let task = task?.path();
+        // A thread that ended meanwhile has no files left: skip it.
+        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+            continue;
         };
-        let (command, thread_ticks) = cpu_ticks(&stat)?;
-        if command.starts_with("sim-") {
-            ticks -= thread_ticks;
+        if name.starts_with("sim-") {
+            seconds -= cpu_seconds(&task.join("stat")).unwrap_or(0.0);
         }
     }
-    Ok(ticks as f64 / ticks_per_second)
+    Ok(seconds)
 }
 
 /// Creates `n` subscriptions' resources, 32 at a time.

@@ -560,7 +560,13 @@ impl ProcessCollector {
 const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 
 fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    stat_cpu_seconds(&std::fs::read_to_string("/proc/self/stat").ok()?)
+}
+
+/// User plus system CPU seconds from a `/proc/<pid>/stat` (or `/proc/<pid>/task/<tid>/stat`)
+/// line; public for the bench and the profiling example, which read other processes and
+/// threads.
+pub fn stat_cpu_seconds(stat: &str) -> Option<f64> {
     // The command name (field 2) may hold spaces; the fields after its ')' are plain.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     // utime and stime are fields 14 and 15, i.e. 11 and 12 after the state (field 3).
